@@ -1,0 +1,27 @@
+"""clipsteer's CLIP guidance: encoders, prompts, cutouts, losses and ``CLIPLoss``.
+
+>>> from guidance import CLIPLoss, Cutouts, load_encoder      # doctest: +SKIP
+>>> clip = load_encoder("openai/clip-vit-base-patch32")
+>>> loss_fn = CLIPLoss(clip, "a lighthouse at dusk:1|fog:0.5|blurry:-0.5", cutouts=Cutouts(32))
+>>> out = loss_fn(images)            # images: [B, 3, H, W] in [0, 1], requires_grad
+>>> out.total.backward()
+
+Nothing here imports a generator; generators receive a ``CLIPLoss``.
+"""
+
+from .clip_loss import CLIPLoss, LossOutput, load_image
+from .cutouts import DEFAULT_AUGMENTATIONS, Cutouts, augmentation_names, build_augmentations
+from .encoders import Encoder, HFCLIPEncoder, OpenCLIPEncoder, load_encoder, parse_encoder_spec
+from .losses import (cosine_distance, range_loss, saturation_loss, spherical_distance, symmetry_loss,
+                     tv_loss)
+from .prompts import Prompt, PromptSchedule, image_prompts, parse_prompt, parse_prompts, parse_schedule
+from .runtime import resolve_device, resolve_dtype, seeded_generator
+
+__all__ = [
+    "CLIPLoss", "LossOutput", "load_image",
+    "Cutouts", "DEFAULT_AUGMENTATIONS", "augmentation_names", "build_augmentations",
+    "Encoder", "HFCLIPEncoder", "OpenCLIPEncoder", "load_encoder", "parse_encoder_spec",
+    "spherical_distance", "cosine_distance", "tv_loss", "range_loss", "saturation_loss", "symmetry_loss",
+    "Prompt", "PromptSchedule", "parse_prompt", "parse_prompts", "parse_schedule", "image_prompts",
+    "resolve_device", "resolve_dtype", "seeded_generator",
+]
