@@ -1,0 +1,146 @@
+"""Scheduler-agnostic CLIP guidance for diffusion sampling: noise levels, clean estimates, corrections.
+
+Every Stable Diffusion scheduler feeds the UNet a variance-preserving input
+``z = scale_model_input(x, t) = c_in * x`` with ``z = sqrt(ab) * x0 + sqrt(1 - ab) * eps``:
+
+- VP schedulers (DDIM, PNDM, DPM-Solver++, UniPC) keep ``x = z`` (``c_in = 1``) and ``ab`` is
+  ``alphas_cumprod[t]`` at the integer timestep ``t``;
+- sigma schedulers (Euler, Euler ancestral, LMS) keep ``x = x0 + sigma * eps`` and divide it by
+  ``c_in = 1 / sqrt(1 + sigma^2)``, so ``ab = c_in^2`` (their timesteps may be floats).
+
+Which of the two holds is read off ``scale_model_input`` itself, never off the scheduler class.
+CLIP guidance is then a correction of the model output (``eps``, ``v`` or ``x0``), which every
+scheduler's own ``step`` consumes: classifier guidance in the form of Dhariwal & Nichol 2021
+(eq. 14, ``eps' = eps + sqrt(1 - ab) * grad_z loss``), the rule of the diffusers community
+"CLIP guided Stable Diffusion" pipeline and of Disco Diffusion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class NoiseFrame:
+    """How a scheduler's sample relates to the VP model input; found once per run by :func:`noise_frame`."""
+
+    sigma_frame: bool                 # True: x = x0 + sigma*eps (c_in < 1); False: x = z
+    table_alpha_bars: tuple | None    # VP frame: alphas_cumprod at each timestep of the run
+
+    def alpha_bar(self, scheduler, index: int, t, device) -> torch.Tensor:
+        """``ab`` at step *index* (timestep *t*) as a 0-dim float32 tensor on *device*, without a host sync."""
+        if self.sigma_frame:
+            c_in = scheduler.scale_model_input(torch.ones((), device=device), t)
+            return (c_in.float() ** 2).to(device)
+        return torch.tensor(self.table_alpha_bars[index], dtype=torch.float32, device=device)
+
+
+def check_scheduler(scheduler) -> None:
+    """Fail early, with a fix, for a scheduler CLIP guidance cannot read a noise level from."""
+    name = type(scheduler).__name__
+    prediction = getattr(scheduler.config, "prediction_type", None)
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler {name} predicts {prediction!r}; CLIP guidance supports "
+                         f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x); pick another --sd model")
+    if getattr(scheduler, "alphas_cumprod", None) is None or not hasattr(scheduler, "scale_model_input"):
+        raise ValueError(f"scheduler {name} has no DDPM noise schedule (alphas_cumprod); use --scheduler "
+                         "ddim, pndm, dpm++, euler, euler_a, lms or unipc")
+
+
+def noise_frame(scheduler, timesteps: torch.Tensor) -> NoiseFrame:
+    """Probe the scheduler (after ``set_timesteps``) at the first timestep of the run.
+
+    Call it just before sampling: sigma schedulers fix their step index on the first
+    ``scale_model_input``, and the probe does exactly what the first step would.
+    """
+    check_scheduler(scheduler)
+    name = type(scheduler).__name__
+    if len(timesteps) == 0:
+        raise ValueError("the run has no denoising steps; raise --steps (or --strength with --init-image)")
+    c_in = float(scheduler.scale_model_input(torch.ones(()), timesteps[0]))
+    if not math.isfinite(c_in) or not 0.0 < c_in <= 1.0:
+        raise ValueError(f"scheduler {name} scales the model input by {c_in}; CLIP guidance cannot read its "
+                         "noise level; use --scheduler ddim, pndm, dpm++, euler, euler_a, lms or unipc")
+    if c_in < 1.0:
+        return NoiseFrame(sigma_frame=True, table_alpha_bars=None)
+    table = scheduler.alphas_cumprod.detach().float().cpu()
+    values = [float(t) for t in timesteps]
+    for t in values:
+        if t != round(t) or not 0 <= t < len(table):
+            raise ValueError(f"scheduler {name} uses timestep {t}, which is not an index into its "
+                             f"{len(table)}-step noise schedule; use another --scheduler")
+    return NoiseFrame(sigma_frame=False, table_alpha_bars=tuple(float(table[int(round(t))]) for t in values))
+
+
+def clean_estimate(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 from the VP input ``z`` and the model output (eps, v of Salimans & Ho 2022, or x0 itself)."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (z - s * output) / a
+    if prediction_type == "v_prediction":
+        return a * z - s * output
+    return output
+
+
+def output_correction(delta_eps: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The change of the model output (in its own parametrization) equal to ``delta_eps`` at fixed ``z``."""
+    if prediction_type == "epsilon":
+        return delta_eps
+    if prediction_type == "v_prediction":                   # eps = sqrt(1-ab) z + sqrt(ab) v
+        return delta_eps / alpha_bar.sqrt()
+    return -delta_eps * ((1 - alpha_bar) / alpha_bar).sqrt()  # x0 = (z - sqrt(1-ab) eps) / sqrt(ab)
+
+
+def guided_steps(num_steps: int, *, start: float = 0.0, end: float = 1.0, every: int = 1) -> list[int]:
+    """Indices of the steps to guide: those in ``[start, end)`` of the schedule, every ``every``-th from the first."""
+    first = math.ceil(start * num_steps - 1e-9)
+    stop = math.ceil(end * num_steps - 1e-9)
+    return list(range(max(first, 0), min(stop, num_steps), max(int(every), 1)))
+
+
+def straight_through_clamp(images: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] in the forward pass only, so pixels out of range still get a CLIP gradient."""
+    return images + (images.clamp(0, 1) - images).detach()
+
+
+def clip_gradient(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str, *,
+                  decode: Callable[[torch.Tensor], torch.Tensor], loss_fn: Callable, step: int,
+                  generator: torch.Generator, model: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  loss_scale: float = 1.0):
+    """``grad_z`` of the CLIP loss of the decoded clean estimate, and the ``LossOutput``.
+
+    ``model=None`` ("x0" mode): the model output is held constant in its v form, so
+    ``x0 = sqrt(ab) z - sqrt(1-ab) v`` and ``grad_z = sqrt(ab) * grad_x0``: the gradient is taken at the
+    clean estimate without a UNet backward (as Manifold Preserving Guided Diffusion, He et al. 2024,
+    does), with the Jacobian ``dx0/dz`` replaced by ``sqrt(ab) I``, its exact value for Gaussian
+    latents. (Holding eps constant instead would give ``I / sqrt(ab)``, ~200x larger at the noisiest
+    steps.) ``model`` given ("full" mode): the UNet is re-run on ``z`` with gradients and the loss is
+    backpropagated through it, as the diffusers community CLIP-guided pipeline does.
+    """
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        if model is None:
+            v = output.detach() if prediction_type == "v_prediction" else \
+                _as_v(z.detach(), output.detach(), alpha_bar, prediction_type)
+            x0 = alpha_bar.sqrt() * z - (1 - alpha_bar).sqrt() * v
+        else:
+            x0 = clean_estimate(z, model(z), alpha_bar, prediction_type)
+        loss = loss_fn(decode(x0), step=step, generator=generator)
+        (grad,) = torch.autograd.grad(loss.total * loss_scale, z)
+    if loss_scale != 1.0:
+        grad = torch.nan_to_num(grad / loss_scale, nan=0.0, posinf=0.0, neginf=0.0)
+    return grad, loss
+
+
+def _as_v(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """v = sqrt(ab) eps - sqrt(1-ab) x0, from either output type."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    x0 = clean_estimate(z, output, alpha_bar, prediction_type)
+    eps = (z - a * x0) / s
+    return a * eps - s * x0
