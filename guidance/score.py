@@ -39,6 +39,11 @@ DEFINITIONS = ("torchmetrics", "per_pair", "hessel")
 HESSEL_PREFIX = "A photo depicts "
 HESSEL_WEIGHT = 2.5
 _REDUCTIONS = ("mean", "none")
+#: ``"torchvision"``: batched tensor resize (transformers 5 / torchmetrics 1.9 default, 8-bit inputs resized
+#: in 8 bits); ``"pil"``: PIL resize as in transformers 4 and OpenAI CLIP. They differ by at most one 8-bit
+#: level per pixel after resizing, which moves scores by ~1e-3 (measured on a tiny random CLIP).
+IMAGE_BACKENDS = ("torchvision", "pil")
+_TEXT_CACHE_SIZE = 8192
 
 ImageLike = Union[str, Path, torch.Tensor, "PIL.Image.Image"]  # noqa: F821
 
@@ -158,27 +163,45 @@ class ScoreModel:
         self.encoder = encoder
         self.processor = processor if processor is not None else _default_processor(encoder)
         self.name = name or encoder.name
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def load(cls, name: str, *, device=None, precision=None) -> "ScoreModel":
-        """Load a CLIP model (Hub id, local folder or ``"open_clip:ARCH/PRETRAINED"``) and its processor."""
+    def load(cls, name: str, *, device=None, precision=None, image_backend: str = "torchvision") -> "ScoreModel":
+        """Load a CLIP model (Hub id, local folder or ``"open_clip:ARCH/PRETRAINED"``) and its processor.
+
+        ``image_backend="torchvision"`` (default) is the batched tensor processor transformers 5 and
+        torchmetrics use; ``"pil"`` is the PIL processor (transformers 4's default; ~1 level of 8-bit
+        rounding apart, see ``IMAGE_BACKENDS``)."""
+        if image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f"unknown image_backend {image_backend!r}; use one of {', '.join(IMAGE_BACKENDS)}")
         encoder = load_encoder(name, device=device, precision=precision)
         processor = None
         if isinstance(encoder, HFCLIPEncoder):
             from transformers import AutoImageProcessor
 
             try:
-                processor = AutoImageProcessor.from_pretrained(name)
+                processor = AutoImageProcessor.from_pretrained(name, backend=image_backend)
             except (OSError, ValueError):
                 processor = None  # no preprocessor_config.json: CLIP defaults from the encoder
+        if processor is None:
+            processor = _default_processor(encoder, image_backend)
         return cls(encoder, processor, name=name)
 
     @property
     def device(self) -> torch.device:
         return self.encoder.device
 
+    @property
+    def image_backend(self) -> str:
+        return "pil" if getattr(self.processor, "backend", None) == "pil" else "torchvision"
+
     def preprocess(self, images: Sequence[torch.Tensor], *, quantize: bool = True) -> torch.Tensor:
         """``[3,H,W]`` uint8 / float-in-[0,1] tensors -> normalised ``pixel_values`` via the processor."""
+        if self.image_backend == "pil":  # PIL works in 8 bits
+            from PIL import Image
+
+            ims = [Image.fromarray(_quantize(im).permute(1, 2, 0).numpy()) for im in images]
+            return self.processor(images=ims, return_tensors="pt")["pixel_values"]
         if quantize:
             images = [_quantize(im) for im in images]
         kinds = [im.dtype == torch.uint8 for im in images]
@@ -203,20 +226,48 @@ class ScoreModel:
 
     @torch.inference_mode()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings ``[N, D]`` (float32); over-long texts warn and are truncated."""
-        feats = self.encoder.encode_text(list(texts)).float()
-        return feats / feats.norm(p=2, dim=-1, keepdim=True)
+        """L2-normalised text embeddings ``[N, D]`` (float32); each unique text is encoded once and
+        cached; over-long texts warn (naming the prompt) and are truncated keeping the end token."""
+        texts = list(texts)
+        found = {t: self._text_cache[t] for t in dict.fromkeys(texts) if t in self._text_cache}
+        new = [t for t in dict.fromkeys(texts) if t not in found]
+        for start in range(0, len(new), 256):
+            chunk = new[start:start + 256]
+            feats = self.encoder.encode_text(chunk).float()
+            found.update(zip(chunk, feats / feats.norm(p=2, dim=-1, keepdim=True)))
+        if new:
+            if len(self._text_cache) + len(new) > _TEXT_CACHE_SIZE:
+                self._text_cache.clear()
+            self._text_cache.update((t, found[t]) for t in new[:_TEXT_CACHE_SIZE])
+        return torch.stack([found[t] for t in texts])
+
+    def clear_cache(self) -> None:
+        """Forget cached text embeddings (call after changing the model's weights)."""
+        self._text_cache.clear()
+
+    @torch.inference_mode()
+    def cosine(self, images: Sequence[torch.Tensor], texts: Sequence[str] | None = None, *,
+               references: Sequence[torch.Tensor] | None = None, quantize: bool = True) -> torch.Tensor:
+        """Cosine similarity ``[N]`` (float64, CPU) of each image with its text (or reference image),
+        in one batch; images are ``[3,H,W]`` uint8 or float-in-[0,1] tensors (see :func:`as_image_list`)."""
+        img = self.image_features(self.preprocess(images, quantize=quantize))
+        if texts is not None:
+            tgt = self.text_features(texts).to(img.device)
+        else:
+            tgt = self.image_features(self.preprocess(references, quantize=quantize))
+        return (img * tgt).sum(-1).double().cpu()
 
     def __repr__(self) -> str:
         return f"ScoreModel({self.name!r}, device={self.device})"
 
 
-def _default_processor(encoder: Encoder):
+def _default_processor(encoder: Encoder, image_backend: str = "torchvision"):
     """CLIP's standard preprocessing (bicubic shortest-edge resize, centre crop, mean/std)."""
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
     size = int(encoder.input_size)
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+    cls = CLIPImageProcessorPil if image_backend == "pil" else CLIPImageProcessor
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=encoder.mean.flatten().tolist(), image_std=encoder.std.flatten().tolist())
 
 
@@ -308,20 +359,10 @@ def _cosines(sm: ScoreModel, images: list[torch.Tensor], *, prompts: list[str] |
              references: list[torch.Tensor] | None, batch_size: int, quantize: bool) -> torch.Tensor:
     """Cosine similarities ``[N]`` (float64, CPU) of each image with its caption or reference."""
     out = []
-    text_cache: dict[str, torch.Tensor] = {}
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        img = sm.image_features(sm.preprocess(chunk, quantize=quantize))
-        if prompts is not None:
-            caps = prompts[start:start + batch_size]
-            new = [c for c in dict.fromkeys(caps) if c not in text_cache]
-            if new:
-                for c, f in zip(new, sm.text_features(new)):
-                    text_cache[c] = f
-            tgt = torch.stack([text_cache[c] for c in caps])
-        else:
-            tgt = sm.image_features(sm.preprocess(references[start:start + batch_size], quantize=quantize))
-        out.append((img * tgt).sum(-1).double().cpu())
+        sl = slice(start, start + batch_size)
+        out.append(sm.cosine(images[sl], prompts[sl] if prompts is not None else None,
+                             references=references[sl] if references is not None else None, quantize=quantize))
     return torch.cat(out)
 
 

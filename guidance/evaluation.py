@@ -1,0 +1,482 @@
+"""Batch CLIP-score evaluation: find image-caption pairs, score them, tabulate and summarise.
+
+Used by ``scripts/evaluate.py``. Pairs come from run folders written by ``scripts/generate.py``
+(their ``run.json`` sidecar: ``prompt`` + ``image``), a CSV/JSONL file of ``image,prompt`` rows,
+or one caption for every image. Bad inputs (missing or corrupt files, bad rows) become error rows
+that are listed, never a stop. Work splits over processes with accelerate
+(``split_between_processes`` + ``gather_object``); only the main process writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .score import DEFINITIONS, ScoreModel, pair_scores, read_image, reduce_scores
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SIDECAR = "run.json"
+TABLE_FORMAT = "clipsteer-clip-scores/1"
+COLUMNS = ("image", "prompt", "model", "definition", "prefix", "score", "status", "error", "seed", "backend")
+
+DEFINITION_TEXT = {
+    "torchmetrics": "torchmetrics 1.9: per image 100*cos, mean = max(mean of 100*cos, 0)",
+    "per_pair": "per pair: per image 100*max(cos, 0), plain mean",
+    "hessel": "Hessel et al. 2021: per image 2.5*max(cos, 0), plain mean",
+}
+
+
+@dataclass
+class Item:
+    """One image-caption pair to score (or a problem found while collecting pairs)."""
+
+    image: str                       # the image as named in the table (relative to the evaluated root)
+    path: Path | None                # the file to read
+    prompt: str | None
+    error: str | None = None         # set when the pair cannot be scored
+    extra: dict = field(default_factory=dict)  # seed, backend from run.json
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.image, self.prompt or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting pairs
+# ---------------------------------------------------------------------------------------------
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under *folder* (recursive), sorted, skipping hidden folders."""
+    return sorted(p for p in folder.rglob("*") if _is_image(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
+
+
+def read_run(folder: Path, root: Path) -> list[Item]:
+    """Pairs from one run folder's ``run.json`` (``prompt`` + ``image``; read defensively: an image
+    list, per-image records or a list of records are accepted too)."""
+    sidecar = folder / SIDECAR
+    name = _rel(sidecar, root)
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return [Item(name, None, None, f"{name} is not valid JSON ({err.__class__.__name__}); fix or remove it")]
+    records = data if isinstance(data, list) else [data]
+    items: list[Item] = []
+    for r, rec in enumerate(records):
+        where = name if len(records) == 1 else f"{name} record {r}"
+        if not isinstance(rec, dict):
+            items.append(Item(where, None, None, f"{where} is not a JSON object with 'prompt' and 'image' keys"))
+            continue
+        prompt = rec.get("prompt")
+        images = rec.get("image", rec.get("images"))
+        if images is None:
+            items.append(Item(where, None, None, f"{where} has no 'image' key; cannot tell which file to score"))
+            continue
+        images = images if isinstance(images, list) else [images]
+        prompts = prompt if isinstance(prompt, list) and len(prompt) == len(images) else [prompt] * len(images)
+        extra = {k: rec.get(k) for k in ("seed", "backend") if rec.get(k) is not None}
+        for img, p in zip(images, prompts):
+            if isinstance(img, dict):  # {"image"/"path": ..., "prompt": ..., "seed": ...}
+                p = img.get("prompt", p)
+                extra_i = {**extra, **{k: img[k] for k in ("seed", "backend") if img.get(k) is not None}}
+                img = img.get("image", img.get("path"))
+            else:
+                extra_i = extra
+            if not isinstance(img, str) or not img:
+                items.append(Item(where, None, None, f"{where}: 'image' entry {img!r} is not a file name"))
+                continue
+            path = Path(img) if Path(img).is_absolute() else folder / img
+            label = _rel(path, root)
+            if not isinstance(p, str) or not p.strip():
+                items.append(Item(label, path, None, f"{where} has no 'prompt' for {img!r}", extra_i))
+                continue
+            items.append(Item(label, path, p, None, extra_i))
+    return items
+
+
+def read_pairs(pairs_file: Path, root: Path) -> list[Item]:
+    """Pairs from a CSV (header with ``image`` and ``prompt`` columns) or JSONL (``{"image", "prompt"}``
+    per line) file; image paths are relative to *root*. Bad rows become error items."""
+    pairs_file = Path(pairs_file)
+    if not pairs_file.is_file():
+        raise FileNotFoundError(f"pairs file {str(pairs_file)!r} does not exist; give a CSV or JSONL of image,prompt")
+    rows: list[tuple[int, object]] = []
+    text = pairs_file.read_text(encoding="utf-8-sig")
+    if pairs_file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as err:
+                rows.append((n, f"not valid JSON ({err.msg})"))
+    else:
+        reader = csv.DictReader(text.splitlines())
+        fields = {f.strip().lower(): f for f in reader.fieldnames or []}
+        if "image" not in fields or not ({"prompt", "caption"} & fields.keys()):
+            raise ValueError(f"pairs file {str(pairs_file)!r} needs a header row with 'image' and 'prompt' columns; "
+                             f"found {list(reader.fieldnames or [])}")
+        img_col, prompt_col = fields["image"], fields.get("prompt", fields.get("caption"))
+        for n, row in enumerate(reader, 2):
+            if None in row or any(v is None for v in row.values()):
+                rows.append((n, f"has {len(reader.fieldnames)} columns in the header but a different number here "
+                                "(quote prompts that contain commas)"))
+            else:
+                rows.append((n, {"image": row[img_col], "prompt": row[prompt_col]}))
+    items: list[Item] = []
+    seen: set[tuple[str, str]] = set()
+    for n, row in rows:
+        where = f"{pairs_file.name} line {n}"
+        if isinstance(row, str):
+            items.append(Item(where, None, None, f"{where} {row}"))
+            continue
+        if not isinstance(row, dict):
+            items.append(Item(where, None, None, f"{where} is not an object with 'image' and 'prompt'"))
+            continue
+        img = row.get("image")
+        prompt = row.get("prompt", row.get("caption"))
+        if not isinstance(img, str) or not img.strip():
+            items.append(Item(where, None, None, f"{where} has no image"))
+            continue
+        img = img.strip()
+        path = Path(img) if Path(img).is_absolute() else root / img
+        if not isinstance(prompt, str) or not prompt.strip():
+            items.append(Item(img, path, None, f"{where} has no prompt for {img!r}"))
+            continue
+        item = Item(img, path, prompt)
+        if item.key not in seen:
+            seen.add(item.key)
+            items.append(item)
+    return items
+
+
+def collect_items(path, *, prompt: str | None = None, pairs=None) -> tuple[list[Item], Path]:
+    """Every pair to score under *path* (an image, a run folder, a folder of run folders, or a
+    folder of images with *pairs* or one *prompt*) and the root that table names are relative to.
+    Raises a one-line error when nothing can be scored at all."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist; give an image, a run folder or a folder of images")
+    if path.is_file():
+        root = path.parent
+        if pairs is not None:
+            raise ValueError("--pairs goes with a folder of images, not a single image; use --prompt TEXT")
+        if prompt is None:
+            runs = [it for it in read_run(root, root) if it.path is not None and it.path.name == path.name] \
+                if (root / SIDECAR).is_file() else []
+            if not runs:
+                raise ValueError(f"no prompt for {str(path)!r}; pass --prompt TEXT")
+            return runs, root
+        return [Item(path.name, path, prompt)], root
+    root = path
+    if pairs is not None:
+        items = read_pairs(Path(pairs), root)
+        listed = {it.path.resolve() for it in items if it.path is not None}
+        for img in list_images(root):
+            if img.resolve() not in listed:
+                rel = _rel(img, root)
+                items.append(Item(rel, img, None, f"{rel} has no row in {Path(pairs).name}"))
+    elif prompt is not None:
+        items = [Item(_rel(p, root), p, prompt) for p in list_images(root)]
+    else:
+        sidecars = sorted(p for p in root.rglob(SIDECAR) if not any(
+            part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+        if not sidecars:
+            raise ValueError(f"no {SIDECAR} under {str(root)!r}: pass --pairs FILE (CSV/JSONL of image,prompt) "
+                             "or --prompt TEXT to score these images")
+        items = [it for sc in sidecars for it in read_run(sc.parent, root)]
+    if not items:
+        raise ValueError(f"{str(root)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to score")
+    return items, root
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+def _load(item: Item):
+    try:
+        return read_image(item.path)
+    except (FileNotFoundError, ValueError) as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - a bad file must not stop the others
+        return f"image {item.image!r} could not be read ({err.__class__.__name__}); re-save it or leave it out"
+
+
+def _row(item: Item, model: str, definition: str, prefix: str, score=None, error=None) -> dict:
+    return {"image": item.image, "prompt": item.prompt or "", "model": model, "definition": definition,
+            "prefix": prefix, "score": score, "status": "ok" if error is None else "error",
+            "error": error or "", "seed": item.extra.get("seed", ""), "backend": item.extra.get("backend", "")}
+
+
+def score_batches(model: ScoreModel, batches: Sequence[Sequence[Item]], *, definition: str = "torchmetrics",
+                  prefix: str = "", quantize: bool = True, workers: int = 4, progress=None) -> list[dict]:
+    """Score each batch of items with *model*; one row per item (an error row for unreadable files).
+    Images are decoded by a small thread pool one batch ahead of the model."""
+    rows: list[dict] = []
+    if not batches:
+        return rows
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = [pool.submit(_load, it) for it in batches[0]]
+        for i, batch in enumerate(batches):
+            loaded = [f.result() for f in pending]
+            pending = [pool.submit(_load, it) for it in batches[i + 1]] if i + 1 < len(batches) else []
+            ok = [(it, im) for it, im in zip(batch, loaded) if isinstance(im, torch.Tensor)]
+            scores: list[float] = []
+            if ok:
+                cos = model.cosine([im for _, im in ok], [prefix + it.prompt for it, _ in ok], quantize=quantize)
+                scores = pair_scores(cos, definition).tolist()
+            next_score = iter(scores)
+            for it, im in zip(batch, loaded):
+                if isinstance(im, torch.Tensor):
+                    rows.append(_row(it, model.name, definition, prefix, score=next(next_score)))
+                else:
+                    rows.append(_row(it, model.name, definition, prefix, error=im))
+            if progress is not None:
+                progress.update(len(batch))
+    return rows
+
+
+def merge_rows(new: Sequence[dict], old: Iterable[dict]) -> list[dict]:
+    """This run's rows followed by the rows of an earlier table that this run did not redo
+    (other models, definitions or images), so resuming never loses a row."""
+    keys = {_row_key(r) for r in new}
+    return list(new) + [r for r in old if _row_key(r) not in keys]
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["image"], r["prompt"], r["model"], r["definition"], r.get("prefix", ""))
+
+
+def evaluate(items: Sequence[Item], models: Sequence[str | ScoreModel], *, definition: str = "torchmetrics",
+             prefix: str = "", batch_size: int = 32, device=None, precision=None, image_backend: str = "torchvision",
+             quantize: bool = True, done: Iterable[dict] = (), show_progress: bool = True) -> list[dict]:
+    """Score every item with every model, skipping (and keeping) rows in *done* for the same image,
+    prompt, model, definition and prefix. Runs on all accelerate processes; every process gets the
+    full table back, in item order (errors included)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from .score import get_score_model
+
+    if definition not in DEFINITIONS:
+        raise ValueError(f"unknown CLIP-score definition {definition!r}; use one of {', '.join(DEFINITIONS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1; got {batch_size}")
+    state = PartialState()
+    if device in (None, "auto") or state.num_processes > 1:  # under `accelerate launch`, accelerate decides
+        device = state.device
+    kept = {_row_key(r): r for r in done if r.get("status") == "ok"}
+    order = {it.key: i for i, it in enumerate(items)}
+    out: list[dict] = []
+    for spec in models:
+        name = spec.name if isinstance(spec, ScoreModel) else str(spec)
+        todo, bad = [], []
+        for it in items:
+            k = (it.image, it.prompt or "", name, definition, prefix)
+            if k in kept:
+                out.append(kept[k])
+            elif it.error is not None:
+                bad.append(_row(it, name, definition, prefix, error=it.error))
+            else:
+                todo.append(it)
+        out.extend(bad)
+        if not todo:
+            continue
+        if isinstance(spec, ScoreModel):
+            sm = spec
+        else:
+            sm = ScoreModel.load(spec, device=device, precision=precision, image_backend=image_backend) \
+                if image_backend != "torchvision" else get_score_model(spec, device=device, precision=precision)
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        with state.split_between_processes(batches) as mine:
+            bar = tqdm(total=sum(len(b) for b in mine), desc=f"CLIP score {name}", unit="img",
+                       disable=not (show_progress and state.is_main_process))
+            rows = score_batches(sm, mine, definition=definition, prefix=prefix, quantize=quantize, progress=bar)
+            bar.close()
+        out.extend(gather_object(rows) if state.num_processes > 1 else rows)
+    model_order = {(m.name if isinstance(m, ScoreModel) else str(m)): j for j, m in enumerate(models)}
+    out.sort(key=lambda r: (model_order.get(r["model"], len(model_order)),
+                            order.get((r["image"], r["prompt"]), len(order))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+def _t_two_sided(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer *df* (closed-form finite series in cos θ, θ = atan(t/√df))."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2 == 1:
+        total, term = 0.0, math.cos(theta)
+        for k in range(1, (df - 1) // 2 + 1):
+            if k > 1:
+                term *= c2 * (2 * k - 2) / (2 * k - 1)
+            total += term
+        return (2 / math.pi) * (theta + s * total) if df > 1 else 2 * theta / math.pi
+    total, term = 1.0, 1.0
+    for k in range(1, df // 2):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """Two-sided Student-t critical value (e.g. 12.706 for 95% and df=1), by bisection on the CDF."""
+    if df < 1:
+        raise ValueError("the t distribution needs df >= 1")
+    if df > 20000:  # Cornish-Fisher: error < 1e-8 here
+        z = _normal_quantile(0.5 + confidence / 2)
+        return z + (z ** 3 + z) / (4 * df)
+    lo, hi = 0.0, 1.0
+    while _t_two_sided(hi, df) < confidence:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_two_sided(mid, df) < confidence else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _normal_quantile(p: float) -> float:
+    return statistics.NormalDist().inv_cdf(p)
+
+
+def describe(scores: Sequence[float], definition: str = "torchmetrics", confidence: float = 0.95) -> dict:
+    """n, mean (per *definition*), sample standard deviation and a Student-t confidence interval of the mean."""
+    n = len(scores)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci_low": None, "ci_high": None}
+    mean = float(reduce_scores(math.fsum(scores), n, definition))
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci_low": None, "ci_high": None}
+    raw = math.fsum(scores) / n
+    std = statistics.stdev(scores)
+    half = t_quantile(confidence, n - 1) * std / math.sqrt(n)
+    clamp = (lambda v: max(v, 0.0)) if definition == "torchmetrics" else (lambda v: v)
+    return {"n": n, "mean": mean, "std": std, "ci_low": clamp(raw - half), "ci_high": clamp(raw + half)}
+
+
+def summarize(rows: Sequence[dict], confidence: float = 0.95) -> list[dict]:
+    """Per model and definition: one line per prompt and one ``"(all)"`` line, plus error counts."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["definition"], r.get("prefix", "")), []).append(r)
+    out = []
+    for (model, definition, prefix), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        prompts: dict[str, list[float]] = {}
+        for r in ok:
+            prompts.setdefault(r["prompt"], []).append(float(r["score"]))
+        for prompt, scores in prompts.items():
+            out.append({"model": model, "definition": definition, "prefix": prefix, "prompt": prompt,
+                        **describe(scores, definition, confidence), "errors": 0})
+        out.append({"model": model, "definition": definition, "prefix": prefix, "prompt": "(all)",
+                    **describe([float(r["score"]) for r in ok], definition, confidence),
+                    "errors": len(rs) - len(ok)})
+    return out
+
+
+def format_summary(summary: Sequence[dict], rows: Sequence[dict] = (), max_errors: int = 20) -> str:
+    """The summary as a plain-text table, followed by the list of images that could not be scored."""
+    lines = []
+    by_model: dict[tuple, list[dict]] = {}
+    for s in summary:
+        by_model.setdefault((s["model"], s["definition"], s["prefix"]), []).append(s)
+    for (model, definition, prefix), ss in by_model.items():
+        lines.append(f"model {model} | {definition}: {DEFINITION_TEXT[definition]}"
+                     + (f" | prefix {prefix!r}" if prefix else ""))
+        width = min(48, max(len("prompt"), *(len(s["prompt"]) for s in ss)))
+        lines.append(f"  {'prompt':<{width}}  {'n':>6}  {'mean':>9}  {'std':>8}  95% CI")
+        for s in ss:
+            p = s["prompt"] if len(s["prompt"]) <= width else s["prompt"][:width - 1] + "…"
+            fmt = (lambda v: "   -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
+            ci = f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]" if s["ci_low"] is not None else "-"
+            mean = fmt(s["mean"])
+            lines.append(f"  {p:<{width}}  {s['n']:>6}  {mean:>9}  {fmt(s['std']):>8}  {ci}")
+        errs = next(s["errors"] for s in ss if s["prompt"] == "(all)")
+        if errs:
+            lines.append(f"  {errs} image(s) could not be scored")
+    bad = [r for r in rows if r["status"] != "ok"]
+    seen = set()
+    uniq = [r for r in bad if not (r["image"], r["error"]) in seen and not seen.add((r["image"], r["error"]))]
+    if uniq:
+        lines.append(f"not scored ({len(uniq)}):")
+        lines += [f"  - {r['image']}: {r['error']}" for r in uniq[:max_errors]]
+        if len(uniq) > max_errors:
+            lines.append(f"  ... and {len(uniq) - max_errors} more (see the output table)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def load_table(path: Path) -> list[dict]:
+    """Rows of a table this module wrote (JSON or CSV), for resuming; a one-line error for anything else."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+                raise ValueError
+            return list(data.get("rows", []))
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise ValueError
+            rows = []
+            for r in reader:
+                r["score"] = float(r["score"]) if r["score"] not in ("", None) else None
+                rows.append(r)
+            return rows
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{str(path)!r} exists and is not a CLIP-score table written by evaluate.py; choose another "
+                         "output name or pass --overwrite to replace it") from None
+
+
+def write_table(rows: Sequence[dict], summary: Sequence[dict], *, json_path: Path | None = None,
+                csv_path: Path | None = None, meta: dict | None = None) -> None:
+    """Write the per-image table as JSON (with the summary) and/or CSV (atomically: temp file + rename)."""
+    if json_path is not None:
+        doc = {"format": TABLE_FORMAT, **(meta or {}), "rows": list(rows), "summary": list(summary),
+               "errors": [{"image": r["image"], "model": r["model"], "error": r["error"]}
+                          for r in rows if r["status"] != "ok"]}
+        _atomic_write(Path(json_path), json.dumps(doc, indent=1, ensure_ascii=False, default=str))
+    if csv_path is not None:
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "score": "" if r["score"] is None else repr(float(r["score"]))})
+        _atomic_write(Path(csv_path), buf.getvalue())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

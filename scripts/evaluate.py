@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""CLIP-score evaluation of generated images (torchmetrics-compatible numbers; see guidance/score.py).
+
+    scripts/evaluate.py outputs/                       # a folder of run folders (each with run.json)
+    scripts/evaluate.py outputs/run-0001               # one run folder
+    scripts/evaluate.py images/ --pairs pairs.csv      # a folder + CSV/JSONL of image,prompt rows
+    scripts/evaluate.py images/ --prompt "a red fox"   # every image in a folder against one caption
+    scripts/evaluate.py fox.png --prompt "a red fox"   # one image
+    accelerate launch --multi_gpu --num_processes 4 scripts/evaluate.py outputs/   # split over 4 GPUs
+    torchrun --nproc_per_node 2 scripts/evaluate.py outputs/ --device cpu          # or CPU processes
+
+Writes a per-image table (``--json`` / ``--csv``; for a folder by default ``clip_scores.json`` and
+``clip_scores.csv`` in it) and prints n, mean, std and 95% CI per prompt and overall. Rerunning
+resumes: images already in the table for the same model, definition and prefix are kept, not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from guidance.evaluation import (DEFINITION_TEXT, collect_items, evaluate, format_summary,  # noqa: E402
+                                 load_table, merge_rows, summarize, write_table)
+from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS  # noqa: E402
+
+EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.items())
+          + ".  Exit status: 0 scored (unreadable images are listed, not fatal; with --strict they give 1), "
+            "2 nothing scored or bad usage.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0], epilog=EPILOG)
+    p.add_argument("path", help="an image, a run folder, a folder of run folders, or a folder of images")
+    p.add_argument("--prompt", help="caption for every image (overrides run.json prompts)")
+    p.add_argument("--pairs", metavar="FILE", help="CSV (header image,prompt) or JSONL of image/prompt pairs; "
+                   "image paths relative to PATH")
+    p.add_argument("--model", action="append", default=[], metavar="MODEL",
+                   help=f"CLIP Hub id, local folder or open_clip:ARCH/PRETRAINED; repeatable (default {DEFAULT_MODEL})")
+    p.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="several models at once")
+    p.add_argument("--definition", default="torchmetrics", choices=DEFINITIONS,
+                   help="which CLIP score (default torchmetrics, as torchmetrics 1.9 computes it)")
+    p.add_argument("--prefix", default="", help="text put before every caption ('A photo depicts ' for Hessel et al.)")
+    p.add_argument("--json", metavar="FILE", help="write the table and summary as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write the table as CSV")
+    p.add_argument("--overwrite", action="store_true", help="start the output tables afresh instead of resuming")
+    p.add_argument("--batch-size", type=int, default=32, help="images per CLIP batch (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (accelerate decides under "
+                   "`accelerate launch`)")
+    p.add_argument("--precision", default="fp32", help="fp32 (default), bf16 or fp16; half precision changes "
+                   "the numbers slightly")
+    p.add_argument("--image-backend", default="torchvision", choices=IMAGE_BACKENDS,
+                   help="image processor: torchvision (transformers 5 / torchmetrics default) or pil (transformers 4)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be scored")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _wants_cpu(device: str) -> bool:
+    """CPU processes need accelerate's gloo setup (``PartialState(cpu=True)``); GPUs get theirs."""
+    import torch
+
+    if device in (None, "auto"):
+        return not torch.cuda.is_available()
+    return str(device).startswith("cpu")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_wants_cpu(args.device))
+    main_proc = state.is_main_process
+    try:
+        models = list(dict.fromkeys(args.model + args.models)) or [DEFAULT_MODEL]
+        if args.prompt is not None and args.pairs is not None:
+            raise ValueError("give --prompt or --pairs, not both")
+        if args.prompt is not None and not args.prompt.strip():
+            raise ValueError("--prompt is empty; give the caption to score against")
+        items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
+        json_path = Path(args.json) if args.json else None
+        csv_path = Path(args.csv) if args.csv else None
+        if json_path is None and csv_path is None and Path(args.path).is_dir():
+            json_path, csv_path = root / "clip_scores.json", root / "clip_scores.csv"
+        old: list[dict] = []
+        if not args.overwrite:  # resume; load_table refuses files it did not write
+            tables = [load_table(p) for p in (json_path, csv_path) if p is not None and p.exists()]
+            old = tables[0] if tables else []
+        rows = evaluate(items, models, definition=args.definition, prefix=args.prefix, batch_size=args.batch_size,
+                        device=args.device, precision=args.precision, image_backend=args.image_backend,
+                        done=old, show_progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
+        if main_proc:
+            print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    if not main_proc:
+        return 0
+    rows = merge_rows(rows, old)
+    summary = summarize(rows)
+    write_table(rows, summary, json_path=json_path, csv_path=csv_path,
+                meta={"definition": args.definition, "definition_text": DEFINITION_TEXT[args.definition],
+                      "models": models, "prefix": args.prefix, "image_backend": args.image_backend,
+                      "precision": args.precision})
+    print(format_summary(summary, rows))
+    for path in (json_path, csv_path):
+        if path is not None:
+            print(f"wrote {path}")
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    if n_ok == 0:
+        return 2
+    return 1 if args.strict and n_ok < len(rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
