@@ -1,0 +1,160 @@
+"""The command line of ``scripts/generate.py``: options built from :class:`generators.run.RunSettings`
+and every backend's ``Settings`` dataclass, handed to :func:`generators.run.generate`.
+
+Only options given on the command line are passed on (argparse defaults are suppressed), so
+a preset and a config file can supply the rest: preset < config file < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any
+
+from . import backend_names
+from .run import GROUPS, OptionSpec, generate, option_specs
+
+EXAMPLES = """\
+examples:
+  generate.py "a lighthouse at dusk:1|fog:0.5" --backend vqgan --size 256 256 --iterations 300 --seed 7
+  generate.py "a yellow triangle on a purple background" --preset toy
+  generate.py "a forest" --story "150=a city at night" --save-every 10 --animation gif
+  generate.py "a castle" --clip openai/clip-vit-base-patch32=1 --clip openai/clip-vit-base-patch16=0.5
+  generate.py --config run.yaml --seed 3          (the command line overrides the file)
+  python -m generators.taming_checkpoint convert last.ckpt my_vqgan/   (pickle-free copy of a checkpoint)
+"""
+
+
+def _value_type(kind: str, optional: bool):
+    base = {"int": int, "float": float, "str": str}.get(kind, str)
+
+    def convert(text: str):
+        if optional and text.strip().lower() == "none":
+            return None
+        return base(text)
+
+    convert.__name__ = base.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def _shown(spec: OptionSpec, default: Any) -> str | None:
+    if spec.kind == "bool":
+        return "on" if default else "off"
+    if default in (None, [], ""):
+        return None
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+def _help(spec: OptionSpec) -> str:
+    main_field = spec.per_owner.get("vqgan", spec.field)  # the default backend's wording first
+    text = str(main_field.metadata.get("help", "")).replace("%", "%%")
+    if len(spec.owners) > 1 and "run" not in spec.owners:  # shared by backends: each has its default
+        shown = [(o, _shown(spec, spec.default_for(o))) for o in sorted(spec.owners)]
+        listed = ", ".join(f"{o} {v}" for o, v in shown if v is not None)
+        return text + (f" (default: {listed})" if listed else "")
+    shown = _shown(spec, spec.default)
+    return text + (f" (default: {shown})" if shown is not None else "")
+
+
+def _add(group, spec: OptionSpec) -> None:
+    meta = spec.field.metadata
+    kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": _help(spec)}
+    if meta.get("positional"):
+        group.add_argument(spec.name, nargs="?", metavar=spec.name.upper(), **{k: v for k, v in kwargs.items()
+                                                                                if k != "dest"})
+        return
+    flags = [spec.flag] + [a for a in meta.get("aliases", []) if a != spec.flag]
+    if spec.kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif spec.kind == "list":
+        kwargs.update(action="extend", nargs="+", metavar=meta.get("metavar", "VALUE"))
+    else:
+        kwargs["type"] = _value_type(spec.kind, spec.optional)
+        if meta.get("choices"):
+            kwargs["choices"] = list(meta["choices"]) + ([None] if spec.optional else [])
+            kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
+        elif meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+    group.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: run options by group, then each backend's options (shared ones once)."""
+    from .presets import DESCRIPTIONS, preset_names
+
+    errors: dict[str, str] = {}
+    specs = option_specs(errors=errors)
+    notes = "".join(f"\nnote: the {name} backend's options are not listed: it failed to import ({err})\n"
+                    for name, err in sorted(errors.items()))
+    parser = argparse.ArgumentParser(
+        prog="generate.py",
+        description="CLIP-guided text-to-image generation (VQGAN+CLIP or Stable Diffusion). Every option can "
+                    "also come from --config FILE (YAML/TOML, keys = option names) or --preset NAME; the "
+                    "command line overrides the config file, which overrides the preset.",
+        epilog=EXAMPLES + notes, formatter_class=argparse.RawDescriptionHelpFormatter)
+    main = parser.add_argument_group("run")
+    main.add_argument("--backend", choices=backend_names(), default=argparse.SUPPRESS,
+                      help="generator backend (default: vqgan)")
+    presets = "; ".join(f"{n}: {DESCRIPTIONS.get(n, '')}" for n in preset_names())
+    main.add_argument("--preset", choices=preset_names(), default=argparse.SUPPRESS,
+                      help=f"named option defaults ({presets})")
+    main.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                      help="YAML or TOML file of options (keys are option names, e.g. iterations: 200)")
+    main.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=argparse.SUPPRESS,
+                      help="image size in pixels (sets width and height)")
+    groups = {name: parser.add_argument_group(name, desc) for name, desc in GROUPS.items()}
+    backend_specs = []
+    for spec in specs.values():
+        if "run" in spec.owners:
+            _add(groups[spec.field.metadata.get("group", "output")], spec)
+        else:
+            backend_specs.append(spec)
+    shared = [s for s in backend_specs if len(s.owners) > 1]
+    if shared:
+        group = parser.add_argument_group("shared backend options", "used by every backend that has them")
+        for spec in shared:
+            _add(group, spec)
+    for name in backend_names():
+        own = [s for s in backend_specs if s.owners == [name]]
+        if own:
+            group = parser.add_argument_group(f"{name} backend", f"options of --backend {name}")
+            for spec in own:
+                _add(group, spec)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
+    """Only the options given on the command line, as ``generate()`` keyword arguments."""
+    args = vars(build_parser().parse_args(argv))
+    if "size" in args:
+        width, height = args.pop("size")
+        args["width"], args["height"] = width, height
+    return args
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        run = generate(**args)
+    except KeyboardInterrupt:
+        print("\ninterrupted before the first step; nothing saved", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    score = f"{run.clip_score:.2f}" if run.clip_score is not None else "not scored"
+    eval_model = run.metadata.get("eval_model")
+    where = run.image_path if run.image_path is not None else "(not saved)"
+    print(f"{'interrupted; saved' if run.interrupted else 'saved'} {where}")
+    print(f"seed {run.seed}; CLIP score {score}" + (f" ({eval_model})" if run.clip_score is not None else ""))
+    return 130 if run.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Named presets: plain dicts of option defaults that a config file and the command line override.
+
+``toy`` runs fully offline on the small models trained on the toy world (``toyworld/weights``):
+CLIP ``clip_a`` guides, the independent ``clip_b`` judges the result, and the VQGAN / Stable
+Diffusion backends use the toy ``vqgan`` / ``sd`` models, at the toy world's 64x64 size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+
+def toyworld_weights(name: str, *, check: bool = False) -> Path:
+    """Folder of a toy model (``clip_a``, ``clip_b``, ``vqgan``, ``sd``) from ``toyworld.paths``
+    (else ``<toyworld package>/weights/<name>``). With ``check``, a missing or incomplete folder
+    raises ``FileNotFoundError`` naming the command that recreates it."""
+    try:
+        paths = importlib.import_module("toyworld.paths")
+    except ImportError:
+        paths = None
+    if paths is not None and callable(getattr(paths, "weights_dir", None)):
+        return Path(paths.weights_dir(name, check=check))
+    spec = importlib.util.find_spec("toyworld")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the toyworld package is not installed; the toy preset needs its weights "
+                                "(pip install -e . from the clipsteer checkout)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "weights" / name
+    if check and not folder.is_dir():
+        raise FileNotFoundError(f"toy model {name!r} is missing at {folder}; train the toy models first")
+    return folder
+
+
+def _toy(backend: str | None = None) -> dict[str, Any]:
+    # Check the models this backend needs now, for a clear message; the others load lazily.
+    needed = {"clip_a"} | ({"sd"} if backend == "sd" else {"vqgan"} if backend in (None, "vqgan") else set())
+    folder = {name: toyworld_weights(name, check=name in needed) for name in ("clip_a", "clip_b", "vqgan", "sd")}
+    return {
+        "clip": [str(folder["clip_a"])],
+        "eval_model": str(folder["clip_b"]),
+        "vqgan": str(folder["vqgan"]),
+        "sd_model": str(folder["sd"]),
+        "width": 64,
+        "height": 64,
+        "iterations": 100,
+        "learning_rate": 0.2,
+        "cutouts": 16,
+        "cut_pow": 1.0,
+        "min_fraction": 0.6,
+        "overview": 2,
+        "augmentations": ["Af:0.5", "Pe:0.3", "Ji:0.5"],
+    }
+
+
+PRESETS: dict[str, Callable[[str | None], dict[str, Any]]] = {"toy": _toy}
+DESCRIPTIONS = {"toy": "offline toy models from toyworld/weights (64x64; CLIP clip_a guides, clip_b scores)"}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, *, backend: str | None = None) -> dict[str, Any]:
+    """The options of preset *name* for *backend* (a fresh dict; paths resolved now)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
+    return dict(PRESETS[name](backend))
+
+
+__all__ = ["PRESETS", "DESCRIPTIONS", "preset_names", "get_preset", "toyworld_weights"]

@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Generate an image from a text prompt with CLIP guidance (VQGAN+CLIP or Stable Diffusion).
+
+    python scripts/generate.py "a lighthouse at dusk:1|fog:0.5" --backend vqgan --size 256 256 --iterations 300 --seed 7
+    python scripts/generate.py "a yellow triangle on a purple background" --preset toy
+
+A thin wrapper over :func:`generators.run.generate`; ``--help`` lists every option.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from generators.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
