@@ -71,8 +71,9 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_run(folder: Path, root: Path) -> list[Item]:
-    """Pairs from one run folder's ``run.json`` (``prompt`` + ``image``; read defensively: an image
-    list, per-image records or a list of records are accepted too)."""
+    """Pairs from one run folder's ``run.json`` (``prompt`` + ``image``/``images``, as
+    ``generators.run`` writes it; read defensively: per-image records or a list of records are
+    accepted too). Weighted prompts are scored against :func:`caption_of` them."""
     sidecar = folder / SIDECAR
     name = _rel(sidecar, root)
     try:
@@ -87,7 +88,7 @@ def read_run(folder: Path, root: Path) -> list[Item]:
             items.append(Item(where, None, None, f"{where} is not a JSON object with 'prompt' and 'image' keys"))
             continue
         prompt = rec.get("prompt")
-        images = rec.get("image", rec.get("images"))
+        images = rec.get("images") if isinstance(rec.get("images"), list) else rec.get("image", rec.get("images"))
         if images is None:
             items.append(Item(where, None, None, f"{where} has no 'image' key; cannot tell which file to score"))
             continue
@@ -109,8 +110,20 @@ def read_run(folder: Path, root: Path) -> list[Item]:
             if not isinstance(p, str) or not p.strip():
                 items.append(Item(label, path, None, f"{where} has no 'prompt' for {img!r}", extra_i))
                 continue
-            items.append(Item(label, path, p, None, extra_i))
+            items.append(Item(label, path, caption_of(p), None, extra_i))
     return items
+
+
+def caption_of(prompt: str) -> str:
+    """The caption a run is scored against: its positive text prompts without weights, joined by
+    ", " (``"a red fox:1.5|snow:0.5|blurry:-1"`` -> ``"a red fox, snow"``); a plain prompt as is."""
+    from .prompts import parse_prompts
+
+    try:
+        parts = [p.value for p in parse_prompts(prompt) if p.kind == "text" and p.weight > 0]
+    except (ValueError, FileNotFoundError):
+        return prompt
+    return ", ".join(parts) if parts else prompt
 
 
 def read_pairs(pairs_file: Path, root: Path) -> list[Item]:
