@@ -86,8 +86,7 @@ def tiny_sd_components(seed: int = 0, *, prediction_type: str = "epsilon", sampl
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
-    scheduler = PNDMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"},
-                              prediction_type=prediction_type)
+    scheduler = PNDMScheduler.from_config({**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
                 requires_safety_checker=False)
@@ -117,3 +116,69 @@ def tiny_taesd(seed: int = 0):
     return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
                            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
                            latent_channels=4).eval()
+
+
+# --- tiny taming VQGAN (issue 3) ----------------------------------------------------------------
+
+def tiny_vqgan_config(gumbel: bool = False, n_embed: int = 64, embed_dim: int = 8) -> dict:
+    """A taming-layout VQGAN config (f4: ch_mult [1, 1, 2]) small enough for CPU tests."""
+    params = {
+        "embed_dim": embed_dim, "n_embed": n_embed,
+        "ddconfig": {"double_z": False, "z_channels": embed_dim, "resolution": 32, "in_channels": 3,
+                     "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1,
+                     "attn_resolutions": [], "dropout": 0.0},
+        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+                       "params": {"disc_conditional": False, "disc_in_channels": 3, "disc_start": 0}},
+    }
+    target = "taming.models.vqgan.VQModel"
+    if gumbel:
+        target = "taming.models.vqgan.GumbelVQ"
+        params["kl_weight"] = 1e-8
+        params["temperature_scheduler_config"] = {"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
+                                                  "params": {"warm_up_steps": 0, "lr_start": 0.9}}
+    return {"model": {"base_learning_rate": 4.5e-6, "target": target, "params": params}}
+
+
+def tiny_vqgan_state(seed: int = 0, gumbel: bool = False) -> dict:
+    """Random first-stage weights (codebook spread like a trained one) plus ``loss.*`` keys."""
+    from generators.taming_checkpoint import TamingConfig, build_first_stage
+
+    torch.manual_seed(seed)
+    model = build_first_stage(TamingConfig.from_dict(tiny_vqgan_config(gumbel)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "quantize.embed.weight" if gumbel else "quantize.embedding.weight"
+    state[key] = torch.randn_like(state[key])
+    state["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
+    state["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(4, 3, 3, 3)
+    return state
+
+
+def save_tiny_vqgan(folder: Path, seed: int = 0, gumbel: bool = False, fmt: str = "ckpt",
+                    extra: dict | None = None) -> Path:
+    """A folder with ``config.yaml`` and ``last.ckpt`` saved as taming/Lightning does (state_dict with
+    ``loss.*`` keys, OmegaConf hyper-parameters, global_step...), or ``model.safetensors``."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = tiny_vqgan_config(gumbel)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    state = tiny_vqgan_state(seed, gumbel)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("loss.")},
+                  str(folder / "model.safetensors"))
+        return folder
+    checkpoint = {
+        "epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
+        "state_dict": state,
+        "hyper_parameters": OmegaConf.create(config["model"]["params"]),
+        "callbacks": {"ModelCheckpoint": {"monitor": "val/rec_loss", "best_model_score": torch.tensor(0.1)}},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "params": [0, 1]}]}],
+        "lr_schedulers": [],
+    }
+    checkpoint.update(extra or {})
+    torch.save(checkpoint, folder / "last.ckpt")
+    return folder
