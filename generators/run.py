@@ -586,8 +586,8 @@ def score_images(images: torch.Tensor, schedule, *, model: str, step: int, devic
 # ---------------------------------------------------------------------------------------------
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("clipsteer", "torch", "transformers", "diffusers", "taming-transformers-rom1504", "kornia",
+    out = {"python": platform.python_version(), "torch": torch.__version__}  # with its CUDA/CPU build tag
+    for dist in ("clipsteer", "transformers", "diffusers", "taming-transformers-rom1504", "kornia",
                  "open_clip_torch"):
         try:
             out[dist] = importlib.metadata.version(dist)

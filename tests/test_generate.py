@@ -1,0 +1,264 @@
+"""The run API (generators.run.generate) and the CLI (scripts/generate.py) on tiny local models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from generators import cli, presets
+from generators.outputs import read_metadata, read_png_text
+from generators.run import build_schedule, eval_model_for, generate, load_config, resolve_options
+from tiny import save_tiny_clip, save_tiny_vqgan
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERFACE_FLAGS = ("--backend", "--clip", "--vqgan", "--size", "--iterations", "--seed", "--out", "--init-image",
+                   "--config", "--preset")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"vqgan": str(save_tiny_vqgan(root / "vqgan", fmt="safetensors")),
+            "clip_a": str(save_tiny_clip(root / "clip_a", seed=0, image_size=32)),
+            "clip_b": str(save_tiny_clip(root / "clip_b", seed=1, image_size=32))}
+
+
+@pytest.fixture
+def opts(models, tmp_path):
+    """Options for a quick run on the tiny models."""
+    return dict(vqgan=models["vqgan"], clip=[models["clip_a"]], eval_model=models["clip_b"], size=(32, 32),
+                iterations=4, cutouts=2, min_fraction=0.6, augmentations=["none"], out=str(tmp_path / "out"),
+                progress=False)
+
+
+def test_run_folder_png_metadata_and_sidecar(opts):
+    run = generate("a red circle:1|blurry:-0.5", seed=7, **opts)
+    assert run.path.parent == Path(opts["out"]) and run.path.name.endswith("-a-red-circle-blurry")
+    assert run.image_path == run.path / "image.png" and run.image_path.is_file()
+    assert run.image.size == (32, 32) and run.images.shape == (1, 3, 32, 32)
+    assert isinstance(run.clip_score, float) and 0.0 <= run.clip_score <= 100.0
+    sidecar = json.loads((run.path / "run.json").read_text())
+    for key in ("prompt", "seed", "backend", "clip_score", "image", "settings", "versions", "timings", "losses"):
+        assert key in sidecar, key
+    assert sidecar["prompt"] == "a red circle:1|blurry:-0.5" and sidecar["seed"] == 7
+    assert sidecar["backend"] == "vqgan" and sidecar["image"] == "image.png"
+    assert sidecar["clip_score"] == pytest.approx(run.clip_score)
+    assert sidecar["eval_model"] == opts["eval_model"]
+    assert len(sidecar["losses"]) == 4 and sidecar["steps_done"] == 4 and not sidecar["interrupted"]
+    assert sidecar["settings"]["iterations"] == 4 and sidecar["backend_settings"]["width"] == 32
+    assert sidecar["versions"]["torch"] == torch.__version__
+    assert sidecar["timings"]["total_s"] > 0
+    assert sidecar["prompts"]["0"][1] == {"kind": "text", "value": "blurry", "weight": -0.5, "stop": None}
+    text = read_png_text(run.image_path)
+    assert text["prompt"] == "a red circle:1|blurry:-0.5" and text["seed"] == "7" and text["backend"] == "vqgan"
+    embedded = read_metadata(run.image_path)
+    assert embedded["settings"] == sidecar["settings"] and embedded["seed"] == 7
+    assert run.metadata["settings"]["clip"] == [opts["clip"][0]]
+
+
+def test_second_run_never_overwrites_the_first(opts):
+    first = generate("a red circle", seed=1, **opts)
+    before = {p.name: p.read_bytes() for p in first.path.iterdir()}
+    second = generate("a red circle", seed=2, **opts)
+    assert second.path != first.path and second.path.is_dir()
+    assert {p.name: p.read_bytes() for p in first.path.iterdir()} == before
+
+
+def test_seed_reproduces_bit_exact_and_save_false(opts, tmp_path):
+    opts.update(out=str(tmp_path / "nothing"), augmentations=["Af", "Ji"], num_images=2)
+    a = generate("a blue square", seed=5, save=False, **opts)
+    b = generate("a blue square", seed=5, save=False, **opts)
+    c = generate("a blue square", seed=6, save=False, **opts)
+    assert a.path is None and not (tmp_path / "nothing").exists()
+    assert torch.equal(a.images, b.images) and a.losses == b.losses
+    assert not torch.equal(a.images, c.images)
+    assert len(a.pil_images) == 2 and len(a.metadata["clip_scores"]["per_image"]) == 2
+
+
+def test_frames_animation_and_story(opts, models):
+    opts.update(iterations=6, save_every=2, animation="both", fps=4)
+    run = generate("a red circle", story="3=a blue square", seed=0, **opts)
+    frames = sorted(p.name for p in (run.path / "frames").iterdir())
+    assert frames == ["step-000002.png", "step-000004.png", "step-000006.png"]
+    assert (run.path / "animation.gif").is_file() and (run.path / "animation.mp4").is_file()
+    assert set(run.metadata["prompts"]) == {"0", "3"}
+    assert run.metadata["animations"] == ["animation.gif", "animation.mp4"]
+
+
+def test_ctrl_c_saves_the_current_image_marked_interrupted(opts):
+    def interrupt(info):
+        if info.step == 1:
+            raise KeyboardInterrupt
+
+    opts["iterations"] = 50
+    run = generate("a red circle", seed=3, callback=interrupt, **opts)
+    assert run.interrupted and run.image_path.is_file()
+    sidecar = json.loads((run.path / "run.json").read_text())
+    assert sidecar["interrupted"] is True and sidecar["steps_done"] == 2
+    assert json.loads(read_png_text(run.image_path)["clipsteer"])["interrupted"] is True
+
+
+def test_config_file_applies_and_arguments_override(opts, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"iterations": 3, "seed": 9, "lr": 0.05, "size": [32, 32], "cut-pow": 2.0,
+                                   "vqgan": {"optimiser": "RMSprop"}}))
+    backend, merged, _ = resolve_options("a fox", config=cfg, iterations=5)
+    assert backend == "vqgan"
+    assert merged["iterations"] == 5 and merged["seed"] == 9 and merged["learning_rate"] == 0.05
+    assert merged["cut_pow"] == 2.0 and merged["optimizer"] == "RMSprop" and merged["width"] == 32
+    toml = tmp_path / "run.toml"
+    toml.write_text('iterations = 2\nseed = 4\n[guidance]\ncutouts = 3\n')
+    assert load_config(toml) == {"iterations": 2, "seed": 4, "cutouts": 3}
+    opts.pop("iterations")
+    opts.pop("cutouts")
+    run = generate("a red circle", config=toml, **opts)
+    assert run.metadata["steps_done"] == 2 and run.seed == 4 and run.metadata["settings"]["cutouts"] == 3
+    assert run.metadata["option_sources"]["iterations"] == str(toml)
+
+
+def test_preset_config_cli_precedence(opts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(presets.PRESETS, "tinytest", lambda backend=None: {
+        "vqgan": opts["vqgan"], "clip": opts["clip"], "eval_model": "none", "width": 32, "height": 32,
+        "iterations": 7, "cutouts": 2, "seed": 1, "augmentations": ["none"], "sd_model": "/nowhere"})
+    _, merged, info = resolve_options("x", preset="tinytest")
+    assert merged["iterations"] == 7 and merged["seed"] == 1 and info["preset"] == "tinytest"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: tinytest\niterations: 3\nseed: 2\n")
+    _, merged, _ = resolve_options("x", config=cfg)
+    assert merged["iterations"] == 3 and merged["seed"] == 2 and merged["cutouts"] == 2
+    out = tmp_path / "cli-out"
+    code = cli.main(["a red circle", "--config", str(cfg), "--iterations", "2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    (folder,) = out.iterdir()
+    meta = read_metadata(folder)
+    assert meta["steps_done"] == 2 and meta["seed"] == 2 and meta["preset"] == "tinytest"
+    assert meta["clip_score"] is None and meta["eval_model"] is None
+    assert "saved" in capsys.readouterr().out
+
+
+def test_cli_parses_interface_spellings(models):
+    args = cli.parse_args(["a lighthouse at dusk:1|fog:0.5", "--backend", "vqgan", "--size", "256", "128",
+                           "--iterations", "300", "--seed", "7", "--clip", "a=1", "--clip", "b=0.5",
+                           "--vqgan", "wikiart_16384", "--out", "somewhere", "--init-image", "x.png",
+                           "--augment", "Af", "Pe", "Ji", "Er", "--optimiser", "adamw", "--lr", "0.2",
+                           "--no-progress", "--min-fraction", "none"])
+    assert args == {"prompt": "a lighthouse at dusk:1|fog:0.5", "backend": "vqgan", "width": 256, "height": 128,
+                    "iterations": 300, "seed": 7, "clip": ["a=1", "b=0.5"], "vqgan": "wikiart_16384",
+                    "out": "somewhere", "init_image": "x.png", "augmentations": ["Af", "Pe", "Ji", "Er"],
+                    "optimizer": "adamw", "learning_rate": 0.2, "progress": False, "min_fraction": None}
+    assert cli.parse_args([]) == {}
+
+
+def test_help_lists_the_interface():
+    text = cli.build_parser().format_help()
+    for flag in INTERFACE_FLAGS:
+        assert flag in text, flag
+    for group in ("prompts:", "guidance:", "output:", "runtime:", "vqgan backend:"):
+        assert group in text, group
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert all(flag in result.stdout for flag in INTERFACE_FLAGS)
+
+
+def test_cli_end_to_end_in_a_subprocess(models, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), "a red circle", "--vqgan", models["vqgan"],
+           "--clip", models["clip_a"], "--eval-model", "none", "--size", "32", "32", "--iterations", "3",
+           "--cutouts", "2", "--seed", "5", "--out", str(tmp_path), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "image.png").is_file() and read_metadata(folder)["seed"] == 5
+
+
+def test_cli_errors_are_one_line(models, tmp_path, capsys):
+    argv = ["a red circle", "--vqgan", models["vqgan"], "--clip", models["clip_a"], "--eval-model", "none",
+            "--size", "30", "32", "--iterations", "2", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: width 30 does not suit this VQGAN: it must be a multiple of 4 (its downsampling "
+                   "factor); use 28 or 32"]
+    assert not any(tmp_path.iterdir()), "a failed run leaves no folder behind"
+    assert cli.main(argv[:7] + ["--size", "32", "32", "--optimizer", "Lion", "--out", str(tmp_path)]) == 2
+    assert "unknown optimizer 'Lion'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(optimizer="DiffGrad"), ValueError, "unknown optimizer 'DiffGrad'"),
+    (dict(size=(30, 32)), ValueError, r"width 30 does not suit this VQGAN: it must be a multiple of 4 .*use 28 or 32"),
+    (dict(vqgan="/no/such/vqgan"), FileNotFoundError, "neither a known model"),
+    (dict(clip=["/no/such/clip"]), FileNotFoundError, "CLIP model folder"),
+    (dict(image_prompts=["/no/such.png"]), FileNotFoundError, "image prompt"),
+    (dict(iteratons=3), ValueError, "unknown option 'iteratons'.*did you mean 'iterations'"),
+    (dict(iterations="many"), ValueError, "option iterations .* must be a whole number"),
+    (dict(animation="avi"), ValueError, "unknown animation format"),
+    (dict(backend="dalle"), ValueError, "unknown backend 'dalle'"),
+    (dict(preset="nope"), ValueError, "unknown preset 'nope'"),
+    (dict(config="/no/such.yaml"), FileNotFoundError, "config file"),
+    (dict(story="a forest; 10=a city"), ValueError, "needs a step"),
+])
+def test_bad_options_give_one_line_errors(opts, options, error, match, tmp_path):
+    opts.update(options)
+    with pytest.raises(error, match=match) as info:
+        generate("a red circle", seed=0, **opts)
+    assert "\n" not in str(info.value)
+    assert not Path(opts["out"]).exists() or not any(Path(opts["out"]).iterdir())
+
+
+def test_bad_config_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.toml").write_text("iterations = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(tmp_path / "b.toml")
+    (tmp_path / "c.ini").write_text("x=1")
+    with pytest.raises(ValueError, match=r"\.yaml, \.yml or \.toml"):
+        load_config(tmp_path / "c.ini")
+
+
+def test_schedule_and_eval_model_choice(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "p.png")
+    schedule = build_schedule({"prompt": "a fox:2|snow", "story": "50=a city", "image_prompts": [f"{tmp_path}/p.png:0.5"],
+                               "noise_prompts": ["42:0.1"]})
+    assert [p.value for p in schedule.at(0)][:2] == ["a fox", "snow"]
+    assert [p.kind for p in schedule.at(60)] == ["text", "image", "noise"]
+    assert build_schedule({"prompt": None}) is None
+    with pytest.raises(ValueError, match="step 0"):
+        build_schedule({"prompt": "a", "story": "0=b; 5=c"})
+    assert eval_model_for({"clip": ["openai/clip-vit-base-patch32"], "eval_model": "auto"}) == \
+        "openai/clip-vit-large-patch14"
+    assert eval_model_for({"clip": ["openai/clip-vit-large-patch14=1"], "eval_model": "auto"}) == \
+        "openai/clip-vit-base-patch16"
+    assert eval_model_for({"clip": ["x"], "eval_model": "none"}) is None
+    assert eval_model_for({"clip": ["x"], "eval_model": "my/clip"}) == "my/clip"
+
+
+def test_toy_preset_paths():
+    from toyworld import paths
+
+    preset = presets.get_preset("toy", backend=None) if (paths.WEIGHTS_DIR / "clip_a").is_dir() \
+        and (paths.WEIGHTS_DIR / "vqgan").is_dir() else None
+    if preset is None:
+        with pytest.raises(FileNotFoundError, match="toy model"):
+            presets.get_preset("toy")
+        pytest.skip("toy weights are not trained yet")
+    assert preset["clip"] == [str(paths.weights_dir("clip_a"))]
+    assert preset["eval_model"] == str(paths.weights_dir("clip_b", check=False))
+    assert preset["vqgan"] == str(paths.weights_dir("vqgan")) and preset["width"] == 64
