@@ -246,9 +246,9 @@ def option_specs(backends: list[str] | None = None, *, errors: dict[str, str] | 
     for name in backends if backends is not None else backend_names():
         try:
             cls = get_generator_class(name)
-        except ImportError as err:
+        except Exception as err:  # a broken or missing backend module must not break the others
             if errors is not None:
-                errors[name] = f"{err.__class__.__name__}: {err}"
+                errors[name] = f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             continue
         if is_dataclass(getattr(cls, "Settings", None)):
             _specs_of(cls.Settings, name, specs)

@@ -115,11 +115,18 @@ def _hub_files(name: str, cache_dir: str | None = None) -> tuple[Path, Path]:
         try:
             paths.append(Path(hf_hub_download(repo, filename, cache_dir=cache_dir)))
         except Exception as err:  # offline, dead link, auth, disk...
-            reason = str(err).splitlines()[0][:160] if str(err) else err.__class__.__name__
+            kind = err.__class__.__name__
+            if kind == "LocalEntryNotFoundError":
+                reason = "it is not in the local cache and the Hub could not be reached (offline?)"
+            elif kind in ("RepositoryNotFoundError", "EntryNotFoundError", "RemoteEntryNotFoundError"):
+                reason = "the Hub no longer has this file (dead link)"
+            else:
+                first = str(err).splitlines()[0] if str(err) else ""
+                reason = f"{kind}: {first[:150]}{'...' if len(first) > 150 else ''}"
             raise FileNotFoundError(
-                f"could not get VQGAN {name!r} ({repo}/{filename}) from the Hugging Face Hub: "
-                f"{err.__class__.__name__}: {reason}. Offline? Download {Path(config_file).name} and "
-                f"{Path(weights_file).name} by hand into a folder and pass --vqgan FOLDER") from None
+                f"could not get VQGAN {name!r} ({repo}, file {filename}) from the Hugging Face Hub: {reason}. "
+                f"Download {filename} and {weights_file if filename == config_file else config_file} by hand "
+                "into one folder and pass --vqgan FOLDER") from None
     return paths[0], paths[1]
 
 
@@ -291,6 +298,8 @@ def _load_init_image(path: str, width: int, height: int) -> torch.Tensor:
         check_image_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"init image {str(path)!r} does not exist; check the path") from None
+    except ValueError:
+        raise ValueError(f"init image {str(path)!r} is not a readable image; use a PNG/JPEG/WebP file") from None
     with Image.open(path) as im:
         im = im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)

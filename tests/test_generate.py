@@ -262,3 +262,48 @@ def test_toy_preset_paths():
     assert preset["clip"] == [str(paths.weights_dir("clip_a"))]
     assert preset["eval_model"] == str(paths.weights_dir("clip_b", check=False))
     assert preset["vqgan"] == str(paths.weights_dir("vqgan")) and preset["width"] == 64
+
+
+def test_backend_options_are_generic(monkeypatch, opts):
+    """A new backend plugs in through its Settings dataclass: its fields become options; a field
+    named like a run option (prompt) gets a backend-prefixed name; a broken backend is skipped."""
+    import dataclasses
+
+    import generators
+    from generators.base import GenerationResult, Generator
+    from generators.run import backend_settings, option_specs
+
+    @dataclasses.dataclass
+    class FakeSettings:
+        prompt: str = dataclasses.field(default="", metadata={"help": "conditioning text", "flag": "--fake-prompt"})
+        width: int = dataclasses.field(default=8, metadata={"help": "width"})
+        steps: int = dataclasses.field(default=3, metadata={"help": "steps"})
+        tags: list[str] = dataclasses.field(default_factory=list, metadata={"help": "tags"})
+
+    class Fake(Generator):
+        name = "fake"
+        Settings = FakeSettings
+
+        def generate(self, clip_loss, *, seed=0, callback=None):
+            s = self.settings
+            return GenerationResult(images=torch.full((1, 3, s.width, s.width), 0.5), info={"prompt": s.prompt})
+
+    monkeypatch.setitem(generators._REGISTRY, "fake", Fake)
+    monkeypatch.setitem(generators._REGISTRY, "broken", "generators.no_such_backend:Nothing")
+    specs = option_specs(["fake"])
+    assert specs["fake_prompt"].target == "prompt" and specs["prompt"].owners == ["run"]
+    assert "vqgan" not in specs["width"].owners and "fake" in specs["width"].owners
+    settings = backend_settings("fake", {"prompt": "a fox:1|snow", "fake_prompt": "a fox", "width": 4, "steps": 2})
+    assert settings == FakeSettings(prompt="a fox", width=4, steps=2)
+    text = cli.build_parser().format_help()
+    assert "fake backend:" in text and "--fake-prompt" in text and "--tags" in text
+    assert "the broken backend's options are not listed" in text
+    assert cli.parse_args(["x", "--fake-prompt", "y", "--tags", "a", "b"]) == \
+        {"prompt": "x", "fake_prompt": "y", "tags": ["a", "b"]}
+    opts.pop("iterations")
+    opts.pop("vqgan")
+    run = generate("a red circle", backend="fake", fake_prompt="a fox", seed=0, **{**opts, "size": (6, 6)})
+    assert run.images.shape == (1, 3, 6, 6) and run.metadata["info"] == {"prompt": "a fox"}
+    assert run.metadata["backend_settings"]["prompt"] == "a fox"
+    with pytest.warns(UserWarning, match=r"ignoring option\(s\) iterations \(vqgan backend\)"):
+        generate("a red circle", backend="fake", iterations=3, save=False, **{**opts, "size": (6, 6)})
