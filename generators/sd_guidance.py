@@ -44,13 +44,13 @@ class NoiseFrame:
 def check_scheduler(scheduler) -> None:
     """Fail early, with a fix, for a scheduler CLIP guidance cannot read a noise level from."""
     name = type(scheduler).__name__
+    if getattr(scheduler, "alphas_cumprod", None) is None or not hasattr(scheduler, "scale_model_input"):
+        raise ValueError(f"scheduler {name} has no DDPM noise schedule (alphas_cumprod); use --scheduler "
+                         "ddim, pndm, dpm++, euler, euler_a, lms or unipc")
     prediction = getattr(scheduler.config, "prediction_type", None)
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"scheduler {name} predicts {prediction!r}; CLIP guidance supports "
                          f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x); pick another --sd model")
-    if getattr(scheduler, "alphas_cumprod", None) is None or not hasattr(scheduler, "scale_model_input"):
-        raise ValueError(f"scheduler {name} has no DDPM noise schedule (alphas_cumprod); use --scheduler "
-                         "ddim, pndm, dpm++, euler, euler_a, lms or unipc")
 
 
 def noise_frame(scheduler, timesteps: torch.Tensor) -> NoiseFrame:

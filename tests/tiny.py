@@ -63,7 +63,7 @@ def tiny_encoder(seed: int = 0, image_size: int = 32):
 # Stable Diffusion 1.x's noise schedule (what its model_index ships in scheduler_config.json).
 SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                            beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
-                           steps_offset=1, clip_sample=False)
+                           steps_offset=1, clip_sample=False, timestep_spacing="leading")
 
 
 def tiny_sd_components(seed: int = 0, *, prediction_type: str = "epsilon", sample_size: int = 8) -> dict:

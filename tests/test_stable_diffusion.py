@@ -1,0 +1,349 @@
+"""The ``sd`` backend on tiny Stable Diffusion components built from configs (CPU, no download)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+
+from generators import get_generator
+from generators.sd_guidance import (clean_estimate, clip_gradient, guided_steps, noise_frame, output_correction,
+                                    straight_through_clamp)
+from generators.stable_diffusion import SCHEDULERS, Settings, StableDiffusionGenerator
+from guidance import CLIPLoss, Cutouts
+from tiny import save_tiny_sd, tiny_sd_pipeline, tiny_taesd
+
+PROMPT = "a red circle"
+ALL_SCHEDULERS = list(SCHEDULERS)
+needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
+                                 reason="diffusers' LMS scheduler needs scipy")
+
+
+def scheduler_param(name):
+    return pytest.param(name, marks=needs_scipy) if name == "lms" else name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and far faster than two on a shared, busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clip_loss(encoder):
+    return CLIPLoss(encoder, PROMPT, cutouts=Cutouts(4, augmentations=[]))
+
+
+def make(pipe=None, *, prediction_type="epsilon", **options):
+    options = {"steps": 3, "prompt": PROMPT, "scheduler": "ddim", "clip_guidance_scale": 500.0, **options}
+    pipe = pipe if pipe is not None else tiny_sd_pipeline(prediction_type=prediction_type)
+    return StableDiffusionGenerator(Settings(**options), device="cpu", pipeline=pipe)
+
+
+def reference(pipe, seed, steps, **kwargs):
+    """Plain diffusers sampling with the same components, scheduler, seed and steps."""
+    return pipe(PROMPT, num_inference_steps=steps, output_type="pt",
+                generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def final_loss(clip_loss, images):
+    """The guiding loss of finished images, with one fixed set of cutouts."""
+    with torch.no_grad():
+        return clip_loss(images, generator=torch.Generator().manual_seed(0)).per_image
+
+
+# -- the scheduler-agnostic math ----------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", scheduler_param("lms")])
+def test_clean_estimate_matches_the_schedulers_own(name, prediction_type):
+    """Noise level read from scale_model_input / alphas_cumprod gives the x0 each scheduler computes itself."""
+    gen = make(prediction_type=prediction_type, scheduler=name, steps=5)
+    sched = type(gen.pipe.scheduler).from_config(gen.pipe.scheduler.config, timestep_spacing="linspace")
+    sched.set_timesteps(5)
+    timesteps = sched.timesteps
+    frame = noise_frame(sched, timesteps)
+    assert frame.sigma_frame == (name != "ddim")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g) * sched.init_noise_sigma
+    for i, t in enumerate(timesteps):
+        z = sched.scale_model_input(latents, t)
+        out = torch.randn(latents.shape, generator=g)
+        ab = frame.alpha_bar(sched, i, t, "cpu")
+        if frame.sigma_frame:
+            assert torch.allclose(ab, 1 / (1 + sched.sigmas[i] ** 2))
+        else:
+            assert torch.allclose(ab, sched.alphas_cumprod[int(t)])
+        step = sched.step(out, t, latents, generator=torch.Generator().manual_seed(i))
+        mine = clean_estimate(z, out, ab, prediction_type)
+        torch.testing.assert_close(mine, step.pred_original_sample, rtol=1e-4, atol=1e-4)
+        latents = step.prev_sample
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_output_correction_moves_the_clean_estimate(prediction_type):
+    g = torch.Generator().manual_seed(1)
+    z, out, d_eps = (torch.randn(1, 4, 4, 4, generator=g) for _ in range(3))
+    ab = torch.tensor(0.3)
+    before = clean_estimate(z, out, ab, prediction_type)
+    after = clean_estimate(z, out + output_correction(d_eps, ab, prediction_type), ab, prediction_type)
+    torch.testing.assert_close(after - before, -((1 - ab) / ab).sqrt() * d_eps)
+
+
+def test_guided_step_window():
+    assert guided_steps(10) == list(range(10))
+    assert guided_steps(10, start=0.2, end=0.8, every=2) == [2, 4, 6]
+    assert guided_steps(8, start=0.25, end=0.75, every=3) == [2, 5]
+    assert guided_steps(3, start=0.5, end=0.6) == []
+
+
+def test_straight_through_clamp():
+    x = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    y = straight_through_clamp(x)
+    y.sum().backward()
+    assert y.tolist() == [0.0, 0.5, 1.0] and x.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["x0", "full"])
+def test_clip_gradient_matches_finite_differences(clip_loss, mode):
+    """The gradient reaches the latents and is the derivative of the guidance loss (x0: UNet held fixed)."""
+    gen = make()
+    pipe = gen.pipe
+    t = torch.tensor(500)
+    ab = pipe.scheduler.alphas_cumprod[500]
+    cond, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
+    unet = lambda zz: pipe.unet(zz, t, encoder_hidden_states=cond).sample
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    out = unet(z).detach()
+    loss_fn = lambda images, step, generator: clip_loss(images, generator=torch.Generator().manual_seed(5))
+    decode = lambda x0: pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample / 2 + 0.5  # no clamp: smooth
+    model = unet if mode == "full" else None
+    grad, loss = clip_gradient(z, out, ab, "epsilon", decode=decode, loss_fn=loss_fn, step=0,
+                               generator=None, model=model)
+    assert grad.shape == z.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.isfinite(loss.total)
+
+    def f(zz):
+        with torch.no_grad():
+            if mode == "full":
+                x0 = clean_estimate(zz, unet(zz), ab, "epsilon")
+            else:
+                v = (out - (1 - ab).sqrt() * z) / ab.sqrt()          # eps -> v at the base point, held fixed
+                x0 = ab.sqrt() * zz - (1 - ab).sqrt() * v
+            return loss_fn(decode(x0), 0, None).total
+
+    direction = grad / grad.norm()
+    h = 1e-2
+    numeric = (f(z + h * direction) - f(z - h * direction)) / (2 * h)
+    assert numeric.item() == pytest.approx(grad.norm().item(), rel=0.05)
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [scheduler_param(n) for n in ALL_SCHEDULERS])
+def test_every_scheduler_guides_and_zero_scale_is_plain_diffusers(clip_loss, name):
+    gen = make(scheduler=name)
+    guided = gen.generate(clip_loss, seed=3)
+    images = guided.images
+    assert images.shape == (1, 3, 64, 64) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    assert guided.info["guided_steps"] == list(range(guided.info["num_steps"]))
+    assert len(guided.losses) == guided.info["num_steps"] and all(map(lambda v: v == v, guided.losses))
+
+    gen.settings = dataclasses.replace(gen.settings, clip_guidance_scale=0.0)
+    plain = gen.generate(clip_loss, seed=3)
+    assert plain.info["guided_steps"] == [] and plain.losses == []
+    assert (plain.images - images).abs().max() > 1e-3
+    torch.testing.assert_close(plain.images, reference(gen.pipe, 3, 3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_guidance_lowers_the_clip_loss(clip_loss, prediction_type):
+    """Over several seeds, the guided final images score better on the guiding loss than unguided ones."""
+    gen = make(prediction_type=prediction_type, steps=6, num_images=2, clip_guidance_scale=1000.0)
+    guided, plain = [], []
+    for seed in range(3):
+        guided.append(final_loss(clip_loss, gen.generate(clip_loss, seed=seed).images))
+        plain.append(final_loss(clip_loss, gen.generate(None, seed=seed).images))
+    guided, plain = torch.cat(guided), torch.cat(plain)
+    assert guided.mean() < plain.mean() - 0.005
+    assert (guided < plain).float().mean() >= 0.8
+
+
+def test_v_prediction_zero_scale_is_plain_diffusers(clip_loss):
+    gen = make(prediction_type="v_prediction", scheduler="euler", clip_guidance_scale=0.0)
+    assert gen.pipe.scheduler.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(gen.generate(clip_loss, seed=1).images, reference(gen.pipe, 1, 3), rtol=0, atol=1e-6)
+
+
+def test_window_and_every_choose_the_guided_steps(clip_loss):
+    seen = []
+    gen = make(steps=8, guidance_start=0.25, guidance_end=0.75, guidance_every=2)
+    result = gen.generate(clip_loss, seed=0, callback=lambda info: seen.append((info.step, info.loss is not None)))
+    assert result.info["guided_steps"] == [2, 4]
+    assert seen == [(i, i in (2, 4)) for i in range(8)]
+    assert len(result.losses) == 2
+    everything = make(gen.pipe, steps=8).generate(clip_loss, seed=0)
+    assert everything.info["guided_steps"] == list(range(8))
+    assert (everything.images - result.images).abs().max() > 1e-3
+
+
+def test_x0_mode_never_runs_the_unet_with_gradients(clip_loss):
+    calls = []
+    pipe = tiny_sd_pipeline()
+    pipe.unet.register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    make(pipe, steps=4, cfg_scale=7.5).generate(clip_loss, seed=0)
+    assert calls == [False] * 4
+    calls.clear()
+    full = make(pipe, steps=4, guidance_gradient="full", guidance_every=2).generate(clip_loss, seed=0)
+    assert sorted(calls) == [False] * 4 + [True] * 2 and full.info["guidance_gradient"] == "full"
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_seeds_reproduce_with_an_ancestral_scheduler(clip_loss):
+    gen = make(scheduler="euler_a")
+    a, b = gen.generate(clip_loss, seed=7).images, gen.generate(clip_loss, seed=7).images
+    assert torch.equal(a, b)
+    assert (gen.generate(clip_loss, seed=8).images - a).abs().max() > 1e-3
+
+
+def test_batch_and_conditioning_prompt_from_clip_prompts(encoder):
+    loss = CLIPLoss(encoder, "a blue square:1|blurry:-1", cutouts=Cutouts(2, augmentations=[]))
+    gen = make(prompt="", num_images=2, clip_guidance_scale=100.0)
+    result = gen.generate(loss, seed=0)
+    assert result.images.shape == (2, 3, 64, 64)
+    assert (result.images[0] - result.images[1]).abs().max() > 1e-3
+    assert result.info["prompt"] == "a blue square"
+
+
+def test_callback_can_stop_early(clip_loss):
+    frames = []
+
+    def callback(info):
+        frames.append(info.decode())
+        return info.step < 1
+
+    result = make(steps=5).generate(clip_loss, seed=0, callback=callback)
+    assert result.interrupted and len(frames) == 2
+    assert frames[0].shape == (1, 3, 64, 64) and 0 <= frames[0].min() and frames[0].max() <= 1
+    torch.testing.assert_close(result.images, frames[-1])
+
+
+def test_img2img_strength_sets_the_steps_and_matches_diffusers(clip_loss, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    path = tmp_path / "init.png"
+    pixels = torch.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    gen = make(steps=6, init_image=str(path), strength=0.5)
+    steps = []
+    guided = gen.generate(clip_loss, seed=0, callback=lambda info: steps.append(info.step))
+    assert guided.info["num_steps"] == 3 and steps == [0, 1, 2]
+    assert make(gen.pipe, steps=6, init_image=str(path), strength=1.0).generate(clip_loss, seed=0).info["num_steps"] == 6
+
+    gen.settings = dataclasses.replace(gen.settings, clip_guidance_scale=0.0)
+    plain = gen.generate(None, seed=0).images
+    img2img = StableDiffusionImg2ImgPipeline(**gen.pipe.components)
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    ref = img2img(PROMPT, image=image, strength=0.5, num_inference_steps=6, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(plain, ref, rtol=0, atol=1e-5)
+    assert (guided.images - plain).abs().max() > 1e-3
+
+
+def test_loads_a_saved_pipeline_folder_and_tiny_vae(clip_loss, tmp_path):
+    folder = save_tiny_sd(tmp_path / "sd")
+    tiny_taesd().save_pretrained(tmp_path / "taesd")
+    gen = get_generator("sd", {"sd_model": str(folder), "steps": 3, "scheduler": "euler", "prompt": PROMPT,
+                               "clip_guidance_scale": 500.0, "width": None}, device="cpu")
+    assert isinstance(gen, StableDiffusionGenerator) and (gen.width, gen.height) == (64, 64)
+    in_memory = make(tiny_sd_pipeline(), scheduler="euler")
+    torch.testing.assert_close(gen.generate(clip_loss, seed=2).images, in_memory.generate(clip_loss, seed=2).images)
+
+    tiny = make(scheduler="euler", tiny_vae=str(tmp_path / "taesd"))
+    result = tiny.generate(clip_loss, seed=2)
+    assert torch.isfinite(result.images).all() and len(result.losses) == 3
+    assert (result.images - in_memory.generate(clip_loss, seed=2).images).abs().max() > 1e-4
+
+
+def test_bf16_unet_keeps_guidance_in_float32(clip_loss):
+    gen = StableDiffusionGenerator(Settings(steps=2, scheduler="ddim", prompt=PROMPT, clip_guidance_scale=500.0),
+                                   device="cpu", precision="bf16", pipeline=tiny_sd_pipeline())
+    assert gen.pipe.unet.dtype == torch.bfloat16 and gen.pipe.vae.dtype == torch.float32
+    result = gen.generate(clip_loss, seed=0)
+    assert torch.isfinite(result.images).all() and result.images.dtype == torch.float32
+
+
+def test_settings_follow_the_convention():
+    allowed = {int, float, str, bool, "int", "float", "str", "bool", "str | None", "list[str]"}
+    for f in dataclasses.fields(Settings):
+        assert f.metadata.get("help"), f.name
+        assert f.type in allowed, (f.name, f.type)
+    flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(Settings)}
+    assert flags["sd_model"] == "--sd" and flags["clip_guidance_scale"] == "--clip-guidance-scale"
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+def test_unsupported_schedulers_fail_at_set_up():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
+        make(scheduler="heun")
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(ValueError, match="no DDPM noise schedule"):
+        make(pipe, scheduler="default")
+    pipe.scheduler = DDIMScheduler(prediction_type="flow")
+    with pytest.raises(ValueError, match="predicts 'flow'"):
+        make(pipe, scheduler="default")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"width": 60}, r"width 60 is not a positive multiple of 8.*--width 56 or 64"),
+    ({"height": 100}, r"height 100 is not a positive multiple of 8"),
+    ({"guidance_start": 0.8, "guidance_end": 0.2}, "guidance window"),
+    ({"guidance_every": 0}, "guidance_every"),
+    ({"guidance_gradient": "exact"}, "choose x0 or full"),
+    ({"cpu_offload": True}, "--cpu-offload needs a CUDA device"),
+    ({"steps": 0}, "steps is 0"),
+])
+def test_bad_settings_give_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message) as err:
+        make(**options)
+    assert "\n" not in str(err.value)
+
+
+def test_img2img_errors(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(FileNotFoundError):
+        make(init_image=str(tmp_path / "missing.png"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        make(init_image=str(tmp_path / "a.png"), strength=0.1, steps=3)
+
+
+def test_missing_models_give_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StableDiffusionGenerator(Settings(sd_model=str(tmp_path / "nowhere")), device="cpu")
+    with pytest.raises(FileNotFoundError, match="checkpoint file"):
+        StableDiffusionGenerator(Settings(sd_model=str(tmp_path / "model.safetensors")), device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        StableDiffusionGenerator(Settings(sd_model=str(tmp_path / "empty")), device="cpu")
+    with pytest.raises(FileNotFoundError, match="tiny VAE folder"):
+        make(tiny_vae=str(tmp_path / "no_taesd"))
+
+
+def test_mismatched_tiny_vae_is_refused(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "t")
+    with pytest.raises(ValueError, match="2x upsampling"):
+        make(tiny_vae=str(tmp_path / "t"))
