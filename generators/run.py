@@ -368,9 +368,9 @@ def _normalise(options: Mapping[str, Any], specs: Mapping[str, OptionSpec], sour
                 hint = f"; did you mean {close[0]!r}?" if close else "; see scripts/generate.py --help"
                 raise ValueError(f"unknown option {key!r} (from {source}){hint}")
             continue
+        if value is None:  # None means "not given": the next source down (or the default) applies
+            continue
         if name == "size":
-            if value is None:
-                continue
             if not isinstance(value, (list, tuple)) or len(value) != 2:
                 raise ValueError(f"option size (from {source}) must be [WIDTH, HEIGHT]; got {value!r}")
             out["width"] = coerce(specs["width"], value[0], source) if "width" in specs else value[0]
