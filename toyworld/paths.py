@@ -1,0 +1,60 @@
+"""Where the toy models' weights live: ``toyworld/weights/<name>``, next to this file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# name -> files that must exist in the folder for it to be usable
+MODELS: dict[str, tuple[str, ...]] = {
+    "clip_a": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
+    "clip_b": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
+    "vqgan": ("config.yaml", "model.safetensors"),
+    "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+           "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
+}
+RETRAIN = {"clip_a": "clip", "clip_b": "clip", "vqgan": "vqgan", "sd": "sd"}
+
+
+class ToyWeightsMissing(FileNotFoundError):
+    """The committed toy weights are not where they should be."""
+
+
+def weights_dir(name: str, check: bool = True) -> Path:
+    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``vqgan``, ``sd``).
+
+    Raises ``ToyWeightsMissing`` (a ``FileNotFoundError``) naming the missing files and the
+    command that recreates them, unless ``check`` is false.
+    """
+    if name not in MODELS:
+        raise KeyError(f"unknown toy model {name!r}; choose from {sorted(MODELS)}")
+    folder = WEIGHTS_DIR / name
+    if check:
+        missing = [f for f in MODELS[name] if not (folder / f).is_file()]
+        if missing:
+            raise ToyWeightsMissing(
+                f"toy model {name!r} is incomplete at {folder} (missing: {', '.join(missing)}); "
+                f"recreate it with `python scripts/train_toy.py --only {RETRAIN[name]}`"
+            )
+    return folder
+
+
+def clip_a_dir() -> Path:
+    """Toy CLIP A: transformers ``CLIPModel`` folder with tokenizer and image processor."""
+    return weights_dir("clip_a")
+
+
+def clip_b_dir() -> Path:
+    """Toy CLIP B (a second, independently trained CLIP -- the judge's CLIP)."""
+    return weights_dir("clip_b")
+
+
+def vqgan_dir() -> Path:
+    """Toy VQGAN: taming ``config.yaml`` + ``model.safetensors``."""
+    return weights_dir("vqgan")
+
+
+def sd_dir() -> Path:
+    """Toy Stable Diffusion: a diffusers ``StableDiffusionPipeline`` folder."""
+    return weights_dir("sd")

@@ -1,0 +1,342 @@
+"""Train a toy CLIP on the toy world and save it as a transformers ``CLIPModel`` folder.
+
+The folder holds ``config.json`` + ``model.safetensors`` (fp16 tensors; ``config.json`` says
+float32 so ``from_pretrained`` upcasts), the real OpenAI CLIP BPE tokenizer files and a
+``preprocessor_config.json`` for ``CLIPImageProcessor`` -- so ``CLIPModel``, ``CLIPTokenizer``,
+``CLIPProcessor`` and ``AutoProcessor`` all load it offline.
+
+Training is contrastive (InfoNCE with a learnable logit scale) on freshly sampled images and
+captions from every template. Because a caption such as "a red circle" describes many images
+of a batch, the targets are soft: each image's target is spread uniformly over every caption
+in the batch that describes it, and vice versa. Images go through guidance-like augmentations
+(random resized crops of 40-100% area, flips, small affine/perspective warps, blur, gaussian
+noise, mild brightness/contrast -- never hue) and a share of them are deliberately imperfect
+(blended with noise, partially drawn, with impure colours) so the model's gradients point a
+noisy image towards the right colours and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .tokenizer import write_clip_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    name: str
+    seed: int
+    steps: int
+    batch_size: int
+    lr: float
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    projection_dim: int
+    imperfect_prob: float = 0.4  # share of images made deliberately imperfect
+
+
+RECIPES = {
+    "clip_a": ClipRecipe(
+        name="clip_a", seed=1001, steps=650, batch_size=96, lr=1.5e-3,
+        image_size=64, patch_size=8, vision_hidden=64, vision_layers=4, vision_heads=4,
+        text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
+    ),
+    "clip_b": ClipRecipe(
+        name="clip_b", seed=2002, steps=500, batch_size=96, lr=1.5e-3,
+        image_size=64, patch_size=16, vision_hidden=64, vision_layers=3, vision_heads=4,
+        text_hidden=48, text_layers=3, text_heads=4, projection_dim=48,
+    ),
+}
+
+
+def make_config(r: ClipRecipe):
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=49408, hidden_size=r.text_hidden, intermediate_size=4 * r.text_hidden,
+        num_hidden_layers=r.text_layers, num_attention_heads=r.text_heads,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        projection_dim=r.projection_dim,
+    )
+    vision = dict(
+        image_size=r.image_size, patch_size=r.patch_size, hidden_size=r.vision_hidden,
+        intermediate_size=4 * r.vision_hidden, num_hidden_layers=r.vision_layers,
+        num_attention_heads=r.vision_heads, projection_dim=r.projection_dim,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=r.projection_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: world images, imperfect variants, guidance-like augmentations
+# ---------------------------------------------------------------------------------------------
+def _imperfect(
+    images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator, prob: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Make a share ``prob`` of the images imperfect, the way an image being optimised is.
+
+    images: float [N, 3, H, W] in [0, 1]; masks: bool [N, H, W] of the shape.
+    """
+    n, _, h, w = images.shape
+    out = images.clone()
+    pick = rng.uniform(0, 1, n) < prob
+    kind = rng.integers(0, 4, n)
+    for i in np.nonzero(pick)[0]:
+        k = kind[i]
+        if k == 0:  # blended with (possibly smooth) noise: a partly-optimised image
+            res = int(rng.choice([4, 8, 16, 64]))
+            noise = torch.rand(1, 3, res, res, generator=gen)
+            noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)[0]
+            a = rng.uniform(0.35, 0.9)
+            out[i] = a * out[i] + (1 - a) * noise
+        elif k == 1:  # partially drawn shape: cut by a random line, rest left as background
+            m = masks[i]
+            if m.any():
+                ys, xs = torch.nonzero(m, as_tuple=True)
+                theta = rng.uniform(0, 2 * math.pi)
+                proj = xs.float() * math.cos(theta) + ys.float() * math.sin(theta)
+                thr = torch.quantile(proj, rng.uniform(0.5, 0.85))
+                gone = proj > thr
+                y0, x0 = torch.nonzero(~m)[0]  # any pixel outside the shape has the background colour
+                out[i, :, ys[gone], xs[gone]] = images[i, :, y0, x0][:, None]
+        elif k == 2:  # impure colours: small per-region RGB offsets and per-pixel texture
+            m = masks[i].float()[None]
+            off_fg = torch.from_numpy(rng.uniform(-0.1, 0.1, (3, 1, 1))).float()
+            off_bg = torch.from_numpy(rng.uniform(-0.1, 0.1, (3, 1, 1))).float()
+            tex = 0.06 * torch.randn(3, h, w, generator=gen)
+            out[i] = out[i] + m * off_fg + (1 - m) * off_bg + tex
+        else:  # soft, blotchy rendering: heavy blur plus low-frequency brightness variation
+            k_sz = int(rng.choice([5, 7, 9]))
+            sigma = rng.uniform(1.0, 2.5)
+            out[i] = _blur(out[i : i + 1], k_sz, sigma)[0]
+            blot = F.interpolate(torch.rand(1, 1, 4, 4, generator=gen), size=(h, w), mode="bilinear")[0]
+            out[i] = out[i] * (0.85 + 0.3 * blot)
+    return out.clamp(0, 1)
+
+
+def _blur(x: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
+    ax = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    xp = F.pad(x, (k // 2,) * 4, mode="replicate")
+    xp = F.conv2d(xp, g.view(1, 1, 1, k).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(xp, g.view(1, 1, k, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def guidance_augment(size: int):
+    """Augmentations like those applied to an image being guided (cutouts and small warps)."""
+    import kornia.augmentation as K
+
+    return K.AugmentationSequential(
+        K.RandomResizedCrop((size, size), scale=(0.4, 1.0), ratio=(0.8, 1.25), p=0.85),
+        K.RandomHorizontalFlip(),
+        K.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1), shear=5, padding_mode="border", p=0.4),
+        K.RandomPerspective(0.2, p=0.2),
+        K.ColorJiggle(brightness=0.1, contrast=0.1, p=0.5),
+        K.RandomGaussianBlur((5, 5), sigma=(0.1, 1.5), p=0.3),
+        K.RandomGaussianNoise(std=0.06, p=0.3),
+    )
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class _TokenCache:
+    """Tokenise each distinct caption once (padding to the longest caption of a batch)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        new = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if new:
+            for c, ids in zip(new, self.tok(new)["input_ids"]):
+                self.cache[c] = ids
+        seqs = [self.cache[c] for c in captions]
+        length = max(len(s) for s in seqs)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), length), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+        return ids, att
+
+
+def _match_matrix(batch: world.WorldSample) -> torch.Tensor:
+    """M[i, j] = 1 if caption j describes image i."""
+    match = np.ones((len(batch), len(batch)), dtype=bool)
+    for attr, values in (("shape", batch.shapes), ("colour", batch.colours), ("background", batch.backgrounds)):
+        actual = np.array(values)
+        wanted = np.array([ca[attr] or "" for ca in batch.caption_attributes])
+        named = np.array([ca[attr] is not None for ca in batch.caption_attributes])
+        match &= ~named[None, :] | (actual[:, None] == wanted[None, :])
+    return torch.from_numpy(match).float()
+
+
+def _soft_clip_loss(logits_per_image: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    t_img = match / match.sum(1, keepdim=True)
+    t_txt = match.t() / match.t().sum(1, keepdim=True)
+    li = -(t_img * F.log_softmax(logits_per_image, 1)).sum(1).mean()
+    lt = -(t_txt * F.log_softmax(logits_per_image.t(), 1)).sum(1).mean()
+    return (li + lt) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+EVAL_SEED = 777_777
+
+
+@torch.no_grad()
+def zero_shot(model, tokenizer, images: torch.Tensor, image_size: int | None = None) -> list[tuple[str, str, str]]:
+    """Zero-shot (colour, shape, background) of each image: argmax over all 224 canonical captions."""
+    model.eval()
+    table = world.all_full_captions()
+    tok = tokenizer([t[0] for t in table], padding="max_length", max_length=77, return_tensors="pt")
+    txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    txt = getattr(txt, "pooler_output", txt)
+    txt = F.normalize(txt.float(), dim=-1)
+    size = image_size or model.config.vision_config.image_size
+    preds = []
+    for chunk in images.split(256):
+        x = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        emb = model.get_image_features(pixel_values=normalise(x).to(next(model.parameters()).dtype))
+        emb = F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1)
+        best = (emb @ txt.t()).argmax(1)
+        preds += [(table[k][1], table[k][2], table[k][3]) for k in best.tolist()]
+    return preds
+
+
+def evaluate(model, tokenizer, n: int = 512, seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy on a fixed held-out set: clean images, noisy images (sigma 0.1), and
+    guidance-style augmented views."""
+    batch = world.sample(n, seed)
+    x = batch.tensors()
+    gen = torch.Generator().manual_seed(seed)
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    torch.manual_seed(seed)
+    aug = guidance_augment(x.shape[-1])(x)
+    out = {}
+    for name, imgs in (("clean", x), ("noisy", noisy), ("augmented", aug)):
+        preds = zero_shot(model, tokenizer, imgs)
+        c = np.mean([p[0] == t for p, t in zip(preds, batch.colours)])
+        s = np.mean([p[1] == t for p, t in zip(preds, batch.shapes)])
+        b = np.mean([p[2] == t for p, t in zip(preds, batch.backgrounds)])
+        a = np.mean([p == (tc, ts, tb) for p, tc, ts, tb in zip(preds, batch.colours, batch.shapes, batch.backgrounds)])
+        out[name] = {"colour": float(c), "shape": float(s), "background": float(b), "all": float(a)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def save_clip_folder(model, folder: Path, image_size: int) -> None:
+    """Write model (fp16 tensors, float32 config), tokenizer and image processor into ``folder``."""
+    from transformers import CLIPImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    model.to(torch.float32)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_clip_tokenizer(folder)
+    CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=3,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    ).save_pretrained(str(folder))
+
+
+def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: int | None = None) -> dict:
+    """Train one toy CLIP from its recipe's seed and save it to ``out_dir``. Returns metrics."""
+    from transformers import CLIPModel
+
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    steps = steps or r.steps
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    torch.manual_seed(r.seed)
+    rng = np.random.default_rng(r.seed)
+    gen = torch.Generator().manual_seed(r.seed)
+    write_clip_tokenizer(out_dir)  # the tokenizer is needed to tokenise captions
+    tokens = _TokenCache(_tokenizer(out_dir))
+    model = CLIPModel(make_config(r)).float()
+    model.train()
+    aug = guidance_augment(r.image_size)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    running = None
+    for step in range(steps):
+        batch = world.sample(r.batch_size, rng, plain_article_prob=0.25)
+        x = batch.tensors()
+        masks = torch.from_numpy(world.shape_mask(batch.shapes, batch.sizes, batch.centers, x.shape[-1]))
+        x = _imperfect(x, masks, rng, r.imperfect_prob, gen)
+        x = aug(x).clamp(0, 1)
+        ids, att = tokens(batch.captions)
+        out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
+        loss = _soft_clip_loss(out.logits_per_image, _match_matrix(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"[{r.name}] step {step}/{steps} loss {running:.3f} scale {model.logit_scale.exp().item():.1f} ({time.perf_counter() - t0:.0f}s)")
+    train_time = time.perf_counter() - t0
+    save_clip_folder(model, out_dir, r.image_size)
+    # evaluate what was saved, loaded back through the public API
+    loaded = CLIPModel.from_pretrained(str(out_dir)).float()
+    metrics = evaluate(loaded, _tokenizer(out_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"name": r.name, "seed": r.seed, "steps": steps, "batch_size": r.batch_size, "params": n_params,
+            "train_seconds": train_time, "zero_shot": metrics, "recipe": r.__dict__}

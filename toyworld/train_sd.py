@@ -1,0 +1,313 @@
+"""Train the toy Stable Diffusion and save it as a diffusers ``StableDiffusionPipeline`` folder.
+
+Components:
+
+* ``vae``: a small ``AutoencoderKL`` trained here on the world (64x64x3 -> 8x8x4 latents),
+  L1 + MSE reconstruction plus a small KL term; its ``scaling_factor`` is set to
+  1 / std of its latents so scaled latents have unit variance;
+* ``text_encoder`` + ``tokenizer``: toy CLIP A's text tower as a ``CLIPTextModel`` with the
+  real CLIP tokenizer, frozen;
+* ``unet``: a small ``UNet2DConditionModel`` (cross-attention dim = text hidden size) trained
+  for epsilon prediction under SD's ``scaled_linear`` beta schedule, with the caption dropped
+  10% of the time (replaced by the empty prompt) so classifier-free guidance works;
+* ``scheduler``: ``DDIMScheduler`` with the training schedule; no safety checker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+SD_SEED = 4004
+VAE_SEED = 4005
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+CFG_DROP = 0.1
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+)
+LATENT_SIZE = 8  # 64x64 images -> 8x8x4 latents
+
+UNET_CONFIG = dict(
+    sample_size=LATENT_SIZE,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_head_dim=2,  # diffusers' legacy name: the number of heads (head dim 16-32)
+    norm_num_groups=16,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, n: int = 256, seed: int = 999_999) -> dict:
+    from .judge import accuracy, judge_batch
+
+    vae.eval()
+    batch = world.sample(n, seed)
+    x = batch.tensors()
+    recs = []
+    for chunk in x.split(64):
+        z = vae.encode(chunk * 2 - 1).latent_dist.mode()
+        recs.append(((vae.decode(z).sample + 1) / 2).clamp(0, 1))
+    rec = torch.cat(recs)
+    mse = float(((rec - x) ** 2).mean())
+    acc = accuracy(judge_batch(rec), batch.colours, batch.shapes, batch.backgrounds)
+    return {"mse": mse, "psnr_db": 10 * math.log10(1 / mse), "judge_on_reconstructions": acc, "n_images": n}
+
+
+def train_vae(steps: int = 300, batch_size: int = 16, lr: float = 1e-3, kl_weight: float = 1e-5, log=print):
+    torch.manual_seed(VAE_SEED)
+    rng = np.random.default_rng(VAE_SEED)
+    vae = build_vae().train()
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+    t0 = time.perf_counter()
+    running = None
+    for step in range(steps):
+        x = world.sample(batch_size, rng).tensors() * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        rec_loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        kl = post.kl().mean() / (x.shape[-1] * x.shape[-2])
+        loss = rec_loss + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = rec_loss.item() if running is None else 0.95 * running + 0.05 * rec_loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"[sd-vae] step {step}/{steps} rec {running:.4f} kl {kl.item():.2f} ({time.perf_counter() - t0:.0f}s)")
+    return vae.eval(), time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder: CLIP A's text tower
+# ---------------------------------------------------------------------------------------------
+def text_encoder_from_clip(clip_folder: str | Path):
+    from transformers import CLIPModel, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(str(clip_folder)).float()
+    text = CLIPTextModel(clip.config.text_config)
+    # transformers 5 flattens CLIPTextModel; older versions nest the tower under .text_model
+    target = getattr(text, "text_model", text)
+    target.load_state_dict(clip.text_model.state_dict(), strict=True)
+    return text.float().eval()
+
+
+class _PromptCache:
+    """Frozen-text-encoder hidden states of each distinct prompt, padded to 77 like the pipeline."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tok, self.enc = tokenizer, text_encoder
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        for i in range(0, len(new), 256):
+            chunk = new[i : i + 256]
+            ids = self.tok(chunk, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            hidden = self.enc(ids)[0]
+            for p, h in zip(chunk, hidden):
+                self.cache[p] = h
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+# ---------------------------------------------------------------------------------------------
+def build_unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG, cross_attention_dim=cross_attention_dim)
+
+
+def _encode_dataset(vae, n: int, rng: np.random.Generator, chunk: int = 128):
+    """Latent mean/std of ``n`` fresh world images and their captions (all templates)."""
+    means, stds, captions = [], [], []
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            b = world.sample(min(chunk, n - i), rng, plain_article_prob=0.25)
+            dist = vae.encode(b.tensors() * 2 - 1).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+            captions += b.captions
+    return torch.cat(means), torch.cat(stds), captions
+
+
+def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int = 48, lr: float = 1e-3,
+               n_data: int = 9600, log=print):
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(SD_SEED)
+    rng = np.random.default_rng(SD_SEED)
+    t0 = time.perf_counter()
+    means, stds, captions = _encode_dataset(vae, n_data, rng)
+    scaling = float(1.0 / (means + stds * torch.randn_like(stds)).std())
+    prompts = _PromptCache(tokenizer, text_encoder)
+    prompts(list(dict.fromkeys(captions)) + [""])
+    noise_sched = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+    unet = build_unet(text_encoder.config.hidden_size).train()
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
+    log(f"[sd-unet] {sum(p.numel() for p in unet.parameters())} params, latent scaling {scaling:.4f}, "
+        f"{len(prompts.cache)} prompts cached ({time.perf_counter() - t0:.0f}s)")
+    running = None
+    for step in range(steps):
+        idx = torch.from_numpy(rng.integers(0, len(captions), batch_size))
+        latents = (means[idx] + stds[idx] * torch.randn_like(stds[idx])) * scaling
+        caps = ["" if rng.uniform() < CFG_DROP else captions[i] for i in idx.tolist()]
+        cond = prompts(caps)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
+        noisy = noise_sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = (weight[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(0.998, (1 + step) / (10 + step))
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"[sd-unet] step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
+    unet.load_state_dict(ema)
+    return unet.eval(), scaling, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline folder and evaluation
+# ---------------------------------------------------------------------------------------------
+def _fp16_weights(folder: Path) -> None:
+    """Store every safetensors file of the pipeline in fp16 (the configs keep float32)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.rglob("*.safetensors"):
+        state = load_file(str(f))
+        save_file({k: v.to(torch.float16).contiguous() if v.is_floating_point() else v for k, v in state.items()},
+                  str(f), metadata={"format": "pt"})
+    for cfg in folder.rglob("config.json"):
+        data = json.loads(cfg.read_text())
+        if "torch_dtype" in data or "dtype" in data or "architectures" in data:  # transformers configs
+            data.pop("torch_dtype", None)
+            data["dtype"] = "float32"
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_pipeline(vae, unet, text_encoder, tokenizer, scaling: float, folder: str | Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = Path(folder)
+    vae.register_to_config(scaling_factor=scaling)
+    scheduler = DDIMScheduler(**SCHEDULE, prediction_type="epsilon", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _fp16_weights(folder)
+
+
+def eval_prompts(n: int = 64, seed: int = 31337) -> list[tuple[str, str, str, str]]:
+    """``n`` fixed (prompt, colour, shape, background) triples, "a {colour} {shape} on a {colour} background"."""
+    rng = np.random.default_rng(seed)
+    table = world.all_full_captions()
+    pick = rng.choice(len(table), size=n, replace=False)
+    return [table[i] for i in pick]
+
+
+@torch.no_grad()
+def evaluate_pipeline(folder: str | Path, n: int = 64, steps: int = 30, guidance_scale: float = 5.0,
+                      seed: int = 0, batch: int = 32) -> dict:
+    """Sample ``n`` images through ``StableDiffusionPipeline`` and judge colour/shape/background."""
+    from diffusers import StableDiffusionPipeline
+
+    from .judge import accuracy, judge_batch
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder)).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    items = eval_prompts(n)
+    images = []
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, n, batch):
+        chunk = items[i : i + batch]
+        out = pipe([p for p, *_ in chunk], height=64, width=64, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, generator=gen, output_type="pt")
+        images.append(out.images.float().cpu())
+    images = torch.cat(images)
+    judged = judge_batch(images)
+    acc = accuracy(judged, [c for _, c, _, _ in items], [s for _, _, s, _ in items], [b for _, _, _, b in items])
+    return {"n_images": n, "steps": steps, "scheduler": type(pipe.scheduler).__name__,
+            "guidance_scale": guidance_scale, "seed": seed, "judge_accuracy": acc, "images": images}
+
+
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 300, unet_steps: int = 1300,
+             log=print) -> dict:
+    """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate."""
+    from transformers import CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    vae, vae_time = train_vae(steps=vae_steps, log=log)
+    vae_metrics = evaluate_vae(vae)
+    log(f"[sd-vae] held-out PSNR {vae_metrics['psnr_db']:.2f} dB")
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_folder))
+    text_encoder = text_encoder_from_clip(clip_folder)
+    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log)
+    save_pipeline(vae, unet, text_encoder, tokenizer, scaling, out_dir)
+    sample_metrics = evaluate_pipeline(out_dir)
+    sample_metrics.pop("images")
+    return {
+        "name": "sd",
+        "vae": {**vae_metrics, "steps": vae_steps, "seed": VAE_SEED, "train_seconds": vae_time,
+                "params": sum(p.numel() for p in vae.parameters()), "scaling_factor": scaling,
+                "latent_shape": [VAE_CONFIG["latent_channels"], LATENT_SIZE, LATENT_SIZE]},
+        "unet": {"steps": unet_steps, "seed": SD_SEED, "train_seconds": unet_time,
+                 "params": sum(p.numel() for p in unet.parameters())},
+        "samples": sample_metrics,
+        "train_seconds": vae_time + unet_time,
+    }
