@@ -30,15 +30,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class NoiseFrame:
     """How a scheduler's sample relates to the VP model input; found once per run by :func:`noise_frame`."""
 
-    sigma_frame: bool                 # True: x = x0 + sigma*eps (c_in < 1); False: x = z
-    table_alpha_bars: tuple | None    # VP frame: alphas_cumprod at each timestep of the run
+    sigma_frame: bool                     # True: x = x0 + sigma*eps (c_in < 1); False: x = z
+    device: torch.device
+    alpha_bars: torch.Tensor | None       # VP frame: alphas_cumprod at each timestep of the run, on device
 
-    def alpha_bar(self, scheduler, index: int, t, device) -> torch.Tensor:
-        """``ab`` at step *index* (timestep *t*) as a 0-dim float32 tensor on *device*, without a host sync."""
+    def alpha_bar(self, scheduler, index: int, t) -> torch.Tensor:
+        """``ab`` at step *index* (timestep *t*) as a 0-dim float32 tensor on the device, without a host sync."""
         if self.sigma_frame:
-            c_in = scheduler.scale_model_input(torch.ones((), device=device), t)
-            return (c_in.float() ** 2).to(device)
-        return torch.tensor(self.table_alpha_bars[index], dtype=torch.float32, device=device)
+            c_in = scheduler.scale_model_input(torch.ones((), device=self.device), t)
+            return c_in.float().to(self.device) ** 2
+        return self.alpha_bars[index]
 
 
 def check_scheduler(scheduler) -> None:
@@ -53,7 +54,7 @@ def check_scheduler(scheduler) -> None:
                          f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x); pick another --sd model")
 
 
-def noise_frame(scheduler, timesteps: torch.Tensor) -> NoiseFrame:
+def noise_frame(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu") -> NoiseFrame:
     """Probe the scheduler (after ``set_timesteps``) at the first timestep of the run.
 
     Call it just before sampling: sigma schedulers fix their step index on the first
@@ -61,6 +62,7 @@ def noise_frame(scheduler, timesteps: torch.Tensor) -> NoiseFrame:
     """
     check_scheduler(scheduler)
     name = type(scheduler).__name__
+    device = torch.device(device)
     if len(timesteps) == 0:
         raise ValueError("the run has no denoising steps; raise --steps (or --strength with --init-image)")
     c_in = float(scheduler.scale_model_input(torch.ones(()), timesteps[0]))
@@ -68,14 +70,15 @@ def noise_frame(scheduler, timesteps: torch.Tensor) -> NoiseFrame:
         raise ValueError(f"scheduler {name} scales the model input by {c_in}; CLIP guidance cannot read its "
                          "noise level; use --scheduler ddim, pndm, dpm++, euler, euler_a, lms or unipc")
     if c_in < 1.0:
-        return NoiseFrame(sigma_frame=True, table_alpha_bars=None)
+        return NoiseFrame(sigma_frame=True, device=device, alpha_bars=None)
     table = scheduler.alphas_cumprod.detach().float().cpu()
     values = [float(t) for t in timesteps]
     for t in values:
         if t != round(t) or not 0 <= t < len(table):
             raise ValueError(f"scheduler {name} uses timestep {t}, which is not an index into its "
                              f"{len(table)}-step noise schedule; use another --scheduler")
-    return NoiseFrame(sigma_frame=False, table_alpha_bars=tuple(float(table[int(round(t))]) for t in values))
+    alpha_bars = table[[int(round(t)) for t in values]].to(device)
+    return NoiseFrame(sigma_frame=False, device=device, alpha_bars=alpha_bars)
 
 
 def clean_estimate(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:

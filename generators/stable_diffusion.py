@@ -250,7 +250,7 @@ class StableDiffusionGenerator(Generator):
         else:
             latents = randn_tensor(shape, generator=noise_gen, device=device, dtype=torch.float32)
             latents = latents * scheduler.init_noise_sigma
-        frame = noise_frame(scheduler, timesteps)
+        frame = noise_frame(scheduler, timesteps, device)
         step_kwargs = {k: v for k, v in (("generator", noise_gen), ("eta", 0.0)) if k in self._step_kwargs}
 
         n = len(timesteps)
@@ -268,7 +268,7 @@ class StableDiffusionGenerator(Generator):
             if cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + s.cfg_scale * (out_cond - out_uncond)
-            alpha_bar = frame.alpha_bar(scheduler, i, t, device)
+            alpha_bar = frame.alpha_bar(scheduler, i, t)
             loss = None
             if i in to_guide:
                 model = None
@@ -352,8 +352,13 @@ def _looks_like_path(name: str) -> bool:
         or name.endswith(SINGLE_FILE_SUFFIXES)
 
 
+def _first_line(err: Exception, limit: int = 160) -> str:
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit].rstrip() + "..."
+
+
 def _load_error(kind: str, name: str, err: Exception) -> OSError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    first = _first_line(err)
     return OSError(f"could not load {kind} {name!r}: {first}. If you are offline, download it first "
                    f"(`hf download {name}`) and pass the local folder")
 
@@ -373,8 +378,8 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
         try:
             return StableDiffusionPipeline.from_single_file(str(path), **common, **extra)
         except (OSError, ValueError) as err:
-            raise OSError(f"could not load single-file checkpoint {spec!r}: "
-                          f"{(str(err).strip().splitlines() or [''])[0][:200]}. Offline, also pass --sd-config "
+            raise OSError(f"could not load single-file checkpoint {spec!r}: {_first_line(err)}; offline, also "
+                          "pass --sd-config "
                           "with a local diffusers folder of the same model type (it supplies the configs)") from None
     if path.exists():
         if not (path / "model_index.json").is_file():
