@@ -58,7 +58,7 @@ def to_batch(images) -> torch.Tensor:
         arr = images
         if arr.ndim == 3:
             arr = arr[None]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+        t = torch.from_numpy(np.array(arr, dtype=arr.dtype, copy=True)).permute(0, 3, 1, 2).float()
         if arr.dtype == np.uint8:
             t = t / 255.0
     else:
@@ -73,99 +73,121 @@ def to_batch(images) -> torch.Tensor:
     return t
 
 
-def _median3(x: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3)  # [N, C*9, H*W]
-    return patches.view(n, c, 9, h * w).median(dim=2).values.view(n, c, h, w)
+def _shift_sum(a: np.ndarray) -> np.ndarray:
+    """3x3 box sum over the last two axes (edge-replicated)."""
+    p = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+    h, w = a.shape[-2:]
+    out = np.zeros(a.shape, dtype=np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            out += p[..., dy : dy + h, dx : dx + w]
+    return out
 
 
-def quantise(images: torch.Tensor) -> torch.Tensor:
-    """Nearest palette index of every pixel: ``[N, 3, H, W]`` -> long ``[N, H, W]``."""
-    d = ((images[:, None] - _PALETTE[None, :, :, None, None]) ** 2).sum(2)  # [N, 8, H, W]
+def _median3(x: np.ndarray) -> np.ndarray:
+    """3x3 per-channel median filter of float images ``[N, 3, H, W]`` (edge-replicated)."""
+    h, w = x.shape[-2:]
+    p = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="edge")
+    stack = np.stack([p[..., dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
+    return np.median(stack, axis=0)
+
+
+def quantise(images) -> np.ndarray:
+    """Nearest palette index of every pixel: ``[N, 3, H, W]`` in [0, 1] -> int ``[N, H, W]``."""
+    x = np.asarray(images, dtype=np.float32)
+    pal = _PALETTE.numpy()
+    d = ((x[:, None] - pal[None, :, :, None, None]) ** 2).sum(2)  # [N, 8, H, W]
     return d.argmin(1)
 
 
-def _mode(labels: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[int, float]:
-    counts = torch.bincount(labels.flatten(), weights=None if weights is None else weights.flatten().float(), minlength=len(COLOURS))
-    return int(counts.argmax()), float(counts.max())
-
-
-def _largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """Largest 8-connected component of a boolean ``[H, W]`` mask (label propagation)."""
-    if not mask.any():
-        return mask
-    h, w = mask.shape
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w)
-    m = mask.view(1, 1, h, w).float()
-    lab = ids * m
-    for _ in range(4 * (h + w)):
-        new = F.max_pool2d(lab, 3, stride=1, padding=1) * m
-        if torch.equal(new, lab):
+def _largest_components(masks: np.ndarray) -> np.ndarray:
+    """Largest 8-connected component of each boolean mask ``[N, H, W]`` (label propagation)."""
+    n, h, w = masks.shape
+    ids = np.arange(1, h * w + 1, dtype=np.int32).reshape(1, h, w)
+    lab = np.where(masks, ids, 0)
+    for _ in range(2 * (h + w)):
+        p = np.pad(lab, [(0, 0), (1, 1), (1, 1)])
+        new = lab.copy()
+        for dy in range(3):
+            for dx in range(3):
+                np.maximum(new, p[:, dy : dy + h, dx : dx + w], out=new)
+        new *= masks
+        if np.array_equal(new, lab):
             break
         lab = new
-    lab = lab.view(-1).long()
-    counts = torch.bincount(lab, minlength=h * w + 1)
-    counts[0] = 0
-    return (lab == counts.argmax()).view(h, w)
+    out = np.zeros_like(masks)
+    for i in range(n):
+        counts = np.bincount(lab[i].ravel(), minlength=2)
+        counts[0] = 0
+        if counts.max() > 0:
+            out[i] = lab[i] == counts.argmax()
+    return out
 
 
-_GRID_CACHE: dict = {}
+_SCALES = (0.92, 1.0, 1.08)
 
 
-def _shape_scores(mask: torch.Tensor) -> dict[str, float]:
-    """IoU of ``mask`` with each ideal shape of the same area and centroid."""
-    h, w = mask.shape
-    area = float(mask.sum())
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    # centroid in canvas fractions (pixel centres at (i + 0.5) / res)
-    cx = (xs.float().mean().item() + 0.5) / w
-    cy = (ys.float().mean().item() + 0.5) / h
-    frac_area = area / (h * w)
-    scores = {}
-    m = mask.numpy()
-    for name in SHAPES:
-        best = 0.0
-        for scale in (0.92, 1.0, 1.08):
-            s = scale * float(np.sqrt(frac_area / FILL_FRACTION[name]))
-            ideal = shape_mask(name, s, (cx, cy - CENTROID_OFFSET[name] * s), resolution=h)
-            inter = np.logical_and(ideal, m).sum()
-            union = np.logical_or(ideal, m).sum()
-            best = max(best, float(inter / max(union, 1)))
-        scores[name] = best
-    return scores
+def _shape_scores(masks: np.ndarray) -> np.ndarray:
+    """IoU of each mask ``[N, H, W]`` with each ideal shape of the same area and centroid,
+    best over a few scales: ``[N, len(SHAPES)]``."""
+    n, h, w = masks.shape
+    area = masks.sum((1, 2)).astype(np.float64)
+    ys, xs = np.mgrid[0:h, 0:w]
+    safe = np.maximum(area, 1)
+    cx = ((masks * xs).sum((1, 2)) / safe + 0.5) / w
+    cy = ((masks * ys).sum((1, 2)) / safe + 0.5) / h
+    frac = area / (h * w)
+    names, sizes, centers, owner = [], [], [], []
+    for i in range(n):
+        for k, name in enumerate(SHAPES):
+            for scale in _SCALES:
+                s = scale * float(np.sqrt(frac[i] / FILL_FRACTION[name]))
+                names.append(name)
+                sizes.append(s)
+                centers.append((cx[i], cy[i] - CENTROID_OFFSET[name] * s))
+                owner.append(i)
+    ideal = shape_mask(names, np.array(sizes), np.array(centers), resolution=h)
+    m = masks[np.array(owner)]
+    inter = (ideal & m).sum((1, 2))
+    union = np.maximum((ideal | m).sum((1, 2)), 1)
+    iou = (inter / union).reshape(n, len(SHAPES), len(_SCALES))
+    return iou.max(2)
 
 
 def judge_batch(images) -> list[Judgement]:
     """Judge a batch of images (see module docstring for the accepted forms)."""
-    x = to_batch(images)
+    x = to_batch(images).numpy()
     labels = quantise(_median3(x))  # [N, H, W]
     n, h, w = labels.shape
-    border = torch.zeros(h, w, dtype=torch.bool)
+    border = np.zeros((h, w), dtype=bool)
     border[:_BORDER] = border[-_BORDER:] = True
     border[:, :_BORDER] = border[:, -_BORDER:] = True
+    k = len(COLOURS)
+    bgs = np.array([np.bincount(labels[i][border], minlength=k).argmax() for i in range(n)])
+    fg = labels != bgs[:, None, None]
+    fg = _shift_sum(fg.astype(np.float32)) > 4.5  # 3x3 majority
+    comps = _largest_components(fg)
+    areas = comps.sum((1, 2))
+    has = areas >= 4
+    scores = np.zeros((n, len(SHAPES)))
+    if has.any():
+        scores[has] = _shape_scores(comps[has])
     out = []
     for i in range(n):
-        lab = labels[i]
-        bg, _ = _mode(lab[border])
-        fg = (lab != bg).float()[None, None]
-        fg = F.avg_pool2d(F.pad(fg, (1, 1, 1, 1), mode="replicate"), 3, stride=1)[0, 0] > 0.5
-        comp = _largest_component(fg)
-        area = int(comp.sum())
-        if area < 4:
-            out.append(Judgement(COLOURS[bg], None, None, 0.0, area / (h * w)))
+        if not has[i]:
+            out.append(Judgement(COLOURS[bgs[i]], None, None, 0.0, float(areas[i]) / (h * w)))
             continue
-        colours_in = lab[comp]
-        colours_in = colours_in[colours_in != bg]
-        colour = _mode(colours_in)[0] if colours_in.numel() else None
-        scores = _shape_scores(comp)
-        shape = max(scores, key=scores.get)
+        inside = labels[i][comps[i]]
+        inside = inside[inside != bgs[i]]
+        colour = COLOURS[np.bincount(inside, minlength=k).argmax()] if inside.size else None
+        best = int(scores[i].argmax())
         out.append(
             Judgement(
-                background=COLOURS[bg],
-                colour=None if colour is None else COLOURS[colour],
-                shape=shape,
-                shape_score=scores[shape],
-                foreground_fraction=area / (h * w),
+                background=COLOURS[bgs[i]],
+                colour=colour,
+                shape=SHAPES[best],
+                shape_score=float(scores[i, best]),
+                foreground_fraction=float(areas[i]) / (h * w),
             )
         )
     return out

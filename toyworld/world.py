@@ -140,22 +140,27 @@ def shape_mask(
     n = len(shapes)
     size = np.broadcast_to(np.asarray(size, dtype=np.float64), (n,))[:, None, None]
     center = np.broadcast_to(np.asarray(center, dtype=np.float64).reshape(-1, 2), (n, 2))
-    cx, cy = center[:, 0, None, None], center[:, 1, None, None]
+    kinds = np.array([SHAPES.index(s) for s in shapes])
     x, y = _grid(resolution)
-    dx, dy = np.abs(x - cx), y - cy
-    half = size / 2
-    masks = {
-        "circle": dx**2 + dy**2 <= half**2,
-        "square": (dx <= half) & (np.abs(dy) <= half),
-        # apex at (cx, cy - s/2); the half-width grows linearly to s/2 at the base
-        "triangle": (np.abs(dy) <= half) & (dx <= (dy + half) / 2),
-        "cross": ((dx <= half) & (np.abs(dy) <= size * CROSS_ARM / 2))
-        | ((dx <= size * CROSS_ARM / 2) & (np.abs(dy) <= half)),
-    }
-    kinds = np.array([SHAPES.index(s) for s in shapes])[:, None, None]
     out = np.zeros((n, resolution, resolution), dtype=bool)
     for k, name in enumerate(SHAPES):
-        out |= (kinds == k) & masks[name]
+        sel = np.nonzero(kinds == k)[0]
+        if len(sel) == 0:
+            continue
+        s = size[sel]
+        dx = np.abs(x - center[sel, 0, None, None])
+        dy = y - center[sel, 1, None, None]
+        half = s / 2
+        if name == "circle":
+            m = dx**2 + dy**2 <= half**2
+        elif name == "square":
+            m = (dx <= half) & (np.abs(dy) <= half)
+        elif name == "triangle":  # apex at (cx, cy - s/2); half-width grows linearly to s/2 at the base
+            m = (np.abs(dy) <= half) & (dx <= (dy + half) / 2)
+        else:  # cross: two arms of thickness s * CROSS_ARM
+            arm = s * CROSS_ARM / 2
+            m = ((dx <= half) & (np.abs(dy) <= arm)) | ((dx <= arm) & (np.abs(dy) <= half))
+        out[sel] = m
     return out if batched else out[0]
 
 
