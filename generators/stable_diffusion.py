@@ -99,7 +99,17 @@ class StableDiffusionGenerator(Generator):
     guidance of Dhariwal & Nichol 2021 with a CLIP loss, as in the diffusers community CLIP-guided
     pipeline and Disco Diffusion), on top of classifier-free guidance.
 
-    ``pipeline``: an already built ``StableDiffusionPipeline`` to use instead of loading ``sd_model``.
+    ``pipeline``: an already built ``StableDiffusionPipeline`` to use instead of loading ``sd_model``
+    (its scheduler is replaced per ``settings.scheduler`` and its weights are frozen).
+
+    ``generate(clip_loss, seed=, callback=)``: ``clip_loss=None`` or ``clip_guidance_scale=0`` is
+    plain diffusers sampling. The UNet is conditioned on ``settings.prompt``, or, when that is empty,
+    on the CLIPLoss's positive text prompts at step 0 joined with ", ". The step callback's
+    ``StepInfo.decode()`` renders the current clean-image estimate (the final latents after the last
+    step); stopping early (callback returns ``False``, or Ctrl-C) returns that estimate.
+    ``result.info`` records ``guided_steps`` (step indices), ``num_steps``, ``steps_done``,
+    ``timesteps`` and the settings that shaped the run; ``result.losses`` the mean per-image CLIP
+    loss of each guided step.
     """
 
     name = "sd"
@@ -258,44 +268,53 @@ class StableDiffusionGenerator(Generator):
             if guide else set()
         loss_scale = HALF_LOSS_SCALE if guide and any(
             p.dtype == torch.float16 for p in clip_loss.parameters()) else 1.0
-        step_losses: list[torch.Tensor] = []
-        x0 = latents
-        interrupted = False
-        for i, t in enumerate(timesteps):
-            z = scheduler.scale_model_input(latents, t)
-            model_in = torch.cat([z, z]) if cfg else z
-            out = unet(model_in.to(unet.dtype), t, encoder_hidden_states=embeds, return_dict=False)[0].float()
+
+        def denoise(z, t):
+            """The classifier-free-guided model output at VP input ``z`` (float32)."""
+            out = unet(torch.cat([z, z]) if cfg else z, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if cfg:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + s.cfg_scale * (out_cond - out_uncond)
-            alpha_bar = frame.alpha_bar(scheduler, i, t)
-            loss = None
-            if i in to_guide:
-                model = None
-                if s.guidance_gradient == "full":
-                    def model(zz, t=t):
-                        return unet(zz.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
-                grad, loss = clip_gradient(z, out, alpha_bar, prediction, decode=self._guidance_decode,
-                                           loss_fn=clip_loss, step=i, generator=clip_gen, model=model,
-                                           loss_scale=loss_scale)
-                delta_eps = s.clip_guidance_scale * (1 - alpha_bar).sqrt() * grad
-                out = out + output_correction(delta_eps, alpha_bar, prediction)
-                step_losses.append(loss.per_image.detach().mean())
-            x0 = clean_estimate(z, out, alpha_bar, prediction)
-            latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
-            if i == n - 1:
-                x0 = latents
-            if callback is not None:
-                info = StepInfo(step=i, total=n, latents=latents, decode=lambda x=x0: self.decode(x),
-                                loss=None if loss is None else loss.total.detach(),
-                                parts={} if loss is None else loss.parts)
-                if callback(info) is False:
-                    interrupted = True
-                    break
+                out_uncond, out_cond = out.float().chunk(2)
+                return out_uncond + s.cfg_scale * (out_cond - out_uncond)
+            return out.float()
+
+        def conditional(z, t):
+            """The text-conditional output with gradients ("full" mode, as the community pipeline)."""
+            return unet(z.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+
+        step_losses: list[torch.Tensor] = []
+        x0, done, interrupted = latents, 0, False
+        try:
+            for i, t in enumerate(timesteps):
+                z = scheduler.scale_model_input(latents, t)
+                out = denoise(z.to(unet.dtype), t)
+                alpha_bar = frame.alpha_bar(scheduler, i, t)
+                loss = None
+                if i in to_guide:
+                    model = (lambda zz, t=t: conditional(zz, t)) if s.guidance_gradient == "full" else None
+                    grad, loss = clip_gradient(z, out, alpha_bar, prediction, decode=self._guidance_decode,
+                                               loss_fn=clip_loss, step=i, generator=clip_gen, model=model,
+                                               loss_scale=loss_scale)
+                    delta_eps = s.clip_guidance_scale * (1 - alpha_bar).sqrt() * grad   # Dhariwal & Nichol eq. 14
+                    out = out + output_correction(delta_eps, alpha_bar, prediction)
+                    step_losses.append(loss.per_image.detach().mean())
+                x0 = clean_estimate(z, out, alpha_bar, prediction)
+                latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+                done = i + 1
+                if done == n:
+                    x0 = latents
+                if callback is not None:
+                    info = StepInfo(step=i, total=n, latents=latents, decode=lambda x=x0: self.decode(x),
+                                    loss=None if loss is None else loss.total.detach(),
+                                    parts={} if loss is None else loss.parts)
+                    if callback(info) is False:
+                        interrupted = True
+                        break
+        except KeyboardInterrupt:     # Ctrl-C: keep the latest clean estimate as the result
+            interrupted = True
         images = self.decode(x0).float().cpu()
         pipe.maybe_free_model_hooks()
         info = {
-            "backend": self.name, "seed": int(seed), "prompt": prompt, "negative_prompt": s.negative_prompt,
+            "backend": self.name, "seed": int(seed), "steps_done": done, "prompt": prompt, "negative_prompt": s.negative_prompt,
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,
             "timesteps": [float(t) for t in timesteps], "guided_steps": sorted(to_guide),
             "guidance_gradient": s.guidance_gradient if guide else None,

@@ -232,10 +232,18 @@ def test_callback_can_stop_early(clip_loss):
         frames.append(info.decode())
         return info.step < 1
 
-    result = make(steps=5).generate(clip_loss, seed=0, callback=callback)
-    assert result.interrupted and len(frames) == 2
+    gen = make(steps=5)
+    result = gen.generate(clip_loss, seed=0, callback=callback)
+    assert result.interrupted and len(frames) == 2 and result.info["steps_done"] == 2
     assert frames[0].shape == (1, 3, 64, 64) and 0 <= frames[0].min() and frames[0].max() <= 1
     torch.testing.assert_close(result.images, frames[-1])
+
+    def ctrl_c(info):
+        if info.step == 2:
+            raise KeyboardInterrupt
+
+    stopped = gen.generate(clip_loss, seed=0, callback=ctrl_c)
+    assert stopped.interrupted and stopped.info["steps_done"] == 3 and torch.isfinite(stopped.images).all()
 
 
 def test_img2img_strength_sets_the_steps_and_matches_diffusers(clip_loss, tmp_path):
