@@ -48,10 +48,12 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HALF_LOSS_SCALE = 2.0 ** 10
 
 
-def _opt(default, help: str, flag: str | None = None, **kwargs):
+def _opt(default, help: str, flag: str | None = None, choices=None, **kwargs):
     meta = {"help": help}
     if flag:
         meta["flag"] = flag
+    if choices:
+        meta["choices"] = list(choices)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kwargs)
     return field(default=default, metadata=meta, **kwargs)
@@ -67,8 +69,8 @@ class Settings:
     sd_config: str | None = _opt(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
                                        "holding its configs (needed offline)", "--sd-config")
     steps: int = _opt(30, "denoising steps", "--steps")
-    scheduler: str = _opt("dpm++", f"sampler: {', '.join(SCHEDULERS)}, or 'default' (the checkpoint's own)",
-                          "--scheduler")
+    scheduler: str = _opt("dpm++", "sampler ('default': the checkpoint's own)", "--scheduler",
+                          choices=[*SCHEDULERS, "default"])
     clip_guidance_scale: float = _opt(100.0, "strength of the CLIP loss gradient in each guided step (0: off)",
                                       "--clip-guidance-scale")
     cfg_scale: float = _opt(7.5, "classifier-free guidance scale (1 or less: no CFG)", "--cfg-scale")
@@ -84,7 +86,8 @@ class Settings:
     guidance_end: float = _opt(1.0, "fraction of the schedule where CLIP guidance stops (0-1)")
     guidance_every: int = _opt(1, "guide every k-th step inside the window")
     guidance_gradient: str = _opt("x0", "x0: gradient through the clean-latent estimate with the UNet output held "
-                                        "fixed (fast); full: backprop through the UNet too (community pipeline)")
+                                        "fixed (fast); full: backprop through the UNet too (community pipeline)",
+                                  choices=GRADIENT_MODES)
     tiny_vae: str | None = _opt(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
                                       "guidance image (much cheaper than the full VAE)")
     vae_slicing: bool = _opt(False, "decode the batch one image at a time (less memory)")
