@@ -22,13 +22,14 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
+from common import (ROOT, TAMING_F16_16384, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
                     time_calls)
 
 CACHE = Path(tempfile.gettempdir()) / "clipsteer-bench"
@@ -77,7 +78,147 @@ def case_clip_loss(args, device) -> dict:
     return {"case": "clip-loss", "impl": args.impl, "size": args.size, "cutn": args.cutn, **summary(times)}
 
 
-CASES = {"clip-loss": case_clip_loss}
+# -- vqgan -----------------------------------------------------------------------------
+def _step_times(stamps: list[float], skip: int) -> list[float]:
+    """Per-step seconds from callback time stamps, dropping the first *skip* (warm-up) steps."""
+    return [b - a for a, b in zip(stamps, stamps[1:])][skip:]
+
+
+def _vqgan_parts(args, device):
+    from generators.taming_checkpoint import TamingConfig, build_first_stage
+    from guidance import load_encoder
+
+    torch.manual_seed(0)
+    model = build_first_stage(TamingConfig.from_dict(TAMING_F16_16384, source="taming imagenet f16 16384"))
+    encoder = load_encoder(str(clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")), device=device,
+                           precision=args.precision)
+    return model, encoder
+
+
+def _baseline_vqgan(model, encoder, args, device) -> list[float]:
+    """VQGAN+CLIP as the classic notebook loop writes it, per cutout, fp32."""
+    from generators.vqgan import clamp_with_grad, straight_through_quantize
+
+    model = model.to(device)
+    codebook = model.codebook.detach()
+    f = model.downsample
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(codebook.shape[0], (args.size // f * args.size // f,), generator=gen)
+    z = codebook[idx.to(device)].view(1, args.size // f, args.size // f, -1).permute(0, 3, 1, 2).clone()
+    z.requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=0.1)
+
+    def step():
+        opt.zero_grad()
+        image = clamp_with_grad(model.decode(straight_through_quantize(z, codebook)).add(1).div(2))
+        _baseline_clip_loss(encoder, image, PROMPT, args.cutn, gen).backward()
+        opt.step()
+    return time_calls(step, warmup=args.warmup, repeats=args.repeats, device=device)
+
+
+def case_vqgan(args, device) -> dict:
+    from generators.vqgan import VQGANGenerator, VQGANSettings
+    from guidance import CLIPLoss, Cutouts
+
+    model, encoder = _vqgan_parts(args, device)
+    if args.impl == "baseline":
+        times = _baseline_vqgan(model, encoder, args, device)
+    else:
+        settings = VQGANSettings(width=args.size, height=args.size, iterations=args.warmup + args.repeats + 1,
+                                 learning_rate=0.1, optimizer="Adam")
+        gen = VQGANGenerator(settings, device=device, precision=args.precision, model=model)
+        loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
+        stamps: list[float] = []
+
+        def callback(info):
+            from common import sync
+            sync(device)
+            stamps.append(time.perf_counter())
+        gen.generate(loss_fn, seed=0, callback=callback)
+        times = _step_times(stamps, args.warmup)
+    return {"case": "vqgan", "impl": args.impl, "size": args.size, "cutn": args.cutn,
+            "vqgan": "taming imagenet f16 16384 (random weights)", "clip": "ViT-B/32 (random weights)",
+            **summary(times)}
+
+
+# -- stable diffusion ------------------------------------------------------------------------
+def _sd15_pipeline(dtype):
+    """SD 1.5's UNet and VAE, and the ViT-L/14 text encoder, from their published configs."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from toyworld.tokenizer import write_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                        num_hidden_layers=12, projection_dim=768, vocab_size=49408,
+                                        max_position_embeddings=77, hidden_act="quick_gelu",
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    tok_dir = write_clip_tokenizer(CACHE / "tokenizer")
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe.to(dtype=dtype)
+
+
+def _taesd_folder() -> Path:
+    from diffusers import AutoencoderTiny
+
+    folder = CACHE / "taesd"
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        AutoencoderTiny().save_pretrained(folder)     # TAESD's published layout, random weights
+    return folder
+
+
+def case_sd(args, device) -> dict:
+    from generators.stable_diffusion import StableDiffusionGenerator
+    from guidance import CLIPLoss, Cutouts, load_encoder, resolve_dtype
+
+    dtype = resolve_dtype(args.precision, device)
+    pipe = _sd15_pipeline(dtype)
+    encoder = load_encoder(str(clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")), device=device,
+                           precision=args.precision)
+    loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
+    steps = args.warmup + args.repeats + 1
+    results = {}
+    variants = {"plain": dict(clip_guidance_scale=0.0)}
+    if args.impl == "clipsteer":
+        variants["guided"] = dict(clip_guidance_scale=100.0)
+        variants["guided_tiny_vae"] = dict(clip_guidance_scale=100.0, tiny_vae=str(_taesd_folder()))
+    else:  # the community pipeline's formulation: re-run the UNet with gradients, backprop through it
+        variants["guided"] = dict(clip_guidance_scale=100.0, guidance_gradient="full")
+    for name, extra in variants.items():
+        settings = StableDiffusionGenerator.Settings(
+            sd_model="(random SD 1.5 architecture)", width=args.size, height=args.size, steps=steps,
+            scheduler="pndm", cfg_scale=7.5, prompt=PROMPT, **extra)
+        gen = StableDiffusionGenerator(settings, device=device, precision=args.precision, pipeline=pipe)
+        stamps: list[float] = []
+
+        def callback(info):
+            from common import sync
+            sync(device)
+            stamps.append(time.perf_counter())
+        gen.generate(loss_fn if extra["clip_guidance_scale"] else None, seed=0, callback=callback)
+        results[name] = summary(_step_times(stamps, args.warmup))
+    out = {"case": "sd", "impl": args.impl, "size": args.size, "cutn": args.cutn, "scheduler": "pndm",
+           "unet": "SD 1.5 (random weights)", "clip": "ViT-B/32 (random weights)",
+           "median_s": results["guided"]["median_s"], "variants": results}
+    return out
+
+
+CASES = {"clip-loss": case_clip_loss, "vqgan": case_vqgan, "sd": case_sd}
 
 
 def run_case(args) -> None:
