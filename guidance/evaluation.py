@@ -280,25 +280,40 @@ def _row_key(r: dict) -> tuple:
     return (r["image"], r["prompt"], r["model"], r["definition"], r.get("prefix", ""))
 
 
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def process_state(device=None):
+    """accelerate's ``PartialState`` when launched on several processes (``accelerate launch``,
+    ``torchrun``, ``mpirun``), else ``None``: one process needs no distributed setup or global state.
+    CPU processes (``device="cpu"``, or auto without CUDA) get accelerate's gloo setup."""
+    import os
+
+    if max(int(os.environ.get(v, "1") or 1) for v in _WORLD_SIZE_VARS) <= 1:
+        return None
+    from accelerate import PartialState
+
+    cpu = str(device).startswith("cpu") or (device in (None, "auto") and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
 def evaluate(items: Sequence[Item], models: Sequence[str | ScoreModel], *, definition: str = "torchmetrics",
              prefix: str = "", batch_size: int = 32, device=None, precision=None, image_backend: str = "torchvision",
              quantize: bool = True, done: Iterable[dict] = (), show_progress: bool = True) -> list[dict]:
     """Score every item with every model, skipping (and keeping) rows in *done* for the same image,
     prompt, model, definition and prefix. Runs on all accelerate processes; every process gets the
     full table back, in item order (errors included)."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
     from .score import get_score_model
 
     if definition not in DEFINITIONS:
         raise ValueError(f"unknown CLIP-score definition {definition!r}; use one of {', '.join(DEFINITIONS)}")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1; got {batch_size}")
-    state = PartialState()
-    if device in (None, "auto") or state.num_processes > 1:  # under `accelerate launch`, accelerate decides
+    state = process_state(device)
+    if state is not None:  # under `accelerate launch` / torchrun, accelerate places each process
         device = state.device
+    elif device == "auto":
+        device = None
     kept = {_row_key(r): r for r in done if r.get("status") == "ok"}
     order = {it.key: i for i, it in enumerate(items)}
     out: list[dict] = []
@@ -322,16 +337,27 @@ def evaluate(items: Sequence[Item], models: Sequence[str | ScoreModel], *, defin
             sm = ScoreModel.load(spec, device=device, precision=precision, image_backend=image_backend) \
                 if image_backend != "torchvision" else get_score_model(spec, device=device, precision=precision)
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        with state.split_between_processes(batches) as mine:
-            bar = tqdm(total=sum(len(b) for b in mine), desc=f"CLIP score {name}", unit="img",
-                       disable=not (show_progress and state.is_main_process))
-            rows = score_batches(sm, mine, definition=definition, prefix=prefix, quantize=quantize, progress=bar)
-            bar.close()
-        out.extend(gather_object(rows) if state.num_processes > 1 else rows)
+        if state is None:
+            rows = _score_with_bar(sm, batches, name, definition, prefix, quantize, show_progress)
+        else:
+            from accelerate.utils import gather_object
+
+            with state.split_between_processes(batches) as mine:
+                rows = _score_with_bar(sm, mine, name, definition, prefix, quantize,
+                                       show_progress and state.is_main_process)
+            rows = gather_object(rows)
+        out.extend(rows)
     model_order = {(m.name if isinstance(m, ScoreModel) else str(m)): j for j, m in enumerate(models)}
     out.sort(key=lambda r: (model_order.get(r["model"], len(model_order)),
                             order.get((r["image"], r["prompt"]), len(order))))
     return out
+
+
+def _score_with_bar(sm, batches, name, definition, prefix, quantize, show) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=sum(len(b) for b in batches), desc=f"CLIP score {name}", unit="img", disable=not show) as bar:
+        return score_batches(sm, batches, definition=definition, prefix=prefix, quantize=quantize, progress=bar)
 
 
 # ---------------------------------------------------------------------------------------------

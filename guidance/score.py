@@ -27,7 +27,7 @@ so a tensor scores exactly like the PNG saved from it; ``quantize=False`` resize
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 
@@ -44,8 +44,6 @@ _REDUCTIONS = ("mean", "none")
 #: level per pixel after resizing, which moves scores by ~1e-3 (measured on a tiny random CLIP).
 IMAGE_BACKENDS = ("torchvision", "pil")
 _TEXT_CACHE_SIZE = 8192
-
-ImageLike = Union[str, Path, torch.Tensor, "PIL.Image.Image"]  # noqa: F821
 
 
 # ---------------------------------------------------------------------------------------------

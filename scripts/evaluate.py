@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from guidance.evaluation import (DEFINITION_TEXT, collect_items, evaluate, format_summary,  # noqa: E402
-                                 load_table, merge_rows, summarize, write_table)
+                                 load_table, merge_rows, process_state, summarize, write_table)
 from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS  # noqa: E402
 
 EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.items())
@@ -60,21 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _wants_cpu(device: str) -> bool:
-    """CPU processes need accelerate's gloo setup (``PartialState(cpu=True)``); GPUs get theirs."""
-    import torch
-
-    if device in (None, "auto"):
-        return not torch.cuda.is_available()
-    return str(device).startswith("cpu")
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from accelerate import PartialState
-
-    state = PartialState(cpu=_wants_cpu(args.device))
-    main_proc = state.is_main_process
+    state = process_state(args.device)
+    main_proc = state is None or state.is_main_process
     try:
         models = list(dict.fromkeys(args.model + args.models)) or [DEFAULT_MODEL]
         if args.prompt is not None and args.pairs is not None:

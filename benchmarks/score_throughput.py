@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""CLIP-score throughput: clipsteer vs torchmetrics 1.9 ``CLIPScore`` on the same model and images.
+
+Both score the same random 8-bit images against the same captions with the same CLIP
+architecture (ViT-B/32 or ViT-L/14 built from its published config, random weights: speed does
+not depend on weight values; nothing is downloaded) at the same batch size, in one run, with
+the methods interleaved round by round so machine load hits them alike. torchmetrics is timed
+both ways people use it: ``metric(images, captions)`` (forward) and ``update()`` + ``compute()``.
+The scores are compared too (max abs difference of the final means and of per-pair scores).
+
+    .venv/bin/python benchmarks/score_throughput.py --arch ViT-B/32 --images 96 --json out.json
+
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+# OpenAI CLIP architecture hyper-parameters (as in the released configs).
+ARCHS = {
+    "ViT-B/32": dict(text=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12),
+                     vision=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                 num_hidden_layers=12, patch_size=32, image_size=224),
+                     projection_dim=512),
+    "ViT-L/14": dict(text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
+                     vision=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                 num_hidden_layers=24, patch_size=14, image_size=224),
+                     projection_dim=768),
+}
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle", "cross"]
+PLACES = ["on a grey background", "in a forest", "at night", "on a beach", "in the snow", "under water"]
+
+
+def build_clip(arch: str, seed: int = 0):
+    """A CLIPModel of the published *arch* with random weights, as ``from_pretrained`` would return it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    spec = ARCHS[arch]
+    config = CLIPConfig(
+        text_config=dict(**spec["text"], vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(**spec["vision"]), projection_dim=spec["projection_dim"])
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()
+
+
+class _Features(torch.nn.Module):
+    """torchmetrics 1.9 calls ``.norm`` on ``get_*_features``; transformers 5 returns an output object.
+    This adapter hands it the pooled tensor (what transformers 4 returned); the formula is untouched."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    def get_image_features(self, *args, **kwargs):
+        return self.clip.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        return self.clip.get_text_features(*args, **kwargs).pooler_output
+
+
+def captions_for(n: int, per_caption: int) -> list[str]:
+    out = []
+    for i in range(n):
+        k = i // per_caption
+        out.append(f"a {COLOURS[k % 8]} {SHAPES[(k // 8) % 4]} {PLACES[(k // 32) % 6]}, picture {k}")
+    return out
+
+
+def _speedups(rate: dict[str, float]) -> dict[str, float]:
+    return {
+        "clipsteer_forward_vs_torchmetrics_forward": round(rate["clipsteer_forward"] / rate["torchmetrics_forward"], 2),
+        "clipsteer_update_vs_torchmetrics_update": round(
+            rate["clipsteer_update_compute"] / rate["torchmetrics_update_compute"], 2),
+        "clip_score_vs_torchmetrics_update": round(rate["clipsteer_clip_score"] / rate["torchmetrics_update_compute"], 2),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="ViT-B/32", choices=sorted(ARCHS))
+    ap.add_argument("--images", type=int, default=96, help="number of random images (default 96)")
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--per-caption", type=int, default=1,
+                    help="images per caption (1: every caption unique; 4: four seeds per prompt)")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (methods interleaved; median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import torchmetrics
+    import transformers
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update
+    from torchmetrics.multimodal.clip_score import CLIPScore as TMCLIPScore
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    from guidance.encoders import HFCLIPEncoder
+    from guidance.score import CLIPScore, ScoreModel, clip_score
+    from tiny import clip_tokenizer_dir
+
+    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
+    image_processor = CLIPImageProcessor()  # OpenAI CLIP's: shortest edge 224, centre crop 224, bicubic
+    clip = build_clip(args.arch)
+    tm_clip = copy.deepcopy(clip)  # torchmetrics gets its own copy, parameters as from_pretrained leaves them
+    ours = ScoreModel(HFCLIPEncoder(clip, tokenizer, name=args.arch, mean=image_processor.image_mean,
+                                    std=image_processor.image_std), image_processor, name=args.arch)
+    make_tm = lambda: TMCLIPScore(model_name_or_path=lambda: (_Features(tm_clip),  # noqa: E731
+                                                              CLIPProcessor(image_processor, tokenizer)))
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=g, dtype=torch.uint8)
+    caps = captions_for(args.images, args.per_caption)
+    bs = args.batch_size
+    batches = [(images[i:i + bs], caps[i:i + bs]) for i in range(0, args.images, bs)]
+
+    def tm_forward(bl):
+        m = make_tm()
+        for x, c in bl:
+            m(x, c)
+        return float(m.compute())
+
+    def tm_update(bl):
+        m = make_tm()
+        for x, c in bl:
+            m.update(x, c)
+        return float(m.compute())
+
+    def cs_forward(bl):
+        ours.clear_cache()  # no text embeddings carried over from an earlier round
+        m = CLIPScore(ours, batch_size=bs)
+        for x, c in bl:
+            m(x, c)
+        return float(m.compute())
+
+    def cs_update(bl):
+        ours.clear_cache()
+        m = CLIPScore(ours, batch_size=bs)
+        for x, c in bl:
+            m.update(x, c)
+        return float(m.compute())
+
+    def cs_function(bl):
+        ours.clear_cache()
+        return float(clip_score(torch.cat([x for x, _ in bl]), [t for _, c in bl for t in c], model=ours,
+                                batch_size=bs))
+
+    methods = {"torchmetrics_forward": tm_forward, "torchmetrics_update_compute": tm_update,
+               "clipsteer_forward": cs_forward, "clipsteer_update_compute": cs_update,
+               "clipsteer_clip_score": cs_function}
+    # warm-up: one batch each (allocator, thread pools, lazy imports)
+    for fn in methods.values():
+        fn(batches[:1])
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu_times: dict[str, list[float]] = {k: [] for k in methods}  # less sensitive to other users' load
+    values: dict[str, float] = {}
+    names = list(methods)
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            values[name] = methods[name](batches)
+            times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+            print(f"round {r + 1} {name}: {times[name][-1]:.2f} s wall, {cpu_times[name][-1]:.2f} s CPU",
+                  file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        ref_pairs = torch.cat([_clip_score_update(x, c, _Features(tm_clip), CLIPProcessor(image_processor, tokenizer))[0]
+                               for x, c in batches]).double()
+    ours.clear_cache()
+    our_pairs = clip_score(images, caps, model=ours, batch_size=bs, reduction="none").double()
+    results = {k: {"seconds": [round(t, 3) for t in v], "median_s": round(statistics.median(v), 3),
+                   "images_per_s": round(args.images / statistics.median(v), 3),
+                   "cpu_seconds": [round(t, 3) for t in cpu_times[k]],
+                   "images_per_cpu_s": round(args.images / statistics.median(cpu_times[k]), 3)}
+               for k, v in times.items()}
+    ips = {k: v["images_per_s"] for k, v in results.items()}
+    ipc = {k: v["images_per_cpu_s"] for k, v in results.items()}
+    report = {
+        "benchmark": "score_throughput", "arch": args.arch, "weights": "random (published config)",
+        "device": "cpu", "cpu_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "images": args.images, "image_size": args.size, "batch_size": bs, "images_per_caption": args.per_caption,
+        "unique_captions": len(set(caps)), "rounds": args.rounds,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "torchmetrics": torchmetrics.__version__},
+        "results": results,
+        "speedup_wall": _speedups(ips),
+        "speedup_cpu_time": _speedups(ipc),
+        "scores": {k: round(v, 6) for k, v in values.items()},
+        "max_abs_diff_mean": max(abs(v - values["torchmetrics_update_compute"]) for v in values.values()),
+        "max_abs_diff_per_pair": float((ref_pairs - our_pairs).abs().max()),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
