@@ -134,7 +134,13 @@ def read_pairs(pairs_file: Path, root: Path) -> list[Item]:
         raise FileNotFoundError(f"pairs file {str(pairs_file)!r} does not exist; give a CSV or JSONL of image,prompt")
     rows: list[tuple[int, object]] = []
     text = pairs_file.read_text(encoding="utf-8-sig")
-    if pairs_file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+    if pairs_file.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array of objects
+        try:
+            rows = [(n, row) for n, row in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"pairs file {str(pairs_file)!r} is not valid JSON ({err.msg} at line {err.lineno})") \
+                from None
+    elif pairs_file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -143,13 +149,16 @@ def read_pairs(pairs_file: Path, root: Path) -> list[Item]:
             except json.JSONDecodeError as err:
                 rows.append((n, f"not valid JSON ({err.msg})"))
     else:
-        reader = csv.DictReader(text.splitlines())
+        import io
+
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         fields = {f.strip().lower(): f for f in reader.fieldnames or []}
         if "image" not in fields or not ({"prompt", "caption"} & fields.keys()):
             raise ValueError(f"pairs file {str(pairs_file)!r} needs a header row with 'image' and 'prompt' columns; "
                              f"found {list(reader.fieldnames or [])}")
         img_col, prompt_col = fields["image"], fields.get("prompt", fields.get("caption"))
-        for n, row in enumerate(reader, 2):
+        for row in reader:
+            n = reader.line_num
             if None in row or any(v is None for v in row.values()):
                 rows.append((n, f"has {len(reader.fieldnames)} columns in the header but a different number here "
                                 "(quote prompts that contain commas)"))

@@ -196,6 +196,13 @@ def test_pairs_csv_and_jsonl_with_bad_rows(tmp_path, clip_a):
     assert any("not valid JSON" in r["error"] for r in rows)
     assert "no prompt" in by["d.png"]["error"]
 
+    array = tmp_path / "pairs.json"  # a JSON array works too; a prompt may hold commas and quotes
+    array.write_text(json.dumps([{"image": "a.png", "prompt": 'a "red" circle, big'}, {"image": "sub/e.png",
+                                                                                     "caption": "a square"}]))
+    assert _main(folder, "--pairs", array, "--model", clip_a, "--csv", tmp_path / "a.csv") == 0
+    by = {r["image"]: r for r in _read_csv(tmp_path / "a.csv")}
+    assert by["a.png"]["prompt"] == 'a "red" circle, big' and by["sub/e.png"]["status"] == "ok"
+
 
 def test_single_image_and_folder_with_one_prompt(tmp_path, clip_a, capsys):
     img = _png(tmp_path / "one" / "fox.png", 7)
