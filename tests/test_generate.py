@@ -69,6 +69,17 @@ def test_run_folder_png_metadata_and_sidecar(opts):
     assert run.metadata["settings"]["clip"] == [opts["clip"][0]]
 
 
+def test_threads_option_is_restored(opts):
+    before = torch.get_num_threads()
+    seen = []
+    run = generate("a red circle", seed=1, save=False, threads=1, callback=lambda i: seen.append(torch.get_num_threads()),
+                   **opts)
+    assert seen and set(seen) == {1} and run.metadata["settings"]["threads"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads is 0"):
+        generate("a red circle", seed=1, save=False, threads=0, **opts)
+
+
 def test_second_run_never_overwrites_the_first(opts):
     first = generate("a red circle", seed=1, **opts)
     before = {p.name: p.read_bytes() for p in first.path.iterdir()}
