@@ -6,7 +6,8 @@
 >>> out = loss_fn(images)            # images: [B, 3, H, W] in [0, 1], requires_grad
 >>> out.total.backward()
 
-Nothing here imports a generator; generators receive a ``CLIPLoss``.
+Scoring (torchmetrics-compatible CLIP score): ``clip_score(images, prompts, model=...)``,
+``CLIPScore`` (update / compute / reset). Nothing here imports a generator; generators receive a ``CLIPLoss``.
 """
 
 from .clip_loss import CLIPLoss, LossOutput, load_image
@@ -16,6 +17,7 @@ from .losses import (cosine_distance, range_loss, saturation_loss, spherical_dis
                      tv_loss)
 from .prompts import Prompt, PromptSchedule, image_prompts, parse_prompt, parse_prompts, parse_schedule
 from .runtime import resolve_device, resolve_dtype, seeded_generator
+from .score import CLIPScore, ScoreModel, clip_score, get_score_model, image_similarity
 
 __all__ = [
     "CLIPLoss", "LossOutput", "load_image",
@@ -24,4 +26,5 @@ __all__ = [
     "spherical_distance", "cosine_distance", "tv_loss", "range_loss", "saturation_loss", "symmetry_loss",
     "Prompt", "PromptSchedule", "parse_prompt", "parse_prompts", "parse_schedule", "image_prompts",
     "resolve_device", "resolve_dtype", "seeded_generator",
+    "clip_score", "image_similarity", "CLIPScore", "ScoreModel", "get_score_model",
 ]
