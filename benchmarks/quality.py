@@ -1,0 +1,492 @@
+"""Quality of each generator on the toy world: pixel-judge accuracy, judging-CLIP score and time (issue 6).
+
+For a fixed, seeded sample of prompts "a {colour} {shape} on a {background} background" and a few
+seeds, every variant below generates one image per (prompt, seed) through the public API
+(``generators.run.generate(..., preset="toy")``: CLIP ``clip_a`` guides). Each image is judged by
+the pixel-level judge (``toyworld.judge``: colour / shape / background, all three) and scored by the
+*judging* toy CLIP ``clip_b`` (``guidance.score``, torchmetrics definition ``100*cos``, model
+loaded once). The same seeds are used for every variant, so SD with and without CLIP guidance
+start from the same noise.
+
+    python benchmarks/quality.py                          # 8 prompts x 2 seeds, preset iterations/steps
+    python benchmarks/quality.py --quick                  # 2 prompts x 1 seed, few iterations/steps
+    python benchmarks/quality.py --variants vqgan+clip --prompts 16 --seeds 3 --iterations 150
+    python benchmarks/quality.py --json benchmarks/results/q.json --overwrite
+
+Results: a table on stdout, and JSON (``--json``, default ``benchmarks/results/quality.json``,
+written after every image so an interrupted run keeps its rows) with per-variant summaries,
+per-image rows, the targets of issue 6 and whether each is met. Variants whose toy model folder is
+missing (e.g. ``toyworld/weights/sd`` while it trains) are skipped with a message, not an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "quality.json"
+ATTRIBUTES = ("colour", "shape", "background")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One generator configuration: a backend and the options that make it this variant."""
+
+    name: str
+    label: str
+    backend: str
+    options: dict = field(default_factory=dict)
+    models: tuple[str, ...] = ()  # toy model folders it needs (toyworld/weights/<name>)
+
+
+# The variants compared. Add a row here for a new backend or configuration.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("vqgan+clip", "VQGAN+CLIP", "vqgan", {}, ("clip_a", "vqgan")),
+    Variant("sd", "SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}, ("clip_a", "sd")),
+    Variant("sd+clip", "SD + CLIP guidance", "sd", {}, ("clip_a", "sd")),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+# Issue 6 targets.
+VQGAN_TARGETS = {"colour": 0.90, "background": 0.90, "shape": 0.60}
+SD_GUIDANCE_GAIN = 0.10  # SD+CLIP beats SD by this much on unguided SD's weakest attribute
+
+QUICK = {"prompts": 2, "seeds": 1, "iterations": 30, "steps": 10}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+def sample_prompts(n: int, *, seed: int = 0) -> list[dict[str, str]]:
+    """*n* distinct (colour, shape, background != colour) prompts, a fixed function of *seed*,
+    spread evenly over the shapes (round-robin over a shuffled shape order)."""
+    import numpy as np
+
+    from toyworld.world import SHAPES, all_full_captions
+
+    combos = all_full_captions()  # (caption, colour, shape, background), background != colour
+    if not 1 <= n <= len(combos):
+        raise ValueError(f"--prompts is {n}; give 1 to {len(combos)} (the number of distinct toy prompts)")
+    rng = np.random.default_rng(seed)
+    order = [combos[i] for i in rng.permutation(len(combos))]
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
+    buckets = {s: [c for c in order if c[2] == s] for s in shapes}
+    picked: list[dict[str, str]] = []
+    for i in range(n):
+        cap, colour, shape, background = buckets[shapes[i % len(shapes)]].pop(0)
+        picked.append({"prompt": cap, "colour": colour, "shape": shape, "background": background})
+    return picked
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and availability
+# ---------------------------------------------------------------------------------------------
+
+def missing_toy_models(names: Sequence[str]) -> dict[str, str]:
+    """{toy model name: why it cannot be used} for those of *names* whose folder is incomplete."""
+    from toyworld.paths import weights_dir
+
+    out = {}
+    for name in dict.fromkeys(names):
+        try:
+            weights_dir(name, check=True)
+        except FileNotFoundError as err:
+            out[name] = str(err)
+    return out
+
+
+def load_judge_clip(model: str | os.PathLike | None, *, device: str = "auto"):
+    """The judging CLIP as a ``guidance.score.ScoreModel`` (loaded once), or ``None`` without one."""
+    if model is None:
+        return None
+    from guidance.score import ScoreModel
+
+    return ScoreModel.load(str(model), device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def variant_options(variant: Variant, *, iterations: int | None, steps: int | None,
+                    clip_guidance_scale: float | None) -> dict[str, Any]:
+    """Keyword options for ``generate`` that make *variant* (iterations/steps only for its backend)."""
+    opts = dict(variant.options)
+    if variant.backend == "vqgan" and iterations is not None:
+        opts["iterations"] = iterations
+    if variant.backend == "sd":
+        if steps is not None:
+            opts["steps"] = steps
+        if clip_guidance_scale is not None and opts.get("clip_guidance_scale", None) != 0.0:
+            opts["clip_guidance_scale"] = clip_guidance_scale
+    return opts
+
+
+def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], variants: Sequence[Variant], *,
+                  preset: str | None = "toy", options: dict[str, Any] | None = None, judge_clip=None,
+                  iterations: int | None = None, steps: int | None = None,
+                  clip_guidance_scale: float | None = None, threads: int | None = 1, device: str = "auto",
+                  on_row: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Generate, judge and score every (variant, prompt, seed); returns ``{"rows", "interrupted"}``.
+
+    *options* go to every ``generate`` call (e.g. model folders when *preset* is ``None``);
+    *judge_clip* is a ``ScoreModel`` (or ``None``: no CLIP score).
+    """
+    import torch
+
+    from generators.run import generate
+    from guidance.score import clip_score
+    from toyworld.judge import judge_batch
+
+    rows: list[dict] = []
+    total = len(variants) * len(prompts) * len(seeds)
+    for variant in variants:
+        opts = {**(options or {}), **variant_options(variant, iterations=iterations, steps=steps,
+                                                      clip_guidance_scale=clip_guidance_scale)}
+        for p in prompts:
+            for seed in seeds:
+                t0 = time.perf_counter()
+                run = generate(p["prompt"], backend=variant.backend, preset=preset, seed=int(seed), save=False,
+                               progress=False, eval_model="none", threads=threads, device=device, **opts)
+                wall = time.perf_counter() - t0
+                images = run.images
+                verdict = judge_batch(images)[0]
+                score = None
+                if judge_clip is not None:
+                    score = float(clip_score(images, p["prompt"], model=judge_clip, reduction="none")[0])
+                correct = {a: getattr(verdict, a) == p[a] for a in ATTRIBUTES}
+                correct["all"] = all(correct.values())
+                timings = run.metadata.get("timings", {})
+                losses = [x for x in run.losses if x is not None]
+                row = {
+                    "variant": variant.name, "backend": variant.backend, "prompt": p["prompt"],
+                    "target": {a: p[a] for a in ATTRIBUTES}, "seed": int(seed),
+                    "judged": verdict.as_dict(), "correct": correct,
+                    "clip_score": _round(score), "seconds": round(wall, 3),
+                    "load_s": timings.get("load_s"), "generate_s": timings.get("generate_s"),
+                    "steps_done": run.metadata.get("steps_done"),
+                    "first_loss": _round(losses[0]) if losses else None,
+                    "final_loss": _round(losses[-1]) if losses else None,
+                    "interrupted": bool(run.interrupted),
+                    "settings": {k: run.metadata["backend_settings"].get(k) for k in
+                                 ("iterations", "steps", "scheduler", "clip_guidance_scale", "cfg_scale",
+                                  "learning_rate", "width", "height") if k in run.metadata["backend_settings"]},
+                }
+                rows.append(row)
+                marks = " ".join(f"{a}={'ok' if correct[a] else getattr(verdict, a)}" for a in ATTRIBUTES)
+                log(f"[{len(rows)}/{total}] {variant.name:<11} seed {seed} {p['prompt']!r}: {marks}; "
+                    f"clip_b {'-' if score is None else f'{score:.1f}'}; {wall:.1f}s")
+                if on_row is not None:
+                    on_row(row)
+                if run.interrupted:  # Ctrl-C: keep what we have
+                    log("interrupted: stopping; the rows so far are kept")
+                    return {"rows": rows, "interrupted": True}
+                del images, run
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    return {"rows": rows, "interrupted": False}
+
+
+def reference_scores(prompts: Sequence[dict[str, str]], judge_clip, *, seed: int = 0) -> dict[str, Any]:
+    """Judge accuracy and judging-CLIP score of true world images of the same prompts (the ceiling)."""
+    import numpy as np
+    import torch
+
+    from guidance.score import clip_score
+    from toyworld.judge import accuracy, judge_batch
+    from toyworld.world import SIZE_RANGE, render
+
+    rng = np.random.default_rng(seed)
+    n = len(prompts)
+    sizes = rng.uniform(*SIZE_RANGE, n)
+    centers = sizes[:, None] / 2 + rng.uniform(0, 1, (n, 2)) * (1 - sizes[:, None])
+    arr = render([p["shape"] for p in prompts], [p["colour"] for p in prompts],
+                 [p["background"] for p in prompts], sizes, centers)
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    acc = accuracy(judge_batch(images), [p["colour"] for p in prompts], [p["shape"] for p in prompts],
+                   [p["background"] for p in prompts])
+    out: dict[str, Any] = {"n": n, "accuracy": {k: round(v, 4) for k, v in acc.items()}, "clip_score": None}
+    if judge_clip is not None:
+        scores = clip_score(images, [p["prompt"] for p in prompts], model=judge_clip, reduction="none")
+        out["clip_score"] = _round(float(scores.double().mean()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries and targets
+# ---------------------------------------------------------------------------------------------
+
+def summarise(rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """Per-variant accuracy (colour/shape/background/all), mean judging-CLIP score and times."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        n = len(mine)
+        acc = {a: round(sum(r["correct"][a] for r in mine) / n, 4) for a in (*ATTRIBUTES, "all")}
+        scores = [r["clip_score"] for r in mine if r["clip_score"] is not None]
+        seconds = sum(r["seconds"] for r in mine)
+        gen = [r["generate_s"] for r in mine if r["generate_s"] is not None]
+        load = [r["load_s"] for r in mine if r["load_s"] is not None]
+        out[name] = {
+            "n": n,
+            "accuracy": acc,
+            "clip_score": round(statistics.fmean(scores), 3) if scores else None,
+            "clip_score_std": round(statistics.stdev(scores), 3) if len(scores) > 1 else None,
+            "seconds_total": round(seconds, 2),
+            "seconds_per_image": round(seconds / n, 3),
+            "generate_seconds_per_image": round(statistics.fmean(gen), 3) if gen else None,
+            "load_seconds_total": round(sum(load), 2) if load else None,
+            "load_seconds_first": round(load[0], 2) if load else None,
+            "load_seconds_later_mean": round(statistics.fmean(load[1:]), 3) if len(load) > 1 else None,
+            "settings": mine[0]["settings"],
+        }
+    return out
+
+
+def check_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 6's targets, each with the measured value and ``met`` (``None`` when not measured)."""
+    out = []
+    vq = summary.get("vqgan+clip")
+    for attr, goal in VQGAN_TARGETS.items():
+        value = vq["accuracy"][attr] if vq else None
+        out.append({"target": f"VQGAN+CLIP {attr} right in >= {goal:.0%} of images",
+                    "measured": None if value is None else f"{value:.1%} of {vq['n']}",
+                    "met": None if value is None else value >= goal - 1e-9})
+    plain, guided = summary.get("sd"), summary.get("sd+clip")
+    text = f"SD + CLIP guidance >= {SD_GUIDANCE_GAIN * 100:.0f} points better than SD without it on unguided SD's weakest attribute"
+    if plain and guided:
+        weakest = min(ATTRIBUTES, key=lambda a: plain["accuracy"][a])  # ties: first in ATTRIBUTES order
+        gain = guided["accuracy"][weakest] - plain["accuracy"][weakest]
+        out.append({"target": text, "attribute": weakest,
+                    "measured": f"{weakest}: {plain['accuracy'][weakest]:.1%} -> {guided['accuracy'][weakest]:.1%} "
+                                f"({gain * 100:+.1f} points, n={plain['n']}/{guided['n']})",
+                    "met": gain >= SD_GUIDANCE_GAIN - 1e-9})
+    else:
+        out.append({"target": text, "measured": None, "met": None})
+    return out
+
+
+def format_table(summary: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
+    """The per-variant summary as a plain-text table."""
+    labels = {v.name: v.label for v in VARIANTS}
+    head = f"{'variant':<22} {'n':>3} {'colour':>7} {'shape':>7} {'backgr':>7} {'all3':>7} {'clip_b':>7} " \
+           f"{'s/img':>7} {'gen s':>7} {'load s':>7} {'total s':>8}"
+    lines = [head, "-" * len(head)]
+
+    def pct(x):
+        return f"{x:7.1%}"
+
+    for name, s in summary.items():
+        a = s["accuracy"]
+        score = "-" if s["clip_score"] is None else f"{s['clip_score']:.2f}"
+        gen = "-" if s["generate_seconds_per_image"] is None else f"{s['generate_seconds_per_image']:.2f}"
+        load = "-" if s["load_seconds_total"] is None else f"{s['load_seconds_total']:.1f}"
+        lines.append(f"{labels.get(name, name):<22} {s['n']:>3} {pct(a['colour'])} {pct(a['shape'])} "
+                     f"{pct(a['background'])} {pct(a['all'])} {score:>7} {s['seconds_per_image']:>7.2f} "
+                     f"{gen:>7} {load:>7} {s['seconds_total']:>8.1f}")
+    if reference is not None:
+        a = reference["accuracy"]
+        score = "-" if reference["clip_score"] is None else f"{reference['clip_score']:.2f}"
+        lines.append(f"{'(true world images)':<22} {reference['n']:>3} {pct(a['colour'])} {pct(a['shape'])} "
+                     f"{pct(a['background'])} {pct(a['all'])} {score:>7}")
+    return "\n".join(lines)
+
+
+def format_targets(targets: Sequence[dict[str, Any]]) -> str:
+    mark = {True: "MET    ", False: "NOT MET", None: "not run"}
+    return "\n".join(f"[{mark[t['met']]}] {t['target']}: {t['measured'] or 'not measured'}" for t in targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def _environment(threads: int | None) -> dict[str, Any]:
+    import torch
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "processor": platform.processor() or None, "cpu_count": os.cpu_count(), "threads": threads,
+            "load_average": [round(x, 2) for x in load] if load else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _quiet_loading() -> None:
+    """No per-model 'Loading weights' progress bars from transformers/diffusers (one line per image here)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from diffusers.utils import logging as df_logging
+
+        df_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=None, metavar="N", help="number of prompts (default 8)")
+    parser.add_argument("--prompt-seed", type=int, default=0, metavar="N", help="seed of the prompt sample")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="generation seeds per prompt: 0..N-1 (+ --seed-base; default 2)")
+    parser.add_argument("--seed-base", type=int, default=0, metavar="N", help="first generation seed")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANT_NAMES), choices=VARIANT_NAMES,
+                        metavar="NAME", help=f"variants to run: {', '.join(VARIANT_NAMES)} (default: all)")
+    parser.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="VQGAN+CLIP optimisation steps (default: the toy preset's)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="Stable Diffusion denoising steps (default: the sd backend's)")
+    parser.add_argument("--clip-guidance-scale", type=float, default=None,
+                        help="CLIP guidance scale of the sd+clip variant (default: the sd backend's)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a quick run: {QUICK['prompts']} prompts x {QUICK['seeds']} seed, "
+                             f"{QUICK['iterations']} iterations / {QUICK['steps']} steps (explicit options win)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="torch CPU threads (default 1: fastest for the toy models on a shared machine)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="FILE",
+                        help="write results here (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    args = parser.parse_args(argv)
+    for key in ("prompts", "seeds", "iterations", "steps"):
+        if getattr(args, key) is None and args.quick:
+            setattr(args, key, QUICK[key])
+    args.prompts = 8 if args.prompts is None else args.prompts
+    args.seeds = 2 if args.seeds is None else args.seeds
+    for key in ("seeds", "iterations", "steps", "threads"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key} is {value}; give at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python benchmarks/quality.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    if args.json.exists() and not args.overwrite:
+        print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE",
+              file=sys.stderr)
+        return 2
+    try:
+        prompts = sample_prompts(args.prompts, seed=args.prompt_seed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    seeds = [args.seed_base + i for i in range(args.seeds)]
+    chosen = [v for v in VARIANTS if v.name in args.variants]
+
+    # Which variants can run: their toy model folders must be complete.
+    skipped: dict[str, str] = {}
+    missing = missing_toy_models([m for v in chosen for m in v.models] + ["clip_b"])
+    variants = []
+    for v in chosen:
+        gone = [m for m in v.models if m in missing]
+        if gone:
+            skipped[v.name] = "; ".join(missing[m] for m in gone)
+            print(f"skipping {v.name}: {skipped[v.name]}", file=sys.stderr)
+        else:
+            variants.append(v)
+    import torch
+
+    _quiet_loading()
+    torch.set_num_threads(args.threads)
+    judge_note = None
+    judge_clip = None
+    t_judge = time.perf_counter()
+    if "clip_b" in missing:
+        judge_note = missing["clip_b"]
+        print(f"no CLIP scores: {judge_note}", file=sys.stderr)
+    else:
+        from toyworld.paths import weights_dir
+
+        judge_clip = load_judge_clip(weights_dir("clip_b"), device=args.device)
+    judge_load_s = time.perf_counter() - t_judge
+
+    print(f"{len(prompts)} prompts x {len(seeds)} seeds x {len(variants)} variants "
+          f"({', '.join(v.name for v in variants) or 'none'}); results -> {args.json}", file=sys.stderr)
+    reference = reference_scores(prompts, judge_clip, seed=args.prompt_seed)
+    report: dict[str, Any] = {
+        "command": command, "complete": False, "environment": _environment(args.threads),
+        "prompts": prompts, "seeds": seeds,
+        "variants": {v.name: {"label": v.label, "backend": v.backend, "options": v.options} for v in chosen},
+        "overrides": {"iterations": args.iterations, "steps": args.steps,
+                      "clip_guidance_scale": args.clip_guidance_scale},
+        "judge_clip": None if judge_clip is None else str(judge_clip.name), "judge_clip_note": judge_note,
+        "judge_clip_load_s": round(judge_load_s, 3),
+        "clip_score_definition": "torchmetrics per image (100*cos with the judging CLIP clip_b); mean over images",
+        "skipped": skipped, "reference": reference, "summary": {}, "targets": [], "rows": [],
+    }
+    rows: list[dict] = report["rows"]
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        report["summary"] = summarise(rows)
+        _write_json(args.json, report)
+
+    t0 = time.perf_counter()
+    try:
+        result = run_benchmark(prompts, seeds, variants, judge_clip=judge_clip, iterations=args.iterations,
+                               steps=args.steps, clip_guidance_scale=args.clip_guidance_scale,
+                               threads=args.threads, device=args.device, on_row=on_row,
+                               log=lambda s: print(s, file=sys.stderr))
+        interrupted = result["interrupted"]
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: the rows so far are kept", file=sys.stderr)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        report["error"] = str(err)
+        _write_json(args.json, report)
+        return 2
+    report["seconds_total"] = round(time.perf_counter() - t0, 2)
+    report["summary"] = summarise(rows)
+    report["targets"] = check_targets(report["summary"])
+    report["complete"] = not interrupted
+    _write_json(args.json, report)
+
+    print(f"\nToy-world quality ({len(prompts)} prompts x {len(seeds)} seeds; judge: toyworld.judge; "
+          f"clip_b: torchmetrics CLIP score under the judging toy CLIP)")
+    print(f"command: {command}")
+    print(format_table(report["summary"], reference))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    print("\nTargets (issue 6):")
+    print(format_targets(report["targets"]))
+    print(f"\ntotal {report['seconds_total']:.1f}s; JSON: {args.json}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
