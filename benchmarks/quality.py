@@ -393,6 +393,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/quality.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     if args.json.exists() and not args.overwrite:

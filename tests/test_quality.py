@@ -1,0 +1,148 @@
+"""benchmarks/quality.py: prompt sample, the benchmark loop on tiny models, targets, and the CLI on the toy models."""
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_quality():
+    spec = importlib.util.spec_from_file_location("clipsteer_quality_bench", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_quality()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_prompt_sample_is_fixed_distinct_and_spread_over_shapes():
+    from toyworld.world import COLOURS, SHAPES
+
+    a = quality.sample_prompts(8, seed=0)
+    assert a == quality.sample_prompts(8, seed=0)
+    assert a != quality.sample_prompts(8, seed=1)
+    assert len({p["prompt"] for p in a}) == 8
+    for p in a:
+        assert p["colour"] in COLOURS and p["background"] in COLOURS and p["shape"] in SHAPES
+        assert p["colour"] != p["background"]
+        assert p["shape"] in p["prompt"] and re.search(f"on an? {p['background']} background$", p["prompt"])
+    assert sorted(p["shape"] for p in a) == sorted(list(SHAPES) * 2)  # 2 of each shape
+    assert quality.sample_prompts(3, seed=0) == a[:3]  # a longer run extends a shorter one
+    with pytest.raises(ValueError, match="--prompts is 0"):
+        quality.sample_prompts(0)
+    with pytest.raises(ValueError, match="give 1 to 224"):
+        quality.sample_prompts(225)
+
+
+def _summary(vq=None, sd=None, sdc=None, n=16):
+    out = {}
+    for name, acc in (("vqgan+clip", vq), ("sd", sd), ("sd+clip", sdc)):
+        if acc is not None:
+            c, s, b = acc
+            out[name] = {"n": n, "accuracy": {"colour": c, "shape": s, "background": b, "all": min(acc)}}
+    return out
+
+
+def test_targets_met_missed_and_not_measured():
+    t = quality.check_targets(_summary(vq=(0.9375, 0.625, 1.0), sd=(0.5, 0.25, 0.75), sdc=(0.5, 0.375, 0.5)))
+    assert [x["met"] for x in t] == [True, True, True, True]
+    assert t[3]["attribute"] == "shape" and "+12.5 points" in t[3]["measured"]
+    t = quality.check_targets(_summary(vq=(0.875, 0.5625, 0.9375), sd=(0.5, 0.25, 0.75), sdc=(1.0, 0.3125, 1.0)))
+    assert [x["met"] for x in t] == [False, True, False, False]  # colour, background, shape, SD gain (+6.25)
+    t = quality.check_targets(_summary(vq=(1.0, 1.0, 1.0)))
+    assert t[-1]["met"] is None and t[-1]["measured"] is None
+    assert "not run" in quality.format_targets(t) and "MET" in quality.format_targets(t)
+    assert all(x["met"] is None for x in quality.check_targets({}))
+
+
+@pytest.mark.filterwarnings("ignore:ignoring option")  # one options dict for both backends' models
+def test_benchmark_loop_on_tiny_models(tmp_path):
+    """Every variant runs through generate(), is judged and scored; seeds reproduce; summary matches rows."""
+    clip = save_tiny_clip(tmp_path / "clip", seed=0, image_size=32)
+    options = dict(clip=[str(clip)], vqgan=str(save_tiny_vqgan(tmp_path / "vqgan", fmt="safetensors")),
+                   sd_model=str(save_tiny_sd(tmp_path / "sd")), size=(32, 32), cutouts=2, min_fraction=0.6,
+                   augmentations=["none"], scheduler="ddim")
+    judge_clip = quality.load_judge_clip(save_tiny_clip(tmp_path / "judge", seed=1, image_size=32), device="cpu")
+    prompts = quality.sample_prompts(1, seed=3)
+    seen = []
+    result = quality.run_benchmark(prompts, [5], quality.VARIANTS, preset=None, options=options,
+                                   judge_clip=judge_clip, iterations=3, steps=2, clip_guidance_scale=50.0,
+                                   device="cpu", on_row=seen.append, log=lambda s: None)
+    rows = result["rows"]
+    assert not result["interrupted"] and rows == seen
+    assert [r["variant"] for r in rows] == ["vqgan+clip", "sd", "sd+clip"]
+    from toyworld.world import COLOURS, SHAPES
+
+    for r in rows:
+        assert r["prompt"] == prompts[0]["prompt"] and r["seed"] == 5
+        assert r["judged"]["background"] in COLOURS
+        assert r["judged"]["shape"] in (*SHAPES, None)
+        assert r["correct"]["all"] == all(r["correct"][a] for a in quality.ATTRIBUTES)
+        assert math.isfinite(r["clip_score"]) and -100 <= r["clip_score"] <= 100
+        assert r["seconds"] > 0 and r["generate_s"] is not None
+    assert rows[0]["steps_done"] == 3 and rows[0]["settings"]["iterations"] == 3
+    assert rows[1]["settings"]["clip_guidance_scale"] == 0.0 and rows[1]["settings"]["steps"] == 2
+    assert rows[2]["settings"]["clip_guidance_scale"] == 50.0
+    assert rows[2]["first_loss"] is not None  # guided steps record the CLIP loss
+    # Same seed, same image: the row (judgement and score) repeats exactly.
+    again = quality.run_benchmark(prompts, [5], quality.VARIANTS[:1], preset=None, options=options,
+                                  judge_clip=judge_clip, iterations=3, device="cpu", log=lambda s: None)["rows"][0]
+    assert again["judged"] == rows[0]["judged"] and again["clip_score"] == rows[0]["clip_score"]
+    summary = quality.summarise(rows)
+    for r in rows:
+        s = summary[r["variant"]]
+        assert s["n"] == 1 and s["clip_score"] == pytest.approx(r["clip_score"], abs=1e-3)
+        assert s["accuracy"]["all"] == float(r["correct"]["all"])
+    table = quality.format_table(summary)
+    assert "VQGAN+CLIP" in table and "SD + CLIP guidance" in table
+
+
+def test_reference_images_are_judged_right():
+    ref = quality.reference_scores(quality.sample_prompts(8), None)
+    assert ref["accuracy"] == {"colour": 1.0, "shape": 1.0, "background": 1.0, "all": 1.0}
+
+
+def test_cli_on_the_toy_models(tmp_path, capsys):
+    """The command line on the committed toy models; the SD variants are skipped, clearly, when the toy SD
+    folder is missing. An existing JSON is never overwritten without --overwrite."""
+    missing = quality.missing_toy_models(["clip_a", "clip_b", "vqgan"])
+    if missing:
+        pytest.skip(f"toy weights not trained yet: {', '.join(missing)}")
+    sd_missing = bool(quality.missing_toy_models(["sd"]))
+    out = tmp_path / "q.json"
+    argv = ["--quick", "--prompts", "1", "--iterations", "2", "--steps", "2", "--device", "cpu", "--json", str(out)]
+    assert quality.main(argv) == 0
+    report = json.loads(out.read_text())
+    captured = capsys.readouterr()
+    assert report["complete"] and report["seeds"] == [0] and len(report["prompts"]) == 1
+    assert "VQGAN+CLIP" in captured.out and "Targets (issue 6)" in captured.out
+    ran = {r["variant"] for r in report["rows"]}
+    if sd_missing:
+        assert ran == {"vqgan+clip"} and set(report["skipped"]) == {"sd", "sd+clip"}
+        assert "skipping sd: toy model 'sd'" in captured.err and "train_toy.py --only sd" in captured.err
+    else:
+        assert ran == {"vqgan+clip", "sd", "sd+clip"} and not report["skipped"]
+    assert report["rows"][0]["steps_done"] == 2 and report["rows"][0]["clip_score"] is not None
+    assert report["summary"]["vqgan+clip"]["n"] == 1 and len(report["targets"]) == 4
+    before = out.read_text()
+    assert quality.main(argv) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == before
