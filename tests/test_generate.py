@@ -318,3 +318,16 @@ def test_backend_options_are_generic(monkeypatch, opts):
     assert run.metadata["backend_settings"]["prompt"] == "a fox"
     with pytest.warns(UserWarning, match=r"ignoring option\(s\) iterations \(vqgan backend\)"):
         generate("a red circle", backend="fake", iterations=3, save=False, **{**opts, "size": (6, 6)})
+
+
+def test_toy_preset_runs_offline(tmp_path):
+    from toyworld import paths
+
+    if not all((paths.WEIGHTS_DIR / n).is_dir() for n in ("clip_a", "clip_b", "vqgan")):
+        pytest.skip("toy weights are not trained yet")
+    run = generate("a yellow triangle on a purple background", preset="toy", seed=0, iterations=3,
+                   out=str(tmp_path), progress=False)
+    assert run.images.shape == (1, 3, 64, 64) and run.image_path.is_file()
+    assert run.metadata["eval_model"] == str(paths.weights_dir("clip_b"))
+    assert isinstance(run.clip_score, float) and run.metadata["preset"] == "toy"
+    assert run.metadata["settings"]["min_fraction"] == 0.6
