@@ -21,10 +21,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .base import GenerationResult, Generator, StepCallback, StepInfo
 from .taming_checkpoint import FirstStage, TamingConfig, build_first_stage, load_state_dict

@@ -1,7 +1,6 @@
 """VQGAN backend: safe taming checkpoint loading, conversion, the straight-through optimisation."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
