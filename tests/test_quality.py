@@ -146,3 +146,38 @@ def test_cli_on_the_toy_models(tmp_path, capsys):
     before = out.read_text()
     assert quality.main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == before
+
+
+def _load_figures():
+    spec = importlib.util.spec_from_file_location("clipsteer_make_figures", ROOT / "scripts" / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_figure_drawing_helpers():
+    """scripts/make_figures.py: ticks cover the data; the loss plot draws the curve; grid cells land in place."""
+    from PIL import Image
+    import numpy as np
+
+    figures = _load_figures()
+    ticks = figures.nice_ticks(0.43, 1.41)
+    assert ticks[0] <= 0.43 and ticks[-1] >= 1.41 and len(ticks) <= 7
+    assert np.allclose(np.diff(ticks), ticks[1] - ticks[0])
+    fig = figures.loss_figure([1.4, 1.0, None, 0.6, 0.5], title="loss")
+    assert fig.size == (640, 380)
+    blue = (np.asarray(fig) == (40, 80, 200)).all(-1)
+    assert blue.sum() > 100  # the curve is drawn
+    with pytest.raises(ValueError, match="no finite losses"):
+        figures.loss_figure([None, None], title="loss")
+    red = Image.new("RGB", (64, 64), (220, 40, 40))
+    cells = {(0, 0): {"image": red, "verdict": "red circle / blue", "all_right": True, "score": "clip_b 50.0"}}
+    one = figures.grid_figure(cells, ["VQGAN+CLIP"], ["a red circle on a blue background", "x"], note="n")
+    two = figures.grid_figure(cells, ["VQGAN+CLIP", "SD"], ["a red circle on a blue background", "x"], note="n")
+    assert two.width == one.width and two.height > one.height
+    assert (np.asarray(one) == (220, 40, 40)).all(-1).sum() == (64 * figures.SCALE) ** 2  # cell at 2x, once
+    assert figures.attributes_of("an orange cross on a black background") == {
+        "colour": "orange", "shape": "cross", "background": "black"}
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        figures.attributes_of("a lighthouse")
