@@ -11,7 +11,7 @@ API behind ``scripts/generate.py``; the equivalent command line of each is print
   CLIP guidance; columns a few prompts; under each image what the pixel judge (``toyworld.judge``)
   sees and the CLIP score under the judging toy CLIP ``clip_b``. SD rows are left out, with a
   message, while ``toyworld/weights/sd`` is missing.
-* ``vqgan_loss.png``: the loss history (``run.metadata["losses"]``) of the VQGAN+CLIP run of the
+* ``loss_curve.png``: the loss history (``run.metadata["losses"]``) of the VQGAN+CLIP run of the
   first prompt, drawn with PIL.
 * ``vqgan_frames.png``: frames of that same run (``save_every``) up to the final image.
 
@@ -46,7 +46,7 @@ ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}),
     ("SD + CLIP guidance", "sd", {}),
 )
-FIGURES = {"grid": "toy_grid.png", "loss": "vqgan_loss.png", "frames": "vqgan_frames.png"}
+FIGURES = {"grid": "toy_grid.png", "loss": "loss_curve.png", "frames": "vqgan_frames.png"}
 FRAMES = 8  # frames in the strip before the final image
 SCALE = 2  # 64-pixel toy images are shown at 128 pixels (nearest neighbour)
 
