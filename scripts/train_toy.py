@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from toyworld.paths import WEIGHTS_DIR  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd")
+GROUP_MODELS = {"clip": ("clip_a", "clip_b"), "vqgan": ("vqgan",), "sd": ("sd",)}
 
 
 def _log(msg: str) -> None:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
         elif group == "vqgan":
             from toyworld.train_vqgan import train_vqgan
 
-            m = train_vqgan(out / "vqgan", steps=steps(380), log=_log)
+            m = train_vqgan(out / "vqgan", steps=steps(1000), log=_log)
             metrics["vqgan"] = m
             _log(f"== vqgan: {m['train_seconds']:.0f} s; PSNR {m['psnr_db']:.2f} dB (MSE {m['mse']:.5f}); "
                  f"{m['codes_used']}/{m['n_embed']} codes used, perplexity {m['perplexity']:.1f}; "
@@ -197,11 +198,11 @@ def main(argv=None) -> int:
         elif group == "sd":
             from toyworld.train_sd import train_sd
 
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(300), unet_steps=steps(1300), log=_log)
+            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(800), unet_steps=steps(1300), log=_log)
             metrics["sd"] = m
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
                  f"vae PSNR {m['vae']['psnr_db']:.2f} dB; samples judged {json.dumps(m['samples']['judge_accuracy'])}")
-        metrics["runs"][group] = {
+        run = {
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "wall_seconds": time.perf_counter() - t0,
             "machine": machine,
@@ -209,6 +210,12 @@ def main(argv=None) -> int:
             "loadavg_end": os.getloadavg(),
             "steps_scale": scale,
         }
+        # re-read before writing so that concurrent `--only` runs do not drop each other's figures
+        latest = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        latest.setdefault("runs", {})[group] = run
+        for name in GROUP_MODELS[group]:
+            latest[name] = metrics[name]
+        metrics = latest
         metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")
         write_report(out, metrics)
     _log("")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
+from .tokenizer import write_clip_tokenizer
 
 SD_SEED = 4004
 VAE_SEED = 4005
@@ -36,10 +37,12 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 32, 64),
+    block_out_channels=(16, 16, 32, 64),
     layers_per_block=1,
     latent_channels=4,
-    norm_num_groups=8,
+    # few groups: with one channel per group, GroupNorm acts as instance norm and erases a flat
+    # region's absolute colour -- fatal in a world of two flat colours
+    norm_num_groups=4,
     sample_size=64,
 )
 LATENT_SIZE = 8  # 64x64 images -> 8x8x4 latents
@@ -83,7 +86,7 @@ def evaluate_vae(vae, n: int = 256, seed: int = 999_999) -> dict:
     return {"mse": mse, "psnr_db": 10 * math.log10(1 / mse), "judge_on_reconstructions": acc, "n_images": n}
 
 
-def train_vae(steps: int = 300, batch_size: int = 16, lr: float = 1e-3, kl_weight: float = 1e-5, log=print):
+def train_vae(steps: int = 800, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-5, log=print):
     torch.manual_seed(VAE_SEED)
     rng = np.random.default_rng(VAE_SEED)
     vae = build_vae().train()
@@ -251,6 +254,10 @@ def save_pipeline(vae, unet, text_encoder, tokenizer, scaling: float, folder: st
                                    image_encoder=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _fp16_weights(folder)
+    # the tokenizer folder in the layout of the released SD repos: vocab.json + merges.txt
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    write_clip_tokenizer(folder / "tokenizer")
 
 
 def eval_prompts(n: int = 64, seed: int = 31337) -> list[tuple[str, str, str, str]]:
@@ -286,7 +293,7 @@ def evaluate_pipeline(folder: str | Path, n: int = 64, steps: int = 30, guidance
             "guidance_scale": guidance_scale, "seed": seed, "judge_accuracy": acc, "images": images}
 
 
-def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 300, unet_steps: int = 1300,
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 800, unet_steps: int = 1300,
              log=print) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate."""
     from transformers import CLIPTokenizer

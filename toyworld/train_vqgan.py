@@ -153,7 +153,7 @@ def evaluate(model: ToyVQModel, n: int = 256, seed: int = 888_888) -> dict:
     }
 
 
-def train_vqgan(out_dir: str | Path, steps: int = 380, batch_size: int = 16, lr: float = 1e-3, log=print) -> dict:
+def train_vqgan(out_dir: str | Path, steps: int = 1000, batch_size: int = 8, lr: float = 2e-3, log=print) -> dict:
     """Train the toy VQGAN from its fixed seed and save it to ``out_dir``. Returns metrics."""
     t0 = time.perf_counter()
     torch.manual_seed(VQGAN_SEED)
