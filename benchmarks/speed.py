@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, TAMING_F16_16384, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
+from common import (TAMING_F16_16384, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
                     time_calls)
 
 CACHE = Path(tempfile.gettempdir()) / "clipsteer-bench"

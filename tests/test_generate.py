@@ -20,14 +20,6 @@ INTERFACE_FLAGS = ("--backend", "--clip", "--vqgan", "--size", "--iterations", "
                    "--config", "--preset")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")

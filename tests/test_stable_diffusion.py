@@ -25,15 +25,6 @@ def scheduler_param(name):
     return pytest.param(name, marks=needs_scipy) if name == "lms" else name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster than two on a shared, busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip_loss(encoder):
     return CLIPLoss(encoder, PROMPT, cutouts=Cutouts(4, augmentations=[]))

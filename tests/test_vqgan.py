@@ -15,15 +15,6 @@ from guidance import CLIPLoss, Cutouts
 from tiny import save_tiny_vqgan, tiny_encoder, tiny_vqgan_config, tiny_vqgan_state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine is shared: one intra-op thread avoids OpenMP contention (results are identical).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vq_dir(tmp_path_factory):
     return save_tiny_vqgan(tmp_path_factory.mktemp("vq"), seed=0)
