@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan
 
@@ -24,14 +23,6 @@ def _load_quality():
 
 
 quality = _load_quality()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_prompt_sample_is_fixed_distinct_and_spread_over_shapes():
