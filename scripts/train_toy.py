@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -57,6 +58,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _train_clip_job(name: str, folder: str, n_steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    from toyworld.train_clip import train_clip
+
+    return train_clip(name, folder, log=_log, steps=n_steps)
 
 
 def write_report(out: Path, metrics: dict) -> str:
@@ -178,10 +186,16 @@ def main(argv=None) -> int:
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         if group == "clip":
-            from toyworld.train_clip import RECIPES, train_clip
+            from toyworld.train_clip import RECIPES
 
+            # the two CLIPs are independent: train them side by side, one process (and thread) each
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(2) as pool:
+                jobs = {name: pool.apply_async(_train_clip_job, (name, str(out / name), steps(RECIPES[name].steps), args.threads))
+                        for name in ("clip_a", "clip_b")}
+                results = {name: job.get() for name, job in jobs.items()}
             for name in ("clip_a", "clip_b"):
-                m = train_clip(name, out / name, log=_log, steps=steps(RECIPES[name].steps))
+                m = results[name]
                 metrics[name] = m
                 zs = m["zero_shot"]["clean"]
                 _log(f"== {name}: {m['train_seconds']:.0f} s; zero-shot clean colour {_pct(zs['colour'])} "

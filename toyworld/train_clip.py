@@ -50,17 +50,21 @@ class ClipRecipe:
     text_layers: int
     text_heads: int
     projection_dim: int
-    imperfect_prob: float = 0.4  # share of images made deliberately imperfect
+    imperfect_prob: float = 0.3  # share of images made deliberately imperfect
+    patch_aux_weight: float = 2.0  # auxiliary per-patch shape loss (training only)
+    shape_first: float = 0.45  # share of steps at the start that train shape recognition only
+    curriculum: float = 0.6  # share of steps at the start with clean images and mild augmentation
+    grad_clip: float = 1.0
 
 
 RECIPES = {
     "clip_a": ClipRecipe(
-        name="clip_a", seed=1001, steps=650, batch_size=96, lr=1.5e-3,
+        name="clip_a", seed=1001, steps=2000, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=8, vision_hidden=64, vision_layers=4, vision_heads=4,
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
     "clip_b": ClipRecipe(
-        name="clip_b", seed=2002, steps=500, batch_size=96, lr=1.5e-3,
+        name="clip_b", seed=2002, steps=2500, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=16, vision_hidden=64, vision_layers=3, vision_heads=4,
         text_hidden=48, text_layers=3, text_heads=4, projection_dim=48,
     ),
@@ -89,13 +93,15 @@ def make_config(r: ClipRecipe):
 # ---------------------------------------------------------------------------------------------
 def _imperfect(
     images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator, prob: float, gen: torch.Generator
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Make a share ``prob`` of the images imperfect, the way an image being optimised is.
 
-    images: float [N, 3, H, W] in [0, 1]; masks: bool [N, H, W] of the shape.
+    images: float [N, 3, H, W] in [0, 1]; masks: bool [N, H, W] of the shape. Returns the new
+    images and shape masks (a partially drawn shape loses part of its mask).
     """
     n, _, h, w = images.shape
     out = images.clone()
+    masks = masks.clone()
     pick = rng.uniform(0, 1, n) < prob
     kind = rng.integers(0, 4, n)
     for i in np.nonzero(pick)[0]:
@@ -112,10 +118,11 @@ def _imperfect(
                 ys, xs = torch.nonzero(m, as_tuple=True)
                 theta = rng.uniform(0, 2 * math.pi)
                 proj = xs.float() * math.cos(theta) + ys.float() * math.sin(theta)
-                thr = torch.quantile(proj, rng.uniform(0.5, 0.85))
+                thr = torch.quantile(proj, rng.uniform(0.7, 0.95))
                 gone = proj > thr
                 y0, x0 = torch.nonzero(~m)[0]  # any pixel outside the shape has the background colour
                 out[i, :, ys[gone], xs[gone]] = images[i, :, y0, x0][:, None]
+                masks[i, ys[gone], xs[gone]] = False
         elif k == 2:  # impure colours: small per-region RGB offsets and per-pixel texture
             m = masks[i].float()[None]
             off_fg = torch.from_numpy(rng.uniform(-0.1, 0.1, (3, 1, 1))).float()
@@ -124,11 +131,11 @@ def _imperfect(
             out[i] = out[i] + m * off_fg + (1 - m) * off_bg + tex
         else:  # soft, blotchy rendering: heavy blur plus low-frequency brightness variation
             k_sz = int(rng.choice([5, 7, 9]))
-            sigma = rng.uniform(1.0, 2.5)
+            sigma = rng.uniform(0.8, 2.0)
             out[i] = _blur(out[i : i + 1], k_sz, sigma)[0]
             blot = F.interpolate(torch.rand(1, 1, 4, 4, generator=gen), size=(h, w), mode="bilinear")[0]
             out[i] = out[i] * (0.85 + 0.3 * blot)
-    return out.clamp(0, 1)
+    return out.clamp(0, 1), masks
 
 
 def _blur(x: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
@@ -141,10 +148,20 @@ def _blur(x: torch.Tensor, k: int, sigma: float) -> torch.Tensor:
     return F.conv2d(xp, g.view(1, 1, k, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def guidance_augment(size: int):
-    """Augmentations like those applied to an image being guided (cutouts and small warps)."""
+def guidance_augment(size: int, with_mask: bool = False, mild: bool = False):
+    """Augmentations like those applied to an image being guided (cutouts and small warps).
+    With ``with_mask`` the returned module takes and returns ``(images, masks)``, warping a
+    float mask ``[N, 1, H, W]`` along with the images (intensity changes apply to images only).
+    ``mild`` (used early in training) keeps crops above 70% of the area and skips perspective."""
     import kornia.augmentation as K
 
+    if mild:
+        return K.AugmentationSequential(
+            K.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.9, 1.1), p=0.5),
+            K.RandomHorizontalFlip(),
+            K.RandomGaussianNoise(std=0.03, p=0.3),
+            data_keys=["input", "mask"] if with_mask else ["input"],
+        )
     return K.AugmentationSequential(
         K.RandomResizedCrop((size, size), scale=(0.4, 1.0), ratio=(0.8, 1.25), p=0.85),
         K.RandomHorizontalFlip(),
@@ -153,6 +170,7 @@ def guidance_augment(size: int):
         K.ColorJiggle(brightness=0.1, contrast=0.1, p=0.5),
         K.RandomGaussianBlur((5, 5), sigma=(0.1, 1.5), p=0.3),
         K.RandomGaussianNoise(std=0.06, p=0.3),
+        data_keys=["input", "mask"] if with_mask else ["input"],
     )
 
 
@@ -194,6 +212,42 @@ def _match_matrix(batch: world.WorldSample) -> torch.Tensor:
         named = np.array([ca[attr] is not None for ca in batch.caption_attributes])
         match &= ~named[None, :] | (actual[:, None] == wanted[None, :])
     return torch.from_numpy(match).float()
+
+
+class _Anchors:
+    """Fixed caption sets scored against every image each step: all 224 full captions and the
+    single-attribute captions ("a circle", "something red", "a red background"). Every image
+    then meets hard negatives that differ from it in one attribute only -- in particular the
+    same colours with another shape, which random in-batch captions rarely provide."""
+
+    def __init__(self):
+        self.full = world.all_full_captions()
+        self.full_index = {(c, s, b): i for i, (_, c, s, b) in enumerate(self.full)}
+        self.shapes = [world.caption(shape=s) for s in world.SHAPES]
+        self.colours = [world.caption(colour=c) for c in world.COLOURS]
+        self.backgrounds = [world.caption(background=b) for b in world.COLOURS]
+        self.captions = [t[0] for t in self.full] + self.shapes + self.colours + self.backgrounds
+
+    def targets(self, batch: world.WorldSample) -> dict[str, torch.Tensor]:
+        return {
+            "full": torch.tensor([self.full_index[(c, s, b)] for c, s, b in zip(batch.colours, batch.shapes, batch.backgrounds)]),
+            "shape": torch.tensor([world.SHAPES.index(s) for s in batch.shapes]),
+            "colour": torch.tensor([world.COLOURS.index(c) for c in batch.colours]),
+            "background": torch.tensor([world.COLOURS.index(b) for b in batch.backgrounds]),
+        }
+
+    def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """logits: [N, len(self.captions)] scaled image-caption similarities."""
+        n_full, n_s, n_c = len(self.full), len(self.shapes), len(self.colours)
+        parts = {
+            "full": logits[:, :n_full],
+            "shape": logits[:, n_full : n_full + n_s],
+            "colour": logits[:, n_full + n_s : n_full + n_s + n_c],
+            "background": logits[:, n_full + n_s + n_c :],
+        }
+        full = F.cross_entropy(parts["full"], targets["full"])
+        single = sum(w * F.cross_entropy(parts[k], targets[k]) for k, w in (("shape", 2), ("colour", 1), ("background", 1))) / 4
+        return full + single
 
 
 def _soft_clip_loss(logits_per_image: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
@@ -289,7 +343,8 @@ def save_clip_folder(model, folder: Path, image_size: int) -> None:
     ).save_pretrained(str(folder))
 
 
-def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: int | None = None) -> dict:
+def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: int | None = None,
+               eval_every: int = 0) -> dict:
     """Train one toy CLIP from its recipe's seed and save it to ``out_dir``. Returns metrics."""
     from transformers import CLIPModel
 
@@ -304,10 +359,25 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     tokens = _TokenCache(_tokenizer(out_dir))
     model = CLIPModel(make_config(r)).float()
     model.train()
-    aug = guidance_augment(r.image_size)
+    aug = guidance_augment(r.image_size, with_mask=True)
+    mild_aug = guidance_augment(r.image_size, with_mask=True, mild=True)
+    curriculum = int(r.curriculum * steps)  # first steps: clean images, mild augmentation
+    # Shape first: with all caption losses from the start, the easy colour terms take the small
+    # model's features and shape recognition stalls near chance; learning shapes alone first and
+    # adding the colour/background/in-batch losses afterwards avoids that.
+    shape_only = int(r.shape_first * steps)
+    anchors = _Anchors()
+    # training-only head: classifies every patch token as background or one of the shapes; dense
+    # supervision makes the ViT learn colour-independent edge/corner features far sooner than
+    # the caption losses alone. It is not part of the saved model.
+    patch_head = torch.nn.Linear(r.vision_hidden, len(world.SHAPES) + 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay + list(patch_head.parameters()), "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        lr=r.lr, betas=(0.9, 0.98),
+    )
+    grid = r.image_size // r.patch_size
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
@@ -317,14 +387,29 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
         batch = world.sample(r.batch_size, rng, plain_article_prob=0.25)
         x = batch.tensors()
         masks = torch.from_numpy(world.shape_mask(batch.shapes, batch.sizes, batch.centers, x.shape[-1]))
-        x = _imperfect(x, masks, rng, r.imperfect_prob, gen)
-        x = aug(x).clamp(0, 1)
-        ids, att = tokens(batch.captions)
-        out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
-        loss = _soft_clip_loss(out.logits_per_image, _match_matrix(batch))
+        early = step < curriculum
+        x, masks = _imperfect(x, masks, rng, 0.0 if early else r.imperfect_prob, gen)
+        x, m = (mild_aug if early else aug)(x, masks[:, None].float())
+        x = x.clamp(0, 1)
+        targets = anchors.targets(batch)
+        if step < shape_only:
+            ids, att = tokens(anchors.shapes)
+            out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
+            loss = F.cross_entropy(out.logits_per_image, targets["shape"])
+        else:
+            ids, att = tokens(batch.captions + anchors.captions)
+            out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
+            n = len(batch)
+            logits = out.logits_per_image  # [N, N + len(anchors.captions)]
+            loss = _soft_clip_loss(logits[:, :n], _match_matrix(batch)) + anchors.loss(logits[:, n:], targets)
+        # per-patch shape targets from the warped mask: the shape's class where a patch covers any of it
+        frac = F.adaptive_avg_pool2d(m, grid).flatten(1)  # [N, grid*grid]
+        patch_t = torch.where(frac > 0.05, targets["shape"][:, None], torch.full_like(targets["shape"][:, None], len(world.SHAPES)))
+        tokens_out = out.vision_model_output.last_hidden_state[:, 1:]
+        loss = loss + r.patch_aux_weight * F.cross_entropy(patch_head(tokens_out).reshape(-1, patch_head.out_features), patch_t.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -332,6 +417,10 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"[{r.name}] step {step}/{steps} loss {running:.3f} scale {model.logit_scale.exp().item():.1f} ({time.perf_counter() - t0:.0f}s)")
+        if eval_every and step % eval_every == eval_every - 1:
+            acc = evaluate(model, tokens.tok, n=256)["clean"]
+            model.train()
+            log(f"[{r.name}] step {step} zero-shot clean {acc}")
     train_time = time.perf_counter() - t0
     save_clip_folder(model, out_dir, r.image_size)
     # evaluate what was saved, loaded back through the public API
