@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -404,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
-    command = "python benchmarks/quality.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
     if args.json.exists() and not args.overwrite:
         print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE",
               file=sys.stderr)
