@@ -27,21 +27,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "tests"):
+for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-# OpenAI CLIP architecture hyper-parameters (as in the released configs).
-ARCHS = {
-    "ViT-B/32": dict(text=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12),
-                     vision=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                 num_hidden_layers=12, patch_size=32, image_size=224),
-                     projection_dim=512),
-    "ViT-L/14": dict(text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12),
-                     vision=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                                 num_hidden_layers=24, patch_size=14, image_size=224),
-                     projection_dim=768),
-}
+from common import CLIP_ARCHS as ARCHS  # noqa: E402  (published OpenAI CLIP hyper-parameters)
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 PLACES = ["on a grey background", "in a forest", "at night", "on a beach", "in the snow", "under water"]
@@ -58,22 +48,6 @@ def build_clip(arch: str, seed: int = 0):
         vision_config=dict(**spec["vision"]), projection_dim=spec["projection_dim"])
     torch.manual_seed(seed)
     return CLIPModel(config).eval()
-
-
-class _Features(torch.nn.Module):
-    """torchmetrics 1.9 calls ``.norm`` on ``get_*_features``; transformers 5 returns an output object.
-    This adapter hands it the pooled tensor (what transformers 4 returned); the formula is untouched."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-        self.config = clip.config
-
-    def get_image_features(self, *args, **kwargs):
-        return self.clip.get_image_features(*args, **kwargs).pooler_output
-
-    def get_text_features(self, *args, **kwargs):
-        return self.clip.get_text_features(*args, **kwargs).pooler_output
 
 
 def captions_for(n: int, per_caption: int) -> list[str]:
@@ -115,7 +89,7 @@ def main(argv=None) -> int:
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
     from guidance.encoders import HFCLIPEncoder
-    from guidance.score import CLIPScore, ScoreModel, clip_score
+    from guidance.score import CLIPScore, ScoreModel, TorchmetricsCLIP, clip_score
     from tiny import clip_tokenizer_dir
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
@@ -124,7 +98,7 @@ def main(argv=None) -> int:
     tm_clip = copy.deepcopy(clip)  # torchmetrics gets its own copy, parameters as from_pretrained leaves them
     ours = ScoreModel(HFCLIPEncoder(clip, tokenizer, name=args.arch, mean=image_processor.image_mean,
                                     std=image_processor.image_std), image_processor, name=args.arch)
-    make_tm = lambda: TMCLIPScore(model_name_or_path=lambda: (_Features(tm_clip),  # noqa: E731
+    make_tm = lambda: TMCLIPScore(model_name_or_path=lambda: (TorchmetricsCLIP(tm_clip),  # noqa: E731
                                                               CLIPProcessor(image_processor, tokenizer)))
 
     g = torch.Generator().manual_seed(0)
@@ -187,7 +161,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
 
     with torch.no_grad():
-        ref_pairs = torch.cat([_clip_score_update(x, c, _Features(tm_clip), CLIPProcessor(image_processor, tokenizer))[0]
+        ref_pairs = torch.cat([_clip_score_update(x, c, TorchmetricsCLIP(tm_clip), CLIPProcessor(image_processor, tokenizer))[0]
                                for x, c in batches]).double()
     ours.clear_cache()
     our_pairs = clip_score(images, caps, model=ours, batch_size=bs, reduction="none").double()

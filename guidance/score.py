@@ -474,3 +474,29 @@ class CLIPScore:
         if self._several:
             return {k: reduce_scores(v.double().sum(), len(v), self.definition) for k, v in scores.items()}
         return reduce_scores(scores.double().sum(), len(scores), self.definition)
+
+
+class TorchmetricsCLIP(torch.nn.Module):
+    """A transformers ``CLIPModel`` as torchmetrics 1.9's ``CLIPScore`` expects it on transformers 5.
+
+    torchmetrics calls ``.norm`` on ``get_image_features`` / ``get_text_features``, which return an
+    output object since transformers 5; this hands it the pooled tensor (what transformers 4
+    returned), leaving torchmetrics' formula untouched. For comparisons::
+
+        TMCLIPScore(model_name_or_path=lambda: (TorchmetricsCLIP(model), processor))
+    """
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    def get_image_features(self, *args, **kwargs):
+        return _pooled(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return _pooled(self.clip.get_text_features(*args, **kwargs))
+
+
+def _pooled(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

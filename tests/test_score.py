@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from guidance.score import (HESSEL_PREFIX, CLIPScore, ScoreModel, as_image_list, clip_score, get_score_model,
+from guidance.score import (HESSEL_PREFIX, CLIPScore, ScoreModel, TorchmetricsCLIP, as_image_list, clip_score, get_score_model,
                             image_similarity, pair_scores, reduce_scores)
 from tiny import save_tiny_clip
 
@@ -30,27 +30,11 @@ def _images(n=6, h=40, w=48, seed=0):
     return torch.randint(0, 256, (n, 3, h, w), generator=g, dtype=torch.uint8)
 
 
-class _Features(torch.nn.Module):
-    """Adapter for torchmetrics 1.9 on transformers 5: ``get_*_features`` return the pooled tensor,
-    as they did in transformers 4 (torchmetrics calls ``.norm`` on the result)."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-        self.config = clip.config
-
-    def get_image_features(self, *args, **kwargs):
-        return self.clip.get_image_features(*args, **kwargs).pooler_output
-
-    def get_text_features(self, *args, **kwargs):
-        return self.clip.get_text_features(*args, **kwargs).pooler_output
-
-
 def _torchmetrics(clip_dir):
     from torchmetrics.multimodal.clip_score import CLIPScore as TMCLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
-    return TMCLIPScore(model_name_or_path=lambda: (_Features(CLIPModel.from_pretrained(clip_dir)),
+    return TMCLIPScore(model_name_or_path=lambda: (TorchmetricsCLIP(CLIPModel.from_pretrained(clip_dir)),
                                                    CLIPProcessor.from_pretrained(clip_dir)))
 
 
