@@ -391,7 +391,7 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
     from diffusers import StableDiffusionPipeline
 
     path = Path(spec).expanduser()
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if spec.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
             raise FileNotFoundError(f"Stable Diffusion checkpoint file {spec!r} does not exist; give an existing "
@@ -426,7 +426,7 @@ def load_tiny_vae(spec: str, pipe):
         raise FileNotFoundError(f"tiny VAE folder {spec!r} does not exist; give a Hub id such as "
                                 "'madebyollin/taesd' or an existing local folder")
     try:
-        vae = AutoencoderTiny.from_pretrained(str(path) if path.exists() else spec, torch_dtype=torch.float32)
+        vae = AutoencoderTiny.from_pretrained(str(path) if path.exists() else spec, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise _load_error("tiny VAE", spec, err) from None
     check_tiny_vae(vae, pipe)
