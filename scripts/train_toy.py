@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         elif group == "sd":
             from toyworld.train_sd import train_sd
 
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(800), unet_steps=steps(1300), log=_log)
+            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1600), unet_steps=steps(1300), log=_log)
             metrics["sd"] = m
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
                  f"vae PSNR {m['vae']['psnr_db']:.2f} dB; samples judged {json.dumps(m['samples']['judge_accuracy'])}")

@@ -15,6 +15,7 @@ from .world import (
     sample,
 )
 from .judge import Judgement, judge, judge_batch
+from .paths import ToyWeightsMissing, clip_a_dir, clip_b_dir, sd_dir, vqgan_dir, weights_dir
 
 __all__ = [
     "COLOURS",
@@ -30,4 +31,10 @@ __all__ = [
     "Judgement",
     "judge",
     "judge_batch",
+    "ToyWeightsMissing",
+    "clip_a_dir",
+    "clip_b_dir",
+    "sd_dir",
+    "vqgan_dir",
+    "weights_dir",
 ]

@@ -86,7 +86,7 @@ def evaluate_vae(vae, n: int = 256, seed: int = 999_999) -> dict:
     return {"mse": mse, "psnr_db": 10 * math.log10(1 / mse), "judge_on_reconstructions": acc, "n_images": n}
 
 
-def train_vae(steps: int = 800, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-5, log=print):
+def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-5, log=print):
     torch.manual_seed(VAE_SEED)
     rng = np.random.default_rng(VAE_SEED)
     vae = build_vae().train()
@@ -276,7 +276,7 @@ def evaluate_pipeline(folder: str | Path, n: int = 64, steps: int = 30, guidance
 
     from .judge import accuracy, judge_batch
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder)).to(torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))  # fp16 files load as float32
     pipe.set_progress_bar_config(disable=True)
     items = eval_prompts(n)
     images = []
@@ -293,7 +293,7 @@ def evaluate_pipeline(folder: str | Path, n: int = 64, steps: int = 30, guidance
             "guidance_scale": guidance_scale, "seed": seed, "judge_accuracy": acc, "images": images}
 
 
-def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 800, unet_steps: int = 1300,
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1600, unet_steps: int = 1300,
              log=print) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate."""
     from transformers import CLIPTokenizer
