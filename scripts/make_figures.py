@@ -292,10 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from generators.run import generate
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    from generators.run import generate
+
+    hf_logging.disable_progress_bar()  # no per-model loading bars between the printed commands
+    diffusers_logging.disable_progress_bar()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
