@@ -20,6 +20,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
 
+figures: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) scripts/make_figures.py --overwrite
+
+bench: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/quality.py --overwrite
+
 test-all: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "slow or not slow" $(ARGS)
 
