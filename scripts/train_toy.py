@@ -87,6 +87,9 @@ def write_report(out: Path, metrics: dict) -> str:
         if group in runs:
             r = runs[group]
             lines.append(f"| {group} | {r['finished']} | {r['wall_seconds']:.0f} s | {r['machine']} |")
+    if runs:
+        total = sum(r["wall_seconds"] for r in runs.values())
+        lines.append(f"| all groups | | {total:.0f} s ({total / 60:.1f} min) | |")
     lines += ["", "Times are wall-clock on a shared CPU machine (other jobs ran alongside, so they vary with load; "
               "the load average at start and end of each group is in `training_metrics.json`).", ""]
 
@@ -168,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared, busy machine one thread is several times "
                          "faster than oversubscribed cores; the thread count is recorded)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     groups = args.only or list(GROUPS)
@@ -175,6 +180,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "training_metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if args.report_only:
+        _log(write_report(out, metrics))
+        return 0
     metrics.setdefault("runs", {})
     machine = f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} (threads={torch.get_num_threads()})"
     scale = args.steps_scale

@@ -13,6 +13,15 @@ in the batch that describes it, and vice versa. Images go through guidance-like 
 noise, mild brightness/contrast -- never hue) and a share of them are deliberately imperfect
 (blended with noise, partially drawn, with impure colours) so the model's gradients point a
 noisy image towards the right colours and shapes.
+
+Besides the in-batch loss, every image is scored against fixed caption sets (all 224 full
+captions and the single-attribute captions), so it always meets hard negatives that differ in
+one attribute only. Schedule: the first ``shape_first`` share of the steps trains shape
+recognition alone (image vs "a circle" / "a square" / ...) -- with every loss from the start
+the easy colour terms take the small model's features and shape accuracy stalls near chance;
+the first ``curriculum`` share uses clean images and mild augmentation. A training-only linear
+head classifies each patch token (background or the shape's class) as dense auxiliary
+supervision; it is not saved. Per-step loss terms and the reasons are in ``train_clip``.
 """
 
 from __future__ import annotations
