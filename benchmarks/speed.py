@@ -219,6 +219,7 @@ def case_sd(args, device) -> dict:
 
 
 CASES = {"clip-loss": case_clip_loss, "vqgan": case_vqgan, "sd": case_sd}
+DEFAULT_CUTN = {"clip-loss": 32, "vqgan": 32, "sd": 4}
 
 
 def run_case(args) -> None:
@@ -237,7 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", nargs="+", default=["clip-loss", "vqgan"], help="cases to run (default: %(default)s)")
     parser.add_argument("--impls", nargs="+", default=["clipsteer", "baseline"], help="implementations to compare")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128], help="image sizes (square)")
-    parser.add_argument("--cutn", type=int, default=32, help="cutouts per iteration (sd uses 4)")
+    parser.add_argument("--cutn", type=int, default=None,
+                        help="cutouts per iteration (default: 32 for clip-loss and vqgan, 4 for sd)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
@@ -256,7 +258,7 @@ def main(argv=None) -> None:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
         for size in args.sizes:
             for impl in args.impls:
-                cmd = ["--case", case, "--impl", impl, "--size", str(size), "--cutn", str(args.cutn),
+                cmd = ["--case", case, "--impl", impl, "--size", str(size), "--cutn", str(args.cutn or DEFAULT_CUTN[case]),
                        "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
                 if args.precision and impl == "clipsteer":
                     cmd += ["--precision", args.precision]

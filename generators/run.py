@@ -528,13 +528,15 @@ def load_encoders(names: list[str], *, device, precision) -> list:
 
 
 def clear_caches() -> None:
-    """Forget cached CLIP encoders and VQGAN models (frees their memory)."""
+    """Forget cached CLIP encoders, VQGAN models and Stable Diffusion pipelines (frees their memory)."""
+    import importlib
+
     _ENCODERS.clear()
-    try:
-        from .vqgan import _MODEL_CACHE
-    except ImportError:
-        return
-    _MODEL_CACHE.clear()
+    for module, name in ((".vqgan", "_MODEL_CACHE"), (".stable_diffusion", "_PIPELINE_CACHE")):
+        try:
+            getattr(importlib.import_module(module, __package__), name).clear()
+        except ImportError:
+            continue
 
 
 def build_clip_loss(opts: Mapping[str, Any], schedule, *, seed: int, device, precision):

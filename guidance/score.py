@@ -491,6 +491,14 @@ class TorchmetricsCLIP(torch.nn.Module):
         self.clip = clip
         self.config = clip.config
 
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.dtype
+
     def get_image_features(self, *args, **kwargs):
         return _pooled(self.clip.get_image_features(*args, **kwargs))
 

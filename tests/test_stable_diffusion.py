@@ -275,9 +275,31 @@ def test_loads_a_saved_pipeline_folder_and_tiny_vae(clip_loss, tmp_path):
     assert (result.images - in_memory.generate(clip_loss, seed=2).images).abs().max() > 1e-4
 
 
+def test_a_reused_pipeline_forgets_the_previous_runs_choices(clip_loss, tmp_path):
+    """Runs share one loaded pipeline; scheduler and slicing of one run never leak into the next."""
+    from generators.stable_diffusion import _PIPELINE_CACHE
+
+    folder = save_tiny_sd(tmp_path / "sd")
+    options = {"sd_model": str(folder), "steps": 3, "prompt": PROMPT, "clip_guidance_scale": 500.0, "width": None}
+    first = get_generator("sd", {**options, "scheduler": "euler"}, device="cpu")
+    expected = first.generate(clip_loss, seed=3).images
+    other = get_generator("sd", {**options, "scheduler": "ddim", "attention_slicing": True, "vae_slicing": True},
+                          device="cpu")
+    assert other.pipe is first.pipe and len(_PIPELINE_CACHE) == 1
+    assert type(other.pipe.scheduler).__name__ == "DDIMScheduler" and other.pipe.vae.use_slicing
+    other.generate(clip_loss, seed=3)
+    default = get_generator("sd", {**options, "scheduler": "default"}, device="cpu")
+    assert type(default.pipe.scheduler).__name__ == "PNDMScheduler"   # what the folder was saved with
+    assert not default.pipe.vae.use_slicing
+    again = get_generator("sd", {**options, "scheduler": "euler"}, device="cpu")
+    torch.testing.assert_close(again.generate(clip_loss, seed=3).images, expected, rtol=0, atol=0)
+
+
 def test_memory_options_keep_the_images(clip_loss):
     base = make(steps=2, num_images=2).generate(clip_loss, seed=0).images
-    lean = make(steps=2, num_images=2, vae_slicing=True, vae_tiling=True, attention_slicing=True)
+    lean = make(steps=2, num_images=2, vae_slicing=True, vae_tiling=True, attention_slicing=True,
+                channels_last=False)
+    assert lean.pipe.vae.decoder.conv_in.weight.is_contiguous()
     torch.testing.assert_close(lean.generate(clip_loss, seed=0).images, base, rtol=0, atol=1e-4)
 
 

@@ -268,6 +268,16 @@ def test_seed_reproduces_image_exactly(model, enc):
     assert not torch.equal(a.images[0], a.images[1]), "each image of a batch starts from its own codes"
 
 
+def test_memory_layout_is_a_speed_choice_only(model, enc):
+    """channels-last (default) and contiguous give the same run; each run sets the shared model's layout."""
+    fast = _gen(model, iterations=3).generate(_loss(enc), seed=5)
+    plain_gen = _gen(model, iterations=3, channels_last=False)
+    assert plain_gen.model.decoder.conv_in.weight.is_contiguous()
+    plain = plain_gen.generate(_loss(enc), seed=5)
+    torch.testing.assert_close(fast.images, plain.images, rtol=0, atol=1e-4)
+    assert _gen(model).model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_init_noise_and_init_image(model, tmp_path):
     from PIL import Image
 
