@@ -282,6 +282,7 @@ def test_a_reused_pipeline_forgets_the_previous_runs_choices(clip_loss, tmp_path
     folder = save_tiny_sd(tmp_path / "sd")
     options = {"sd_model": str(folder), "steps": 3, "prompt": PROMPT, "clip_guidance_scale": 500.0, "width": None}
     first = get_generator("sd", {**options, "scheduler": "euler"}, device="cpu")
+    assert first.pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # the default
     expected = first.generate(clip_loss, seed=3).images
     other = get_generator("sd", {**options, "scheduler": "ddim", "attention_slicing": True, "vae_slicing": True},
                           device="cpu")
