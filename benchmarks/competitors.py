@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,12 @@ def nerdyrodent_files(pythonpath: str | None) -> Path:
                 yaml.safe_dump(cfg, fh)
             torch.save({{"state_dict": VQModel(**params).state_dict()}}, {str(folder / 'f16_16384.ckpt')!r})
         """)
-        subprocess.run([sys.executable, "-c", code], check=True, env=_pythonpath_env(pythonpath, folder))
+        made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, **_pythonpath_env(pythonpath, folder)})
+        if made.returncode != 0:
+            last = (made.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"error: could not build nerdyrodent's checkpoints ({last}); pass --pythonpath with "
+                             "clip-anytorch and taming-transformers installed (see this script's --help)")
     return folder
 
 
@@ -99,10 +105,10 @@ def _pythonpath_env(pythonpath: str | None, *extra: Path) -> dict:
 
 
 def compare_vqgan(args) -> dict:
-    files = nerdyrodent_files(args.pythonpath)
     script = Path(args.nerdyrodent).expanduser() / "generate.py"
     if not script.is_file():
         raise SystemExit(f"error: no generate.py in {script.parent}; pass --nerdyrodent PATH/TO/VQGAN-CLIP checkout")
+    files = nerdyrodent_files(args.pythonpath)
     clip = clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")
     size = [str(args.size), str(args.size)]
     out = Path(tempfile.mkdtemp(prefix="clipsteer-competitors-"))
@@ -125,15 +131,18 @@ def compare_vqgan(args) -> dict:
     result = {"case": "vqgan", "size": args.size, "settings": common, "steps": [a, b], "repeats": args.repeats}
     impls = (("nerdyrodent", theirs, _pythonpath_env(args.pythonpath, files), script.parent),
              ("clipsteer", ours, {}, ROOT))
-    for _, cmd, env, cwd in impls:   # untimed: first reads of the checkpoints, compiled caches
-        timed_run(cmd(1), env=env, cwd=cwd)
     estimates: dict[str, list[dict]] = {name: [] for name, *_ in impls}
-    for _ in range(args.repeats):    # interleaved, so load drifts hit both sides alike
-        for name, cmd, env, cwd in impls:
-            runs = [timed_run(cmd(n), env=env, cwd=cwd) for n in (a, b)]
-            estimates[name].append(per_step(runs[0], runs[1], a, b))
-            print(f"{name}: {estimates[name][-1]['s_per_step']:.2f} s/iteration, "
-                  f"peak RSS {estimates[name][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    try:
+        for _, cmd, env, cwd in impls:   # untimed: first reads of the checkpoints, compiled caches
+            timed_run(cmd(1), env=env, cwd=cwd)
+        for _ in range(args.repeats):    # interleaved, so load drifts hit both sides alike
+            for name, cmd, env, cwd in impls:
+                runs = [timed_run(cmd(n), env=env, cwd=cwd) for n in (a, b)]
+                estimates[name].append(per_step(runs[0], runs[1], a, b))
+                print(f"{name}: {estimates[name][-1]['s_per_step']:.2f} s/iteration, "
+                      f"peak RSS {estimates[name][-1]['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)   # the images both tools wrote: only timing is kept
     for name, runs in estimates.items():
         result[name] = {"s_per_step": statistics.median(r["s_per_step"] for r in runs),
                         "s_per_step_each": [r["s_per_step"] for r in runs],
