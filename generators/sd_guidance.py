@@ -112,7 +112,7 @@ def straight_through_clamp(images: torch.Tensor) -> torch.Tensor:
     return images + (images.clamp(0, 1) - images).detach()
 
 
-def clip_gradient(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str, *,
+def clip_gradient(z: torch.Tensor, output: torch.Tensor | None, alpha_bar: torch.Tensor, prediction_type: str, *,
                   decode: Callable[[torch.Tensor], torch.Tensor], loss_fn: Callable, step: int,
                   generator: torch.Generator, model: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   loss_scale: float = 1.0):
@@ -124,7 +124,8 @@ def clip_gradient(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor
     does), with the Jacobian ``dx0/dz`` replaced by ``sqrt(ab) I``, its exact value for Gaussian
     latents. (Holding eps constant instead would give ``I / sqrt(ab)``, ~200x larger at the noisiest
     steps.) ``model`` given ("full" mode): the UNet is re-run on ``z`` with gradients and the loss is
-    backpropagated through it, as the diffusers community CLIP-guided pipeline does.
+    backpropagated through it, as the diffusers community CLIP-guided pipeline does; ``output`` is
+    then not used (pass ``None``).
     """
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)

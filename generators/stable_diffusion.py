@@ -10,8 +10,10 @@ v- and x0-prediction checkpoints, and with ``clip_guidance_scale=0`` the loop is
 
 Speed: every weight is frozen, the CFG UNet output is reused, and by default
 (``guidance_gradient="x0"``) the gradient stops at the clean estimate, so a guided step costs
-one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"`` re-runs
-the UNet with gradients as the diffusers community CLIP-guided pipeline does.
+one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"``
+backpropagates through the UNet as the diffusers community CLIP-guided pipeline does, but runs
+the text-conditional UNet pass once (with gradients) and reuses it for CFG, where that pipeline
+runs it twice.
 
 Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
 arithmetic, the VAE (decoding and guidance) and the guidance gradient stay float32. When a CLIP
@@ -284,31 +286,46 @@ class StableDiffusionGenerator(Generator):
         loss_scale = HALF_LOSS_SCALE if guide and any(
             p.dtype == torch.float16 for p in clip_loss.parameters()) else 1.0
 
-        def denoise(z, t):
-            """The classifier-free-guided model output at VP input ``z`` (float32)."""
+        def denoise(z, t, out_cond=None):
+            """The classifier-free-guided model output at VP input ``z`` (float32).
+
+            Given the text-conditional output ``out_cond`` (computed with gradients by a "full" guided
+            step), only the unconditional half is run, so no UNet forward is done twice."""
+            if out_cond is not None:
+                if not cfg:
+                    return out_cond
+                out_uncond = unet(z, t, encoder_hidden_states=uncond, return_dict=False)[0].float()
+                return out_uncond + s.cfg_scale * (out_cond - out_uncond)
             out = unet(torch.cat([z, z]) if cfg else z, t, encoder_hidden_states=embeds, return_dict=False)[0]
             if cfg:
                 out_uncond, out_cond = out.float().chunk(2)
                 return out_uncond + s.cfg_scale * (out_cond - out_uncond)
             return out.float()
 
-        def conditional(z, t):
-            """The text-conditional output with gradients ("full" mode, as the community pipeline)."""
-            return unet(z.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+        def conditional(z, t, keep: dict):
+            """The text-conditional output with gradients ("full" mode, as the community pipeline);
+            a detached copy is kept for the CFG combination of the same step."""
+            out = unet(z.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            keep["cond"] = out.detach()
+            return out
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted = latents, 0, False
         try:
             for i, t in enumerate(timesteps):
                 z = scheduler.scale_model_input(latents, t)
-                out = denoise(z.to(unet.dtype), t)
                 alpha_bar = frame.alpha_bar(scheduler, i, t)
+                full = i in to_guide and s.guidance_gradient == "full"
+                out = None if full else denoise(z.to(unet.dtype), t)
                 loss = None
                 if i in to_guide:
-                    model = (lambda zz, t=t: conditional(zz, t)) if s.guidance_gradient == "full" else None
+                    keep: dict = {}
+                    model = (lambda zz, t=t: conditional(zz, t, keep)) if full else None
                     grad, loss = clip_gradient(z, out, alpha_bar, prediction, decode=self._guidance_decode,
                                                loss_fn=clip_loss, step=i, generator=clip_gen, model=model,
                                                loss_scale=loss_scale)
+                    if full:
+                        out = denoise(z.to(unet.dtype), t, out_cond=keep["cond"])
                     delta_eps = s.clip_guidance_scale * (1 - alpha_bar).sqrt() * grad   # Dhariwal & Nichol eq. 14
                     out = out + output_correction(delta_eps, alpha_bar, prediction)
                     step_losses.append(loss.per_image.detach().mean())

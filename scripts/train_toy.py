@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Retrain the toy-world models from their fixed seeds and record how they did.
 
-    nice -n 10 python scripts/train_toy.py                # everything (CLIP A+B, VQGAN, SD)
+    nice -n 10 python scripts/train_toy.py                # everything (CLIPs A, B, C, VQGAN, SD)
     nice -n 10 python scripts/train_toy.py --only clip    # or vqgan, or sd (repeatable)
+    nice -n 10 python scripts/train_toy.py --only clip_c  # or clip_a, clip_b: one CLIP of the group
 
 Models are written to ``toyworld/weights/<name>`` (or ``--out``). Every figure printed here is
 also written, from these measurements, to ``training_metrics.json`` and ``TRAINING.md`` in the
@@ -31,7 +32,8 @@ import torch  # noqa: E402
 from toyworld.paths import WEIGHTS_DIR  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd")
-GROUP_MODELS = {"clip": ("clip_a", "clip_b"), "vqgan": ("vqgan",), "sd": ("sd",)}
+GROUP_MODELS = {"clip": ("clip_a", "clip_b", "clip_c"), "vqgan": ("vqgan",), "sd": ("sd",)}
+CLIPS = GROUP_MODELS["clip"]
 
 
 def _log(msg: str) -> None:
@@ -76,30 +78,29 @@ def write_report(out: Path, metrics: dict) -> str:
         "(or `--only clip|vqgan|sd`).",
         "",
     ]
-    sizes = {name: _folder_bytes(out / name) for name in ("clip_a", "clip_b", "vqgan", "sd") if (out / name).is_dir()}
+    sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd") if (out / name).is_dir()}
     lines += ["## Sizes on disk", "", "| model | size |", "| --- | --- |"]
     lines += [f"| `{name}` | {_mb(b)} |" for name, b in sizes.items()]
     lines += [f"| total | {_mb(sum(sizes.values()))} |", ""]
 
     runs = metrics.get("runs", {})
     lines += ["## Training runs", "", "| group | finished (UTC) | wall time of the group | machine |", "| --- | --- | --- | --- |"]
-    for group in GROUPS:
-        if group in runs:
-            r = runs[group]
-            lines.append(f"| {group} | {r['finished']} | {r['wall_seconds']:.0f} s | {r['machine']} |")
+    for group, r in runs.items():
+        lines.append(f"| {group} | {r['finished']} | {r['wall_seconds']:.0f} s | {r['machine']} |")
     if runs:
         total = sum(r["wall_seconds"] for r in runs.values())
         lines.append(f"| all groups | | {total:.0f} s ({total / 60:.1f} min) | |")
     lines += ["", "Times are wall-clock on a shared CPU machine (other jobs ran alongside, so they vary with load; "
               "the load average at start and end of each group is in `training_metrics.json`).", ""]
 
-    for name in ("clip_a", "clip_b"):
+    roles = {"clip_a": "guides", "clip_b": "judges (never guides)", "clip_c": "guides, with CLIP A"}
+    for name in CLIPS:
         m = metrics.get(name)
         if not m:
             continue
         r = m["recipe"]
         lines += [
-            f"## Toy CLIP {name[-1].upper()} (`{name}`)",
+            f"## Toy CLIP {name[-1].upper()} (`{name}`, {roles[name]})",
             "",
             f"- transformers `CLIPModel`: vision ViT {r['image_size']}px / patch {r['patch_size']}, hidden {r['vision_hidden']}, "
             f"{r['vision_layers']} layers; text hidden {r['text_hidden']}, {r['text_layers']} layers; projection {r['projection_dim']}; "
@@ -164,7 +165,8 @@ def write_report(out: Path, metrics: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", choices=GROUPS, help="retrain only this group (repeatable)")
+    ap.add_argument("--only", action="append", choices=GROUPS + CLIPS,
+                    help="retrain only this group, or only this CLIP of the clip group (repeatable)")
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="weights folder (default: toyworld/weights)")
     ap.add_argument("--steps-scale", type=float, default=1.0,
                     help="multiply every step count (for quick experiments only; the committed weights use 1.0)")
@@ -175,7 +177,9 @@ def main(argv=None) -> int:
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    groups = args.only or list(GROUPS)
+    only = args.only or list(GROUPS)
+    clips = [c for c in CLIPS if "clip" in only or c in only]
+    groups = [g for g in GROUPS if g in only or (g == "clip" and clips)]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "training_metrics.json"
@@ -196,13 +200,13 @@ def main(argv=None) -> int:
         if group == "clip":
             from toyworld.train_clip import RECIPES
 
-            # the two CLIPs are independent: train them side by side, one process (and thread) each
+            # the CLIPs are independent: train them side by side, one process (and thread) each
             ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(2) as pool:
+            with ctx.Pool(min(2, len(clips))) as pool:
                 jobs = {name: pool.apply_async(_train_clip_job, (name, str(out / name), steps(RECIPES[name].steps), args.threads))
-                        for name in ("clip_a", "clip_b")}
+                        for name in clips}
                 results = {name: job.get() for name, job in jobs.items()}
-            for name in ("clip_a", "clip_b"):
+            for name in clips:
                 m = results[name]
                 metrics[name] = m
                 zs = m["zero_shot"]["clean"]
@@ -234,8 +238,10 @@ def main(argv=None) -> int:
         }
         # re-read before writing so that concurrent `--only` runs do not drop each other's figures
         latest = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        latest.setdefault("runs", {})[group] = run
-        for name in GROUP_MODELS[group]:
+        # a part of the clip group retrained alone is recorded as its own run ("clip_c"), not as the group's
+        key = group if group != "clip" or list(clips) == list(CLIPS) else "+".join(clips)
+        latest.setdefault("runs", {})[key] = run
+        for name in (clips if group == "clip" else GROUP_MODELS[group]):
             latest[name] = metrics[name]
         metrics = latest
         metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")

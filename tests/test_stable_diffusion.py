@@ -187,13 +187,26 @@ def test_window_and_every_choose_the_guided_steps(clip_loss):
 def test_x0_mode_never_runs_the_unet_with_gradients(clip_loss):
     calls = []
     pipe = tiny_sd_pipeline()
-    pipe.unet.register_forward_hook(lambda m, args, out: calls.append(torch.is_grad_enabled()))
+    pipe.unet.register_forward_hook(lambda m, args, out: calls.append((torch.is_grad_enabled(), len(args[0]))))
     make(pipe, steps=4, cfg_scale=7.5).generate(clip_loss, seed=0)
-    assert calls == [False] * 4
+    assert calls == [(False, 2)] * 4                       # one CFG pass (uncond + cond) per step
     calls.clear()
     full = make(pipe, steps=4, guidance_gradient="full", guidance_every=2).generate(clip_loss, seed=0)
-    assert sorted(calls) == [False] * 4 + [True] * 2 and full.info["guidance_gradient"] == "full"
+    # A guided step runs the conditional half once, with gradients, and only the unconditional half without.
+    assert calls == [(True, 1), (False, 1), (False, 2), (True, 1), (False, 1), (False, 2)]
+    assert full.info["guidance_gradient"] == "full"
     assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 7.5])
+def test_full_mode_reuses_the_conditional_pass_without_changing_cfg(clip_loss, cfg_scale):
+    """With a vanishing CLIP scale, "full" sampling is plain diffusers sampling: the reused text-conditional
+    output enters CFG exactly as the pipeline's own batched pass would."""
+    gen = make(steps=3, guidance_gradient="full", clip_guidance_scale=1e-9, cfg_scale=cfg_scale)
+    result = gen.generate(clip_loss, seed=4)
+    assert result.info["guided_steps"] == [0, 1, 2]
+    torch.testing.assert_close(result.images, reference(gen.pipe, 4, 3, guidance_scale=cfg_scale),
+                               rtol=0, atol=1e-5)
 
 
 def test_seeds_reproduce_with_an_ancestral_scheduler(clip_loss):

@@ -10,11 +10,12 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODELS: dict[str, tuple[str, ...]] = {
     "clip_a": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
     "clip_b": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
+    "clip_c": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
     "vqgan": ("config.yaml", "model.safetensors"),
     "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
            "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
 }
-RETRAIN = {"clip_a": "clip", "clip_b": "clip", "vqgan": "vqgan", "sd": "sd"}
+RETRAIN = {"clip_a": "clip", "clip_b": "clip", "clip_c": "clip", "vqgan": "vqgan", "sd": "sd"}
 
 
 class ToyWeightsMissing(FileNotFoundError):
@@ -22,7 +23,7 @@ class ToyWeightsMissing(FileNotFoundError):
 
 
 def weights_dir(name: str, check: bool = True) -> Path:
-    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``vqgan``, ``sd``).
+    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``clip_c``, ``vqgan``, ``sd``).
 
     Raises ``ToyWeightsMissing`` (a ``FileNotFoundError``) naming the missing files and the
     command that recreates them, unless ``check`` is false.
@@ -46,8 +47,13 @@ def clip_a_dir() -> Path:
 
 
 def clip_b_dir() -> Path:
-    """Toy CLIP B (a second, independently trained CLIP -- the judge's CLIP)."""
+    """Toy CLIP B (a second, independently trained CLIP -- the judge's CLIP; it never guides)."""
     return weights_dir("clip_b")
+
+
+def clip_c_dir() -> Path:
+    """Toy CLIP C: the second guiding CLIP (own seed and size), ensembled with CLIP A by the toy preset."""
+    return weights_dir("clip_c")
 
 
 def vqgan_dir() -> Path:
