@@ -2,7 +2,7 @@
 
 For a fixed, seeded sample of prompts "a {colour} {shape} on a {background} background" and a few
 seeds, every variant below generates one image per (prompt, seed) through the public API
-(``generators.run.generate(..., preset="toy")``: CLIPs ``clip_a`` and ``clip_c`` guide). Each
+(``generators.run.generate(..., preset="toy")``: CLIPs ``clip_a``, ``clip_c``, ``clip_d`` guide). Each
 image is judged by the pixel-level judge (``toyworld.judge``: colour / shape / background, all three) and scored by the
 *judging* toy CLIP ``clip_b`` (``guidance.score``, torchmetrics definition ``100*cos``, model
 loaded once). The same seeds are used for every variant, so SD with and without CLIP guidance
@@ -55,9 +55,9 @@ class Variant:
 
 # The variants compared. Add a row here for a new backend or configuration.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("vqgan+clip", "VQGAN+CLIP", "vqgan", {}, ("clip_a", "clip_c", "vqgan")),
-    Variant("sd", "SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}, ("clip_a", "clip_c", "sd")),
-    Variant("sd+clip", "SD + CLIP guidance", "sd", {}, ("clip_a", "clip_c", "sd")),
+    Variant("vqgan+clip", "VQGAN+CLIP", "vqgan", {}, ("clip_a", "clip_c", "clip_d", "vqgan")),
+    Variant("sd", "SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}, ("clip_a", "clip_c", "clip_d", "sd")),
+    Variant("sd+clip", "SD + CLIP guidance", "sd", {}, ("clip_a", "clip_c", "clip_d", "sd")),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 

@@ -1,11 +1,12 @@
 """Named presets: plain dicts of option defaults that a config file and the command line override.
 
 ``toy`` runs fully offline on the small models trained on the toy world (``toyworld/weights``):
-toy CLIPs ``clip_a`` and ``clip_c`` guide together, the independent ``clip_b`` judges the result,
-and the VQGAN / Stable Diffusion backends use the toy ``vqgan`` / ``sd`` models, at the toy
-world's 64x64 size. Two guiding CLIPs, as pixray and Disco Diffusion ensemble several: an image
-optimised against one small CLIP finds colour patterns that it, alone, reads as a shape; patterns
-that fool two differently built CLIPs at once are much rarer (benchmarks/quality.py measures it).
+toy CLIPs ``clip_a``, ``clip_c`` and ``clip_d`` guide together, the independent ``clip_b`` judges
+the result, and the VQGAN / Stable Diffusion backends use the toy ``vqgan`` / ``sd`` models, at
+the toy world's 64x64 size. Several guiding CLIPs, as pixray and Disco Diffusion ensemble them:
+an image optimised against one small CLIP finds colour patterns that it, alone, reads as a shape;
+patterns that fool differently built CLIPs at once are much rarer (benchmarks/quality.py
+measures it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 
 def toyworld_weights(name: str, *, check: bool = False) -> Path:
-    """Folder of a toy model (``clip_a``, ``clip_b``, ``clip_c``, ``vqgan``, ``sd``) from ``toyworld.paths``
+    """Folder of a toy model (``clip_a`` ... ``clip_d``, ``vqgan``, ``sd``) from ``toyworld.paths``
     (else ``<toyworld package>/weights/<name>``). With ``check``, a missing or incomplete folder
     raises ``FileNotFoundError`` naming the command that recreates it."""
     try:
@@ -38,10 +39,10 @@ def toyworld_weights(name: str, *, check: bool = False) -> Path:
 
 def _toy(backend: str | None = None) -> dict[str, Any]:
     # Check the models this backend needs now, for a clear message; the others load lazily.
-    needed = {"clip_a", "clip_c"} | ({"sd"} if backend == "sd" else {"vqgan"} if backend in (None, "vqgan") else set())
-    folder = {name: toyworld_weights(name, check=name in needed) for name in ("clip_a", "clip_b", "clip_c", "vqgan", "sd")}
+    needed = {"clip_a", "clip_c", "clip_d"} | ({"sd"} if backend == "sd" else {"vqgan"} if backend in (None, "vqgan") else set())
+    folder = {name: toyworld_weights(name, check=name in needed) for name in ("clip_a", "clip_b", "clip_c", "clip_d", "vqgan", "sd")}
     return {
-        "clip": [str(folder["clip_a"]), str(folder["clip_c"])],
+        "clip": [str(folder[name]) for name in ("clip_a", "clip_c", "clip_d")],
         "eval_model": str(folder["clip_b"]),
         "vqgan": str(folder["vqgan"]),
         "sd_model": str(folder["sd"]),
@@ -62,7 +63,7 @@ def _toy(backend: str | None = None) -> dict[str, Any]:
 
 
 PRESETS: dict[str, Callable[[str | None], dict[str, Any]]] = {"toy": _toy}
-DESCRIPTIONS = {"toy": "offline toy models from toyworld/weights (64x64; CLIPs clip_a+clip_c guide, clip_b scores)"}
+DESCRIPTIONS = {"toy": "offline toy models from toyworld/weights (64x64; CLIPs clip_a+clip_c+clip_d guide, clip_b scores)"}
 
 
 def preset_names() -> list[str]:

@@ -276,12 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from toyworld.paths import weights_dir
 
     missing = {}
-    for name in ("clip_a", "clip_b", "clip_c", "vqgan", "sd"):
+    for name in ("clip_a", "clip_b", "clip_c", "clip_d", "vqgan", "sd"):
         try:
             weights_dir(name, check=True)
         except FileNotFoundError as err:
             missing[name] = str(err)
-    for name in ("clip_a", "clip_b", "clip_c", "vqgan"):
+    for name in ("clip_a", "clip_b", "clip_c", "clip_d", "vqgan"):
         if name in missing:
             print(f"error: {missing[name]}", file=sys.stderr)
             return 2
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if keep_frames:
                     first_vqgan = (prompt, run_opts["save_every"], run)
         args.out.mkdir(parents=True, exist_ok=True)
-        note = (f"Toy preset (64x64; toy CLIPs clip_a + clip_c guide), seed {args.seed}. Under each image: what the pixel "
+        note = (f"Toy preset (64x64; toy CLIPs clip_a, clip_c, clip_d guide), seed {args.seed}. Under each image: what the pixel "
                 "judge sees (colour shape / background; green = all three as asked) and the CLIP score under the "
                 "independent judging toy CLIP clip_b.")
         grid = grid_figure(cells, [r[0] for r in rows], PROMPTS, note=note)

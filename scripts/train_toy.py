@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Retrain the toy-world models from their fixed seeds and record how they did.
 
-    nice -n 10 python scripts/train_toy.py                # everything (CLIPs A, B, C, VQGAN, SD)
+    nice -n 10 python scripts/train_toy.py                # everything (CLIPs A-D, VQGAN, SD)
     nice -n 10 python scripts/train_toy.py --only clip    # or vqgan, or sd (repeatable)
-    nice -n 10 python scripts/train_toy.py --only clip_c  # or clip_a, clip_b: one CLIP of the group
+    nice -n 10 python scripts/train_toy.py --only clip_c  # or clip_a, clip_b, clip_d: one CLIP of the group
 
 Models are written to ``toyworld/weights/<name>`` (or ``--out``). Every figure printed here is
 also written, from these measurements, to ``training_metrics.json`` and ``TRAINING.md`` in the
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from toyworld.paths import WEIGHTS_DIR  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd")
-GROUP_MODELS = {"clip": ("clip_a", "clip_b", "clip_c"), "vqgan": ("vqgan",), "sd": ("sd",)}
+GROUP_MODELS = {"clip": ("clip_a", "clip_b", "clip_c", "clip_d"), "vqgan": ("vqgan",), "sd": ("sd",)}
 CLIPS = GROUP_MODELS["clip"]
 
 
@@ -93,7 +93,7 @@ def write_report(out: Path, metrics: dict) -> str:
     lines += ["", "Times are wall-clock on a shared CPU machine (other jobs ran alongside, so they vary with load; "
               "the load average at start and end of each group is in `training_metrics.json`).", ""]
 
-    roles = {"clip_a": "guides", "clip_b": "judges (never guides)", "clip_c": "guides, with CLIP A"}
+    roles = {"clip_a": "guides, with C and D", "clip_b": "judges (never guides)", "clip_c": "guides, with A and D", "clip_d": "guides, with A and C"}
     for name in CLIPS:
         m = metrics.get(name)
         if not m:

@@ -262,7 +262,7 @@ def test_toy_preset_paths():
         with pytest.raises(FileNotFoundError, match="toy model"):
             presets.get_preset("toy")
         pytest.skip("toy weights are not trained yet")
-    assert preset["clip"] == [str(paths.weights_dir("clip_a")), str(paths.weights_dir("clip_c"))]
+    assert preset["clip"] == [str(paths.weights_dir(name)) for name in ("clip_a", "clip_c", "clip_d")]
     assert preset["eval_model"] == str(paths.weights_dir("clip_b", check=False))
     assert preset["vqgan"] == str(paths.weights_dir("vqgan")) and preset["width"] == 64
 

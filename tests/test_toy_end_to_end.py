@@ -1,7 +1,7 @@
 """End to end on the committed toy models: guided generation beats unguided generation.
 
 Judged twice, by models that did not steer: the pixel judge (``toyworld.judge``) and the CLIP
-score under the judging toy CLIP ``clip_b`` (the toy preset guides with ``clip_a`` + ``clip_c``).
+score under the judging toy CLIP ``clip_b`` (the toy preset guides with ``clip_a``, ``clip_c``, ``clip_d``).
 Same prompts and seeds for both arms; one CPU thread, so the runs are deterministic.
 """
 
@@ -44,7 +44,7 @@ def _arm(backend: str, **options) -> tuple[list[tuple[bool, bool, bool]], float]
 
 
 def test_vqgan_clip_beats_its_own_starting_point():
-    _needs("clip_a", "clip_b", "clip_c", "vqgan")
+    _needs("clip_a", "clip_b", "clip_c", "clip_d", "vqgan")
     guided, guided_score = _arm("vqgan")               # the preset's iterations
     start, start_score = _arm("vqgan", iterations=0)   # the same seed's initial latents, decoded
     assert guided_score > start_score + 10
@@ -53,7 +53,7 @@ def test_vqgan_clip_beats_its_own_starting_point():
 
 
 def test_stable_diffusion_with_clip_guidance_beats_the_same_seeds_without():
-    _needs("clip_a", "clip_b", "clip_c", "sd")
+    _needs("clip_a", "clip_b", "clip_c", "clip_d", "sd")
     guided, guided_score = _arm("sd")
     plain, plain_score = _arm("sd", clip_guidance_scale=0.0)
     assert guided_score > plain_score + 5

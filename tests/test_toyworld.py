@@ -180,7 +180,7 @@ def test_committed_weights_are_small():
     assert total < 60
 
 
-@pytest.mark.parametrize("name", ["clip_a", "clip_b", "clip_c"])
+@pytest.mark.parametrize("name", ["clip_a", "clip_b", "clip_c", "clip_d"])
 def test_toy_clip_loads_through_transformers(name):
     from transformers import AutoProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 

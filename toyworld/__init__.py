@@ -15,7 +15,7 @@ from .world import (
     sample,
 )
 from .judge import Judgement, judge, judge_batch
-from .paths import ToyWeightsMissing, clip_a_dir, clip_b_dir, clip_c_dir, sd_dir, vqgan_dir, weights_dir
+from .paths import ToyWeightsMissing, clip_a_dir, clip_b_dir, clip_c_dir, clip_d_dir, sd_dir, vqgan_dir, weights_dir
 
 __all__ = [
     "COLOURS",
@@ -35,6 +35,7 @@ __all__ = [
     "clip_a_dir",
     "clip_b_dir",
     "clip_c_dir",
+    "clip_d_dir",
     "sd_dir",
     "vqgan_dir",
     "weights_dir",

@@ -11,11 +11,12 @@ MODELS: dict[str, tuple[str, ...]] = {
     "clip_a": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
     "clip_b": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
     "clip_c": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
+    "clip_d": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
     "vqgan": ("config.yaml", "model.safetensors"),
     "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
            "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
 }
-RETRAIN = {"clip_a": "clip", "clip_b": "clip", "clip_c": "clip", "vqgan": "vqgan", "sd": "sd"}
+RETRAIN = {"clip_a": "clip", "clip_b": "clip", "clip_c": "clip", "clip_d": "clip", "vqgan": "vqgan", "sd": "sd"}
 
 
 class ToyWeightsMissing(FileNotFoundError):
@@ -23,7 +24,7 @@ class ToyWeightsMissing(FileNotFoundError):
 
 
 def weights_dir(name: str, check: bool = True) -> Path:
-    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``clip_c``, ``vqgan``, ``sd``).
+    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``clip_c``, ``clip_d``, ``vqgan``, ``sd``).
 
     Raises ``ToyWeightsMissing`` (a ``FileNotFoundError``) naming the missing files and the
     command that recreates them, unless ``check`` is false.
@@ -52,8 +53,13 @@ def clip_b_dir() -> Path:
 
 
 def clip_c_dir() -> Path:
-    """Toy CLIP C: the second guiding CLIP (own seed and size), ensembled with CLIP A by the toy preset."""
+    """Toy CLIP C: a second guiding CLIP (own seed and size), ensembled with A and D by the toy preset."""
     return weights_dir("clip_c")
+
+
+def clip_d_dir() -> Path:
+    """Toy CLIP D: a third guiding CLIP (own seed and size), ensembled with A and C by the toy preset."""
+    return weights_dir("clip_d")
 
 
 def vqgan_dir() -> Path:

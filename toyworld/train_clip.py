@@ -77,12 +77,17 @@ RECIPES = {
         image_size=64, patch_size=16, vision_hidden=64, vision_layers=3, vision_heads=4,
         text_hidden=48, text_layers=3, text_heads=4, projection_dim=48,
     ),
-    # The second guiding CLIP (the toy preset ensembles it with A; B stays the judge). Coarse 16-px
-    # patches like B but its own seed and widths: an image optimised against A alone finds colour
-    # patterns A reads as shapes, which a differently built CLIP does not share.
+    # Two more guiding CLIPs (the toy preset ensembles them with A; B stays the judge). Coarse 16-px
+    # patches like B, but their own seeds and widths: an image optimised against A alone finds colour
+    # patterns A reads as shapes, which differently built CLIPs do not share.
     "clip_c": ClipRecipe(
         name="clip_c", seed=4004, steps=2500, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=16, vision_hidden=96, vision_layers=4, vision_heads=4,
+        text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
+    ),
+    "clip_d": ClipRecipe(
+        name="clip_d", seed=5005, steps=2500, batch_size=64, lr=1.5e-3,
+        image_size=64, patch_size=16, vision_hidden=80, vision_layers=3, vision_heads=4,
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
 }
