@@ -273,15 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {', '.join(existing)} already exist(s); pass --overwrite to regenerate them or --out NEW_DIR",
               file=sys.stderr)
         return 2
-    from toyworld.paths import weights_dir
+    from toyworld.paths import CLIPS, MODELS, weights_dir
 
     missing = {}
-    for name in ("clip_a", "clip_b", "clip_c", "clip_d", "vqgan", "sd"):
+    for name in MODELS:
         try:
             weights_dir(name, check=True)
         except FileNotFoundError as err:
             missing[name] = str(err)
-    for name in ("clip_a", "clip_b", "clip_c", "clip_d", "vqgan"):
+    for name in (*CLIPS, "vqgan"):
         if name in missing:
             print(f"error: {missing[name]}", file=sys.stderr)
             return 2

@@ -29,11 +29,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from toyworld.paths import WEIGHTS_DIR  # noqa: E402
+from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd")
-GROUP_MODELS = {"clip": ("clip_a", "clip_b", "clip_c", "clip_d"), "vqgan": ("vqgan",), "sd": ("sd",)}
-CLIPS = GROUP_MODELS["clip"]
+GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",)}
 
 
 def _log(msg: str) -> None:
@@ -75,7 +74,7 @@ def write_report(out: Path, metrics: dict) -> str:
         "",
         "Written by `scripts/train_toy.py` from its own measurements -- do not edit by hand.",
         "Retrain everything with `nice -n 10 python scripts/train_toy.py` "
-        "(or `--only clip|vqgan|sd`).",
+        "(or `--only clip|vqgan|sd`, or one CLIP: `--only clip_c`).",
         "",
     ]
     sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd") if (out / name).is_dir()}
@@ -89,11 +88,11 @@ def write_report(out: Path, metrics: dict) -> str:
         lines.append(f"| {group} | {r['finished']} | {r['wall_seconds']:.0f} s | {r['machine']} |")
     if runs:
         total = sum(r["wall_seconds"] for r in runs.values())
-        lines.append(f"| all groups | | {total:.0f} s ({total / 60:.1f} min) | |")
+        lines.append(f"| sum of the runs above | | {total:.0f} s ({total / 60:.1f} min) | |")
     lines += ["", "Times are wall-clock on a shared CPU machine (other jobs ran alongside, so they vary with load; "
               "the load average at start and end of each group is in `training_metrics.json`).", ""]
 
-    roles = {"clip_a": "guides, with C and D", "clip_b": "judges (never guides)", "clip_c": "guides, with A and D", "clip_d": "guides, with A and C"}
+    roles = {"clip_a": "guides, with C and D", "clip_b": "judges; never guides", "clip_c": "guides, with A and D", "clip_d": "guides, with A and C"}
     for name in CLIPS:
         m = metrics.get(name)
         if not m:

@@ -7,16 +7,15 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # name -> files that must exist in the folder for it to be usable
+CLIPS = ("clip_a", "clip_b", "clip_c", "clip_d")
+_CLIP_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json")
 MODELS: dict[str, tuple[str, ...]] = {
-    "clip_a": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
-    "clip_b": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
-    "clip_c": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
-    "clip_d": ("config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json"),
+    **{name: _CLIP_FILES for name in CLIPS},
     "vqgan": ("config.yaml", "model.safetensors"),
     "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
            "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
 }
-RETRAIN = {"clip_a": "clip", "clip_b": "clip", "clip_c": "clip", "clip_d": "clip", "vqgan": "vqgan", "sd": "sd"}
+RETRAIN = {**{name: "clip" for name in CLIPS}, "vqgan": "vqgan", "sd": "sd"}
 
 
 class ToyWeightsMissing(FileNotFoundError):
