@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +297,18 @@ def test_toy_stable_diffusion_runs_through_the_standard_pipeline():
     with torch.no_grad():
         z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
     assert 0.6 < z.std().item() < 1.6
+
+
+def test_train_toy_only_one_clip_trains_and_records_just_that_clip(tmp_path):
+    """``train_toy.py --only clip_d`` trains clip_d alone and records it as its own run."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--only", "clip_d",
+                           "--steps-scale", "0.0004", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["clip_d"]
+    assert all((tmp_path / "clip_d" / f).is_file() for f in MODELS["clip_d"])
+    metrics = json.loads((tmp_path / "training_metrics.json").read_text())
+    assert list(metrics["runs"]) == ["clip_d"] and metrics["clip_d"]["steps"] == 1
+    assert "clip_a" not in metrics and "clip_c" not in metrics
+    assert "## Toy CLIP D (`clip_d`" in (tmp_path / "TRAINING.md").read_text()
