@@ -1,4 +1,4 @@
-"""Generator backends steered by ``guidance.CLIPLoss``, and their registry.
+"""Generator backends steered by a ``guidance.Objective``, and their registry.
 
 ``get_generator("vqgan", settings, device=...)`` imports a backend only when asked, so
 importing this package stays cheap. Add a backend with :func:`register`.
@@ -10,10 +10,13 @@ import importlib
 
 from .base import GenerationResult, Generator, StepCallback, StepInfo
 
-_REGISTRY: dict[str, str] = {
+# The one place that names the built-in backends.
+_REGISTRY: dict[str, str | type] = {
     "vqgan": "generators.vqgan:VQGANGenerator",
     "sd": "generators.stable_diffusion:StableDiffusionGenerator",
+    "pixels": "generators.pixels:PixelsGenerator",
 }
+DEFAULT_BACKEND = "vqgan"
 
 
 def register(name: str, target: str | type[Generator]) -> None:
@@ -43,5 +46,5 @@ def get_generator(name: str, settings=None, **kwargs) -> Generator:
     return cls(settings, **kwargs)
 
 
-__all__ = ["Generator", "GenerationResult", "StepInfo", "StepCallback", "register", "backend_names",
+__all__ = ["Generator", "GenerationResult", "StepInfo", "StepCallback", "register", "backend_names", "DEFAULT_BACKEND",
            "get_generator", "get_generator_class"]

@@ -1,37 +1,112 @@
-"""What every generator backend provides, and what it hands back.
+"""What every generator backend provides and hands back: the one contract of clipsteer's backends.
 
-A backend is a :class:`Generator` subclass with a ``Settings`` dataclass. Each settings
-field carries ``metadata={"help": "..."}`` (and optionally ``"flag"`` for its CLI
-spelling); ``scripts/generate.py`` builds its options from these, and a field of the same
-name in several backends is one shared option (``width``, ``height``, ``init_image``).
+A backend is a :class:`Generator` subclass with a ``Settings`` dataclass whose fields are declared
+with :func:`option` (its help becomes a ``--flag``, a config-file key and a UI field; a field of
+the same name in several backends is one shared option, e.g. ``width``). It registers with
+``generators.register("name", Class)`` and runs through ``generators.run.generate``.
 
-The backend receives a ready :class:`guidance.CLIPLoss` (or ``None`` for no CLIP
-guidance) and never builds one itself: the guidance knows nothing about generators and
-generators know nothing about how prompts become targets.
+The contract, tested for every registered backend by one parametrised test:
+
+- ``generate(objective, *, seed, callback)`` runs one generation steered by an
+  :class:`guidance.Objective` (or ``None``: unsteered). A backend never reads an objective's
+  internals: it calls ``objective(images, step=, generator=)`` and, to condition on text,
+  ``objective.conditioning_text(step)``.
+- :class:`GenerationResult`: ``images`` ``[B,3,H,W]`` float32 CPU in ``[0,1]``; ``losses`` one
+  float per step at which the objective was evaluated, the *mean over images* of its
+  ``per_image`` loss (plus any regulariser); ``steps_done``; ``stopped_at`` (the step at which a
+  callback returned ``False``, else ``None``); ``interrupted`` is True only for Ctrl-C.
+- Seeding: :func:`seed_generator` derives every random stream from ``--seed`` by one rule:
+  stream ``"init"`` (starting latents, a sampler's own noise) is ``torch.Generator().manual_seed(seed)``
+  itself, so a seed gives the same noise as diffusers with that generator; every other stream
+  (``"objective"``: cutouts and augmentations) is seeded with ``sha256(f"{seed}/{stream}")`` mod
+  2**63, so streams never collide and never overflow. Seeds are whole numbers in ``[0, 2**64 - 1]``.
+- Presets: ``presets = {"toy": callable}`` on the class gives this backend's own part of a named
+  preset (model paths, tuned steps); the shared part lives in :mod:`generators.presets`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 import torch
+
+SEED_MAX = 2**64 - 1
+STREAMS = ("init", "objective")
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """*seed* as an int in ``[0, 2**64 - 1]``, or a one-line ``ValueError`` naming the option."""
+    bad = ValueError(f"{name} must be a whole number from 0 to 2**64-1; got {seed!r}")
+    if isinstance(seed, bool) or (isinstance(seed, float) and not seed.is_integer()):
+        raise bad
+    try:
+        value = int(seed.strip()) if isinstance(seed, str) else int(seed)
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{name} {value} is out of range; use a whole number from 0 to 2**64-1 "
+                         f"({SEED_MAX})")
+    return value
+
+
+def stream_seed(seed: int, stream: str = "init") -> int:
+    """The seed of random stream *stream* of a run seeded with *seed* (see the module docstring)."""
+    seed = check_seed(seed)
+    if stream == "init":
+        return seed
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_generator(seed: int, stream: str = "init", device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` for stream *stream* of a run seeded with *seed* (CPU by default, so a seed
+    means the same numbers on every machine)."""
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, stream))
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, group: str | None = None,
+           choices=None, metavar: str | None = None, aliases=None, positional: bool = False,
+           minimum: float | None = None, maximum: float | None = None, above: float | None = None, **meta):
+    """A settings field whose metadata becomes the CLI option, the config key and the UI field.
+
+    ``default`` may be a value or a factory (``list``, a lambda) for mutable defaults. ``minimum`` /
+    ``maximum`` (inclusive) and ``above`` (exclusive) bound numbers; numbers must be finite.
+    """
+    meta = dict(meta, help=help)
+    for key, value in (("flag", flag), ("group", group), ("metavar", metavar), ("minimum", minimum),
+                       ("maximum", maximum), ("above", above)):
+        if value is not None:
+            meta[key] = value
+    if choices:
+        meta["choices"] = list(choices)
+    if aliases:
+        meta["aliases"] = list(aliases)
+    if positional:
+        meta["positional"] = True
+    if isinstance(default, list):
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata=meta)
+    if callable(default) and not isinstance(default, type(None)):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class StepInfo:
     """Handed to the step callback after every step.
 
-    ``loss`` is a device tensor (or ``None`` when the step had no CLIP loss); converting it
-    with ``float()`` syncs the host, so callbacks should do that only when they log.
+    ``loss`` is a device tensor, the mean over images (``None`` when the step had no objective);
+    converting it with ``float()`` syncs the host, so callbacks should do that only when they log.
     ``decode()`` renders the current state as images ``[B,3,H,W]`` in ``[0,1]``; it costs a
     decoder pass, so call it only for frames you keep.
     """
 
     step: int
     total: int
-    latents: torch.Tensor
+    latents: Any
     decode: Callable[[], torch.Tensor]
     loss: torch.Tensor | None = None
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -43,12 +118,15 @@ StepCallback = Callable[[StepInfo], "bool | None"]
 
 @dataclass
 class GenerationResult:
-    """Final images ``[B,3,H,W]`` in ``[0,1]`` (float32, on the CPU) and facts about the run."""
+    """Final images ``[B,3,H,W]`` in ``[0,1]`` (float32, on the CPU) and facts about the run (see the
+    module docstring for the meaning of each field)."""
 
     images: torch.Tensor
     losses: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    steps_done: int = 0
+    stopped_at: int | None = None
 
 
 class Generator(ABC):
@@ -56,6 +134,7 @@ class Generator(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type]
+    presets: ClassVar[dict[str, Callable[[], dict[str, Any]]]] = {}
 
     def __init__(self, settings: Any = None, *, device: str | torch.device | None = None,
                  precision: str | torch.dtype | None = None):
@@ -66,11 +145,24 @@ class Generator(ABC):
         self.dtype = resolve_dtype(precision, self.device)
 
     @abstractmethod
-    def generate(self, clip_loss, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
-        """Run one generation steered by ``clip_loss`` (a ``guidance.CLIPLoss`` or ``None``)."""
+    def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
+        """Run one generation steered by *objective* (a ``guidance.Objective`` or ``None``)."""
 
     @classmethod
     def settings_from(cls, options: dict[str, Any]) -> Any:
         """Build ``Settings`` from a dict, ignoring keys other backends own; unknown types are not coerced."""
         names = {f.name for f in fields(cls.Settings)}
         return cls.Settings(**{k: v for k, v in options.items() if k in names and v is not None})
+
+
+def field_default(f) -> Any:
+    """A dataclass field's default value (its factory called), or ``None``."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+__all__ = ["Generator", "GenerationResult", "StepInfo", "StepCallback", "option", "check_seed", "stream_seed",
+           "seed_generator", "SEED_MAX", "STREAMS", "field_default"]

@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any
 
-from . import backend_names
+from . import DEFAULT_BACKEND, backend_names
 from .run import GROUPS, OptionSpec, generate, option_specs
 
 EXAMPLES = """\
@@ -47,7 +47,7 @@ def _shown(spec: OptionSpec, default: Any) -> str | None:
 
 
 def _help(spec: OptionSpec) -> str:
-    main_field = spec.per_owner.get("vqgan", spec.field)  # the default backend's wording first
+    main_field = spec.per_owner.get(DEFAULT_BACKEND, spec.field)  # the default backend's wording first
     text = str(main_field.metadata.get("help", "")).replace("%", "%%")
     if len(spec.owners) > 1 and "run" not in spec.owners:  # shared by backends: each has its default
         shown = [(o, _shown(spec, spec.default_for(o))) for o in sorted(spec.owners)]
@@ -89,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                     for name, err in sorted(errors.items()))
     parser = argparse.ArgumentParser(
         prog="generate.py",
-        description="CLIP-guided text-to-image generation (VQGAN+CLIP or Stable Diffusion). Every option can "
+        description="CLIP-guided text-to-image generation (backends: " + ", ".join(backend_names()) + "). Every option can "
                     "also come from --config FILE (YAML/TOML, keys = option names) or --preset NAME; the "
                     "command line overrides the config file, which overrides the preset.",
         epilog=EXAMPLES + notes, formatter_class=argparse.RawDescriptionHelpFormatter)
     main = parser.add_argument_group("run")
     main.add_argument("--backend", choices=backend_names(), default=argparse.SUPPRESS,
-                      help="generator backend (default: vqgan)")
+                      help=f"generator backend (default: {DEFAULT_BACKEND})")
     presets = "; ".join(f"{n}: {DESCRIPTIONS.get(n, '')}" for n in preset_names())
     main.add_argument("--preset", choices=preset_names(), default=argparse.SUPPRESS,
                       help=f"named option defaults ({presets})")

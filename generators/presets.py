@@ -2,7 +2,7 @@
 
 ``toy`` runs fully offline on the small models trained on the toy world (``toyworld/weights``):
 toy CLIPs ``clip_a``, ``clip_c`` and ``clip_d`` guide together, the independent ``clip_b`` judges
-the result, and the VQGAN / Stable Diffusion backends use the toy ``vqgan`` / ``sd`` models, at
+the result, and each backend adds its own toy models and settings (its class's ``presets``), at
 the toy world's 64x64 size. Several guiding CLIPs, as pixray and Disco Diffusion ensemble them:
 an image optimised against one small CLIP finds colour patterns that it, alone, reads as a shape;
 patterns that fool differently built CLIPs at once are much rarer (benchmarks/quality.py
@@ -37,22 +37,19 @@ def toyworld_weights(name: str, *, check: bool = False) -> Path:
     return folder
 
 
-def _toy(backend: str | None = None) -> dict[str, Any]:
-    # Check the models this backend needs now, for a clear message; the others load lazily.
-    needed = {"clip_a", "clip_c", "clip_d"} | ({"sd"} if backend == "sd" else {"vqgan"} if backend in (None, "vqgan") else set())
-    folder = {name: toyworld_weights(name, check=name in needed) for name in ("clip_a", "clip_b", "clip_c", "clip_d", "vqgan", "sd")}
+def _toy() -> dict[str, Any]:
+    """The shared part of ``--preset toy``: the toy CLIP ensemble and judge, the world's size and the
+    cutout settings chosen on the toy world's tuning prompts. Each backend adds its own part
+    (``presets = {"toy": ...}`` on its class: model paths, tuned steps)."""
+    needed = ("clip_a", "clip_c", "clip_d")
+    folder = {name: toyworld_weights(name, check=name in needed) for name in ("clip_a", "clip_b", "clip_c", "clip_d")}
     return {
-        "clip": [str(folder[name]) for name in ("clip_a", "clip_c", "clip_d")],
+        "clip": [str(folder[name]) for name in needed],
         "eval_model": str(folder["clip_b"]),
-        "vqgan": str(folder["vqgan"]),
-        "sd_model": str(folder["sd"]),
         "width": 64,
         "height": 64,
-        # VQGAN settings chosen on small grids (lr, iterations, cutouts, overview, tv weight, CLIP
-        # ensembles) judged by toyworld.judge on held-out prompts (benchmarks/quality.py with
+        # chosen on small grids judged by toyworld.judge on the tuning prompts (benchmarks/quality.py
         # --prompt-seed 7); image size == CLIP input size, hence large cutouts.
-        "iterations": 100,
-        "learning_rate": 0.3,
         "cutouts": 8,
         "cut_pow": 1.0,
         "min_fraction": 0.6,
@@ -62,7 +59,7 @@ def _toy(backend: str | None = None) -> dict[str, Any]:
     }
 
 
-PRESETS: dict[str, Callable[[str | None], dict[str, Any]]] = {"toy": _toy}
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {"toy": _toy}
 DESCRIPTIONS = {"toy": "offline toy models from toyworld/weights (64x64; CLIPs clip_a+clip_c+clip_d guide, clip_b scores)"}
 
 
@@ -71,10 +68,17 @@ def preset_names() -> list[str]:
 
 
 def get_preset(name: str, *, backend: str | None = None) -> dict[str, Any]:
-    """The options of preset *name* for *backend* (a fresh dict; paths resolved now)."""
+    """The options of preset *name* for *backend*: the shared part, then the backend's own
+    (``Generator.presets[name]``), as a fresh dict with paths resolved now."""
+    from . import DEFAULT_BACKEND, get_generator_class
+
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
-    return dict(PRESETS[name](backend))
+    options = dict(PRESETS[name]())
+    own = getattr(get_generator_class(backend or DEFAULT_BACKEND), "presets", {}) or {}
+    if name in own:
+        options.update(own[name]())
+    return options
 
 
 __all__ = ["PRESETS", "DESCRIPTIONS", "preset_names", "get_preset", "toyworld_weights"]

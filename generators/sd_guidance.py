@@ -27,19 +27,24 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
-class NoiseFrame:
-    """How a scheduler's sample relates to the VP model input; found once per run by :func:`noise_frame`."""
+class NoiseTables:
+    """The noise level of every step of one run, built once by :func:`noise_tables`.
+
+    ``alpha_bars[i]`` is ``ab`` of the VP model input at run step ``i`` (a float32 tensor on the
+    device), read from the scheduler's own tables (``alphas_cumprod`` at the timestep, or
+    ``1 / (1 + sigma^2)`` for sigma schedulers), never from its step-index state, so a guider may
+    evaluate the same step twice.
+    """
 
     sigma_frame: bool                     # True: x = x0 + sigma*eps (c_in < 1); False: x = z
-    device: torch.device
-    alpha_bars: torch.Tensor | None       # VP frame: alphas_cumprod at each timestep of the run, on device
+    alpha_bars: torch.Tensor              # [num steps], float32, on the device
 
-    def alpha_bar(self, scheduler, index: int, t) -> torch.Tensor:
-        """``ab`` at step *index* (timestep *t*) as a 0-dim float32 tensor on the device, without a host sync."""
-        if self.sigma_frame:
-            c_in = scheduler.scale_model_input(torch.ones((), device=self.device), t)
-            return c_in.float().to(self.device) ** 2
+    def alpha_bar(self, index: int) -> torch.Tensor:
+        """``ab`` at run step *index* as a 0-dim float32 tensor on the device (no host sync)."""
         return self.alpha_bars[index]
+
+    def __len__(self) -> int:
+        return len(self.alpha_bars)
 
 
 def check_scheduler(scheduler) -> None:
@@ -54,23 +59,33 @@ def check_scheduler(scheduler) -> None:
                          f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x); pick another --sd model")
 
 
-def noise_frame(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu") -> NoiseFrame:
-    """Probe the scheduler (after ``set_timesteps``) at the first timestep of the run.
+def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu", *,
+                 begin_index: int = 0) -> NoiseTables:
+    """Noise levels of the run's *timesteps* (after ``set_timesteps``; *begin_index*: where img2img starts).
 
-    Call it just before sampling: sigma schedulers fix their step index on the first
-    ``scale_model_input``, and the probe does exactly what the first step would.
+    Whether the scheduler works in the sigma frame is read off ``scale_model_input`` of a copy of the
+    scheduler (the scheduler itself keeps its state), never off its class.
     """
+    import copy
+
     check_scheduler(scheduler)
     name = type(scheduler).__name__
     device = torch.device(device)
     if len(timesteps) == 0:
         raise ValueError("the run has no denoising steps; raise --steps (or --strength with --init-image)")
-    c_in = float(scheduler.scale_model_input(torch.ones(()), timesteps[0]))
+    probe = copy.deepcopy(scheduler)
+    c_in = float(probe.scale_model_input(torch.ones(()), timesteps[0]))
     if not math.isfinite(c_in) or not 0.0 < c_in <= 1.0:
-        raise ValueError(f"scheduler {name} scales the model input by {c_in}; CLIP guidance cannot read its "
+        raise ValueError(f"scheduler {name} scales the model input by {c_in}; guidance cannot read its "
                          "noise level; use --scheduler ddim, pndm, dpm++, euler, euler_a, lms or unipc")
     if c_in < 1.0:
-        return NoiseFrame(sigma_frame=True, device=device, alpha_bars=None)
+        sigmas = torch.as_tensor(scheduler.sigmas).detach().double().cpu()
+        index = [begin_index + i for i in range(len(timesteps))]
+        if index[-1] >= len(sigmas):
+            raise ValueError(f"scheduler {name} has {len(sigmas)} noise levels for {len(timesteps)} steps; "
+                             "use another --scheduler")
+        alpha_bars = (1.0 / (1.0 + sigmas[index] ** 2)).float()
+        return NoiseTables(sigma_frame=True, alpha_bars=alpha_bars.to(device))
     table = scheduler.alphas_cumprod.detach().float().cpu()
     values = [float(t) for t in timesteps]
     for t in values:
@@ -78,7 +93,7 @@ def noise_frame(scheduler, timesteps: torch.Tensor, device: str | torch.device =
             raise ValueError(f"scheduler {name} uses timestep {t}, which is not an index into its "
                              f"{len(table)}-step noise schedule; use another --scheduler")
     alpha_bars = table[[int(round(t)) for t in values]].to(device)
-    return NoiseFrame(sigma_frame=False, device=device, alpha_bars=alpha_bars)
+    return NoiseTables(sigma_frame=False, alpha_bars=alpha_bars)
 
 
 def clean_estimate(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -98,13 +113,6 @@ def output_correction(delta_eps: torch.Tensor, alpha_bar: torch.Tensor, predicti
     if prediction_type == "v_prediction":                   # eps = sqrt(1-ab) z + sqrt(ab) v
         return delta_eps / alpha_bar.sqrt()
     return -delta_eps * ((1 - alpha_bar) / alpha_bar).sqrt()  # x0 = (z - sqrt(1-ab) eps) / sqrt(ab)
-
-
-def guided_steps(num_steps: int, *, start: float = 0.0, end: float = 1.0, every: int = 1) -> list[int]:
-    """Indices of the steps to guide: those in ``[start, end)`` of the schedule, every ``every``-th from the first."""
-    first = math.ceil(start * num_steps - 1e-9)
-    stop = math.ceil(end * num_steps - 1e-9)
-    return list(range(max(first, 0), min(stop, num_steps), max(int(every), 1)))
 
 
 def straight_through_clamp(images: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .base import GenerationResult, Generator, StepCallback, StepInfo
-from .sd_guidance import (check_scheduler, clean_estimate, clip_gradient, guided_steps, noise_frame,
-                          output_correction, straight_through_clamp)
+from guidance.errors import first_line, load_error, looks_like_path
+
+from .base import option, seed_generator
+from .guiders import GUIDERS, CLIPGuider
+from .sd_guidance import check_scheduler, clean_estimate, noise_tables, straight_through_clamp
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
 SCHEDULERS = {
@@ -46,60 +47,59 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-GRADIENT_MODES = ("x0", "full")
+GRADIENT_MODES = CLIPGuider.MODES
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-HALF_LOSS_SCALE = 2.0 ** 10
-
-
-def _opt(default, help: str, flag: str | None = None, choices=None, **kwargs):
-    meta = {"help": help}
-    if flag:
-        meta["flag"] = flag
-    if choices:
-        meta["choices"] = list(choices)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta, **kwargs)
-    return field(default=default, metadata=meta, **kwargs)
 
 
 @dataclass
 class Settings:
     """Options of the ``sd`` backend (CLI flags and config keys come from these fields)."""
 
-    sd_model: str = _opt("stable-diffusion-v1-5/stable-diffusion-v1-5",
-                         "Stable Diffusion checkpoint: Hub id, local diffusers folder, or one .safetensors/.ckpt file",
-                         "--sd")
-    sd_config: str | None = _opt(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
-                                       "holding its configs (needed offline)", "--sd-config")
-    steps: int = _opt(30, "denoising steps", "--steps")
-    scheduler: str = _opt("dpm++", "sampler ('default': the checkpoint's own)", "--scheduler",
-                          choices=[*SCHEDULERS, "default"])
-    clip_guidance_scale: float = _opt(100.0, "strength of the CLIP loss gradient in each guided step (0: off)",
-                                      "--clip-guidance-scale")
-    cfg_scale: float = _opt(7.5, "classifier-free guidance scale (1 or less: no CFG)", "--cfg-scale")
-    prompt: str = _opt("", "conditioning text for the UNet (empty: the CLIP text prompts with positive weight, "
-                           "joined with ', ')", "--sd-prompt")
-    negative_prompt: str = _opt("", "negative conditioning text for classifier-free guidance", "--negative-prompt")
-    width: int = _opt(0, "image width in pixels, a multiple of 8 (0: the model's native size)")
-    height: int = _opt(0, "image height in pixels, a multiple of 8 (0: the model's native size)")
-    init_image: str | None = _opt(None, "start from this image (img2img) instead of pure noise")
-    strength: float = _opt(0.8, "img2img: how much of the schedule re-noises the init image (0-1]")
-    num_images: int = _opt(1, "images generated per prompt (one batch)", "--num-images")
-    guidance_start: float = _opt(0.0, "first fraction of the schedule that gets CLIP guidance (0-1)")
-    guidance_end: float = _opt(1.0, "fraction of the schedule where CLIP guidance stops (0-1)")
-    guidance_every: int = _opt(1, "guide every k-th step inside the window")
-    guidance_gradient: str = _opt("x0", "x0: gradient through the clean-latent estimate with the UNet output held "
-                                        "fixed (fast); full: backprop through the UNet too (community pipeline)",
-                                  choices=GRADIENT_MODES)
-    tiny_vae: str | None = _opt(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
-                                      "guidance image (much cheaper than the full VAE)")
-    channels_last: bool = _opt(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
-                                     "decodes ~20% faster on CPU; --no-channels-last: contiguous)")
-    vae_slicing: bool = _opt(False, "decode the batch one image at a time (less memory)")
-    vae_tiling: bool = _opt(False, "decode in tiles (large images, less memory)")
-    attention_slicing: bool = _opt(False, "sliced attention (less memory; default is PyTorch SDPA)")
-    cpu_offload: bool = _opt(False, "keep models in CPU memory and move each to the GPU when it runs "
-                                    "(accelerate model offload; CUDA only)")
+    sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion checkpoint: Hub id, local "
+                           "diffusers folder, or one .safetensors/.ckpt file", flag="--sd")
+    sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
+                                         "holding its configs (needed offline)", flag="--sd-config")
+    steps: int = option(30, "denoising steps", flag="--steps", minimum=1)
+    scheduler: str = option("dpm++", "sampler ('default': the checkpoint's own)", flag="--scheduler",
+                            choices=[*SCHEDULERS, "default"])
+    guider: str = option("clip", "how the objective corrects each guided step: " + ", ".join(sorted(GUIDERS)),
+                         flag="--guider", choices=sorted(GUIDERS))
+    clip_guidance_scale: float = option(100.0, "strength of the objective's gradient in each guided step (0: off)",
+                                        flag="--clip-guidance-scale")
+    cfg_scale: float = option(7.5, "classifier-free guidance scale (1 or less: no CFG)", flag="--cfg-scale")
+    prompt: str = option("", "conditioning text for the UNet (empty: the CLIP text prompts with positive weight, "
+                             "joined with ', ')", flag="--sd-prompt")
+    negative_prompt: str = option("", "negative conditioning text for classifier-free guidance",
+                                  flag="--negative-prompt")
+    width: int = option(0, "image width in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
+    height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
+    init_image: str | None = option(None, "start from this image (img2img) instead of pure noise")
+    strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image (0-1]", above=0,
+                             maximum=1)
+    num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
+    guidance_start: float = option(0.0, "first fraction of the schedule that gets guidance (0-1)", minimum=0,
+                                   maximum=1)
+    guidance_end: float = option(1.0, "fraction of the schedule where guidance stops (0-1)", minimum=0, maximum=1)
+    guidance_every: int = option(1, "guide every k-th step inside the window", minimum=1)
+    guidance_gradient: str = option("x0", "clip guider: x0: gradient through the clean-latent estimate with the UNet "
+                                          "output held fixed (fast); full: backprop through the UNet too (community "
+                                          "pipeline)", choices=GRADIENT_MODES)
+    tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
+                                        "guidance image (much cheaper than the full VAE)")
+    channels_last: bool = option(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
+                                       "decodes ~20% faster on CPU; --no-channels-last: contiguous)")
+    vae_slicing: bool = option(False, "decode the batch one image at a time (less memory)")
+    vae_tiling: bool = option(False, "decode in tiles (large images, less memory)")
+    attention_slicing: bool = option(False, "sliced attention (less memory; default is PyTorch SDPA)")
+    cpu_offload: bool = option(False, "keep models in CPU memory and move each to the GPU when it runs "
+                                      "(accelerate model offload; CUDA only)")
+
+
+def toy_preset() -> dict:
+    """This backend's part of ``--preset toy``: the toy Stable Diffusion pipeline."""
+    from .presets import toyworld_weights
+
+    return {"sd_model": str(toyworld_weights("sd", check=True))}
 
 
 class StableDiffusionGenerator(Generator):
@@ -122,6 +122,7 @@ class StableDiffusionGenerator(Generator):
 
     name = "sd"
     Settings = Settings
+    presets = {"toy": toy_preset}
 
     def __init__(self, settings: Settings | None = None, *, device=None, precision=None, pipeline=None):
         super().__init__(settings, device=device, precision=precision)
@@ -146,10 +147,9 @@ class StableDiffusionGenerator(Generator):
         self.width, self.height = self._size()
         self.tiny_vae = load_tiny_vae(s.tiny_vae, pipe) if s.tiny_vae else None
         self._place_models()
-        self._step_kwargs = set(inspect.signature(pipe.scheduler.step).parameters)
         # Fail now, not mid-run, if the schedule has no readable noise level.
-        timesteps, _ = self._timesteps()
-        noise_frame(pipe.scheduler, timesteps)
+        timesteps, begin = self._timesteps()
+        noise_tables(pipe.scheduler, timesteps, begin_index=begin)
 
     # -- set-up --------------------------------------------------------------------------------
     def _size(self) -> tuple[int, int]:
@@ -197,165 +197,166 @@ class StableDiffusionGenerator(Generator):
     def execution_device(self) -> torch.device:
         return torch.device(self.pipe._execution_device)
 
+    def _img2img(self):
+        """diffusers' img2img pipeline over the same components (for its ``get_timesteps``/``prepare_latents``)."""
+        if getattr(self, "_img2img_pipe", None) is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self._img2img_pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img_pipe.set_progress_bar_config(disable=True)
+        self._img2img_pipe.scheduler = self.pipe.scheduler
+        return self._img2img_pipe
+
     def _timesteps(self) -> tuple[torch.Tensor, int]:
-        """``set_timesteps`` then, for img2img, the slice diffusers' img2img pipeline keeps."""
+        """``set_timesteps`` then, for img2img, the slice the img2img pipeline's ``get_timesteps`` keeps;
+        returns (timesteps, index of the first one in the scheduler's tables)."""
         s, scheduler = self.settings, self.pipe.scheduler
         scheduler.set_timesteps(s.steps, device=self.execution_device)
-        timesteps = scheduler.timesteps
         if not s.init_image:
-            return timesteps, 0
-        keep = min(int(s.steps * s.strength), s.steps)
-        if keep < 1:
+            return scheduler.timesteps, 0
+        if min(int(s.steps * s.strength), s.steps) < 1:
             raise ValueError(f"--strength {s.strength} with --steps {s.steps} leaves no denoising step; "
                              f"use a strength of at least {1 / s.steps:.3g} or more steps")
-        start = (s.steps - keep) * scheduler.order
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        return timesteps[start:], start
+        timesteps, _ = self._img2img().get_timesteps(s.steps, s.strength, self.execution_device)
+        return timesteps, len(scheduler.timesteps) - len(timesteps)
 
-    def conditioning_prompt(self, clip_loss) -> str:
-        """``settings.prompt``, or else the CLIPLoss's positive text prompts at step 0 joined with ', '."""
-        if self.settings.prompt or clip_loss is None:
+    def conditioning_prompt(self, objective) -> str:
+        """``settings.prompt``, or else the objective's conditioning text at step 0."""
+        if self.settings.prompt or objective is None:
             return self.settings.prompt
-        texts = [p.value for p in clip_loss.schedule.at(0) if p.kind == "text" and p.weight > 0]
-        return ", ".join(texts)
+        return objective.conditioning_text(0)
 
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images ``[B,3,H,W]`` in ``[0,1]`` with the full VAE (float32, no gradient)."""
+        """Scaled latents -> images ``[B,3,H,W]`` in ``[0,1]`` with the full VAE (float32, no gradient),
+        post-processed by the pipeline's own ``image_processor``."""
         vae = self.pipe.vae
         with torch.no_grad():
             image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        return self.pipe.image_processor.postprocess(image, output_type="pt")
 
     def _guidance_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Differentiable decode of the clean estimate for the CLIP loss (tiny VAE if set)."""
+        """Differentiable decode of the clean estimate for the objective (tiny VAE if set)."""
         vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
         image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
         return straight_through_clamp(image.float() / 2 + 0.5)
 
-    def _init_latents(self, image_path: str, batch: int, generator: torch.Generator) -> torch.Tensor:
-        from guidance import load_image
-
-        image = load_image(image_path)
-        if image.shape[-2:] != (self.height, self.width):
-            image = F.interpolate(image, size=(self.height, self.width), mode="bicubic", align_corners=False,
-                                  antialias=True).clamp(0, 1)
-        vae = self.pipe.vae
-        with torch.no_grad():
-            dist = vae.encode(image.to(self.execution_device) * 2 - 1).latent_dist
-            latents = dist.sample(generator) * vae.config.scaling_factor
-        return latents.float().repeat(batch, 1, 1, 1)
-
     # -- sampling ------------------------------------------------------------------------------
+    def make_guider(self, objective):
+        """The guider of ``settings.guider`` with this backend's window and strength settings."""
+
+        from .guiders import GUIDERS, make_guider
+
+        s = self.settings
+        kwargs = dict(scale=s.clip_guidance_scale, start=s.guidance_start, end=s.guidance_end, every=s.guidance_every,
+                      gradient=s.guidance_gradient)
+        accepted = inspect.signature(GUIDERS[s.guider].__init__).parameters if s.guider in GUIDERS else {}
+        return make_guider(s.guider, objective, **{k: v for k, v in kwargs.items()
+                                                    if k in accepted or k in ("scale", "start", "end", "every")})
+
+    def _denoiser(self, t, embeds, cond, uncond, cfg: bool):
+        """The model at timestep *t* as the guiders see it (float32 outputs)."""
+        from .guiders import Denoiser
+
+        unet, scale = self.pipe.unet, self.settings.cfg_scale
+
+        def guided(z):
+            out = unet(torch.cat([z, z]).to(unet.dtype) if cfg else z.to(unet.dtype), t, encoder_hidden_states=embeds,
+                       return_dict=False)[0]
+            if not cfg:
+                return out.float()
+            out_uncond, out_cond = out.float().chunk(2)
+            return out_uncond + scale * (out_cond - out_uncond)
+
+        def conditional(z):
+            return unet(z.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+
+        def combine(z, out_cond):
+            if not cfg:
+                return out_cond
+            out_uncond = unet(z.to(unet.dtype), t, encoder_hidden_states=uncond, return_dict=False)[0].float()
+            return out_uncond + scale * (out_cond - out_uncond)
+
+        return Denoiser(guided=guided, conditional=conditional, combine=combine)
+
+    def _start_latents(self, timesteps, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Pure noise (``prepare_latents``) or, for img2img, the noised init image (the img2img pipeline's own)."""
+        s, pipe = self.settings, self.pipe
+        device = self.execution_device
+        if not s.init_image:
+            return pipe.prepare_latents(batch, pipe.unet.config.in_channels, self.height, self.width, torch.float32,
+                                        device, generator)
+        from guidance.images import load_image
+
+        image = load_image(s.init_image, (self.width, self.height), what="init image")
+        img2img = self._img2img()
+        image = img2img.image_processor.preprocess(image).to(device, torch.float32)
+        return img2img.prepare_latents(image, timesteps[:1].repeat(batch), batch, 1, torch.float32, device,
+                                       generator).float()
+
     @torch.no_grad()
-    def generate(self, clip_loss, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
-        """Sample ``num_images`` images for one seed, steered by ``clip_loss`` (``None``: plain SD)."""
-        from diffusers.utils.torch_utils import randn_tensor
+    def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
+        """Sample ``num_images`` images for one seed, steered by *objective* (``None``: plain SD)."""
+        from .guiders import GuidedStep
 
         s, pipe = self.settings, self.pipe
         scheduler, unet = pipe.scheduler, pipe.unet
         device = self.execution_device
         started = time.perf_counter()
-        guide = clip_loss is not None and s.clip_guidance_scale != 0
         prediction = scheduler.config.prediction_type
-        noise_gen = torch.Generator().manual_seed(int(seed))             # a seed means the same image anywhere
-        clip_gen = torch.Generator().manual_seed(int(seed) + 0x5EED)     # cutouts: a stream of their own
+        noise_gen = seed_generator(seed, "init")            # the starting noise and the sampler's own noise
+        objective_gen = seed_generator(seed, "objective")   # cutouts and augmentations
 
-        prompt = self.conditioning_prompt(clip_loss)
+        prompt = self.conditioning_prompt(objective)
         cfg = s.cfg_scale > 1 and unet.config.time_cond_proj_dim is None
         cond, uncond = pipe.encode_prompt(prompt, device, s.num_images, cfg, s.negative_prompt or None)
         embeds = torch.cat([uncond, cond]) if cfg else cond
 
-        timesteps, _ = self._timesteps()
-        batch = s.num_images
-        shape = (batch, unet.config.in_channels, self.height // self.vae_scale, self.width // self.vae_scale)
-        if s.init_image:
-            init = self._init_latents(s.init_image, batch, noise_gen)
-            noise = randn_tensor(shape, generator=noise_gen, device=device, dtype=torch.float32)
-            latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
-        else:
-            latents = randn_tensor(shape, generator=noise_gen, device=device, dtype=torch.float32)
-            latents = latents * scheduler.init_noise_sigma
-        frame = noise_frame(scheduler, timesteps, device)
-        step_kwargs = {k: v for k, v in (("generator", noise_gen), ("eta", 0.0)) if k in self._step_kwargs}
-
+        timesteps, begin = self._timesteps()
+        latents = self._start_latents(timesteps, s.num_images, noise_gen)
+        tables = noise_tables(scheduler, timesteps, device, begin_index=begin)
+        step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, 0.0)
+        guider = self.make_guider(objective)
         n = len(timesteps)
-        to_guide = set(guided_steps(n, start=s.guidance_start, end=s.guidance_end, every=s.guidance_every)) \
-            if guide else set()
-        loss_scale = HALF_LOSS_SCALE if guide and any(
-            p.dtype == torch.float16 for p in clip_loss.parameters()) else 1.0
-
-        def denoise(z, t, out_cond=None):
-            """The classifier-free-guided model output at VP input ``z`` (float32).
-
-            Given the text-conditional output ``out_cond`` (computed with gradients by a "full" guided
-            step), only the unconditional half is run, so no UNet forward is done twice."""
-            if out_cond is not None:
-                if not cfg:
-                    return out_cond
-                out_uncond = unet(z, t, encoder_hidden_states=uncond, return_dict=False)[0].float()
-                return out_uncond + s.cfg_scale * (out_cond - out_uncond)
-            out = unet(torch.cat([z, z]) if cfg else z, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            if cfg:
-                out_uncond, out_cond = out.float().chunk(2)
-                return out_uncond + s.cfg_scale * (out_cond - out_uncond)
-            return out.float()
-
-        def conditional(z, t, keep: dict):
-            """The text-conditional output with gradients ("full" mode, as the community pipeline);
-            a detached copy is kept for the CFG combination of the same step."""
-            out = unet(z.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
-            keep["cond"] = out.detach()
-            return out
+        guider.setup(n)
 
         step_losses: list[torch.Tensor] = []
-        x0, done, interrupted = latents, 0, False
+        x0, done, interrupted, stopped_at = latents, 0, False, None
         try:
             for i, t in enumerate(timesteps):
                 z = scheduler.scale_model_input(latents, t)
-                alpha_bar = frame.alpha_bar(scheduler, i, t)
-                full = i in to_guide and s.guidance_gradient == "full"
-                out = None if full else denoise(z.to(unet.dtype), t)
-                loss = None
-                if i in to_guide:
-                    keep: dict = {}
-                    model = (lambda zz, t=t: conditional(zz, t, keep)) if full else None
-                    grad, loss = clip_gradient(z, out, alpha_bar, prediction, decode=self._guidance_decode,
-                                               loss_fn=clip_loss, step=i, generator=clip_gen, model=model,
-                                               loss_scale=loss_scale)
-                    if full:
-                        out = denoise(z.to(unet.dtype), t, out_cond=keep["cond"])
-                    delta_eps = s.clip_guidance_scale * (1 - alpha_bar).sqrt() * grad   # Dhariwal & Nichol eq. 14
-                    out = out + output_correction(delta_eps, alpha_bar, prediction)
+                step = GuidedStep(index=i, timestep=t, z=z, alpha_bar=tables.alpha_bar(i), prediction_type=prediction,
+                                  model=self._denoiser(t, embeds, cond, uncond, cfg), decode=self._guidance_decode,
+                                  generator=objective_gen)
+                out, loss = guider.model_output(step)
+                if loss is not None:
                     step_losses.append(loss.per_image.detach().mean())
-                x0 = clean_estimate(z, out, alpha_bar, prediction)
+                x0 = clean_estimate(z, out, step.alpha_bar, prediction)
                 latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
                 done = i + 1
                 if done == n:
                     x0 = latents
                 if callback is not None:
                     info = StepInfo(step=i, total=n, latents=latents, decode=lambda x=x0: self.decode(x),
-                                    loss=None if loss is None else loss.total.detach(),
+                                    loss=None if loss is None else loss.per_image.detach().mean(),
                                     parts={} if loss is None else loss.parts)
                     if callback(info) is False:
-                        interrupted = True
+                        stopped_at = i
                         break
         except KeyboardInterrupt:     # Ctrl-C: keep the latest clean estimate as the result
             interrupted = True
         images = self.decode(x0).float().cpu()
         pipe.maybe_free_model_hooks()
         info = {
-            "backend": self.name, "seed": int(seed), "steps_done": done, "prompt": prompt, "negative_prompt": s.negative_prompt,
+            "backend": self.name, "seed": int(seed), "prompt": prompt, "negative_prompt": s.negative_prompt,
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,
-            "timesteps": [float(t) for t in timesteps], "guided_steps": sorted(to_guide),
-            "guidance_gradient": s.guidance_gradient if guide else None,
-            "clip_guidance_scale": s.clip_guidance_scale if guide else 0.0, "cfg_scale": s.cfg_scale,
+            "timesteps": [float(t) for t in timesteps], **guider.describe(),
+            "clip_guidance_scale": guider.scale if guider.enabled else 0.0, "cfg_scale": s.cfg_scale,
             "width": self.width, "height": self.height, "sd_model": s.sd_model,
             "seconds": time.perf_counter() - started,
         }
         return GenerationResult(images=images, losses=[float(v) for v in step_losses], info=info,
-                                interrupted=interrupted)
+                                interrupted=interrupted, steps_done=done, stopped_at=stopped_at)
 
 
 def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -378,10 +379,12 @@ def _check_settings(s: Settings, device: torch.device) -> None:
                          "use 0 <= --guidance-start < --guidance-end <= 1")
     if s.guidance_every < 1:
         raise ValueError(f"guidance_every is {s.guidance_every}; use 1 (every step) or more")
+    if s.guider not in GUIDERS:
+        raise ValueError(f"unknown guider {s.guider!r}; choose from {', '.join(sorted(GUIDERS))}")
     if s.init_image:
-        from guidance.prompts import check_image_file
+        from guidance.images import check_image_file
 
-        check_image_file(s.init_image)
+        check_image_file(s.init_image, what="init image")
         if not 0.0 < s.strength <= 1.0:
             raise ValueError(f"strength is {s.strength}; use a value in (0, 1] (1 re-noises the init image fully)")
     if s.cpu_offload and device.type != "cuda":
@@ -399,19 +402,11 @@ def _build_scheduler(name: str, config):
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name \
-        or name.endswith(SINGLE_FILE_SUFFIXES)
-
-
-def _first_line(err: Exception, limit: int = 160) -> str:
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return line if len(line) <= limit else line[:limit].rstrip() + "..."
+    return looks_like_path(name, SINGLE_FILE_SUFFIXES)
 
 
 def _load_error(kind: str, name: str, err: Exception) -> OSError:
-    first = _first_line(err)
-    return OSError(f"could not load {kind} {name!r}: {first}. If you are offline, download it first "
-                   f"(`hf download {name}`) and pass the local folder")
+    return load_error(kind, name, err)
 
 
 def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None):
@@ -429,7 +424,7 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
         try:
             return StableDiffusionPipeline.from_single_file(str(path), **common, **extra)
         except (OSError, ValueError) as err:
-            raise OSError(f"could not load single-file checkpoint {spec!r}: {_first_line(err)}; offline, also "
+            raise OSError(f"could not load single-file checkpoint {spec!r}: {first_line(err)}; offline, also "
                           "pass --sd-config "
                           "with a local diffusers folder of the same model type (it supplies the configs)") from None
     if path.exists():
@@ -446,23 +441,21 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
         raise _load_error("Stable Diffusion model", spec, err) from None
 
 
-_PIPELINE_CACHE: dict[tuple, Any] = {}
-_PIPELINE_CACHE_SIZE = 1
-
-
 def cached_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None):
-    """:func:`load_pipeline`, reused across runs for the same (model, dtype, config); one is kept."""
+    """:func:`load_pipeline`, kept in the model cache across runs for the same (model, dtype, config)."""
+    from guidance.cache import cached
+
     path = Path(spec).expanduser()
     marker = path / "model_index.json" if path.is_dir() else path
     stamp = (marker.stat().st_mtime_ns, marker.stat().st_size) if marker.exists() else None
     key = (str(path.resolve()) if path.exists() else spec, stamp, str(dtype), config)
-    if key not in _PIPELINE_CACHE:
+
+    def load():
         pipe = load_pipeline(spec, dtype=dtype, config=config)
         pipe.__dict__["_clipsteer_default_scheduler"] = pipe.scheduler
-        while len(_PIPELINE_CACHE) >= _PIPELINE_CACHE_SIZE:
-            _PIPELINE_CACHE.pop(next(iter(_PIPELINE_CACHE)))
-        _PIPELINE_CACHE[key] = pipe
-    return _PIPELINE_CACHE[key]
+        return pipe
+
+    return cached("pipeline", key, load)
 
 
 def load_tiny_vae(spec: str, pipe):

@@ -19,12 +19,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .base import GenerationResult, Generator, StepCallback, StepInfo
+from guidance.errors import first_line
+
+from .base import GenerationResult, Generator, StepCallback, option, seed_generator
+from .optimise import (LR_SCHEDULES, OPTIMIZERS, OptimiseSettings, check_settings, make_lr_schedule,
+                       make_optimizer, optimise)
 from .taming_checkpoint import FirstStage, TamingConfig, build_first_stage, load_state_dict
 
 # name -> (Hub repo, config file, weights file). Each was checked to exist and to hold a
@@ -48,12 +52,6 @@ MODEL_ALIASES = {
     "vqgan_f16_16384": "cc3m_yfcc_f16_16384",
 }
 
-OPTIMIZERS = {
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
-    "adamax": torch.optim.Adamax, "radam": torch.optim.RAdam, "rmsprop": torch.optim.RMSprop,
-    "sgd": torch.optim.SGD,
-}
-LR_SCHEDULES = ("constant", "cosine", "step", "linear")
 INIT_NOISES = ("pixels", "gradient")
 
 
@@ -62,43 +60,28 @@ INIT_NOISES = ("pixels", "gradient")
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class VQGANSettings:
+class VQGANSettings(OptimiseSettings):
     """Options of the VQGAN backend (each becomes a CLI option and a config-file key)."""
 
-    vqgan: str = field(default="imagenet_f16_16384", metadata={
-        "help": f"VQGAN: a known name ({', '.join(KNOWN_MODELS)}; downloaded once from the Hugging Face "
-                "Hub), a folder holding a taming config.yaml + model.safetensors or last.ckpt, or a "
-                ".ckpt/.safetensors file with its YAML beside it", "flag": "--vqgan", "metavar": "NAME_OR_PATH"})
-    vqgan_config: str | None = field(default=None, metadata={
-        "help": "taming config YAML for --vqgan when it is not beside the checkpoint", "metavar": "YAML"})
-    width: int = field(default=256, metadata={"help": "image width in pixels (VQGAN: a multiple of its "
-                                                      "downsampling factor, e.g. 16)"})
-    height: int = field(default=256, metadata={"help": "image height in pixels (VQGAN: a multiple of its "
-                                                       "downsampling factor)"})
-    num_images: int = field(default=1, metadata={"help": "images optimised together as one batch, each "
-                                                         "from its own random start"})
-    iterations: int = field(default=300, metadata={"help": "optimisation steps", "metavar": "N"})
-    learning_rate: float = field(default=0.1, metadata={"help": "optimiser learning rate", "flag": "--lr"})
-    optimizer: str = field(default="Adam", metadata={
-        "help": "torch optimiser: " + ", ".join(("Adam", "AdamW", "Adagrad", "Adamax", "RAdam", "RMSprop", "SGD")),
-        "aliases": ["--optimiser"]})
-    lr_schedule: str = field(default="constant", metadata={
-        "help": "learning-rate schedule: constant; cosine (to 10% of --lr); step (halve every third of the "
-                "run); linear (to 10%)", "choices": list(LR_SCHEDULES)})
-    init_image: str | None = field(default=None, metadata={"help": "start from this image (encoded by the "
-                                                                   "VQGAN) instead of random codes",
-                                                           "metavar": "PATH"})
-    init_weight: float = field(default=0.0, metadata={
-        "help": "weight of an MSE pull of the latent back towards its starting point (keeps the init "
-                "image's layout); 0 disables"})
-    init_weight_decay: bool = field(default=False, metadata={
-        "help": "let --init-weight fall linearly to zero over the run"})
-    init_noise: str | None = field(default=None, metadata={
-        "help": "start from an encoded noise image instead of random codes: pixels or gradient",
-        "choices": list(INIT_NOISES)})
-    channels_last: bool = field(default=True, metadata={"help": "run the decoder in channels-last memory format "
-                                                                "(f16 decoder: 5-13% faster on CPU; "
-                                                                "--no-channels-last: contiguous)"})
+    vqgan: str = option("imagenet_f16_16384", f"VQGAN: a known name ({', '.join(KNOWN_MODELS)}; downloaded once "
+                        "from the Hugging Face Hub), a folder holding a taming config.yaml + model.safetensors or "
+                        "last.ckpt, or a .ckpt/.safetensors file with its YAML beside it", flag="--vqgan",
+                        metavar="NAME_OR_PATH")
+    vqgan_config: str | None = option(None, "taming config YAML for --vqgan when it is not beside the checkpoint",
+                                      metavar="YAML")
+    width: int = option(256, "image width in pixels (VQGAN: a multiple of its downsampling factor, e.g. 16)")
+    height: int = option(256, "image height in pixels (VQGAN: a multiple of its downsampling factor)")
+    num_images: int = option(1, "images optimised together as one batch, each from its own random start",
+                             minimum=1)
+    init_image: str | None = option(None, "start from this image (encoded by the VQGAN) instead of random codes",
+                                    metavar="PATH")
+    init_weight: float = option(0.0, "weight of an MSE pull of the latent back towards its starting point (keeps "
+                                     "the init image's layout); 0 disables", minimum=0)
+    init_weight_decay: bool = option(False, "let --init-weight fall linearly to zero over the run")
+    init_noise: str | None = option(None, "start from an encoded noise image instead of random codes: pixels or "
+                                          "gradient", choices=INIT_NOISES)
+    channels_last: bool = option(True, "run the decoder in channels-last memory format (f16 decoder: 5-13% faster "
+                                       "on CPU; --no-channels-last: contiguous)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +103,7 @@ def _hub_files(name: str, cache_dir: str | None = None) -> tuple[Path, Path]:
             elif kind in ("RepositoryNotFoundError", "EntryNotFoundError", "RemoteEntryNotFoundError"):
                 reason = "the Hub no longer has this file (dead link)"
             else:
-                first = str(err).splitlines()[0] if str(err) else ""
-                reason = f"{kind}: {first[:150]}{'...' if len(first) > 150 else ''}"
+                reason = f"{kind}: {first_line(err, 150)}"
             raise FileNotFoundError(
                 f"could not get VQGAN {name!r} ({repo}, file {filename}) from the Hugging Face Hub: {reason}. "
                 f"Download {filename} and {weights_file if filename == config_file else config_file} by hand "
@@ -174,22 +156,23 @@ def resolve_vqgan(spec: str | os.PathLike, *, config: str | os.PathLike | None =
                             "folder; check the name or path")
 
 
-_MODEL_CACHE: dict[tuple, FirstStage] = {}
-_MODEL_CACHE_SIZE = 2
-
-
 def load_vqgan(spec: str | os.PathLike, *, config: str | os.PathLike | None = None,
                cache_dir: str | None = None) -> FirstStage:
-    """Load a VQGAN (name, folder or checkpoint; see :func:`resolve_vqgan`); cached per file."""
+    """Load a VQGAN (name, folder or checkpoint; see :func:`resolve_vqgan`); kept in the model cache per file."""
+    from guidance.cache import cached
+
     cfg_path, weights = resolve_vqgan(spec, config=config, cache_dir=cache_dir)
     stat = weights.stat()
     key = (str(cfg_path.resolve()), str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _MODEL_CACHE:
-        model = build_first_stage(TamingConfig.from_yaml(cfg_path), load_state_dict(weights))
-        if len(_MODEL_CACHE) >= _MODEL_CACHE_SIZE:
-            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))
-        _MODEL_CACHE[key] = model
-    return _MODEL_CACHE[key]
+    return cached("vqgan", key, lambda: build_first_stage(TamingConfig.from_yaml(cfg_path), load_state_dict(weights)))
+
+
+def toy_preset() -> dict:
+    """This backend's part of ``--preset toy``: the toy VQGAN and the settings tuned for it on the toy
+    world's tuning prompts (benchmarks/quality.py --prompt-seed 7)."""
+    from .presets import toyworld_weights
+
+    return {"vqgan": str(toyworld_weights("vqgan", check=True)), "iterations": 100, "learning_rate": 0.3}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,34 +190,6 @@ def check_size(width: int, height: int, factor: int) -> None:
         options = sorted((v for v in (lower, lower + factor) if v >= factor), key=lambda v: (abs(v - value), v))
         raise ValueError(f"{label} {value} does not suit this VQGAN: it must be a multiple of {factor} "
                          f"(its downsampling factor); use {' or '.join(map(str, options))}")
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """A ``torch.optim`` optimiser by case-insensitive name."""
-    key = str(name).lower()
-    if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from Adam, AdamW, Adagrad, Adamax, RAdam, RMSprop, SGD")
-    if not lr > 0:
-        raise ValueError(f"learning rate is {lr}; it must be positive (e.g. --lr 0.1)")
-    return OPTIMIZERS[key](params, lr=lr)
-
-
-def make_lr_schedule(name: str, optimizer: torch.optim.Optimizer, steps: int):
-    """``None`` for a constant rate, else a ``torch.optim.lr_scheduler`` over *steps* steps."""
-    from torch.optim import lr_scheduler
-
-    key = str(name).lower()
-    steps = max(1, steps)
-    if key == "constant":
-        return None
-    if key == "cosine":
-        base = optimizer.param_groups[0]["lr"]
-        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.1 * base)
-    if key == "step":
-        return lr_scheduler.StepLR(optimizer, step_size=max(1, steps // 3), gamma=0.5)
-    if key == "linear":
-        return lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=steps)
-    raise ValueError(f"unknown lr_schedule {name!r}; choose from {', '.join(LR_SCHEDULES)}")
 
 
 class _StraightThroughClamp(torch.autograd.Function):
@@ -289,20 +244,9 @@ def noise_images(kind: str, batch: int, height: int, width: int, generator: torc
 
 
 def _load_init_image(path: str, width: int, height: int) -> torch.Tensor:
-    from PIL import Image
+    from guidance.images import load_image
 
-    from guidance.prompts import check_image_file
-
-    try:
-        check_image_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"init image {str(path)!r} does not exist; check the path") from None
-    except ValueError:
-        raise ValueError(f"init image {str(path)!r} is not a readable image; use a PNG/JPEG/WebP file") from None
-    with Image.open(path) as im:
-        im = im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    return data.view(height, width, 3).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return load_image(path, (width, height), what="init image")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +258,7 @@ class VQGANGenerator(Generator):
 
     name = "vqgan"
     Settings = VQGANSettings
+    presets = {"toy": toy_preset}
 
     def __init__(self, settings: VQGANSettings | None = None, *, device=None, precision=None,
                  model: FirstStage | None = None):
@@ -339,13 +284,9 @@ class VQGANGenerator(Generator):
 
     @staticmethod
     def _validate(s: VQGANSettings) -> None:
-        if s.iterations < 0:
-            raise ValueError(f"iterations is {s.iterations}; it must be 0 or more")
+        check_settings(s)
         if s.num_images < 1:
             raise ValueError(f"num_images is {s.num_images}; it must be at least 1")
-        make_optimizer(s.optimizer, [torch.zeros(1, requires_grad=True)], s.learning_rate)
-        if str(s.lr_schedule).lower() not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {s.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
         if s.init_noise is not None and s.init_noise not in INIT_NOISES:
             raise ValueError(f"unknown init_noise {s.init_noise!r}; choose from {', '.join(INIT_NOISES)}")
         if s.init_weight < 0:
@@ -403,59 +344,28 @@ class VQGANGenerator(Generator):
         return s.init_weight
 
     # -- the run ---------------------------------------------------------------------------
-    def generate(self, clip_loss, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
+    def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
         s = self.settings
-        generator = torch.Generator().manual_seed(int(seed))  # all randomness of this run
-        z = self.initial_latents(generator).to(self.device, torch.float32)
+        z = self.initial_latents(seed_generator(seed, "init")).to(self.device, torch.float32)
         z_init = z.clone() if s.init_weight else None
-        z.requires_grad_(True)
-        optimizer = make_optimizer(s.optimizer, [z], s.learning_rate)
-        schedule = make_lr_schedule(s.lr_schedule, optimizer, s.iterations)
-        losses: list[torch.Tensor] = []
-        interrupted, stopped_at = False, None
 
-        def decode_now() -> torch.Tensor:
-            return self.decode(z)
+        def pull_to_start(z: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+            return {"init": (z - z_init).pow(2).mean((1, 2, 3)) * self._init_weight(step)}
 
-        try:
-            for step in range(s.iterations):
-                optimizer.zero_grad(set_to_none=True)
-                images = self.render(z)
-                parts: dict[str, torch.Tensor] = {}
-                per_image = images.new_zeros(images.shape[0])
-                if clip_loss is not None:
-                    out = clip_loss(images, step=step, generator=generator)
-                    per_image = per_image + out.per_image
-                    parts.update(out.parts)
-                if z_init is not None:
-                    pull = (z - z_init).pow(2).mean((1, 2, 3)) * self._init_weight(step)
-                    per_image = per_image + pull
-                    parts["init"] = pull.detach()
-                total = per_image.sum()
-                if total.requires_grad:
-                    total.backward()
-                    optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                with torch.no_grad():
-                    z.copy_(torch.maximum(torch.minimum(z, self.z_max), self.z_min))
-                loss = total.detach()
-                losses.append(loss)
-                if callback is not None:
-                    keep_going = callback(StepInfo(step=step, total=s.iterations, latents=z.detach(),
-                                                   decode=decode_now, loss=loss, parts=parts))
-                    if keep_going is False:
-                        stopped_at = step
-                        break
-        except KeyboardInterrupt:
-            interrupted = True
-        images = self.decode(z)
-        history = torch.stack(losses).float().cpu().tolist() if losses else []
-        info = {"steps_done": len(losses), "latent_shape": list(z.shape), "downsample": self.model.downsample,
+        def into_codebook_range(z: torch.Tensor) -> None:
+            z.copy_(torch.maximum(torch.minimum(z, self.z_max), self.z_min))
+
+        out = optimise(z.requires_grad_(True), self.render, objective, optimizer=s.optimizer, lr=s.learning_rate,
+                       schedule=s.lr_schedule, steps=s.iterations, project=into_codebook_range,
+                       regulariser=pull_to_start if z_init is not None else None, callback=callback,
+                       generator=seed_generator(seed, "objective"), decode=self.decode, keep_best=s.keep_best,
+                       grad_clip=s.grad_clip)
+        info = {"latent_shape": list(z.shape), "downsample": self.model.downsample,
                 "codebook_size": int(self.codebook.shape[0]), "gumbel": bool(self.model.gumbel)}
-        if stopped_at is not None:
-            info["stopped_at"] = stopped_at
-        return GenerationResult(images=images, losses=history, info=info, interrupted=interrupted)
+        if out.best_step is not None:
+            info["best_step"] = out.best_step
+        return GenerationResult(images=self.decode(z), losses=out.losses, info=info, interrupted=out.interrupted,
+                                steps_done=out.steps_done, stopped_at=out.stopped_at)
 
 
 __all__ = ["VQGANGenerator", "VQGANSettings", "KNOWN_MODELS", "MODEL_ALIASES", "OPTIMIZERS", "LR_SCHEDULES",

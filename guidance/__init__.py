@@ -7,11 +7,13 @@
 >>> out.total.backward()
 
 Scoring (torchmetrics-compatible CLIP score): ``clip_score(images, prompts, model=...)``,
-``CLIPScore`` (update / compute / reset). Nothing here imports a generator; generators receive a ``CLIPLoss``.
+``CLIPScore`` (update / compute / reset). Nothing here imports a generator; generators receive an ``Objective`` (``CLIPLoss`` is one).
 """
 
-from .clip_loss import CLIPLoss, LossOutput, load_image
+from .clip_loss import CLIPLoss
 from .cutouts import DEFAULT_AUGMENTATIONS, Cutouts, augmentation_names, build_augmentations
+from .images import check_image_file, load_image, read_image
+from .objective import LossOutput, Objective, WeightedObjectives, check_image_values, check_images
 from .encoders import Encoder, HFCLIPEncoder, OpenCLIPEncoder, load_encoder, parse_encoder_spec
 from .losses import (cosine_distance, range_loss, saturation_loss, spherical_distance, symmetry_loss,
                      tv_loss)
@@ -20,7 +22,8 @@ from .runtime import resolve_device, resolve_dtype, seeded_generator
 from .score import CLIPScore, ScoreModel, clip_score, get_score_model, image_similarity
 
 __all__ = [
-    "CLIPLoss", "LossOutput", "load_image",
+    "CLIPLoss", "LossOutput", "Objective", "WeightedObjectives", "check_images", "check_image_values",
+    "load_image", "read_image", "check_image_file",
     "Cutouts", "DEFAULT_AUGMENTATIONS", "augmentation_names", "build_augmentations",
     "Encoder", "HFCLIPEncoder", "OpenCLIPEncoder", "load_encoder", "parse_encoder_spec",
     "spherical_distance", "cosine_distance", "tv_loss", "range_loss", "saturation_loss", "symmetry_loss",

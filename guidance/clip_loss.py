@@ -7,7 +7,6 @@ optional auxiliary image losses. Knows nothing about what produced the images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -16,37 +15,12 @@ from torch import nn
 from .cutouts import Cutouts
 from .encoders import Encoder
 from .losses import DISTANCES, IMAGE_LOSSES
-from .prompts import Prompt, PromptSchedule, PromptSpec, check_image_file
+from .images import load_image
+from .objective import LossOutput, Objective, check_images
+from .prompts import Prompt, PromptSchedule, PromptSpec
 
 
-@dataclass
-class LossOutput:
-    """``total`` is the sum over images of ``per_image``; ``parts`` name each term, per image."""
-
-    total: torch.Tensor
-    per_image: torch.Tensor
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def items(self) -> dict[str, float]:
-        """Parts averaged over the batch as floats, for logs (a host sync: call sparingly)."""
-        return {k: float(v.mean()) for k, v in self.parts.items()}
-
-
-def load_image(path, size: int | None = None) -> torch.Tensor:
-    """An image file as ``[1,3,H,W]`` float in ``[0,1]`` (optionally resized to ``size``²)."""
-    import numpy as np
-    from PIL import Image
-
-    check_image_file(path)
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            im = im.resize((size, size), Image.Resampling.LANCZOS)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-class CLIPLoss(nn.Module):
+class CLIPLoss(Objective):
     """Weighted CLIP distance between images and prompts, over one or more encoders.
 
     Args:
@@ -128,8 +102,7 @@ class CLIPLoss(nn.Module):
     # -- loss --------------------------------------------------------------------
     def forward(self, images: torch.Tensor, *, step: int = 0,
                 generator: torch.Generator | None = None) -> LossOutput:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] in [0, 1]; got shape {tuple(images.shape)}")
+        check_images(images)
         generator = self.generator if generator is None else generator
         prompts, targets = self.targets(step)
         batch = images.shape[0]
@@ -156,6 +129,10 @@ class CLIPLoss(nn.Module):
                 parts[name] = value.detach()
                 per_image = per_image + value
         return LossOutput(total=per_image.sum(), per_image=per_image, parts=parts)
+
+    def conditioning_text(self, step: int = 0) -> str:
+        """The positive-weight text prompts active at *step*, joined with ", " (for text-conditioned generators)."""
+        return ", ".join(p.value for p in self.schedule.at(step) if p.kind == "text" and p.weight > 0)
 
     def extra_repr(self) -> str:
         names = ", ".join(e.name for e in self.encoders)

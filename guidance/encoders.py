@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import load_error, looks_like_path
 from .runtime import resolve_device, resolve_dtype
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -85,7 +86,7 @@ class Encoder(nn.Module):
                     f"of {self.name}; it was truncated", stacklevel=4)
 
 
-def _features(output) -> torch.Tensor:
+def features(output) -> torch.Tensor:
     """transformers 5 returns an output object from ``get_*_features``; 4.x a tensor."""
     if isinstance(output, torch.Tensor):
         return output
@@ -105,7 +106,7 @@ class HFCLIPEncoder(Encoder):
         self._freeze()
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _features(self.model.get_image_features(pixel_values=pixels))
+        return features(self.model.get_image_features(pixel_values=pixels))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         full = self.tokenizer(texts, truncation=False)["input_ids"]
@@ -115,7 +116,7 @@ class HFCLIPEncoder(Encoder):
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
-        return _features(self.model.get_text_features(**self.tokenize(texts)))
+        return features(self.model.get_text_features(**self.tokenize(texts)))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device=None, dtype=None) -> "HFCLIPEncoder":
@@ -182,16 +183,13 @@ def _check_local(name: str) -> None:
     """A name that is clearly a path (not an ``org/model`` Hub id) must exist."""
     if Path(name).expanduser().exists():
         return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+    if looks_like_path(name):
         raise FileNotFoundError(f"CLIP model folder {name!r} does not exist; give a Hub id such as "
                                 "'openai/clip-vit-base-patch32' or an existing local folder")
 
 
 def _load_error(name: str, err: Exception) -> OSError:
-    return OSError(
-        f"could not load CLIP model {name!r}: {str(err).splitlines()[0][:200]}. "
-        "If you are offline, download it first (e.g. `hf download openai/clip-vit-base-patch32`) "
-        "or pass a local folder")
+    return load_error("CLIP model", name, err)
 
 
 def load_encoder(spec: str, *, device=None, precision=None) -> Encoder:

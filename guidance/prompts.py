@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence, Union
 
 PromptKind = Literal["text", "image", "noise"]
@@ -107,25 +106,11 @@ def parse_prompts(spec: str | Prompt | Iterable[str | Prompt] | None, kind: Prom
 def image_prompts(specs: Iterable[str]) -> list[Prompt]:
     """Image prompts ``"path[:weight[:stop]]"``; the file must exist and be an image."""
     prompts = [parse_prompt(s, "image") for s in specs]
+    from .images import check_image_file
+
     for p in prompts:
-        check_image_file(p.value)
+        check_image_file(p.value, what="image prompt")
     return prompts
-
-
-def check_image_file(path: str | Path) -> Path:
-    """Raise a one-line error unless *path* is a readable image file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image prompt {str(path)!r} does not exist; check the path")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image prompt {str(path)!r} is not a readable image ({err.__class__.__name__}); "
-                         "use a PNG/JPEG/WebP file") from None
-    return path
 
 
 PromptSpec = Union[str, Prompt, Sequence[Union[str, Prompt]]]

@@ -31,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-from .encoders import Encoder, HFCLIPEncoder, load_encoder
+from .encoders import Encoder, HFCLIPEncoder, features as _pooled, load_encoder
+from .images import pil_to_tensor, read_image
 from .runtime import resolve_device
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
@@ -49,31 +50,6 @@ _TEXT_CACHE_SIZE = 8192
 # ---------------------------------------------------------------------------------------------
 # Image inputs
 # ---------------------------------------------------------------------------------------------
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as a ``[3,H,W]`` uint8 tensor (RGB), with a one-line error if unreadable."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist; check the path")
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"image {str(path)!r} is not a readable image ({err.__class__.__name__}: "
-                         f"{str(err).splitlines()[0][:120] if str(err) else 'corrupt'}); "
-                         "re-save it as PNG/JPEG or leave it out") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def _pil_to_tensor(im) -> torch.Tensor:
-    import numpy as np
-
-    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
 
 def _check_tensor(t: torch.Tensor, what: str) -> list[torch.Tensor]:
     """A ``[3,H,W]`` or ``[B,3,H,W]`` tensor -> list of ``[3,H,W]`` uint8 or float32 tensors."""
@@ -124,7 +100,7 @@ def as_image_list(images, what: str = "images") -> list[torch.Tensor]:
         if isinstance(item, (str, Path)):
             out.append(read_image(item))
         elif _is_pil(item):
-            out.append(_pil_to_tensor(item))
+            out.append(pil_to_tensor(item))
         elif isinstance(item, torch.Tensor):
             out.extend(_check_tensor(item, what if len(items) == 1 else f"{what}[{i}]"))
         else:
@@ -504,7 +480,3 @@ class TorchmetricsCLIP(torch.nn.Module):
 
     def get_text_features(self, *args, **kwargs):
         return _pooled(self.clip.get_text_features(*args, **kwargs))
-
-
-def _pooled(output):
-    return output if isinstance(output, torch.Tensor) else output.pooler_output

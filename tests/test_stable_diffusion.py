@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from generators import get_generator
-from generators.sd_guidance import (clean_estimate, clip_gradient, guided_steps, noise_frame, output_correction,
+from generators.guiders import guided_steps
+from generators.sd_guidance import (clean_estimate, clip_gradient, noise_tables, output_correction,
                                     straight_through_clamp)
 from generators.stable_diffusion import SCHEDULERS, Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts, image_prompts, parse_prompts
@@ -57,16 +58,20 @@ def test_clean_estimate_matches_the_schedulers_own(name, prediction_type):
     sched = type(gen.pipe.scheduler).from_config(gen.pipe.scheduler.config, timestep_spacing="linspace")
     sched.set_timesteps(5)
     timesteps = sched.timesteps
-    frame = noise_frame(sched, timesteps)
-    assert frame.sigma_frame == (name != "ddim")
+    tables = noise_tables(sched, timesteps)
+    assert tables.sigma_frame == (name != "ddim") and len(tables) == len(timesteps)
+    assert getattr(sched, "step_index", None) is None        # built from tables, the scheduler's state untouched
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 8, 8, generator=g) * sched.init_noise_sigma
     for i, t in enumerate(timesteps):
         z = sched.scale_model_input(latents, t)
         out = torch.randn(latents.shape, generator=g)
-        ab = frame.alpha_bar(sched, i, t)
-        if frame.sigma_frame:
+        ab = tables.alpha_bar(i)
+        assert torch.allclose(ab, tables.alpha_bar(i))          # the same step can be evaluated twice
+        if tables.sigma_frame:
             assert torch.allclose(ab, 1 / (1 + sched.sigmas[i] ** 2))
+            c_in = sched.scale_model_input(torch.ones(()), t)   # the scheduler's own scaling at this step
+            assert torch.allclose(ab, c_in.float() ** 2)
         else:
             assert torch.allclose(ab, sched.alphas_cumprod[int(t)])
         extra = {"generator": torch.Generator().manual_seed(i)} if name == "euler_a" else {}
@@ -238,7 +243,7 @@ def test_callback_can_stop_early(clip_loss):
 
     gen = make(steps=5)
     result = gen.generate(clip_loss, seed=0, callback=callback)
-    assert result.interrupted and len(frames) == 2 and result.info["steps_done"] == 2
+    assert not result.interrupted and result.stopped_at == 1 and len(frames) == 2 and result.steps_done == 2
     assert frames[0].shape == (1, 3, 64, 64) and 0 <= frames[0].min() and frames[0].max() <= 1
     torch.testing.assert_close(result.images, frames[-1])
 
@@ -247,7 +252,7 @@ def test_callback_can_stop_early(clip_loss):
             raise KeyboardInterrupt
 
     stopped = gen.generate(clip_loss, seed=0, callback=ctrl_c)
-    assert stopped.interrupted and stopped.info["steps_done"] == 3 and torch.isfinite(stopped.images).all()
+    assert stopped.interrupted and stopped.steps_done == 3 and torch.isfinite(stopped.images).all()
 
 
 def test_img2img_strength_sets_the_steps_and_matches_diffusers(clip_loss, tmp_path):
@@ -290,7 +295,7 @@ def test_loads_a_saved_pipeline_folder_and_tiny_vae(clip_loss, tmp_path):
 
 def test_a_reused_pipeline_forgets_the_previous_runs_choices(clip_loss, tmp_path):
     """Runs share one loaded pipeline; scheduler and slicing of one run never leak into the next."""
-    from generators.stable_diffusion import _PIPELINE_CACHE
+    from guidance.cache import MODELS
 
     folder = save_tiny_sd(tmp_path / "sd")
     options = {"sd_model": str(folder), "steps": 3, "prompt": PROMPT, "clip_guidance_scale": 500.0, "width": None}
@@ -299,7 +304,7 @@ def test_a_reused_pipeline_forgets_the_previous_runs_choices(clip_loss, tmp_path
     expected = first.generate(clip_loss, seed=3).images
     other = get_generator("sd", {**options, "scheduler": "ddim", "attention_slicing": True, "vae_slicing": True},
                           device="cpu")
-    assert other.pipe is first.pipe and len(_PIPELINE_CACHE) == 1
+    assert other.pipe is first.pipe and len(MODELS.keys("pipeline")) == 1
     assert type(other.pipe.scheduler).__name__ == "DDIMScheduler" and other.pipe.vae.use_slicing
     other.generate(clip_loss, seed=3)
     default = get_generator("sd", {**options, "scheduler": "default"}, device="cpu")

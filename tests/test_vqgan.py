@@ -320,7 +320,7 @@ def test_init_weight_pulls_towards_initial_latents(model, enc):
 def test_callback_stops_and_ctrl_c_keeps_the_image(model, enc):
     gen = _gen(model, iterations=20)
     stopped = gen.generate(_loss(enc), seed=0, callback=lambda info: info.step < 4)
-    assert len(stopped.losses) == 5 and stopped.info["stopped_at"] == 4 and not stopped.interrupted
+    assert len(stopped.losses) == 5 and stopped.stopped_at == 4 and not stopped.interrupted
 
     def interrupt(info):
         if info.step == 2:

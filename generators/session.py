@@ -1,0 +1,358 @@
+"""A run session: options in -> prepare (objective, backend, run folder) -> execute -> record.
+
+:func:`generate` is the Python API behind ``scripts/generate.py`` (re-exported by
+:mod:`generators.run`). It merges option defaults, a preset, a config file and keyword arguments
+(:mod:`generators.options`), builds the objective from the guidance options (:mod:`guidance.build`)
+and the backend from its ``Settings``, runs it with a progress bar, scores the result with an
+evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C during the run keeps
+the current image: it is saved, marked ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+import secrets
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from guidance.build import build_objective, build_schedule, eval_model_for, score_images
+from guidance.errors import first_line
+
+from . import get_generator_class
+from .base import GenerationResult, StepInfo, check_seed
+from .options import backend_settings, resolve_options
+
+
+@dataclass
+class Run:
+    """What :func:`generate` returns: the images, where they were saved and what produced them.
+
+    ``path`` is the run folder (``None`` with ``save=False``); ``image_paths`` the PNGs in it.
+    """
+
+    images: torch.Tensor
+    metadata: dict[str, Any]
+    path: Path | None = None
+    image_paths: list[Path] = field(default_factory=list)
+    clip_score: float | None = None
+    interrupted: bool = False
+    frames: list = field(default_factory=list, repr=False)
+
+    @property
+    def pil_images(self) -> list:
+        from .outputs import to_pil
+
+        return to_pil(self.images)
+
+    @property
+    def image(self):
+        """The (first) final image as a PIL image."""
+        return self.pil_images[0]
+
+    @property
+    def image_path(self) -> Path | None:
+        return self.image_paths[0] if self.image_paths else None
+
+    @property
+    def seed(self) -> int:
+        return self.metadata["seed"]
+
+    @property
+    def losses(self) -> list[float]:
+        return self.metadata.get("losses", [])
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}  # with its CUDA/CPU build tag
+    for dist in ("clipsteer", "transformers", "diffusers", "taming-transformers-rom1504", "kornia",
+                 "open_clip_torch"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            if dist == "clipsteer":
+                out[dist] = "source checkout"
+    return out
+
+
+def _prompt_label(opts: Mapping[str, Any], schedule) -> str:
+    if opts.get("prompt"):
+        return str(opts["prompt"])
+    if opts.get("story"):
+        return str(opts["story"]) if isinstance(opts["story"], str) else "; ".join(
+            f"{k}={v}" for k, v in dict(opts["story"]).items())
+    if schedule is not None:
+        return "|".join(p.label for p in schedule.at(0))
+    return ""
+
+
+class _Progress:
+    """Step callback for the run: tqdm bar (loss shown every few steps), frames, the user's callback."""
+
+    def __init__(self, *, enabled: bool, save_every: int, frames_dir: Path | None, user: Callable | None,
+                 refresh: int = 10):
+        self.enabled, self.save_every, self.frames_dir, self.user = enabled, save_every, frames_dir, user
+        self.refresh = refresh
+        self.bar = None
+        self.frames: list = []
+        self.last: StepInfo | None = None
+
+    def __call__(self, info: StepInfo):
+        self.last = info
+        if self.enabled:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=info.total, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar.update(1)
+            done = info.step + 1
+            if info.loss is not None and (done % self.refresh == 0 or done == info.total):
+                self.bar.set_postfix(loss=f"{float(info.loss):.4f}", refresh=False)  # the only host sync
+        if self.save_every and (info.step + 1) % self.save_every == 0:
+            self.keep_frame(info.decode(), info.step + 1)
+        if self.user is not None:
+            return self.user(info)
+        return None
+
+    def keep_frame(self, images: torch.Tensor, step: int) -> None:
+        from .outputs import frame_name, save_png, to_pil
+
+        frame = to_pil(images[:1])[0]
+        self.frames.append(frame)
+        if self.frames_dir is not None:
+            self.frames_dir.mkdir(exist_ok=True)
+            save_png(frame, self.frames_dir / frame_name(step), text={"step": str(step)})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def generate(prompt: str | None = None, *, backend: str | None = None, preset: str | None = None,
+             config: str | Path | Mapping | None = None, save: bool = True, callback: Callable | None = None,
+             **options) -> Run:
+    """Generate image(s) for *prompt* and (with ``save=True``) write a new run folder.
+
+    Args:
+        prompt: ``"a lighthouse at dusk:1|fog:0.5"`` (or use ``story=``/``image_prompts=``).
+        backend: a registered backend name (``generators.backend_names()``); default ``"vqgan"``.
+        preset: a named preset (``"toy"``) giving defaults.
+        config: a YAML/TOML file (or a dict) of options; keyword options override it.
+        save: write the run folder under ``out`` (default ``outputs/``).
+        callback: called with each :class:`StepInfo`; return ``False`` to stop early.
+        **options: any option of :class:`RunSettings` or of the backend's ``Settings``
+            (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...).
+    """
+    t_start = time.perf_counter()
+    backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
+    threads = opts.get("threads")
+    if threads is None:
+        return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class _Prepared:
+    """Everything a run needs, built before the first step."""
+
+    backend: str
+    opts: dict[str, Any]
+    provenance: dict
+    seed: int
+    device: torch.device
+    schedule: Any
+    label: str
+    eval_model: str | None
+    formats: list[str]
+    save_every: int
+    settings: Any
+    objective: Any
+    generator: Any
+    t_start: float
+    t_loaded: float = 0.0
+
+
+def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: float | None = None) -> _Prepared:
+    """Check every option, then load the models: objective, backend. Nothing is written yet."""
+    from guidance import resolve_device
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    seed = opts.get("seed")
+    opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed)
+    device = resolve_device(opts.get("device"))
+    precision = opts.get("precision") or "auto"
+    schedule = build_schedule(opts)
+    if schedule is None:
+        raise ValueError("nothing to steer towards: give a text prompt, --story, --image-prompt or --noise-prompt")
+    formats = _animation_formats(opts)
+    save_every = int(opts.get("save_every") or 0)
+    cls = get_generator_class(backend)
+    settings = backend_settings(backend, opts)
+    prepared = _Prepared(backend=backend, opts=opts, provenance=provenance, seed=seed, device=device,
+                         schedule=schedule, label=_prompt_label(opts, schedule), eval_model=eval_model_for(opts),
+                         formats=formats, save_every=save_every, settings=settings, objective=None, generator=None,
+                         t_start=t_start)
+    # Models load here: the objective first (its encoders are cached across runs), then the backend.
+    prepared.objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
+    prepared.generator = cls(settings, device=device, precision=precision)
+    if formats and not save_every:
+        total = getattr(settings, "iterations", None) or getattr(settings, "steps", None) or 100
+        prepared.save_every = max(1, int(total) // 30)
+    prepared.t_loaded = time.perf_counter()
+    return prepared
+
+
+def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) -> tuple[GenerationResult, "_Progress"]:
+    """Run the backend with the progress bar, frames and the user's callback."""
+    progress = _Progress(enabled=bool(prep.opts.get("progress", True)), save_every=prep.save_every,
+                         frames_dir=(folder / "frames") if folder is not None else None, user=callback)
+    try:
+        try:
+            result = prep.generator.generate(prep.objective, seed=prep.seed, callback=progress)
+        except KeyboardInterrupt:
+            # A backend that does not catch Ctrl-C itself: keep the last state it reported.
+            if progress.last is None:
+                raise
+            done = progress.last.step + 1
+            result = GenerationResult(images=progress.last.decode().float().cpu(), interrupted=True, steps_done=done)
+    finally:
+        progress.close()
+    return result, progress
+
+
+def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", folder: Path | None) -> Run:
+    """Score the images, write the PNG(s), animation and run.json (last)."""
+    t_generated = time.perf_counter()
+    images = result.images.detach().float().cpu().clamp(0, 1)
+    steps_done = int(result.steps_done or result.info.get("steps_done", len(result.losses)) or 0)
+    score: dict[str, Any] = {"clip_score": None}
+    if prep.eval_model is not None:
+        try:
+            score = score_images(images, prep.schedule, model=prep.eval_model, step=max(steps_done - 1, 0),
+                                 device=prep.device)
+        except Exception as err:  # the image is kept whatever happens to its score
+            warnings.warn(f"CLIP score with {prep.eval_model!r} failed ({err.__class__.__name__}: "
+                          f"{first_line(err, 200)}); the image is saved without it", stacklevel=2)
+            score = {"clip_score": None, "error": f"{err.__class__.__name__}: {err}"}
+    t_scored = time.perf_counter()
+
+    names = ["image.png"] if images.shape[0] == 1 else [f"image-{i}.png" for i in range(images.shape[0])]
+    settings = prep.settings
+    metadata: dict[str, Any] = {
+        "prompt": prep.label,
+        "seed": prep.seed,
+        "backend": prep.backend,
+        "clip_score": score.get("clip_score"),
+        "image": names[0],
+        "images": names,
+        "interrupted": bool(result.interrupted),
+        "stopped_at": result.stopped_at,
+        "eval_model": prep.eval_model,
+        "clip_scores": score,
+        "prompts": {str(k): v for k, v in prep.schedule.as_dict().items()},
+        "settings": {k: v for k, v in sorted(prep.opts.items())},
+        "backend_settings": asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
+        "option_sources": {k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
+        "preset": prep.provenance["preset"],
+        "config": prep.provenance["config"],
+        "device": str(prep.device),
+        "precision": str(prep.generator.dtype).replace("torch.", ""),
+        "steps_done": steps_done,
+        "info": result.info,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "losses": [float(x) if math.isfinite(float(x)) else None for x in result.losses],
+    }
+    run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
+              interrupted=bool(result.interrupted), frames=progress.frames)
+    if folder is not None:
+        _save(run, folder, names, prep.formats, float(prep.opts.get("fps") or 10.0), images)
+    t_saved = time.perf_counter()
+    metadata["timings"] = {
+        "load_s": round(prep.t_loaded - prep.t_start, 3), "generate_s": round(t_generated - prep.t_loaded, 3),
+        "score_s": round(t_scored - t_generated, 3), "save_s": round(t_saved - t_scored, 3),
+        "total_s": round(t_saved - prep.t_start, 3),
+        "seconds_per_step": round((t_generated - prep.t_loaded) / steps_done, 4) if steps_done else None,
+    }
+    if folder is not None:
+        from .outputs import SIDECAR, write_json
+
+        write_json(folder / SIDECAR, metadata)
+    return run
+
+
+def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
+    prep = prepare(backend, opts, provenance, t_start=t_start)
+    folder = None
+    if save:
+        from .outputs import new_run_dir
+
+        folder = new_run_dir(opts.get("out") or "outputs", prep.label)
+    try:
+        result, progress = execute(prep, folder=folder, callback=callback)
+    except BaseException:
+        if folder is not None:
+            _remove_if_empty(folder)
+        raise
+    return record(prep, result, progress, folder)
+
+
+def _animation_formats(opts: Mapping[str, Any]) -> list[str]:
+    from .outputs import animation_formats
+
+    formats = animation_formats(opts.get("animation"))
+    if "mp4" in formats:
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ValueError("--animation mp4 needs the imageio-ffmpeg package (it bundles ffmpeg): "
+                             "pip install imageio-ffmpeg, or use --animation gif") from None
+    return formats
+
+
+def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: float, images: torch.Tensor) -> None:
+    """Final PNG(s) with metadata and the animation(s); the sidecar is written by the caller, last."""
+    import json
+
+    from .outputs import PNG_KEY, save_animation, save_png, to_jsonable, to_pil
+
+    pils = to_pil(images)
+    meta = run.metadata
+    for i, (name, im) in enumerate(zip(names, pils)):
+        text = {"prompt": meta["prompt"], "seed": str(meta["seed"]), "backend": meta["backend"],
+                "Software": "clipsteer", PNG_KEY: json.dumps(to_jsonable({**meta, "image": name, "index": i}))}
+        if meta.get("clip_score") is not None:
+            text["clip_score"] = f"{meta['clip_score']:.4f}"
+        run.image_paths.append(save_png(im, folder / name, text=text))
+    if formats:
+        frames = list(run.frames) + [pils[0]]
+        meta["animations"] = []
+        for fmt in formats:
+            path = save_animation(frames, folder / f"animation.{fmt}", fps=fps)
+            meta["animations"].append(path.name)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        frames = folder / "frames"
+        if frames.is_dir() and not any(frames.iterdir()):
+            frames.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+__all__ = ["generate", "Run", "prepare", "execute", "record"]

@@ -1,0 +1,79 @@
+"""The options every run has, whatever the backend: prompts, guidance, output, runtime.
+
+Each field becomes a ``--flag`` of ``scripts/generate.py``, a config-file key and a web-UI field
+(see :mod:`generators.options`); backends add their own ``Settings`` the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from guidance.build import DEFAULT_CLIP
+
+from .base import option
+
+# Option groups, in --help order.
+GROUPS = {
+    "prompts": "what to draw: text, image and noise prompts, schedules",
+    "guidance": "how CLIP steers: models, cutouts, augmentations, extra image losses",
+    "output": "seed, run folder, frames, animation, evaluation",
+    "runtime": "device and precision",
+}
+
+
+@dataclass
+class RunSettings:
+    """Options shared by every backend (each becomes a CLI option and a config-file key)."""
+
+    # prompts
+    prompt: str | None = option(
+        None, "text prompt(s): 'a lighthouse at dusk:1|fog:0.5|blurry:-1' (TEXT[:WEIGHT[:STOP]], "
+        "'|'-separated; negative weights push away)", group="prompts", positional=True)
+    story: str | None = option(
+        None, "prompt schedule ('story mode'): '0=a forest; 100=a city|night:0.5' switches prompts at those steps",
+        group="prompts", metavar="SCHEDULE")
+    image_prompts: list[str] = option(list, "image prompt PATH[:WEIGHT] (repeatable)", group="prompts",
+                                      flag="--image-prompt", metavar="PATH[:W]")
+    noise_prompts: list[str] = option(list, "noise prompt SEED[:WEIGHT]: a random CLIP target (repeatable)",
+                                      group="prompts", flag="--noise-prompt", metavar="SEED[:W]")
+    # guidance
+    clip: list[str] = option(
+        lambda: [DEFAULT_CLIP], "guiding CLIP: Hub id, local folder or open_clip:ARCH/PRETRAINED; MODEL=WEIGHT to "
+        "weight it; repeat for an ensemble; 'none' for no CLIP guidance", group="guidance", metavar="MODEL[=W]")
+    cutouts: int = option(32, "cutouts per image per step", group="guidance", metavar="N", minimum=1)
+    cut_pow: float = option(1.0, "cutout size exponent (>1 favours small cutouts)", group="guidance", above=0)
+    overview: int = option(0, "how many of the cutouts show the whole image", group="guidance", metavar="N",
+                           minimum=0)
+    min_fraction: float | None = option(None, "smallest cutout side as a fraction of the image (default: CLIP's "
+                                              "input size)", group="guidance", above=0, maximum=1)
+    augmentations: list[str] = option(
+        lambda: ["Af", "Pe", "Ji", "Er"], "cutout augmentations, names or short names with optional probability "
+        "('Af Pe Ji Er', 'jitter:0.3'); 'none' for none", group="guidance", flag="--augment", metavar="AUG")
+    distance: str = option("spherical", "embedding distance", group="guidance", choices=["spherical", "cosine"])
+    tv_weight: float = option(0.0, "total-variation loss weight (smoother images)", group="guidance")
+    range_weight: float = option(0.0, "weight of a penalty on pixels outside [0, 1]", group="guidance")
+    saturation_weight: float = option(0.0, "saturation loss weight (positive desaturates, negative saturates)",
+                                      group="guidance")
+    symmetry_weight: float = option(0.0, "left-right symmetry loss weight", group="guidance")
+    # output
+    seed: int | None = option(None, "random seed, 0 to 2**64-1 (default: a fresh one, recorded in the metadata)",
+                              group="output", metavar="N")
+    out: str = option("outputs", "folder in which each run gets a new sub-folder", group="output", metavar="DIR")
+    save_every: int = option(0, "keep a frame every N steps (frames/ in the run folder); 0: none", group="output",
+                             metavar="N", minimum=0)
+    animation: str = option("none", "animation of the frames: none, gif, mp4 or both", group="output",
+                            choices=["none", "gif", "mp4", "both"])
+    fps: float = option(10.0, "animation frames per second", group="output", above=0)
+    eval_model: str = option("auto", "CLIP that scores the final image: a model name or folder, 'auto' (a "
+                                     "different CLIP from the guiding one) or 'none'", group="output", metavar="MODEL")
+    progress: bool = option(True, "show a progress bar", group="output")
+    # runtime
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", group="runtime")
+    precision: str = option("auto", "fp32, bf16 or fp16 (fp16 on GPUs only); auto is fp32", group="runtime")
+    threads: int | None = option(None, "CPU threads torch may use (default: torch's own choice); 1 is fastest for "
+                                       "tiny models on a busy machine", group="runtime", metavar="N", minimum=1)
+
+
+RUN_NAMES: set[str] = {f.name for f in fields(RunSettings)}
+
+__all__ = ["RunSettings", "GROUPS", "RUN_NAMES"]
