@@ -58,6 +58,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("vqgan+clip", "VQGAN+CLIP", "vqgan", {}, ("clip_a", "clip_c", "clip_d", "vqgan")),
     Variant("sd", "SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}, ("clip_a", "clip_c", "clip_d", "sd")),
     Variant("sd+clip", "SD + CLIP guidance", "sd", {}, ("clip_a", "clip_c", "clip_d", "sd")),
+    Variant("pixels+clip", "Fourier pixels + CLIP (no prior)", "pixels", {"parameterisation": "fft"},
+            ("clip_a", "clip_c", "clip_d")),
+    Variant("rgb-pixels+clip", "RGB pixels + CLIP (no prior)", "pixels", {"parameterisation": "rgb"},
+            ("clip_a", "clip_c", "clip_d")),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
@@ -128,10 +132,18 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 
 def variant_options(variant: Variant, *, iterations: int | None, steps: int | None,
-                    clip_guidance_scale: float | None) -> dict[str, Any]:
+                    clip_guidance_scale: float | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword options for ``generate`` that make *variant* (iterations/steps only for its backend)."""
+    from dataclasses import fields
+
+    from generators import get_generator_class
+
     opts = dict(variant.options)
-    if variant.backend == "vqgan" and iterations is not None:
+    from generators.settings import RUN_NAMES
+
+    owned = {f.name for f in fields(get_generator_class(variant.backend).Settings)}
+    opts.update({k: v for k, v in (extra or {}).items() if k in owned or k in RUN_NAMES})
+    if "iterations" in owned and iterations is not None:
         opts["iterations"] = iterations
     if variant.backend == "sd":
         if steps is not None:
@@ -145,7 +157,8 @@ def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], varia
                   preset: str | None = "toy", options: dict[str, Any] | None = None, judge_clip=None,
                   iterations: int | None = None, steps: int | None = None,
                   clip_guidance_scale: float | None = None, threads: int | None = 1, device: str = "auto",
-                  on_row: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  on_row: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate, judge and score every (variant, prompt, seed); returns ``{"rows", "interrupted"}``.
 
     *options* go to every ``generate`` call (e.g. model folders when *preset* is ``None``);
@@ -161,7 +174,7 @@ def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], varia
     total = len(variants) * len(prompts) * len(seeds)
     for variant in variants:
         opts = {**(options or {}), **variant_options(variant, iterations=iterations, steps=steps,
-                                                      clip_guidance_scale=clip_guidance_scale)}
+                                                      clip_guidance_scale=clip_guidance_scale, extra=extra)}
         for p in prompts:
             for seed in seeds:
                 t0 = time.perf_counter()
@@ -366,7 +379,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_NAMES), choices=VARIANT_NAMES,
                         metavar="NAME", help=f"variants to run: {', '.join(VARIANT_NAMES)} (default: all)")
     parser.add_argument("--iterations", type=int, default=None, metavar="N",
-                        help="VQGAN+CLIP optimisation steps (default: the toy preset's)")
+                        help="optimisation steps of the latent-optimisation variants (default: the toy preset's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
+                        help="an extra generate() option for every variant that has it (repeatable; for tuning "
+                             "on the tuning prompt set, e.g. --set learning_rate=0.1)")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
                         help="Stable Diffusion denoising steps (default: the sd backend's)")
     parser.add_argument("--clip-guidance-scale", type=float, default=None,
@@ -386,6 +402,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, QUICK[key])
     args.prompts = 8 if args.prompts is None else args.prompts
     args.seeds = 2 if args.seeds is None else args.seeds
+    extra = {}
+    for item in args.extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set {item!r}: write KEY=VALUE, e.g. --set learning_rate=0.1")
+        extra[key.strip().replace("-", "_")] = value
+    args.extra = extra
     for key in ("seeds", "iterations", "steps", "threads"):
         value = getattr(args, key)
         if value is not None and value < 1:
@@ -471,7 +494,7 @@ def _main(argv: Sequence[str] | None) -> int:
         result = run_benchmark(prompts, seeds, variants, judge_clip=judge_clip, iterations=args.iterations,
                                steps=args.steps, clip_guidance_scale=args.clip_guidance_scale,
                                threads=args.threads, device=args.device, on_row=on_row,
-                               log=lambda s: print(s, file=sys.stderr))
+                               log=lambda s: print(s, file=sys.stderr), extra=args.extra)
         interrupted = result["interrupted"]
     except KeyboardInterrupt:
         interrupted = True

@@ -51,8 +51,8 @@ def augmentation_names() -> list[str]:
     return sorted(_AUGMENTATIONS)
 
 
-def build_augmentations(spec: Iterable[str | tuple[str, float]] | Mapping[str, float] | None) -> nn.ModuleList:
-    """Kornia modules from names: ``["affine", "jitter:0.3", ("erasing", 0.5)]`` or ``{"affine": 0.7}``.
+def build_augmentations(spec: Iterable[str | tuple[str, float]] | Mapping[str, float] | None) -> nn.Module:
+    """A kornia ``ImageSequential`` of augmentations from names: ``["affine", "jitter:0.3", ("erasing", 0.5)]`` or ``{"affine": 0.7}``.
 
     Short names (``Af Pe Ji Er Hf Sh Gn Gr Ro Bl Ts``) are accepted.
     """
@@ -80,7 +80,9 @@ def build_augmentations(spec: Iterable[str | tuple[str, float]] | Mapping[str, f
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"augmentation {name!r}: probability {p} must be between 0 and 1")
         modules.append(factory(p))
-    return nn.ModuleList(modules)
+    import kornia.augmentation as K
+
+    return K.ImageSequential(*modules)
 
 
 class Cutouts(nn.Module):
@@ -148,6 +150,5 @@ class Cutouts(nn.Module):
                 if cuda:
                     with torch.cuda.device(images.device):
                         torch.cuda.manual_seed(seed)
-                for aug in self.augs:
-                    cuts = aug(cuts)
+                cuts = self.augs(cuts)
         return cuts

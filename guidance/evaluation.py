@@ -20,7 +20,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .score import DEFINITIONS, ScoreModel, pair_scores, read_image, reduce_scores
+from .images import read_image
+from .score import DEFINITIONS, ScoreModel, pair_scores, reduce_scores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SIDECAR = "run.json"
@@ -373,42 +374,13 @@ def _score_with_bar(sm, batches, name, definition, prefix, quantize, show) -> li
 # Statistics
 # ---------------------------------------------------------------------------------------------
 
-def _t_two_sided(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with integer *df* (closed-form finite series in cos θ, θ = atan(t/√df))."""
-    theta = math.atan(t / math.sqrt(df))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if df % 2 == 1:
-        total, term = 0.0, math.cos(theta)
-        for k in range(1, (df - 1) // 2 + 1):
-            if k > 1:
-                term *= c2 * (2 * k - 2) / (2 * k - 1)
-            total += term
-        return (2 / math.pi) * (theta + s * total) if df > 1 else 2 * theta / math.pi
-    total, term = 1.0, 1.0
-    for k in range(1, df // 2):
-        term *= c2 * (2 * k - 1) / (2 * k)
-        total += term
-    return s * total
-
-
 def t_quantile(confidence: float, df: int) -> float:
-    """Two-sided Student-t critical value (e.g. 12.706 for 95% and df=1), by bisection on the CDF."""
+    """Two-sided Student-t critical value (e.g. 12.706 for 95% and df=1): ``scipy.stats.t.ppf``."""
+    from scipy.stats import t
+
     if df < 1:
         raise ValueError("the t distribution needs df >= 1")
-    if df > 20000:  # Cornish-Fisher: error < 1e-8 here
-        z = _normal_quantile(0.5 + confidence / 2)
-        return z + (z ** 3 + z) / (4 * df)
-    lo, hi = 0.0, 1.0
-    while _t_two_sided(hi, df) < confidence:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_two_sided(mid, df) < confidence else (lo, mid)
-    return (lo + hi) / 2
-
-
-def _normal_quantile(p: float) -> float:
-    return statistics.NormalDist().inv_cdf(p)
+    return float(t.ppf(0.5 + confidence / 2, df))
 
 
 def describe(scores: Sequence[float], definition: str = "torchmetrics", confidence: float = 0.95) -> dict:

@@ -57,6 +57,25 @@ def test_stop_threshold_stops_gradient(encoder):
     assert img.grad is None or img.grad.abs().sum() == 0
 
 
+def test_a_prompt_stops_pulling_once_it_crosses_its_threshold_mid_run(encoder):
+    """Above its stop value a prompt pulls; once the optimisation takes it below, its gradient is zero."""
+    cuts = Cutouts(1, num_overview=1, augmentations=[])
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    start = float(CLIPLoss(encoder, "a fox", cutouts=cuts)(pixels).total)
+    fn = CLIPLoss(encoder, f"a fox:1:{start - 0.02}", cutouts=cuts)
+    opt = torch.optim.SGD([pixels], lr=2.0)
+    phases = []
+    for _ in range(40):
+        opt.zero_grad()
+        out = fn(pixels)
+        out.total.backward()
+        pulling = float(out.total) >= start - 0.02
+        assert (pixels.grad.abs().sum() > 0) == pulling
+        phases.append(pulling)
+        opt.step()
+    assert phases[0] and not phases[-1]              # it crossed its threshold during the run
+
+
 def test_embeddings_cached_not_recomputed(encoder, monkeypatch):
     fn = _loss(encoder, "a red circle|a fox:-1")
     calls = []
