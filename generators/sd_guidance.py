@@ -115,11 +115,6 @@ def output_correction(delta_eps: torch.Tensor, alpha_bar: torch.Tensor, predicti
     return -delta_eps * ((1 - alpha_bar) / alpha_bar).sqrt()  # x0 = (z - sqrt(1-ab) eps) / sqrt(ab)
 
 
-def straight_through_clamp(images: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 1] in the forward pass only, so pixels out of range still get a CLIP gradient."""
-    return images + (images.clamp(0, 1) - images).detach()
-
-
 def clip_gradient(z: torch.Tensor, output: torch.Tensor | None, alpha_bar: torch.Tensor, prediction_type: str, *,
                   decode: Callable[[torch.Tensor], torch.Tensor], loss_fn: Callable, step: int,
                   generator: torch.Generator, model: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -35,7 +35,7 @@ from guidance.errors import first_line, load_error, looks_like_path
 
 from .base import option, seed_generator
 from .guiders import GUIDERS, CLIPGuider
-from .sd_guidance import check_scheduler, clean_estimate, noise_tables, straight_through_clamp
+from .sd_guidance import check_scheduler, clean_estimate, noise_tables
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
 SCHEDULERS = {
@@ -239,7 +239,7 @@ class StableDiffusionGenerator(Generator):
         """Differentiable decode of the clean estimate for the objective (tiny VAE if set)."""
         vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
         image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
-        return straight_through_clamp(image.float() / 2 + 0.5)
+        return image.float() / 2 + 0.5     # unclamped: objectives clamp; --range-weight sees the overshoot
 
     # -- sampling ------------------------------------------------------------------------------
     def make_guider(self, objective):

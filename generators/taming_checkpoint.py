@@ -34,6 +34,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from guidance.errors import first_line
+
 FIRST_STAGE_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 _DDCONFIG_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels",
                   "resolution", "z_channels")
@@ -230,7 +232,7 @@ def _read_checkpoint(path: Path) -> tuple[Any, set[str]]:
     except FileNotFoundError:
         raise
     except Exception as err:  # corrupt zip, truncated pickle, not a torch file...
-        msg = str(err).splitlines()[0][:160] if str(err) else err.__class__.__name__
+        msg = first_line(err)
         raise ValueError(f"could not read VQGAN checkpoint {str(path)!r} ({err.__class__.__name__}: {msg}); "
                          "is it a complete taming .ckpt file?") from None
     return obj, skipped
@@ -382,7 +384,7 @@ def build_first_stage(config: TamingConfig, state: Mapping[str, torch.Tensor] | 
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0])
+        first = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), first_line(err, 200))
         raise ValueError(f"VQGAN weights do not match the config {config.source}: {first[:200]}; check that the "
                          "config and the checkpoint belong together") from None
     return model.eval().requires_grad_(False)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from guidance.errors import first_line
+from guidance.losses import clamp_with_grad  # noqa: F401  (re-exported)
 
 from .base import GenerationResult, Generator, StepCallback, option, seed_generator
 from .optimise import (LR_SCHEDULES, OPTIMIZERS, OptimiseSettings, check_settings, make_lr_schedule,
@@ -192,29 +193,6 @@ def check_size(width: int, height: int, factor: int) -> None:
                          f"(its downsampling factor); use {' or '.join(map(str, options))}")
 
 
-class _StraightThroughClamp(torch.autograd.Function):
-    """Clamp in the forward pass; in the backward pass let the gradient through except where it
-    would push a clamped value further out of range (the ``ClampWithGrad`` of VQGAN+CLIP)."""
-
-    @staticmethod
-    def forward(ctx, x, low, high):
-        ctx.low, ctx.high = low, high
-        ctx.save_for_backward(x)
-        return x.clamp(low, high)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        outside = x - x.clamp(ctx.low, ctx.high)
-        # Gradient descent moves x by -grad: keep grad unless that move goes further outside.
-        return grad * (grad * outside >= 0), None, None
-
-
-def clamp_with_grad(x: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    """Differentiable clamp: values clamped, gradients kept unless they push further out of range."""
-    return _StraightThroughClamp.apply(x, low, high)
-
-
 def straight_through_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Nearest code vectors in the forward pass, identity gradient to ``z`` (van den Oord et al.
     2017, VQ-VAE's straight-through estimator). ``z`` is ``[B, D, H, W]``, codebook ``[N, D]``."""
@@ -324,13 +302,13 @@ class VQGANGenerator(Generator):
         return self.codebook[index.to(self.codebook.device)].permute(0, 3, 1, 2).contiguous()
 
     def render(self, z: torch.Tensor) -> torch.Tensor:
-        """Differentiable: quantise ``z`` (straight-through), decode, map to ``[0,1]``."""
+        """Differentiable: quantise ``z`` (straight-through), decode, map to ``[0,1]`` (unclamped)."""
         z_q = straight_through_quantize(z, self.codebook)
         if self.settings.channels_last:
             z_q = z_q.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             x = self.model.decode(z_q)
-        return clamp_with_grad(x.float().add(1).div(2), 0.0, 1.0)
+        return x.float().add(1).div(2)   # objectives clamp (guidance.clamp_with_grad); --range-weight sees overshoot
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .cutouts import DEFAULT_AUGMENTATIONS, Cutouts, augmentation_names, build_a
 from .images import check_image_file, load_image, read_image
 from .objective import LossOutput, Objective, WeightedObjectives, check_image_values, check_images
 from .encoders import Encoder, HFCLIPEncoder, OpenCLIPEncoder, load_encoder, parse_encoder_spec
-from .losses import (cosine_distance, range_loss, saturation_loss, spherical_distance, symmetry_loss,
+from .losses import (clamp_with_grad, cosine_distance, range_loss, saturation_loss, spherical_distance, symmetry_loss,
                      tv_loss)
 from .prompts import Prompt, PromptSchedule, image_prompts, parse_prompt, parse_prompts, parse_schedule
 from .runtime import resolve_device, resolve_dtype, seeded_generator
@@ -26,7 +26,7 @@ __all__ = [
     "load_image", "read_image", "check_image_file",
     "Cutouts", "DEFAULT_AUGMENTATIONS", "augmentation_names", "build_augmentations",
     "Encoder", "HFCLIPEncoder", "OpenCLIPEncoder", "load_encoder", "parse_encoder_spec",
-    "spherical_distance", "cosine_distance", "tv_loss", "range_loss", "saturation_loss", "symmetry_loss",
+    "clamp_with_grad", "spherical_distance", "cosine_distance", "tv_loss", "range_loss", "saturation_loss", "symmetry_loss",
     "Prompt", "PromptSchedule", "parse_prompt", "parse_prompts", "parse_schedule", "image_prompts",
     "resolve_device", "resolve_dtype", "seeded_generator",
     "clip_score", "image_similarity", "CLIPScore", "ScoreModel", "get_score_model",

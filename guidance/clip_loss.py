@@ -14,7 +14,7 @@ from torch import nn
 
 from .cutouts import Cutouts
 from .encoders import Encoder
-from .losses import DISTANCES, IMAGE_LOSSES
+from .losses import DISTANCES, IMAGE_LOSSES, clamp_with_grad
 from .images import load_image
 from .objective import LossOutput, Objective, check_images
 from .prompts import Prompt, PromptSchedule, PromptSpec
@@ -103,6 +103,8 @@ class CLIPLoss(Objective):
     def forward(self, images: torch.Tensor, *, step: int = 0,
                 generator: torch.Generator | None = None) -> LossOutput:
         check_images(images)
+        raw = images                       # the range loss measures what the renderer overshot
+        images = clamp_with_grad(images)
         generator = self.generator if generator is None else generator
         prompts, targets = self.targets(step)
         batch = images.shape[0]
@@ -125,7 +127,7 @@ class CLIPLoss(Objective):
         per_image = prompt_terms.sum(1)
         for name, weight in self.image_losses.items():
             if weight:
-                value = IMAGE_LOSSES[name](images.float()) * weight
+                value = IMAGE_LOSSES[name]((raw if name == "range" else images).float()) * weight
                 parts[name] = value.detach()
                 per_image = per_image + value
         return LossOutput(total=per_image.sum(), per_image=per_image, parts=parts)

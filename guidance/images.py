@@ -15,12 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import first_line
+
 _HIGH_DEPTH_RANGES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:120] if text else err.__class__.__name__
 
 
 def pil_to_rgb8(im) -> np.ndarray:
@@ -54,7 +51,7 @@ def _open(path: str | Path, what: str):
         im.load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{what} {str(path)!r} is not a readable image ({_first_line(err)}); "
+        raise ValueError(f"{what} {str(path)!r} is not a readable image ({first_line(err, 120)}); "
                          "re-save it as PNG/JPEG/WebP") from None
 
 

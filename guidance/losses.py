@@ -30,6 +30,30 @@ def cosine_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 DISTANCES = {"spherical": spherical_distance, "cosine": cosine_distance}
 
 
+class _ClampWithGrad(torch.autograd.Function):
+    """Clamp in the forward pass; in the backward pass let the gradient through except where it
+    would push a clamped value further out of range (the ``ClampWithGrad`` of VQGAN+CLIP)."""
+
+    @staticmethod
+    def forward(ctx, x, low, high):
+        ctx.low, ctx.high = low, high
+        ctx.save_for_backward(x)
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        outside = x - x.clamp(ctx.low, ctx.high)
+        # Gradient descent moves x by -grad: keep grad unless that move goes further outside.
+        return grad * (grad * outside >= 0), None, None
+
+
+def clamp_with_grad(x: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Differentiable clamp: values clamped, gradients kept unless they push further out of range.
+    Objectives apply it to rendered images, which may overshoot ``[0, 1]`` a little."""
+    return _ClampWithGrad.apply(x, low, high)
+
+
 def tv_loss(images: torch.Tensor) -> torch.Tensor:
     """Total variation: mean squared difference of neighbouring pixels (Disco Diffusion's ``tv_loss``)."""
     dx = images[..., :, 1:] - images[..., :, :-1]

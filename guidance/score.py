@@ -245,10 +245,6 @@ def _default_processor(encoder: Encoder, image_backend: str = "torchvision"):
                               image_mean=encoder.mean.flatten().tolist(), image_std=encoder.std.flatten().tolist())
 
 
-_CACHE: dict[tuple, ScoreModel] = {}
-_CACHE_SIZE = 2
-
-
 def get_score_model(model, *, device=None, precision=None) -> ScoreModel:
     """A :class:`ScoreModel` from a name (cached: loaded once per name/device/precision), an
     :class:`~guidance.encoders.Encoder`, or a ``ScoreModel`` (returned as is)."""
@@ -260,12 +256,10 @@ def get_score_model(model, *, device=None, precision=None) -> ScoreModel:
         model = str(model)
     if not isinstance(model, str):
         raise ValueError(f"model must be a CLIP name or folder, a ScoreModel or an Encoder; got {type(model).__name__}")
+    from .cache import cached
+
     key = (model, str(resolve_device(device)), str(precision or "fp32"))
-    if key not in _CACHE:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = ScoreModel.load(model, device=device, precision=precision)
-    return _CACHE[key]
+    return cached("score", key, lambda: ScoreModel.load(model, device=device, precision=precision))
 
 
 def _score_models(model, *, device=None, precision=None) -> tuple[list[ScoreModel], bool]:

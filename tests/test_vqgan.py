@@ -222,7 +222,7 @@ def test_straight_through_gradient_reaches_z(model):
     z = gen.initial_latents(torch.Generator().manual_seed(0)) + 0.1 * torch.randn(1, 8, 8, 8)
     z.requires_grad_(True)
     images = gen.render(z)
-    assert images.min() >= 0 and images.max() <= 1
+    assert torch.isfinite(images).all()     # unclamped: objectives clamp, the range loss sees the overshoot
     (images * torch.linspace(0, 1, 32)).sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
     # forward pass uses the nearest codes: the same image as decoding the snapped latents
