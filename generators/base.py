@@ -135,6 +135,8 @@ class Generator(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type]
     presets: ClassVar[dict[str, Callable[[], dict[str, Any]]]] = {}
+    #: True for a backend that has nothing to do without a steering objective (latent optimisers)
+    needs_objective: ClassVar[bool] = False
 
     def __init__(self, settings: Any = None, *, device: str | torch.device | None = None,
                  precision: str | torch.dtype | None = None):
@@ -147,6 +149,20 @@ class Generator(ABC):
     @abstractmethod
     def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
         """Run one generation steered by *objective* (a ``guidance.Objective`` or ``None``)."""
+
+    @classmethod
+    def check(cls, settings: Any, device: torch.device | None = None) -> None:
+        """Validate *settings* without loading any model (one-line ``ValueError``/``FileNotFoundError``);
+        the run session calls it before the first model loads."""
+
+    @classmethod
+    def run_length(cls, settings: Any) -> int | None:
+        """How many steps a run takes (``iterations`` or ``steps``), for warnings about story steps."""
+        for name in ("iterations", "steps"):
+            value = getattr(settings, name, None)
+            if isinstance(value, int):
+                return value
+        return None
 
     @classmethod
     def settings_from(cls, options: dict[str, Any]) -> Any:

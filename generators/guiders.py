@@ -86,7 +86,7 @@ class Guider:
 
     @property
     def enabled(self) -> bool:
-        return self.objective is not None and self.scale != 0
+        return self.objective is not None and getattr(self.objective, "steers", True) and self.scale != 0
 
     def setup(self, num_steps: int) -> None:
         """Called once per run, before the first step."""

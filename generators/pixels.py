@@ -67,10 +67,10 @@ class PixelsGenerator(Generator):
     name = "pixels"
     Settings = PixelsSettings
     presets = {"toy": toy_preset}
+    needs_objective = True
 
-    def __init__(self, settings: PixelsSettings | None = None, *, device=None, precision=None):
-        super().__init__(settings, device=device, precision=precision)
-        s = self.settings
+    @classmethod
+    def check(cls, s: PixelsSettings, device=None) -> None:
         check_settings(s)
         if s.parameterisation not in PARAMETERISATIONS:
             raise ValueError(f"unknown parameterisation {s.parameterisation!r}; choose rgb or fft")
@@ -79,6 +79,15 @@ class PixelsGenerator(Generator):
                 raise ValueError(f"{label} is {value}; use at least 8 pixels")
         if s.num_images < 1:
             raise ValueError(f"num_images is {s.num_images}; it must be at least 1")
+        if s.init_image:
+            from guidance.images import check_image_file
+
+            check_image_file(s.init_image, what="init image")
+
+    def __init__(self, settings: PixelsSettings | None = None, *, device=None, precision=None):
+        super().__init__(settings, device=device, precision=precision)
+        s = self.settings
+        self.check(s)
         self._init_pixels = None
         if s.init_image:
             from guidance.images import load_image

@@ -23,8 +23,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from guidance.build import build_objective, build_schedule, eval_model_for, score_images
+from guidance.build import build_objective, build_schedule, clip_specs, eval_model_for, score_images
 from guidance.errors import first_line
+from guidance.objective import ConditioningOnly
 
 from . import get_generator_class
 from .base import GenerationResult, StepInfo, check_seed
@@ -153,14 +154,44 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
     t_start = time.perf_counter()
     backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
     threads = opts.get("threads")
-    if threads is None:
-        return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
     before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     try:
-        return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+        with _library_progress_bars(bool(opts.get("progress", True))):
+            return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
     finally:
         torch.set_num_threads(before)
+
+
+class _library_progress_bars:
+    """With ``progress=False``, transformers', diffusers' and the Hub's own bars ("Loading weights") are
+    hidden too for the run, and restored afterwards."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.restore: list = []
+
+    def __enter__(self):
+        if self.enabled:
+            return self
+        import diffusers.utils.logging as diffusers_logging
+        import huggingface_hub.utils as hub_utils
+        import transformers.utils.logging as transformers_logging
+
+        for module in (transformers_logging, diffusers_logging):
+            if module.is_progress_bar_enabled():
+                module.disable_progress_bar()
+                self.restore.append(module.enable_progress_bar)
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            self.restore.append(hub_utils.enable_progress_bars)
+        return self
+
+    def __exit__(self, *exc):
+        for undo in self.restore:
+            undo()
+        return False
 
 
 @dataclass
@@ -200,18 +231,45 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     save_every = int(opts.get("save_every") or 0)
     cls = get_generator_class(backend)
     settings = backend_settings(backend, opts)
+    cls.check(settings, device)                 # every backend option checked before any model loads
+    _warn_about_unused_options(cls, backend, settings, schedule, provenance)
+    objective_specs = clip_specs(opts)
+    if cls.needs_objective and not objective_specs:
+        raise ValueError(f"--clip none leaves the {backend} backend nothing to optimise; give a guiding CLIP "
+                         "(--clip MODEL) or use a backend that generates without one (e.g. --backend sd)")
     prepared = _Prepared(backend=backend, opts=opts, provenance=provenance, seed=seed, device=device,
                          schedule=schedule, label=_prompt_label(opts, schedule), eval_model=eval_model_for(opts),
                          formats=formats, save_every=save_every, settings=settings, objective=None, generator=None,
                          t_start=t_start)
     # Models load here: the objective first (its encoders are cached across runs), then the backend.
-    prepared.objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
+    objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
+    prepared.objective = objective if objective is not None else ConditioningOnly(schedule)
     prepared.generator = cls(settings, device=device, precision=precision)
     if formats and not save_every:
-        total = getattr(settings, "iterations", None) or getattr(settings, "steps", None) or 100
+        total = cls.run_length(settings) or 100
         prepared.save_every = max(1, int(total) // 30)
     prepared.t_loaded = time.perf_counter()
     return prepared
+
+
+def _warn_about_unused_options(cls, backend: str, settings, schedule, provenance: dict) -> None:
+    """One-line warnings for options that would do nothing; an error when no prompt can steer."""
+    from dataclasses import fields
+
+    if all(p.weight == 0 for prompts in schedule.entries.values() for p in prompts):
+        raise ValueError("every prompt has weight 0, so nothing steers the image; give a prompt a non-zero weight "
+                         "(e.g. 'a red fox:1')")
+    sources = provenance.get("sources", {})
+    for f in fields(settings) if is_dataclass(settings) else ():
+        needed = f.metadata.get("requires")
+        if needed and sources.get(f.name, "default") not in ("default",) and not getattr(settings, needed, None):
+            warnings.warn(f"--{f.name.replace('_', '-')} does nothing without --{needed.replace('_', '-')} "
+                          f"({backend} backend); it is ignored", stacklevel=3)
+    length = cls.run_length(settings)
+    late = [step for step in schedule.entries if length is not None and step >= length > 0]
+    if late:
+        warnings.warn(f"story step(s) {', '.join(map(str, late))} start at or after the run's last step "
+                      f"({length} steps); they never apply", stacklevel=3)
 
 
 def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) -> tuple[GenerationResult, "_Progress"]:
@@ -293,6 +351,35 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
     return run
 
 
+class _CtrlC:
+    """Ctrl-C handling for a whole run: the first press raises ``KeyboardInterrupt`` (the backend keeps
+    its current image); later presses are only remembered, so scoring and writing the run always finish
+    (people press it twice). Main thread only; elsewhere Python's default handling stays."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.pressed, self.again, self._previous = False, False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if not self.pressed:
+            self.pressed = True
+            raise KeyboardInterrupt
+        self.again = True
+        print("\nCtrl-C again: finishing writing the run first", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
     prep = prepare(backend, opts, provenance, t_start=t_start)
     folder = None
@@ -300,13 +387,15 @@ def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: boo
         from .outputs import new_run_dir
 
         folder = new_run_dir(opts.get("out") or "outputs", prep.label)
-    try:
-        result, progress = execute(prep, folder=folder, callback=callback)
-    except BaseException:
-        if folder is not None:
-            _remove_if_empty(folder)
-        raise
-    return record(prep, result, progress, folder)
+    with _CtrlC() as ctrl_c:
+        try:
+            result, progress = execute(prep, folder=folder, callback=callback)
+        except BaseException:
+            if folder is not None:
+                _remove_if_empty(folder)
+            raise
+        ctrl_c.pressed = True        # from here on Ctrl-C is only remembered: the run is written whole
+        return record(prep, result, progress, folder)
 
 
 def _animation_formats(opts: Mapping[str, Any]) -> list[str]:
@@ -333,8 +422,9 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
     for i, (name, im) in enumerate(zip(names, pils)):
         text = {"prompt": meta["prompt"], "seed": str(meta["seed"]), "backend": meta["backend"],
                 "Software": "clipsteer", PNG_KEY: json.dumps(to_jsonable({**meta, "image": name, "index": i}))}
-        if meta.get("clip_score") is not None:
-            text["clip_score"] = f"{meta['clip_score']:.4f}"
+        per_image = (meta.get("clip_scores") or {}).get("per_image") or []
+        if i < len(per_image) and per_image[i] is not None:     # each PNG carries its own score
+            text["clip_score"] = f"{per_image[i]:.4f}"
         run.image_paths.append(save_png(im, folder / name, text=text))
     if formats:
         frames = list(run.frames) + [pils[0]]

@@ -75,7 +75,7 @@ class Settings:
     height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
     init_image: str | None = option(None, "start from this image (img2img) instead of pure noise")
     strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image (0-1]", above=0,
-                             maximum=1)
+                             maximum=1, requires="init_image")
     num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
     guidance_start: float = option(0.0, "first fraction of the schedule that gets guidance (0-1)", minimum=0,
                                    maximum=1)
@@ -123,6 +123,13 @@ class StableDiffusionGenerator(Generator):
     name = "sd"
     Settings = Settings
     presets = {"toy": toy_preset}
+
+    @classmethod
+    def check(cls, settings: Settings, device=None) -> None:
+        from guidance import resolve_device
+
+        _check_settings(settings, resolve_device(device))
+        check_model_path(settings.sd_model)
 
     def __init__(self, settings: Settings | None = None, *, device=None, precision=None, pipeline=None):
         super().__init__(settings, device=device, precision=precision)
@@ -409,17 +416,31 @@ def _load_error(kind: str, name: str, err: Exception) -> OSError:
     return load_error(kind, name, err)
 
 
+def check_model_path(spec: str) -> Path:
+    """One-line errors, before anything loads, for a local --sd model that is missing or not a pipeline."""
+    path = Path(spec).expanduser()
+    if spec.endswith(SINGLE_FILE_SUFFIXES):
+        if not path.is_file():
+            raise FileNotFoundError(f"Stable Diffusion checkpoint file {spec!r} does not exist; give an existing "
+                                    ".safetensors/.ckpt file, a diffusers folder or a Hub id")
+    elif path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{spec!r} is not a diffusers pipeline folder (no model_index.json); "
+                                    "point --sd at the folder that `save_pretrained` or `hf download` wrote")
+    elif _looks_like_path(spec):
+        raise FileNotFoundError(f"Stable Diffusion model folder {spec!r} does not exist; give a Hub id such as "
+                                "'stable-diffusion-v1-5/stable-diffusion-v1-5' or an existing local folder")
+    return path
+
+
 def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None):
     """A ``StableDiffusionPipeline`` from a Hub id, a diffusers folder or a single checkpoint file
     (safety checker never loaded; ``.ckpt`` files are read with ``weights_only=True``)."""
     from diffusers import StableDiffusionPipeline
 
-    path = Path(spec).expanduser()
+    path = check_model_path(spec)
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if spec.endswith(SINGLE_FILE_SUFFIXES):
-        if not path.is_file():
-            raise FileNotFoundError(f"Stable Diffusion checkpoint file {spec!r} does not exist; give an existing "
-                                    ".safetensors/.ckpt file, a diffusers folder or a Hub id")
         extra = {"config": config} if config else {}
         try:
             return StableDiffusionPipeline.from_single_file(str(path), **common, **extra)
@@ -427,13 +448,6 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
             raise OSError(f"could not load single-file checkpoint {spec!r}: {first_line(err)}; offline, also "
                           "pass --sd-config "
                           "with a local diffusers folder of the same model type (it supplies the configs)") from None
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{spec!r} is not a diffusers pipeline folder (no model_index.json); "
-                                    "point --sd at the folder that `save_pretrained` or `hf download` wrote")
-    elif _looks_like_path(spec):
-        raise FileNotFoundError(f"Stable Diffusion model folder {spec!r} does not exist; give a Hub id such as "
-                                "'stable-diffusion-v1-5/stable-diffusion-v1-5' or an existing local folder")
     try:
         return StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else spec,
                                                        feature_extractor=None, **common)

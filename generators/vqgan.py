@@ -237,6 +237,7 @@ class VQGANGenerator(Generator):
     name = "vqgan"
     Settings = VQGANSettings
     presets = {"toy": toy_preset}
+    needs_objective = True
 
     def __init__(self, settings: VQGANSettings | None = None, *, device=None, precision=None,
                  model: FirstStage | None = None):
@@ -244,8 +245,7 @@ class VQGANGenerator(Generator):
         s = self.settings
         self._validate(s)
         if model is None:
-            cfg_path, weights = resolve_vqgan(s.vqgan, config=s.vqgan_config)
-            check_size(s.width, s.height, TamingConfig.from_yaml(cfg_path).downsample)  # before the heavy load
+            self.check(s)    # size against the config, init image: before the heavy load
             model = load_vqgan(s.vqgan, config=s.vqgan_config)
         check_size(s.width, s.height, model.downsample)
         # Layout set both ways: the model may be a cached one a previous run converted.
@@ -259,6 +259,16 @@ class VQGANGenerator(Generator):
             self._init_pixels = _load_init_image(s.init_image, s.width, s.height)  # fails early if unreadable
         else:
             self._init_pixels = None
+
+    @classmethod
+    def check(cls, settings: VQGANSettings, device=None) -> None:
+        cls._validate(settings)
+        cfg_path, _ = resolve_vqgan(settings.vqgan, config=settings.vqgan_config)
+        check_size(settings.width, settings.height, TamingConfig.from_yaml(cfg_path).downsample)
+        if settings.init_image:
+            from guidance.images import check_image_file
+
+            check_image_file(settings.init_image, what="init image")
 
     @staticmethod
     def _validate(s: VQGANSettings) -> None:

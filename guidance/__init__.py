@@ -13,7 +13,7 @@ Scoring (torchmetrics-compatible CLIP score): ``clip_score(images, prompts, mode
 from .clip_loss import CLIPLoss
 from .cutouts import DEFAULT_AUGMENTATIONS, Cutouts, augmentation_names, build_augmentations
 from .images import check_image_file, load_image, read_image
-from .objective import LossOutput, Objective, WeightedObjectives, check_image_values, check_images
+from .objective import ConditioningOnly, LossOutput, Objective, WeightedObjectives, check_image_values, check_images
 from .encoders import Encoder, HFCLIPEncoder, OpenCLIPEncoder, load_encoder, parse_encoder_spec
 from .losses import (clamp_with_grad, cosine_distance, range_loss, saturation_loss, spherical_distance, symmetry_loss,
                      tv_loss)
@@ -22,7 +22,7 @@ from .runtime import resolve_device, resolve_dtype, seeded_generator
 from .score import CLIPScore, ScoreModel, clip_score, get_score_model, image_similarity
 
 __all__ = [
-    "CLIPLoss", "LossOutput", "Objective", "WeightedObjectives", "check_images", "check_image_values",
+    "CLIPLoss", "LossOutput", "Objective", "WeightedObjectives", "ConditioningOnly", "check_images", "check_image_values",
     "load_image", "read_image", "check_image_file",
     "Cutouts", "DEFAULT_AUGMENTATIONS", "augmentation_names", "build_augmentations",
     "Encoder", "HFCLIPEncoder", "OpenCLIPEncoder", "load_encoder", "parse_encoder_spec",

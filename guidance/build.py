@@ -133,25 +133,27 @@ def eval_model_for(opts: Mapping[str, Any]) -> str | None:
     return DEFAULT_EVAL_ALT if DEFAULT_EVAL in guiding else DEFAULT_EVAL
 
 
+def scoring_caption(schedule, step: int) -> str:
+    """The caption a run is scored against: its positive-weight text prompts active at *step*, joined
+    with ", " ("" when there are none). ``scripts/evaluate.py`` reads the same caption back from run.json."""
+    return "" if schedule is None else schedule.positive_text(step)
+
+
 def score_images(images: torch.Tensor, schedule, *, model: str, step: int, device) -> dict[str, Any]:
-    """CLIP score (torchmetrics definition, ``100*cos``) of *images* against the positive text prompts
-    active at *step*, weight-averaged over prompts: ``{"clip_score", "per_image", "per_prompt"}``."""
+    """CLIP score (torchmetrics definition, ``100*cos``) of *images* against :func:`scoring_caption`:
+    ``{"clip_score" (the batch's score, mean clamped at 0), "per_image", "caption"}``."""
     from .score import clip_score
 
-    prompts = [p for p in schedule.at(step) if p.kind == "text" and p.weight > 0] if schedule else []
-    if not prompts:
-        return {"clip_score": None, "per_image": [], "per_prompt": {}, "note": "no positive text prompt to score"}
-    per_prompt, total, mean, weights = {}, torch.zeros(images.shape[0], dtype=torch.float64), 0.0, 0.0
-    for p in prompts:
-        scores = clip_score(images, p.value, model=model, reduction="none", device=device).double().cpu()
-        per_prompt[p.value] = scores.tolist()
-        total += p.weight * scores
-        mean += p.weight * max(float(scores.mean()), 0.0)  # torchmetrics clamps the mean at 0
-        weights += p.weight
-    return {"clip_score": mean / weights, "per_image": (total / weights).tolist(), "per_prompt": per_prompt,
-            "definition": "torchmetrics (100*cos; mean clamped at 0), weight-averaged over positive text prompts"}
+    caption = scoring_caption(schedule, step)
+    if not caption:
+        return {"clip_score": None, "per_image": [], "caption": None,
+                "note": "no positive text prompt to score against"}
+    scores = clip_score(images, caption, model=model, reduction="none", device=device).double().cpu()
+    return {"clip_score": max(float(scores.mean()), 0.0), "per_image": scores.tolist(), "caption": caption,
+            "definition": "torchmetrics (100*cos; mean clamped at 0) against the positive text prompts joined "
+                          "with ', '"}
 
 
 __all__ = ["DEFAULT_CLIP", "DEFAULT_EVAL", "DEFAULT_EVAL_ALT", "NONE_WORDS", "is_none_word", "build_schedule",
            "story_entries", "clip_specs", "augmentation_list", "load_encoders", "build_cutouts", "build_objective",
-           "eval_model_for", "score_images"]
+           "eval_model_for", "score_images", "scoring_caption"]

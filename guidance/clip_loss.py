@@ -134,7 +134,7 @@ class CLIPLoss(Objective):
 
     def conditioning_text(self, step: int = 0) -> str:
         """The positive-weight text prompts active at *step*, joined with ", " (for text-conditioned generators)."""
-        return ", ".join(p.value for p in self.schedule.at(step) if p.kind == "text" and p.weight > 0)
+        return self.schedule.positive_text(step)
 
     def extra_repr(self) -> str:
         names = ", ".join(e.name for e in self.encoders)

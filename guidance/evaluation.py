@@ -65,9 +65,17 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _run_by_product(path: Path) -> bool:
+    """True for a run folder's frames (``frames/*.png``) and animations (``animation.*``)."""
+    if path.stem == "animation" and (path.parent / SIDECAR).is_file():
+        return True
+    return path.parent.name == "frames" and (path.parent.parent / SIDECAR).is_file()
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under *folder* (recursive), sorted, skipping hidden folders."""
-    return sorted(p for p in folder.rglob("*") if _is_image(p)
+    """Image files under *folder* (recursive), sorted, skipping hidden folders and the frames and
+    animations of run folders (only a run's final images are results)."""
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and not _run_by_product(p)
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
 
 
@@ -96,6 +104,7 @@ def read_run(folder: Path, root: Path) -> list[Item]:
         images = images if isinstance(images, list) else [images]
         prompts = prompt if isinstance(prompt, list) and len(prompt) == len(images) else [prompt] * len(images)
         extra = {k: rec.get(k) for k in ("seed", "backend") if rec.get(k) is not None}
+        scored = run_caption(rec)
         for img, p in zip(images, prompts):
             if isinstance(img, dict):  # {"image"/"path": ..., "prompt": ..., "seed": ...}
                 p = img.get("prompt", p)
@@ -108,11 +117,37 @@ def read_run(folder: Path, root: Path) -> list[Item]:
                 continue
             path = Path(img) if Path(img).is_absolute() else folder / img
             label = _rel(path, root)
+            if scored is not None:       # a clipsteer run: the caption generate.py scored it against
+                caption, reason = scored
+                items.append(Item(label, path, caption, None if caption else f"not scorable: {reason}", extra_i))
+                continue
             if not isinstance(p, str) or not p.strip():
                 items.append(Item(label, path, None, f"{where} has no 'prompt' for {img!r}", extra_i))
                 continue
             items.append(Item(label, path, caption_of(p), None, extra_i))
     return items
+
+
+def run_caption(record: dict) -> tuple[str | None, str] | None:
+    """For a clipsteer run.json (with its ``prompts`` schedule): ``(caption, "")`` -- the positive text
+    prompts active at the run's last step, joined with ", ", exactly what ``generate.py`` scored -- or
+    ``(None, reason)`` when the run has no such prompt. ``None`` for other sidecars."""
+    schedule = record.get("prompts")
+    if not isinstance(schedule, dict) or not schedule:
+        return None
+    try:
+        entries = {int(k): v for k, v in schedule.items()}
+    except (TypeError, ValueError):
+        return None
+    last = max(int(record.get("steps_done") or 0) - 1, 0)
+    active = entries[max(k for k in entries if k <= last)] if any(k <= last for k in entries) else []
+    texts = [p.get("value") for p in active if isinstance(p, dict) and p.get("kind") == "text"
+             and isinstance(p.get("weight"), (int, float)) and p["weight"] > 0 and p.get("value")]
+    if texts:
+        return ", ".join(texts), ""
+    kinds = sorted({str(p.get("kind")) for p in active if isinstance(p, dict)})
+    return None, ("the run has no positive-weight text prompt to score against "
+                  f"(its prompts: {', '.join(kinds) or 'none'}); pass --prompt TEXT to score it anyway")
 
 
 def caption_of(prompt: str) -> str:
@@ -246,8 +281,9 @@ def _load(item: Item):
 
 
 def _row(item: Item, model: str, definition: str, prefix: str, score=None, error=None) -> dict:
+    status = "ok" if error is None else ("not scorable" if error.startswith("not scorable") else "error")
     return {"image": item.image, "prompt": item.prompt or "", "model": model, "definition": definition,
-            "prefix": prefix, "score": score, "status": "ok" if error is None else "error",
+            "prefix": prefix, "score": score, "status": status,
             "error": error or "", "seed": item.extra.get("seed", ""), "backend": item.extra.get("backend", "")}
 
 
@@ -474,6 +510,29 @@ def load_table(path: Path) -> list[dict]:
     except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{str(path)!r} exists and is not a CLIP-score table written by evaluate.py; choose another "
                          "output name or pass --overwrite to replace it") from None
+
+
+def check_writable(*paths: Path | None) -> None:
+    """A one-line error, before any scoring, unless each table path can be written."""
+    import os
+    import tempfile
+
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        probe_dir = folder
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        try:
+            if path.exists() and not os.access(path, os.W_OK):
+                raise PermissionError
+            with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".clipsteer-probe-"):
+                pass
+        except OSError:
+            raise PermissionError(f"cannot write the table {str(path)!r} (the folder is read-only?); pass "
+                                  "--json FILE / --csv FILE somewhere writable") from None
 
 
 def write_table(rows: Sequence[dict], summary: Sequence[dict], *, json_path: Path | None = None,

@@ -67,8 +67,12 @@ class Objective(nn.Module):
 
     Subclasses implement ``forward(images, *, step=0, generator=None) -> LossOutput`` and may
     override :meth:`conditioning_text`. ``device`` and ``dtype`` come from the first parameter or
-    buffer (CPU / float32 for an objective without any).
+    buffer (CPU / float32 for an objective without any). Renderers may overshoot ``[0, 1]`` a little;
+    an objective clamps what it needs (``guidance.clamp_with_grad``). ``steers`` is False for an
+    objective that only carries conditioning text (:class:`ConditioningOnly`).
     """
+
+    steers: bool = True
 
     def forward(self, images: torch.Tensor, *, step: int = 0,
                 generator: torch.Generator | None = None) -> LossOutput:  # pragma: no cover - abstract
@@ -102,6 +106,27 @@ class Objective(nn.Module):
         return WeightedObjectives([(self, float(weight))])
 
     __rmul__ = __mul__
+
+
+class ConditioningOnly(Objective):
+    """No loss at all, only the text a text-conditioned generator is conditioned on: the objective of a
+    run without guidance (``--clip none``), so Stable Diffusion still draws the prompt."""
+
+    steers = False
+
+    def __init__(self, schedule):
+        super().__init__()
+        from .prompts import PromptSchedule
+
+        self.schedule = schedule if isinstance(schedule, PromptSchedule) else PromptSchedule(schedule)
+
+    def forward(self, images: torch.Tensor, *, step: int = 0, generator: torch.Generator | None = None) -> LossOutput:
+        check_images(images)
+        per_image = images.new_zeros(images.shape[0], dtype=torch.float32)
+        return LossOutput(total=per_image.sum(), per_image=per_image)
+
+    def conditioning_text(self, step: int = 0) -> str:
+        return self.schedule.positive_text(step)
 
 
 class WeightedObjectives(Objective):
@@ -168,4 +193,4 @@ class WeightedObjectives(Objective):
         return ""
 
 
-__all__ = ["LossOutput", "Objective", "WeightedObjectives", "check_images", "check_image_values"]
+__all__ = ["LossOutput", "Objective", "WeightedObjectives", "ConditioningOnly", "check_images", "check_image_values"]

@@ -152,6 +152,11 @@ class PromptSchedule:
             seen.update(dict.fromkeys(prompts))
         return list(seen)
 
+    def positive_text(self, step: int = 0) -> str:
+        """The positive-weight text prompts active at *step*, joined with ", " ("" when there are none):
+        what a text-conditioned generator is conditioned on and what a run is scored against."""
+        return ", ".join(p.value for p in self.at(step) if p.kind == "text" and p.weight > 0)
+
     def as_dict(self) -> dict[int, list[dict]]:
         return {k: [p.as_dict() for p in v] for k, v in self.entries.items()}
 

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from guidance.evaluation import (DEFINITION_TEXT, collect_items, evaluate, format_summary,  # noqa: E402
-                                 load_table, merge_rows, process_state, summarize, write_table)
+from guidance.evaluation import (DEFINITION_TEXT, check_writable, collect_items, evaluate,  # noqa: E402
+                                 format_summary, load_table, merge_rows, process_state, summarize, write_table)
 from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS  # noqa: E402
 
 EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.items())
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         csv_path = Path(args.csv) if args.csv else None
         if json_path is None and csv_path is None and Path(args.path).is_dir():
             json_path, csv_path = root / "clip_scores.json", root / "clip_scores.csv"
+        check_writable(json_path, csv_path)       # before any scoring: scores are never lost to a read-only folder
         old: list[dict] = []
         if not args.overwrite:  # resume; load_table refuses files it did not write
             tables = [load_table(p) for p in (json_path, csv_path) if p is not None and p.exists()]
