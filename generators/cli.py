@@ -68,7 +68,9 @@ def _add(group, spec: OptionSpec) -> None:
     if spec.kind == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
     elif spec.kind == "list":
-        kwargs.update(action="extend", nargs="+", metavar=meta.get("metavar", "VALUE"))
+        # one value per flag, repeatable: a prompt written after the flag is never taken as its value
+        # (old command lines with several values after one flag are rewritten by _one_value_per_flag)
+        kwargs.update(action="append", metavar=meta.get("metavar", "VALUE"))
     else:
         kwargs["type"] = _value_type(spec.kind, spec.optional)
         if meta.get("choices"):
@@ -124,8 +126,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _looks_like_value(name: str, token: str) -> bool:
+    """Whether *token*, written after list option *name*'s first value, is another value of it (old
+    ``--augment Af Pe Ji`` command lines) rather than the prompt or another argument."""
+    import re
+
+    if token.startswith("-") and not re.fullmatch(r"-\d+(:[-+.\deE]+)?", token):
+        return False
+    if name == "augmentations":
+        from guidance.cutouts import ALIASES, augmentation_names
+
+        known = {*augmentation_names(), *ALIASES, "none"}
+        return all(part.partition(":")[0].strip().lower() in known for part in token.replace(",", " ").split())
+    if name == "noise_prompts":
+        return re.fullmatch(r"-?\d+(:[-+.\deE]+){0,2}", token) is not None
+    if name == "image_prompts":
+        from pathlib import Path
+
+        return Path(token).is_file() or Path(token.rsplit(":", 1)[0]).is_file()
+    if any(c.isspace() for c in token):        # model names and paths have no spaces; prompts do
+        return False
+    if name == "clip":
+        from pathlib import Path
+
+        return any(c in token for c in "/=:") or token.lower() in ("none", "off") or Path(token).exists()
+    return True
+
+
+def _one_value_per_flag(argv: list[str], specs) -> list[str]:
+    """``--augment Af Pe "a red circle"`` -> ``--augment Af --augment Pe "a red circle"``: each list
+    option takes one value per flag; further tokens are kept as its values only while they look like one."""
+    flags = {}
+    for spec in specs.values():
+        if spec.kind == "list":
+            for flag in [spec.flag, *spec.field.metadata.get("aliases", [])]:
+                flags[flag] = spec.name
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        if flag in flags and not eq and i + 1 < len(argv):
+            out += [flag, argv[i + 1]]
+            i += 2
+            while i < len(argv) and _looks_like_value(flags[flag], argv[i]):
+                out += [flag, argv[i]]
+                i += 1
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     """Only the options given on the command line, as ``generate()`` keyword arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        argv = _one_value_per_flag(argv, option_specs())
     args = vars(build_parser().parse_args(argv))
     if "size" in args:
         width, height = args.pop("size")

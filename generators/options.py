@@ -179,11 +179,13 @@ def coerce(spec: OptionSpec, value: Any, source: str = "") -> Any:
         else:
             if isinstance(value, (dict, list)) and spec.name == "story":
                 return value
-            if isinstance(value, (dict, list, tuple)):
+            if isinstance(value, (dict, list, tuple, bytes, bytearray)):
                 raise ValueError
+            if spec.name in ("prompt", "story") and not isinstance(value, str):
+                raise ValueError              # generate(5) or generate(b"a cat") is a mistake, not a prompt
             return str(value)
     except (TypeError, ValueError, OverflowError):
-        kinds = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}
+        kinds = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text (a str)"}
         raise ValueError(f"option {label}{where} must be {kinds.get(spec.kind, spec.kind)}; got {value!r}") from None
     return _check_range(spec, number, where)
 

@@ -109,7 +109,7 @@ class PixelsGenerator(Generator):
         if s.parameterisation == "rgb":
             return latent
         spectrum = torch.view_as_complex(latent.contiguous()) * self._spectrum_scale
-        return torch.fft.irfft2(spectrum, s=(s.height, s.width), norm="ortho")
+        return torch.fft.irfft2(spectrum, s=(s.height, s.width), norm="forward")  # DC coefficient = mean logit
 
     def render(self, latent: torch.Tensor) -> torch.Tensor:
         """Differentiable: latent -> images ``[B, 3, H, W]`` in ``(0, 1)``."""
@@ -128,7 +128,7 @@ class PixelsGenerator(Generator):
         x = torch.einsum("bdhw,dc->bchw", logits, torch.linalg.inv(self._mix).t())
         if s.parameterisation == "rgb":
             return x
-        spectrum = torch.fft.rfft2(x, norm="ortho") / self._spectrum_scale
+        spectrum = torch.fft.rfft2(x, norm="forward") / self._spectrum_scale
         return torch.view_as_real(spectrum).contiguous()
 
     def initial_latent(self, generator: torch.Generator) -> torch.Tensor:

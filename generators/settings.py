@@ -38,8 +38,9 @@ class RunSettings:
                                       group="prompts", flag="--noise-prompt", metavar="SEED[:W]")
     # guidance
     clip: list[str] = option(
-        lambda: [DEFAULT_CLIP], "guiding CLIP: Hub id, local folder or open_clip:ARCH/PRETRAINED; MODEL=WEIGHT to "
-        "weight it; repeat for an ensemble; 'none' for no CLIP guidance", group="guidance", metavar="MODEL[=W]")
+        lambda: [DEFAULT_CLIP], "guiding CLIP: Hub id, local folder, open_clip:ARCH/TAG, open_clip:ARCH/CHECKPOINT_FILE, "
+        "open_clip:hf-hub:ORG/REPO or open_clip:local-dir:FOLDER; MODEL=WEIGHT to weight it; one per flag, repeat "
+        "for an ensemble; 'none' for no CLIP guidance", group="guidance", metavar="MODEL[=W]")
     cutouts: int = option(32, "cutouts per image per step", group="guidance", metavar="N", minimum=1)
     cut_pow: float = option(1.0, "cutout size exponent (>1 favours small cutouts)", group="guidance", above=0)
     overview: int = option(0, "how many of the cutouts show the whole image", group="guidance", metavar="N",

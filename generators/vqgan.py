@@ -189,6 +189,7 @@ def check_size(width: int, height: int, factor: int) -> None:
             continue
         lower = (value // factor) * factor
         options = sorted((v for v in (lower, lower + factor) if v >= factor), key=lambda v: (abs(v - value), v))
+        options = options or [factor]          # zero or negative sizes: the smallest valid one
         raise ValueError(f"{label} {value} does not suit this VQGAN: it must be a multiple of {factor} "
                          f"(its downsampling factor); use {' or '.join(map(str, options))}")
 

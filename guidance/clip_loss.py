@@ -16,7 +16,7 @@ from .cutouts import Cutouts
 from .encoders import Encoder
 from .losses import DISTANCES, IMAGE_LOSSES, clamp_with_grad
 from .images import load_image
-from .objective import LossOutput, Objective, check_images
+from .objective import LossOutput, Objective, check_image_values, check_images
 from .prompts import Prompt, PromptSchedule, PromptSpec
 
 
@@ -57,6 +57,7 @@ class CLIPLoss(Objective):
         self.generator = torch.Generator().manual_seed(seed)
         self._cache: dict[tuple[int, Prompt], torch.Tensor] = {}
         self._prompt_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._values_checked = False
         self.set_prompts(prompts)
 
     # -- prompts -----------------------------------------------------------------
@@ -103,6 +104,9 @@ class CLIPLoss(Objective):
     def forward(self, images: torch.Tensor, *, step: int = 0,
                 generator: torch.Generator | None = None) -> LossOutput:
         check_images(images)
+        if not self._values_checked:       # once (a host sync): NaN, inf or 0..255 images fail here, clearly
+            check_image_values(images.detach(), strict=False)
+            self._values_checked = True
         raw = images                       # the range loss measures what the renderer overshot
         images = clamp_with_grad(images)
         generator = self.generator if generator is None else generator

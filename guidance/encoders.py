@@ -168,15 +168,34 @@ class OpenCLIPEncoder(Encoder):
             import open_clip
         except ImportError:
             raise ImportError(f"{spec!r} needs the open_clip_torch package: pip install open_clip_torch") from None
-        arch, _, pretrained = spec.split(":", 1)[1].partition("/")
+        arch, pretrained = parse_open_clip_spec(spec)
+        if pretrained and looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
+            raise FileNotFoundError(f"open_clip checkpoint {pretrained!r} (from {spec!r}) does not exist; check the path")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError, OSError, KeyError) as err:
             raise _load_error(spec, err) from None
         mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
         std = getattr(model.visual, "image_std", None) or OPENAI_STD
         enc = cls(model.to(dtype or torch.float32), open_clip.get_tokenizer(arch), name=spec, mean=mean, std=std)
         return enc.to(device) if device is not None else enc
+
+
+def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
+    """``open_clip:...`` -> (model name for open_clip, pretrained tag or checkpoint file, or None):
+
+    - ``open_clip:ARCH`` (random weights) or ``open_clip:ARCH/TAG`` (``ViT-B-32/laion2b_s34b_b79k``);
+    - ``open_clip:ARCH/PATH`` with a local checkpoint file (``open_clip:ViT-B-32//models/clip.pt``);
+    - ``open_clip:hf-hub:ORG/REPO`` and ``open_clip:local-dir:FOLDER`` (open_clip's own schemas).
+    """
+    rest = spec.split(":", 1)[1] if spec.startswith("open_clip:") else spec
+    if not rest.strip():
+        raise ValueError(f"{spec!r} names no model; write open_clip:ARCH/PRETRAINED, e.g. "
+                         "open_clip:ViT-B-32/laion2b_s34b_b79k")
+    if rest.startswith(("hf-hub:", "local-dir:")):
+        return rest, None
+    arch, _, pretrained = rest.partition("/")
+    return arch, (pretrained or None)
 
 
 def _check_local(name: str) -> None:

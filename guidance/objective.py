@@ -50,14 +50,16 @@ def check_images(images, what: str = "images") -> torch.Tensor:
     return images
 
 
-def check_image_values(images: torch.Tensor, what: str = "images") -> torch.Tensor:
-    """:func:`check_images`, plus finite values within ``[0, 1]`` (a host sync)."""
+def check_image_values(images: torch.Tensor, what: str = "images", *, strict: bool = True) -> torch.Tensor:
+    """:func:`check_images`, plus finite values (a host sync). ``strict``: within ``[0, 1]``; otherwise
+    (rendered images, which may overshoot while steering) only images that look like 0..255 are refused."""
     check_images(images, what)
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{what} contain NaN or infinite values; give finite values in [0, 1]")
     low, high = float(images.min()), float(images.max())
-    if low < -1e-3 or high > 1 + 1e-3:
-        hint = " (they look like 0..255: divide by 255)" if high > 1.5 else ""
+    eight_bit = low >= 0 and high > 2
+    if eight_bit or (strict and (low < -1e-3 or high > 1 + 1e-3)):
+        hint = " (they look like 0..255: divide by 255)" if eight_bit else ""
         raise ValueError(f"{what} must be in [0, 1]; got values from {low:.3g} to {high:.3g}{hint}")
     return images
 

@@ -54,26 +54,34 @@ def _number(text: str) -> float | None:
     return value
 
 
-def _split_fields(spec: str) -> tuple[str, float, float]:
-    """Split ``"text[:weight[:stop]]"``; only numeric trailing fields are taken."""
+def _ratio(head: str, last: str, kind: str = "text") -> bool:
+    """``head:last`` is a digit-colon-digit ratio or time (``16:9``, ``10:30``): part of a text prompt."""
+    return kind == "text" and head[-1:].isdigit() and last.strip()[:1].isdigit()
+
+
+def _split_fields(spec: str, kind: str = "text") -> tuple[str, float, float]:
+    """Split ``"text[:weight[:stop]]"``; only numeric trailing fields are taken, and never a digit-colon-digit
+    ratio (``"a landscape in 16:9"`` is text; write ``"a landscape in 16:9 :2"`` to weight it)."""
     value, weight, stop = spec, 1.0, -math.inf
     head, sep, last = value.rpartition(":")
     if sep and _number(last) is not None and not head.strip():
         raise ValueError(f"empty prompt in {spec!r}: only a weight was given; write e.g. 'a red fox:{last}'")
-    if sep and _number(last) is not None and head.strip():
+    if sep and head.strip() and _number(last) is not None:
         head2, sep2, before = head.rpartition(":")
-        if sep2 and _number(before) is not None and head2.strip():
+        if sep2 and head2.strip() and _number(before) is not None and not _ratio(head2, before, kind):
             value, weight, stop = head2, float(before), float(last)
-        else:
+        elif not _ratio(head, last, kind):
             value, weight = head, float(last)
     if not math.isfinite(weight):
         raise ValueError(f"prompt {spec!r}: weight {weight} is not a finite number")
+    if not math.isfinite(stop) and stop != -math.inf:
+        raise ValueError(f"prompt {spec!r}: stop {stop} is not a finite number")
     return value.strip(), weight, stop
 
 
 def parse_prompt(spec: str, kind: PromptKind = "text") -> Prompt:
     """Parse one ``"value[:weight[:stop]]"`` field into a :class:`Prompt`."""
-    value, weight, stop = _split_fields(spec)
+    value, weight, stop = _split_fields(spec, kind)
     if not value:
         raise ValueError(f"empty prompt in {spec!r}; write e.g. 'a red fox:1.5'")
     if kind == "noise" and _number(value) is None:
@@ -89,6 +97,10 @@ def parse_prompts(spec: str | Prompt | Iterable[str | Prompt] | None, kind: Prom
         return []
     if isinstance(spec, Prompt):
         return [spec]
+    if not isinstance(spec, (str, list, tuple)) or (not isinstance(spec, str) and
+                                                   not all(isinstance(i, (str, Prompt)) for i in spec)):
+        raise TypeError(f"prompts must be text ('a red fox:1.5|blurry:-1'), a list of such strings or Prompt "
+                        f"objects; got {type(spec).__name__} {spec!r:.60}")
     items = spec.split("|") if isinstance(spec, str) else list(spec)
     prompts: list[Prompt] = []
     for item in items:

@@ -315,6 +315,8 @@ def _as_prompts(prompts, n: int, prefix: str) -> list[str]:
         raise ValueError(f"prompts must be a string or a list of strings; got {type(prompts).__name__}") from None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty string or list of strings")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("a caption is empty; give the text each image should be scored against")
     if len(prompts) == 1 and n > 1:
         prompts = prompts * n
     if len(prompts) != n:
