@@ -58,9 +58,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("vqgan+clip", "VQGAN+CLIP", "vqgan", {}, ("clip_a", "clip_c", "clip_d", "vqgan")),
     Variant("sd", "SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}, ("clip_a", "clip_c", "clip_d", "sd")),
     Variant("sd+clip", "SD + CLIP guidance", "sd", {}, ("clip_a", "clip_c", "clip_d", "sd")),
-    Variant("pixels+clip", "Fourier pixels + CLIP (no prior)", "pixels", {"parameterisation": "fft"},
-            ("clip_a", "clip_c", "clip_d")),
-    Variant("rgb-pixels+clip", "RGB pixels + CLIP (no prior)", "pixels", {"parameterisation": "rgb"},
+    Variant("pixels+clip", "RGB pixels + CLIP (no prior)", "pixels", {}, ("clip_a", "clip_c", "clip_d")),
+    Variant("fft-pixels+clip", "Fourier pixels + CLIP (no prior)", "pixels", {"parameterisation": "fft"},
             ("clip_a", "clip_c", "clip_d")),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)

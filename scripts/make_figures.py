@@ -44,6 +44,7 @@ ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("VQGAN+CLIP", "vqgan", {}),
     ("SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}),
     ("SD + CLIP guidance", "sd", {}),
+    ("pixels + CLIP (no prior)", "pixels", {}),
 )
 FIGURES = {"grid": "toy_grid.png", "loss": "loss_curve.png", "frames": "vqgan_frames.png"}
 FRAMES = 8  # frames in the strip before the final image
@@ -303,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         extra = {"vqgan": {} if args.iterations is None else {"iterations": args.iterations},
+                 "pixels": {} if args.iterations is None else {"iterations": args.iterations},
                  "sd": {} if args.steps is None else {"steps": args.steps}}
         cells: dict[tuple[int, int], dict] = {}
         first_vqgan = None
