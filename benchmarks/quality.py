@@ -1,4 +1,12 @@
-"""Quality of each generator on the toy world: pixel-judge accuracy, judging-CLIP score and time (issue 6).
+"""Quality of each generator on the toy world: pixel-judge accuracy, judging-CLIP score and time.
+
+Headline: the share of images with all three attributes (colour, shape, background) right, with its
+95% Wilson interval, against seconds per image at one thread. Two prompt sets are kept apart:
+
+- the BENCHMARK set (default, ``--prompt-seed 0``, generation seeds 0..3): figures are reported on it
+  and it is never used to choose settings;
+- the TUNING set (``--prompt-seed 7 --seed-base 10``): developers may look at it and choose settings on
+  it (``--set KEY=VALUE`` tries an option on every variant that has it).
 
 For a fixed, seeded sample of prompts "a {colour} {shape} on a {background} background" and a few
 seeds, every variant below generates one image per (prompt, seed) through the public API
@@ -8,7 +16,8 @@ image is judged by the pixel-level judge (``toyworld.judge``: colour / shape / b
 loaded once). The same seeds are used for every variant, so SD with and without CLIP guidance
 start from the same noise.
 
-    python benchmarks/quality.py                          # 8 prompts x 2 seeds, preset iterations/steps
+    python benchmarks/quality.py                          # benchmark set: 16 prompts x 4 seeds = 64 images/variant
+    python benchmarks/quality.py --prompt-seed 7 --seed-base 10 --prompts 12 --seeds 2    # the tuning set
     python benchmarks/quality.py --quick                  # 2 prompts x 1 seed, few iterations/steps
     python benchmarks/quality.py --variants vqgan+clip --prompts 16 --seeds 3 --iterations 150
     python benchmarks/quality.py --json benchmarks/results/q.json --overwrite
@@ -69,6 +78,20 @@ VQGAN_TARGETS = {"colour": 0.90, "background": 0.90, "shape": 0.60}
 SD_GUIDANCE_GAIN = 0.10  # SD+CLIP beats SD by this much on unguided SD's weakest attribute
 
 QUICK = {"prompts": 2, "seeds": 1, "iterations": 30, "steps": 10}
+DEFAULT_PROMPTS, DEFAULT_SEEDS = 16, 4         # the benchmark set: 64 images per variant
+TUNING_PROMPT_SEED, TUNING_SEED_BASE = 7, 10   # the tuning set (settings are chosen only on this one)
+SD_ALL_THREE_GAIN = 0.20  # toy world v2: SD + CLIP guidance beats unguided SD on "all three" by this much
+DEFAULT_FIGURE = ROOT / "benchmarks" / "results" / "quality_vs_time.png"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0% and 100%, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +277,7 @@ def summarise(rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
         mine = [r for r in rows if r["variant"] == name]
         n = len(mine)
         acc = {a: round(sum(r["correct"][a] for r in mine) / n, 4) for a in (*ATTRIBUTES, "all")}
+        low, high = wilson_interval(sum(r["correct"]["all"] for r in mine), n)
         scores = [r["clip_score"] for r in mine if r["clip_score"] is not None]
         seconds = sum(r["seconds"] for r in mine)
         gen = [r["generate_s"] for r in mine if r["generate_s"] is not None]
@@ -261,6 +285,7 @@ def summarise(rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
         out[name] = {
             "n": n,
             "accuracy": acc,
+            "all_three_ci95": [round(low, 4), round(high, 4)],
             "clip_score": round(statistics.fmean(scores), 3) if scores else None,
             "clip_score_std": round(statistics.stdev(scores), 3) if len(scores) > 1 else None,
             "seconds_total": round(seconds, 2),
@@ -294,14 +319,22 @@ def check_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "met": gain >= SD_GUIDANCE_GAIN - 1e-9})
     else:
         out.append({"target": text, "measured": None, "met": None})
+    text = f"SD + CLIP guidance >= {SD_ALL_THREE_GAIN * 100:.0f} points better than SD without it on all three"
+    if plain and guided:
+        gain = guided["accuracy"]["all"] - plain["accuracy"]["all"]
+        out.append({"target": text, "measured": f"{plain['accuracy']['all']:.1%} -> {guided['accuracy']['all']:.1%} "
+                                                f"({gain * 100:+.1f} points, n={plain['n']}/{guided['n']})",
+                    "met": gain >= SD_ALL_THREE_GAIN - 1e-9})
+    else:
+        out.append({"target": text, "measured": None, "met": None})
     return out
 
 
 def format_table(summary: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
     """The per-variant summary as a plain-text table."""
     labels = {v.name: v.label for v in VARIANTS}
-    head = f"{'variant':<22} {'n':>3} {'colour':>7} {'shape':>7} {'backgr':>7} {'all3':>7} {'clip_b':>7} " \
-           f"{'s/img':>7} {'gen s':>7} {'load s':>7} {'total s':>8}"
+    head = f"{'variant':<34} {'n':>3} {'all3':>7} {'95% CI':>13} {'colour':>7} {'shape':>7} {'backgr':>7} " \
+           f"{'clip_b':>7} {'s/img':>7} {'gen s':>7} {'load s':>7} {'total s':>8}"
     lines = [head, "-" * len(head)]
 
     def pct(x):
@@ -312,20 +345,83 @@ def format_table(summary: dict[str, dict[str, Any]], reference: dict[str, Any] |
         score = "-" if s["clip_score"] is None else f"{s['clip_score']:.2f}"
         gen = "-" if s["generate_seconds_per_image"] is None else f"{s['generate_seconds_per_image']:.2f}"
         load = "-" if s["load_seconds_total"] is None else f"{s['load_seconds_total']:.1f}"
-        lines.append(f"{labels.get(name, name):<22} {s['n']:>3} {pct(a['colour'])} {pct(a['shape'])} "
-                     f"{pct(a['background'])} {pct(a['all'])} {score:>7} {s['seconds_per_image']:>7.2f} "
+        low, high = s.get("all_three_ci95") or (None, None)
+        ci = "-" if low is None else f"{low:.0%}-{high:.0%}"
+        lines.append(f"{labels.get(name, name):<34} {s['n']:>3} {pct(a['all'])} {ci:>13} {pct(a['colour'])} "
+                     f"{pct(a['shape'])} {pct(a['background'])} {score:>7} {s['seconds_per_image']:>7.2f} "
                      f"{gen:>7} {load:>7} {s['seconds_total']:>8.1f}")
     if reference is not None:
         a = reference["accuracy"]
         score = "-" if reference["clip_score"] is None else f"{reference['clip_score']:.2f}"
-        lines.append(f"{'(true world images)':<22} {reference['n']:>3} {pct(a['colour'])} {pct(a['shape'])} "
-                     f"{pct(a['background'])} {pct(a['all'])} {score:>7}")
+        lines.append(f"{'(true world images)':<34} {reference['n']:>3} {pct(a['all'])} {'':>13} {pct(a['colour'])} "
+                     f"{pct(a['shape'])} {pct(a['background'])} {score:>7}")
     return "\n".join(lines)
 
 
 def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     mark = {True: "MET    ", False: "NOT MET", None: "not run"}
     return "\n".join(f"[{mark[t['met']]}] {t['target']}: {t['measured'] or 'not measured'}" for t in targets)
+
+
+def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(860, 470)):
+    """Share of images with all three attributes right against seconds per image (log scale), one point
+    per variant with its 95% interval as a vertical bar. PIL only."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    left, right, top, bottom = 70, 320, 40, 60
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    points = [(name, s) for name, s in summary.items() if s.get("seconds_per_image")]
+    secs = [s["seconds_per_image"] for _, s in points] or [1.0]
+    lo_t, hi_t = math.log10(min(secs) / 1.5), math.log10(max(secs) * 1.5)
+    if hi_t - lo_t < 1:
+        mid = (hi_t + lo_t) / 2
+        lo_t, hi_t = mid - 0.5, mid + 0.5
+
+    def xy(seconds: float, share: float) -> tuple[float, float]:
+        x = left + (math.log10(seconds) - lo_t) / (hi_t - lo_t) * (width - left - right)
+        return x, top + (1 - share) * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(30, 30, 30))
+    for share in (0, 0.25, 0.5, 0.75, 1.0):
+        x0, y = xy(10 ** lo_t, share)
+        draw.line([left, y, width - right, y], fill=(225, 225, 225))
+        draw.text((left - 8, y), f"{share:.0%}", fill=(30, 30, 30), font=font, anchor="rm")
+    for exponent in range(math.floor(lo_t), math.ceil(hi_t) + 1):
+        for mult in (1, 2, 5):
+            seconds = mult * 10 ** exponent
+            if lo_t <= math.log10(seconds) <= hi_t:
+                x, _ = xy(seconds, 0)
+                draw.line([x, height - bottom, x, height - bottom + 4], fill=(30, 30, 30))
+                draw.text((x, height - bottom + 6), f"{seconds:g}", fill=(30, 30, 30), font=font, anchor="mt")
+    draw.text(((left + width - right) / 2, height - 22), "seconds per image (1 CPU thread, log scale)",
+              fill=(30, 30, 30), font=font, anchor="mm")
+    draw.text((12, top - 22), "images with colour, shape and background all right", fill=(30, 30, 30), font=font)
+    if title:
+        draw.text((12, height - 8), title, fill=(120, 120, 120), font=font, anchor="ls")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+               (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127)]
+    labels = {v.name: v.label for v in VARIANTS}
+    for k, (name, s) in enumerate(points):
+        colour = colours[k % len(colours)]
+        x, y = xy(s["seconds_per_image"], s["accuracy"]["all"])
+        low, high = s.get("all_three_ci95") or (s["accuracy"]["all"],) * 2
+        _, y_low = xy(s["seconds_per_image"], low)
+        _, y_high = xy(s["seconds_per_image"], high)
+        draw.line([x, y_low, x, y_high], fill=colour, width=2)
+        for yy in (y_low, y_high):
+            draw.line([x - 4, yy, x + 4, yy], fill=colour, width=2)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+        ly = top + 10 + 20 * k
+        draw.ellipse([width - right + 14, ly - 5, width - right + 24, ly + 5], fill=colour)
+        draw.text((width - right + 30, ly), f"{labels.get(name, name)} ({s['accuracy']['all']:.0%})",
+                  fill=(30, 30, 30), font=font, anchor="lm")
+    return image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,10 +466,10 @@ def _quiet_loading() -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=None, metavar="N", help="number of prompts (default 8)")
+    parser.add_argument("--prompts", type=int, default=None, metavar="N", help=f"number of prompts (default {DEFAULT_PROMPTS})")
     parser.add_argument("--prompt-seed", type=int, default=0, metavar="N", help="seed of the prompt sample")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help="generation seeds per prompt: 0..N-1 (+ --seed-base; default 2)")
+                        help=f"generation seeds per prompt: 0..N-1 (+ --seed-base; default {DEFAULT_SEEDS})")
     parser.add_argument("--seed-base", type=int, default=0, metavar="N", help="first generation seed")
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_NAMES), choices=VARIANT_NAMES,
                         metavar="NAME", help=f"variants to run: {', '.join(VARIANT_NAMES)} (default: all)")
@@ -395,12 +491,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="FILE",
                         help="write results here (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, metavar="PNG",
+                        help="the quality-vs-time picture (default: %(default)s; the README's is "
+                             "docs/images/quality_vs_time.png); 'none' for no picture")
     args = parser.parse_args(argv)
     for key in ("prompts", "seeds", "iterations", "steps"):
         if getattr(args, key) is None and args.quick:
             setattr(args, key, QUICK[key])
-    args.prompts = 8 if args.prompts is None else args.prompts
-    args.seeds = 2 if args.seeds is None else args.seeds
+    args.prompts = DEFAULT_PROMPTS if args.prompts is None else args.prompts
+    args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     extra = {}
     for item in args.extra:
         key, sep, value = item.partition("=")
@@ -515,8 +614,14 @@ def _main(argv: Sequence[str] | None) -> int:
     print(format_table(report["summary"], reference))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
-    print("\nTargets (issue 6):")
+    print("\nTargets:")
     print(format_targets(report["targets"]))
+    if str(args.figure).lower() != "none" and report["summary"]:
+        figure = quality_vs_time_figure(report["summary"], title=f"toy world, {len(prompts)} prompts x {len(seeds)} "
+                                        f"seeds (prompt seed {args.prompt_seed}); 95% Wilson intervals")
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        figure.save(args.figure)
+        print(f"figure: {args.figure}")
     print(f"\ntotal {report['seconds_total']:.1f}s; JSON: {args.json}")
     return 130 if interrupted else 0
 

@@ -55,10 +55,12 @@ def _summary(vq=None, sd=None, sdc=None, n=16):
 
 def test_targets_met_missed_and_not_measured():
     t = quality.check_targets(_summary(vq=(0.9375, 0.625, 1.0), sd=(0.5, 0.25, 0.75), sdc=(0.5, 0.375, 0.5)))
-    assert [x["met"] for x in t] == [True, True, True, True]
+    assert [x["met"] for x in t] == [True, True, True, True, False]   # all three: 25% -> 37.5%, +12.5 < 20
     assert t[3]["attribute"] == "shape" and "+12.5 points" in t[3]["measured"]
+    t = quality.check_targets(_summary(sd=(0.5, 0.25, 0.75), sdc=(0.75, 0.5, 0.75)))
+    assert t[-1]["met"] is True and "+25.0 points" in t[-1]["measured"]
     t = quality.check_targets(_summary(vq=(0.875, 0.5625, 0.9375), sd=(0.5, 0.25, 0.75), sdc=(1.0, 0.3125, 1.0)))
-    assert [x["met"] for x in t] == [False, True, False, False]  # colour, background, shape, SD gain (+6.25)
+    assert [x["met"] for x in t] == [False, True, False, False, False]  # colour, background, shape, SD gains
     t = quality.check_targets(_summary(vq=(1.0, 1.0, 1.0)))
     assert t[-1]["met"] is None and t[-1]["measured"] is None
     assert "not run" in quality.format_targets(t) and "MET" in quality.format_targets(t)
@@ -120,12 +122,13 @@ def test_cli_on_the_toy_models(tmp_path, capsys):
         pytest.skip(f"toy weights not trained yet: {', '.join(missing)}")
     sd_missing = bool(quality.missing_toy_models(["sd"]))
     out = tmp_path / "q.json"
-    argv = ["--quick", "--prompts", "1", "--iterations", "2", "--steps", "2", "--device", "cpu", "--json", str(out)]
+    argv = ["--quick", "--prompts", "1", "--iterations", "2", "--steps", "2", "--device", "cpu", "--json", str(out),
+            "--figure", str(tmp_path / "q.png")]
     assert quality.main(argv) == 0
     report = json.loads(out.read_text())
     captured = capsys.readouterr()
     assert report["complete"] and report["seeds"] == [0] and len(report["prompts"]) == 1
-    assert "VQGAN+CLIP" in captured.out and "Targets (issue 6)" in captured.out
+    assert "VQGAN+CLIP" in captured.out and "Targets:" in captured.out and (tmp_path / "q.png").is_file()
     ran = {r["variant"] for r in report["rows"]}
     if sd_missing:
         assert ran == {"vqgan+clip"} and set(report["skipped"]) == {"sd", "sd+clip"}
@@ -133,7 +136,7 @@ def test_cli_on_the_toy_models(tmp_path, capsys):
     else:
         assert ran == set(quality.VARIANT_NAMES) and not report["skipped"]
     assert report["rows"][0]["steps_done"] == 2 and report["rows"][0]["clip_score"] is not None
-    assert report["summary"]["vqgan+clip"]["n"] == 1 and len(report["targets"]) == 4
+    assert report["summary"]["vqgan+clip"]["n"] == 1 and len(report["targets"]) == 5
     before = out.read_text()
     assert quality.main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == before
@@ -172,3 +175,26 @@ def test_figure_drawing_helpers():
         "colour": "orange", "shape": "cross", "background": "black"}
     with pytest.raises(ValueError, match="not a toy-world prompt"):
         figures.attributes_of("a lighthouse")
+
+
+def test_wilson_interval_equals_scipy():
+    from scipy.stats import binomtest
+
+    for k, n in ((0, 16), (5, 16), (16, 16), (37, 64)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert quality.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-6)
+
+
+def test_quality_vs_time_figure_draws_each_variant_with_its_interval():
+    import numpy as np
+
+    summary = {"vqgan+clip": {"seconds_per_image": 12.0, "accuracy": {"all": 0.6}, "all_three_ci95": [0.48, 0.71]},
+               "sd": {"seconds_per_image": 0.9, "accuracy": {"all": 0.1}, "all_three_ci95": [0.05, 0.2]}}
+    fig = quality.quality_vs_time_figure(summary, title="t")
+    pixels = np.asarray(fig)
+    blue, red = (pixels == (31, 119, 180)).all(-1), (pixels == (214, 39, 40)).all(-1)
+    assert blue.sum() > 50 and red.sum() > 50
+    # the better variant's point sits higher (smaller y) and to the right (slower)
+    by, bx = np.argwhere(blue[:, :500]).mean(0)
+    ry, rx = np.argwhere(red[:, :500]).mean(0)
+    assert by < ry and bx > rx
