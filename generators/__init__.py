@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str | type] = {
     "vqgan": "generators.vqgan:VQGANGenerator",
     "sd": "generators.stable_diffusion:StableDiffusionGenerator",
     "pixels": "generators.pixels:PixelsGenerator",
+    "noise": "generators.noise:NoiseGenerator",
 }
 DEFAULT_BACKEND = "vqgan"
 

@@ -121,7 +121,8 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     clipping -> optimiser step -> lr schedule -> ``project(latents)`` (in place, no grad) -> callback.
     ``losses`` holds, per step, the mean over images of the per-image loss. With ``keep_best`` the
     returned latents are, per image, those that scored lowest (the loss of a step belongs to the
-    latents it rendered, before that step's update); this needs every latent to have the batch first.
+    latents it rendered, before that step's update) by the objective alone, without the regulariser; this
+    needs every latent to have the batch first.
     ``decode(latents)`` renders images for the callback (default: ``render`` without gradients).
     """
     tensors = _as_list(latents)
@@ -153,6 +154,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
                 out = objective(images, step=step, generator=generator)
                 per_image = per_image + out.per_image.float()
                 parts.update(out.parts)
+            scored = per_image.detach()      # the best iterate is judged by the objective alone
             if regulariser is not None:
                 reg = regulariser(latents, step)
                 for name, value in (reg.items() if isinstance(reg, dict) else (("regulariser", reg),)):
@@ -161,7 +163,6 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
                     parts[name] = value.detach()
             if keep_best:
                 with torch.no_grad():
-                    scored = per_image.detach()
                     if best is None:
                         best = [t.detach().clone() for t in tensors]
                         best_loss, best_step = scored.clone(), torch.zeros_like(scored, dtype=torch.long)

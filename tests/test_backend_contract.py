@@ -59,7 +59,9 @@ def backend(name, models, **overrides):
     """A backend instance on tiny models, 4 steps, 2 images."""
     options = {"vqgan": dict(vqgan=models["vqgan"], width=32, height=32, iterations=4, num_images=2),
                "sd": dict(sd_model=models["sd"], steps=4, scheduler="ddim", clip_guidance_scale=200.0, num_images=2),
-               "pixels": dict(width=32, height=32, iterations=4, num_images=2)}.get(name)
+               "pixels": dict(width=32, height=32, iterations=4, num_images=2),
+               "noise": dict(sd_model=models["sd"], render_steps=2, scheduler="ddim", iterations=4, num_images=2,
+                             learning_rate=1.0, reg_weight=0.0)}.get(name)
     if options is None:
         pytest.skip(f"no tiny configuration for backend {name!r}")
     return generators.get_generator(name, {**options, **overrides}, device="cpu")
@@ -117,7 +119,8 @@ def test_every_backend_writes_the_same_metadata_keys(models, tmp_path):
                   augmentations=["none"], out=str(tmp_path), progress=False, seed=3)
     per_backend = {"vqgan": dict(vqgan=models["vqgan"], size=(32, 32), iterations=2),
                    "sd": dict(sd_model=models["sd"], steps=2, scheduler="ddim"),
-                   "pixels": dict(size=(32, 32), iterations=2)}
+                   "pixels": dict(size=(32, 32), iterations=2),
+                   "noise": dict(sd_model=models["sd"], render_steps=1, scheduler="ddim", iterations=2)}
     keys = {}
     for name in BACKENDS:
         if name not in per_backend:

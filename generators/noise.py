@@ -1,0 +1,337 @@
+"""Steer a diffusion model through its starting noise: optimise it (ReNO, DNO) or search it (best-of-N,
+zero-order search).
+
+The diffusion model is a fixed renderer: starting noise ``z`` -> ``render_steps`` sampler steps -> VAE
+decode -> images in ``[0, 1]``, differentiable end to end. VQGAN+CLIP's idea with a far better prior.
+
+- ``method="gradient"`` (default; Eyring et al. 2024, "ReNO: Enhancing One-step Text-to-Image Models
+  through Reward-based Noise Optimization"): the shared latent-optimisation loop on ``z`` with ReNO's
+  recipe -- SGD with Nesterov momentum 0.9, learning rate 5, gradient-norm clipping at 0.1, 50
+  iterations, the best iterate kept by the objective, and the noise-norm regulariser
+  ``reg_weight * (½‖z‖² − (d−1)·log‖z‖)`` (in float32), whose minimum is at ``‖z‖ = √(d−1)``, so the
+  noise stays Gaussian-typical. Multi-step renderers can checkpoint the UNet calls (Tang et al. 2024,
+  DNO, backpropagate through the whole chain).
+- ``method="best-of-n"``: N starting noises, keep the best by the objective (which need not be
+  differentiable); ``method="zero-order"`` (Ma et al. 2025, "Inference-Time Scaling for Diffusion
+  Models beyond Scaling Denoising Steps"): neighbours of a pivot noise at ``search_radius``, keep the
+  best, move the pivot when a neighbour beats it. Both spend exactly ``budget`` renderer calls.
+- ``reapply_model``: render the best noise once more with another (larger or multi-step) pipeline, as
+  ReNO's multi-apply does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
+from .optimise import OptimiseSettings, check_settings, optimise
+from .stable_diffusion import SCHEDULERS, _build_scheduler, _to_dtype, cached_pipeline, check_model_path
+
+METHODS = ("gradient", "best-of-n", "zero-order")
+# Schedulers the renderer differentiates through: single-step updates whose state set_timesteps resets.
+DIFFERENTIABLE = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
+                  "DDPMScheduler")
+
+
+@dataclass
+class NoiseSettings(OptimiseSettings):
+    """Options of the ``noise`` backend (each becomes a CLI option and a config-file key)."""
+
+    iterations: int = option(50, "optimisation steps (gradient method)", metavar="N", minimum=0)
+    learning_rate: float = option(5.0, "optimiser learning rate (ReNO: 5 with SGD)", flag="--lr", above=0)
+    optimizer: str = option("SGD", "torch optimiser (SGD runs with Nesterov momentum 0.9, as ReNO)",
+                            aliases=["--optimiser"])
+    grad_clip: float | None = option(0.1, "clip the gradient norm of the noise to this value (none: no clipping)",
+                                     above=0)
+    keep_best: bool = option(True, "return the best iterate by the objective, not the last one")
+    sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise: Hub id, local diffusers "
+                           "folder, or one .safetensors/.ckpt file", flag="--sd")
+    sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
+                                         "holding its configs (needed offline)", flag="--sd-config")
+    render_steps: int = option(1, "sampling steps from the noise to the image (1 for turbo models)", minimum=1)
+    scheduler: str = option("default", "sampler of the renderer ('default': the checkpoint's own)",
+                            flag="--scheduler", choices=[*SCHEDULERS, "default"])
+    cfg_scale: float = option(0.0, "classifier-free guidance in the renderer (1 or less: none, as turbo models)",
+                              flag="--cfg-scale")
+    negative_prompt: str = option("", "negative conditioning text (with --cfg-scale above 1)",
+                                  flag="--negative-prompt")
+    reg_weight: float = option(0.01, "weight of the noise-norm regulariser ½‖z‖² − (d−1)·log‖z‖ (0: off)",
+                               minimum=0)
+    method: str = option("gradient", "gradient (ReNO noise optimisation), best-of-n or zero-order (search)",
+                         choices=METHODS)
+    budget: int | None = option(None, "search: renderer calls to spend (default: --iterations)", minimum=1)
+    search_radius: float = option(0.5, "zero-order: distance of the neighbours from the pivot, relative to "
+                                       "the noise's norm", above=0)
+    neighbours: int = option(4, "zero-order: neighbours tried around the pivot per round", minimum=1)
+    checkpointing: bool = option(False, "gradient checkpointing through the UNet calls (less memory for "
+                                        "multi-step renderers, same gradient)")
+    reapply_model: str | None = option(None, "render the best noise once more with this pipeline (ReNO's "
+                                             "multi-apply)", metavar="MODEL")
+    reapply_steps: int = option(4, "sampling steps of --reapply-model", minimum=1)
+    width: int = option(0, "image width in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
+    height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
+    num_images: int = option(1, "images optimised together, each from its own noise", flag="--num-images",
+                             minimum=1)
+
+
+def toy_preset() -> dict:
+    """This backend's part of ``--preset toy``: the toy few-step model when it exists, else the toy SD."""
+    from .presets import toyworld_weights
+
+    turbo = toyworld_weights("sd_turbo", check=False) if _has_toy("sd_turbo") else None
+    if turbo is not None:
+        return {"sd_model": str(turbo), "render_steps": 1, "iterations": 30, "learning_rate": 5.0}
+    return {"sd_model": str(toyworld_weights("sd", check=True)), "render_steps": 4, "scheduler": "ddim",
+            "cfg_scale": 5.0, "iterations": 30, "learning_rate": 5.0}
+
+
+def _has_toy(name: str) -> bool:
+    try:
+        from toyworld.paths import MODELS, weights_dir
+
+        return name in MODELS and weights_dir(name, check=False).joinpath("model_index.json").is_file()
+    except ImportError:
+        return False
+
+
+def noise_norm_regulariser(z: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * (½‖z‖² − (d−1)·log‖z‖)`` per image (float32): the negative log-density of the norm of a
+    d-dimensional standard Gaussian, smallest at ``‖z‖ = √(d−1)``."""
+    flat = z.float().flatten(1)
+    d = flat.shape[1]
+    norm = flat.norm(dim=1)
+    return weight * (0.5 * norm ** 2 - (d - 1) * norm.log())
+
+
+class NoiseGenerator(Generator):
+    """Optimise or search the starting noise of a diffusers Stable Diffusion pipeline against the objective."""
+
+    name = "noise"
+    Settings = NoiseSettings
+    presets = {"toy": toy_preset}
+    needs_objective = True
+
+    @classmethod
+    def check(cls, s: NoiseSettings, device=None) -> None:
+        cls._check_options(s)
+        check_model_path(s.sd_model)
+        if s.reapply_model:
+            check_model_path(s.reapply_model)
+
+    @staticmethod
+    def _check_options(s: NoiseSettings) -> None:
+        check_settings(s)
+        if s.method not in METHODS:
+            raise ValueError(f"unknown method {s.method!r}; choose from {', '.join(METHODS)}")
+        if s.method == "gradient" and s.iterations < 1:
+            raise ValueError("iterations is 0: the gradient method needs at least 1 (or use --method best-of-n)")
+        if s.budget is not None and s.budget < 1:
+            raise ValueError(f"budget is {s.budget}; give at least 1 renderer call")
+        if s.scheduler != "default" and s.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)} or default")
+
+    def __init__(self, settings: NoiseSettings | None = None, *, device=None, precision=None, pipeline=None,
+                 reapply_pipeline=None):
+        super().__init__(settings, device=device, precision=precision)
+        s = self.settings
+        self.check(s) if pipeline is None else self._check_options(s)
+        self.pipe = pipeline if pipeline is not None else cached_pipeline(s.sd_model, dtype=self.dtype,
+                                                                          config=s.sd_config)
+        self.scheduler = self._scheduler(self.pipe, s.scheduler)
+        self._prepare_models(self.pipe)
+        self.width, self.height = self._size()
+        self.reapply = None
+        if s.reapply_model or reapply_pipeline is not None:
+            self.reapply = reapply_pipeline if reapply_pipeline is not None else cached_pipeline(
+                s.reapply_model, dtype=self.dtype)
+            self.reapply_scheduler = self._scheduler(self.reapply, "default", differentiable=False)
+            self._prepare_models(self.reapply)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    @staticmethod
+    def _scheduler(pipe, name: str, differentiable: bool = True):
+        import copy
+
+        default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
+        scheduler = copy.deepcopy(default) if name == "default" else _build_scheduler(name, default.config)
+        if differentiable and type(scheduler).__name__ not in DIFFERENTIABLE:
+            raise ValueError(f"the noise backend cannot differentiate through {type(scheduler).__name__} (it keeps a "
+                             f"history between steps); use --scheduler ddim, euler or euler_a")
+        return scheduler
+
+    def _prepare_models(self, pipe) -> None:
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False).eval()
+        for module, dtype in ((pipe.vae, torch.float32), (pipe.unet, self.dtype), (pipe.text_encoder, self.dtype)):
+            _to_dtype(module, dtype)
+            module.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+
+    def _size(self) -> tuple[int, int]:
+        s, pipe = self.settings, self.pipe
+        native = pipe.unet.config.sample_size
+        native = native if isinstance(native, int) else native[0]
+        scale = int(pipe.vae_scale_factor)
+        sizes = []
+        for name, value in (("width", s.width), ("height", s.height)):
+            value = value or native * scale
+            if value % scale:
+                raise ValueError(f"{name} {value} is not a multiple of {scale}; use {value // scale * scale or scale}")
+            sizes.append(value)
+        return sizes[0], sizes[1]
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        scale = int(self.pipe.vae_scale_factor)
+        return (self.settings.num_images, self.pipe.unet.config.in_channels, self.height // scale,
+                self.width // scale)
+
+    # -- the renderer -------------------------------------------------------------------------------
+    def _embeddings(self, pipe, objective, batch: int):
+        s = self.settings
+        cfg = s.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        prompt = objective.conditioning_text(0) if objective is not None else ""
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(prompt, self.device, batch, cfg, s.negative_prompt or None)
+        return (torch.cat([uncond, cond]) if cfg else cond), cfg, prompt
+
+    def make_renderer(self, pipe, scheduler, embeds, cfg: bool, steps: int, seed: int):
+        """``render(z)``: starting noise -> images ``[B,3,H,W]`` (unclamped, differentiable in ``z``)."""
+        s = self.settings
+        unet, vae = pipe.unet, pipe.vae
+
+        def model(x, t):
+            x_in = torch.cat([x, x]) if cfg else x
+            out = unet(x_in.to(unet.dtype), t, encoder_hidden_states=embeds, return_dict=False)[0].float()
+            if cfg:
+                uncond, cond = out.chunk(2)
+                out = uncond + s.cfg_scale * (cond - uncond)
+            return out
+
+        def render(z: torch.Tensor) -> torch.Tensor:
+            scheduler.set_timesteps(steps, device=self.device)       # resets the scheduler's state
+            noise = torch.Generator().manual_seed(seed)             # an ancestral sampler's noise: same each call
+            extra = pipe.prepare_extra_step_kwargs(noise, 0.0)
+            latents = z * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(latents, t)
+                if s.checkpointing and torch.is_grad_enabled():
+                    from torch.utils.checkpoint import checkpoint
+
+                    out = checkpoint(model, x_in, t, use_reentrant=False)
+                else:
+                    out = model(x_in, t)
+                latents = scheduler.step(out, t, latents, **extra, return_dict=False)[0]
+            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+            return image.float() / 2 + 0.5
+
+        return render
+
+    # -- the run ------------------------------------------------------------------------------------
+    def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
+        s = self.settings
+        started = time.perf_counter()
+        init_gen = seed_generator(seed, "init")
+        z = torch.randn(self.latent_shape(), generator=init_gen).to(self.device)
+        embeds, cfg, prompt = self._embeddings(self.pipe, objective, s.num_images)
+        render = self.make_renderer(self.pipe, self.scheduler, embeds, cfg, s.render_steps, seed)
+        decode = lambda latent: render(latent).detach().clamp(0, 1).float().cpu()  # noqa: E731
+        if s.method == "gradient":
+            out = self._optimise(z, render, objective, seed, callback, decode)
+        else:
+            out = self._search(z, render, objective, seed, callback, init_gen)
+        best, info = out["latents"], out["info"]
+        with torch.no_grad():
+            images = decode(best)
+            if self.reapply is not None:
+                embeds2, cfg2, _ = self._embeddings(self.reapply, objective, s.num_images)
+                again = self.make_renderer(self.reapply, self.reapply_scheduler, embeds2, cfg2, s.reapply_steps, seed)
+                images = again(best).clamp(0, 1).float().cpu()
+                info["reapplied_with"] = {"model": s.reapply_model or "(pipeline given)", "steps": s.reapply_steps}
+        info.update({"method": s.method, "prompt": prompt, "render_steps": s.render_steps,
+                     "scheduler": type(self.scheduler).__name__, "latent_shape": list(z.shape),
+                     "noise_norm": best.float().flatten(1).norm(dim=1).cpu().tolist(),
+                     "noise_norm_typical": math.sqrt(best[0].numel()), "seconds": time.perf_counter() - started})
+        return GenerationResult(images=images, losses=out["losses"], info=info, interrupted=out["interrupted"],
+                                steps_done=out["steps_done"], stopped_at=out["stopped_at"])
+
+    def _optimise(self, z, render, objective, seed, callback, decode) -> dict:
+        s = self.settings
+        extra = {"momentum": 0.9, "nesterov": True} if str(s.optimizer).lower() == "sgd" else {}
+        regulariser = (lambda latent, step: {"noise_norm": noise_norm_regulariser(latent, s.reg_weight)}) \
+            if s.reg_weight else None
+        result = optimise(z.requires_grad_(True), render, objective, optimizer=s.optimizer, lr=s.learning_rate,
+                          schedule=s.lr_schedule, steps=s.iterations, regulariser=regulariser, callback=callback,
+                          generator=seed_generator(seed, "objective"), decode=decode, keep_best=s.keep_best,
+                          grad_clip=s.grad_clip, optimizer_kwargs=extra)
+        info = {"renderer_calls": result.steps_done, "best_step": result.best_step, "best_loss": result.best_loss}
+        return {"latents": z.detach(), "losses": result.losses, "steps_done": result.steps_done,
+                "stopped_at": result.stopped_at, "interrupted": result.interrupted, "info": info}
+
+    @torch.no_grad()
+    def _search(self, z, render, objective, seed, callback, init_gen) -> dict:
+        """Best-of-N or zero-order search, exactly ``budget`` renderer calls (fewer only if stopped)."""
+        s = self.settings
+        budget = s.budget or s.iterations or 1
+        objective_gen = seed_generator(seed, "objective")
+        pivot = z.clone()
+        best_noise, best_loss = z.clone(), None
+        losses, calls, stopped_at, interrupted = [], 0, None, False
+        candidates_from_pivot: list[torch.Tensor] = []
+
+        def score(noise):
+            loss = objective(render(noise), step=calls, generator=objective_gen).per_image.float()
+            return loss
+
+        try:
+            while calls < budget:
+                if calls == 0:
+                    candidate = z
+                elif s.method == "best-of-n":
+                    candidate = torch.randn(z.shape, generator=init_gen).to(self.device)
+                else:
+                    if not candidates_from_pivot:        # a new round of neighbours around the pivot
+                        norm = pivot.flatten(1).norm(dim=1).view(-1, *[1] * (pivot.dim() - 1))
+                        for _ in range(s.neighbours):
+                            step = torch.randn(z.shape, generator=init_gen).to(self.device)
+                            step = step / step.flatten(1).norm(dim=1).view_as(norm) * norm * s.search_radius
+                            candidates_from_pivot.append(pivot + step)
+                    candidate = candidates_from_pivot.pop(0)
+                loss = score(candidate)
+                calls += 1
+                if best_loss is None:
+                    best_loss = loss.clone()
+                else:
+                    better = loss < best_loss
+                    mask = better.view(-1, *[1] * (z.dim() - 1))
+                    best_noise = torch.where(mask, candidate, best_noise)
+                    best_loss = torch.where(better, loss, best_loss)
+                if s.method == "zero-order" and not candidates_from_pivot:
+                    pivot = best_noise.clone()                  # move the pivot to the best seen
+                losses.append(float(loss.mean()))
+                if callback is not None:
+                    keep = callback(StepInfo(step=calls - 1, total=budget, latents=candidate,
+                                             decode=lambda c=candidate: render(c).clamp(0, 1).float().cpu(),
+                                             loss=loss.mean(), parts={}))
+                    if keep is False:
+                        stopped_at = calls - 1
+                        break
+        except KeyboardInterrupt:
+            interrupted = True
+        info = {"renderer_calls": calls, "budget": budget,
+                "best_loss": None if best_loss is None else best_loss.cpu().tolist()}
+        return {"latents": best_noise, "losses": losses, "steps_done": calls, "stopped_at": stopped_at,
+                "interrupted": interrupted, "info": info}
+
+    @classmethod
+    def run_length(cls, settings) -> int | None:
+        if settings.method != "gradient":
+            return settings.budget or settings.iterations
+        return settings.iterations
+
+
+__all__ = ["NoiseGenerator", "NoiseSettings", "noise_norm_regulariser", "METHODS"]
