@@ -70,6 +70,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pixels+clip", "RGB pixels + CLIP (no prior)", "pixels", {}, ("clip_a", "clip_c", "clip_d")),
     Variant("fft-pixels+clip", "Fourier pixels + CLIP (no prior)", "pixels", {"parameterisation": "fft"},
             ("clip_a", "clip_c", "clip_d")),
+    Variant("noise+clip", "noise optimisation + CLIP (ReNO)", "noise", {}, ("clip_a", "clip_c", "clip_d", "sd")),
+    Variant("best-of-n+clip", "best-of-N noises, same renderer calls", "noise", {"method": "best-of-n"},
+            ("clip_a", "clip_c", "clip_d", "sd")),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 

@@ -100,11 +100,13 @@ def _has_toy(name: str) -> bool:
 
 def noise_norm_regulariser(z: torch.Tensor, weight: float) -> torch.Tensor:
     """``weight * (½‖z‖² − (d−1)·log‖z‖)`` per image (float32): the negative log-density of the norm of a
-    d-dimensional standard Gaussian, smallest at ``‖z‖ = √(d−1)``."""
+    d-dimensional standard Gaussian, smallest at ``‖z‖ = √(d−1)``. Its minimum value is subtracted (a
+    constant: the gradient is ReNO's), so the logged regulariser is 0 for a typical noise and grows away from it."""
     flat = z.float().flatten(1)
     d = flat.shape[1]
     norm = flat.norm(dim=1)
-    return weight * (0.5 * norm ** 2 - (d - 1) * norm.log())
+    minimum = 0.5 * (d - 1) - 0.5 * (d - 1) * math.log(d - 1)
+    return weight * (0.5 * norm ** 2 - (d - 1) * norm.log() - minimum)
 
 
 class NoiseGenerator(Generator):

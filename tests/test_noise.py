@@ -44,7 +44,8 @@ def test_regulariser_is_the_gaussian_norm_prior():
     with torch.no_grad():
         z.mul_(math.sqrt(d - 1) / z.norm())
     noise_norm_regulariser(z, 1.0).sum().backward()
-    assert z.grad.norm() < 1e-3                        # stationary at ||z|| = sqrt(d - 1)
+    assert z.grad.norm() < 1e-3                        # stationary at ||z|| = sqrt(d - 1), where it is 0
+    assert float(noise_norm_regulariser(z.detach(), 1.0)) == pytest.approx(0.0, abs=1e-3)
     small, large = torch.full((1, d), 0.1), torch.full((1, d), 3.0)
     typical = torch.full((1, d), math.sqrt((d - 1) / d))
     assert noise_norm_regulariser(typical, 1.0) < noise_norm_regulariser(small, 1.0)
