@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -18,19 +17,10 @@ from generators import cli
 from generators.outputs import read_metadata, read_png_text
 from generators.run import generate
 from guidance import CLIPLoss, clip_score, parse_prompts, read_image
+from test_evaluate import evaluate_script  # scripts/evaluate.py loaded as a module
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan, tiny_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_evaluate():
-    spec = importlib.util.spec_from_file_location("clipsteer_evaluate_script_r", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _load_evaluate()
 
 
 @pytest.fixture(scope="module")
