@@ -349,7 +349,10 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
     rewards = reward_specs(prep.opts)
     if rewards:   # which rewards steered (for evaluate.py --held-out) and their score at every step
         metadata["rewards"] = [{k: r[k] for k in ("label", "name", "model", "weight", "spec")} for r in rewards]
-        metadata["steered_by"] = [r["name"] for r in rewards if r["weight"] != 0]
+        from guidance.rewards import CLIPReward
+
+        metadata["steered_by"] = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
+                                  for r in rewards if r["weight"] != 0]
         metadata["reward_scores"] = progress.reward_log()
     run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
               interrupted=bool(result.interrupted), frames=progress.frames)
