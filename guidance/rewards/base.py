@@ -136,8 +136,8 @@ def resize_crop(images: torch.Tensor, size: int, *, mode: str = "bicubic") -> to
 
 
 class SharedResize:
-    """Resizes shared by the rewards of one objective: the same image batch resized to the same size
-    is computed once per step (PickScore, HPS, ImageReward and the aesthetic CLIP all take 224²).
+    """Clamped resizes shared by the rewards of one objective: the same image batch clamped to ``[0, 1]``
+    (gradient passing through, ``clamp_with_grad``) and resized to the same size is computed once per step (PickScore, HPS, ImageReward and the aesthetic CLIP all take 224²).
     Holds only the latest batch (weakly), so no graph outlives its step."""
 
     def __init__(self):
@@ -153,7 +153,7 @@ class SharedResize:
         if key in self._out:
             self.hits += 1
         else:
-            self._out[key] = resize_crop(images, size, mode=mode)
+            self._out[key] = resize_crop(clamp_with_grad(images), size, mode=mode)
         return self._out[key]
 
 
@@ -246,7 +246,7 @@ class Reward(Objective):
 
     # -- scoring -----------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B,3,H,W]`` in ``[0,1]`` -> the model's normalised input, differentiably."""
+        """``[B,3,H,W]`` in ``[0,1]`` (overshoot clamped) -> the model's normalised input, differentiably."""
         pixels = self.resize(images, self.input_size, self.resize_mode)
         pixels = (pixels - self._mean.to(pixels.dtype)) / self._std.to(pixels.dtype)
         return pixels.to(self.dtype)
@@ -292,7 +292,7 @@ class Reward(Objective):
         """Differentiable scores ``[B]`` (float32, higher is better) of images in ``[0, 1]`` against
         *prompts* (one caption for all, or one per image; ignored by rewards without text)."""
         check_images(images)
-        return self.score_pixels(self.preprocess(clamp_with_grad(images)), prompts)
+        return self.score_pixels(self.preprocess(images), prompts)
 
     def forward(self, images: torch.Tensor, *, step: int = 0, generator: torch.Generator | None = None) -> LossOutput:
         check_images(images)
