@@ -128,7 +128,10 @@ class _Progress:
             self.bar.update(1)
             done = info.step + 1
             if info.loss is not None and (done % self.refresh == 0 or done == info.total):
-                self.bar.set_postfix(loss=f"{float(info.loss):.4f}", refresh=False)  # the only host sync
+                shown = {"loss": f"{float(info.loss):.4f}"}                     # the only host sync
+                shown.update({k: f"{float(v):.4g}" for k, v in (self.reward_steps[-1] if self.reward_steps
+                                                                 and self.reward_steps[-1] is not None else {}).items()})
+                self.bar.set_postfix(shown, refresh=False)
         if self.save_every and (info.step + 1) % self.save_every == 0:
             self.keep_frame(info.decode(), info.step + 1)
         if self.user is not None:

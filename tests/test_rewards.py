@@ -187,3 +187,13 @@ def test_cli_reward_flag_keeps_the_prompt():
 
     argv = _one_value_per_flag(["--reward", "pickscore=0.05", "hps", "castle"], option_specs())
     assert argv == ["--reward", "pickscore=0.05", "--reward", "hps", "castle"]
+
+
+def test_missing_optional_package_is_one_line(monkeypatch, folders):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)        # as if open_clip_torch were not installed
+    with pytest.raises(ImportError) as err:
+        load_reward(f"hps:{folders['hps']}")
+    assert "\n" not in str(err.value) and "pip install clipsteer[rewards]" in str(err.value)
+    assert "open_clip_torch" in str(err.value)
