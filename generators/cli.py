@@ -146,6 +146,10 @@ def _looks_like_value(name: str, token: str) -> bool:
         return Path(token).is_file() or Path(token.rsplit(":", 1)[0]).is_file()
     if any(c.isspace() for c in token):        # model names and paths have no spaces; prompts do
         return False
+    if name == "rewards":
+        from guidance.rewards import ALIASES, REWARDS
+
+        return token.rpartition("=")[0 if "=" in token else 2].partition(":")[0].strip().lower() in {*REWARDS, *ALIASES}
     if name == "clip":
         from pathlib import Path
 

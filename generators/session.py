@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from guidance.build import build_objective, build_schedule, clip_specs, eval_model_for, score_images
+from guidance.build import build_objective, build_schedule, clip_specs, eval_model_for, reward_specs, score_images
 from guidance.errors import first_line
 from guidance.objective import ConditioningOnly
 
@@ -104,9 +104,22 @@ class _Progress:
         self.bar = None
         self.frames: list = []
         self.last: StepInfo | None = None
+        self.reward_steps: list[dict] = []
+
+    def reward_log(self) -> dict[str, list[float | None]]:
+        """``{reward label: [mean score at each step]}`` for the rewards of the objective."""
+        names = list(dict.fromkeys(k for step in self.reward_steps for k in step))
+        out = {}
+        for name in names:
+            values = [float(step[name]) if name in step else None for step in self.reward_steps]
+            out[name] = [v if v is not None and math.isfinite(v) else None for v in values]
+        return out
 
     def __call__(self, info: StepInfo):
         self.last = info
+        rewards = {k[:-len("/score")]: v for k, v in (info.parts or {}).items() if k.endswith("/score")}
+        if rewards:  # per-step reward scores, kept on the device; read once at the end (no sync per step)
+            self.reward_steps.append({k: v.detach().float().mean() for k, v in rewards.items()})
         if self.enabled:
             if self.bar is None:
                 from tqdm.auto import tqdm
@@ -115,7 +128,10 @@ class _Progress:
             self.bar.update(1)
             done = info.step + 1
             if info.loss is not None and (done % self.refresh == 0 or done == info.total):
-                self.bar.set_postfix(loss=f"{float(info.loss):.4f}", refresh=False)  # the only host sync
+                shown = {"loss": f"{float(info.loss):.4f}"}                     # the only host sync
+                shown.update({k: f"{float(v):.4g}" for k, v in (self.reward_steps[-1] if self.reward_steps
+                                                                 and self.reward_steps[-1] is not None else {}).items()})
+                self.bar.set_postfix(shown, refresh=False)
         if self.save_every and (info.step + 1) % self.save_every == 0:
             self.keep_frame(info.decode(), info.step + 1)
         if self.user is not None:
@@ -233,7 +249,7 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     settings = backend_settings(backend, opts)
     cls.check(settings, device)                 # every backend option checked before any model loads
     _warn_about_unused_options(cls, backend, settings, schedule, provenance)
-    objective_specs = clip_specs(opts)
+    objective_specs = clip_specs(opts) + [(r["spec"], r["weight"]) for r in reward_specs(opts)]
     if cls.needs_objective and not objective_specs:
         raise ValueError(f"--clip none leaves the {backend} backend nothing to optimise; give a guiding CLIP "
                          "(--clip MODEL) or use a backend that generates without one (e.g. --backend sd)")
@@ -333,6 +349,14 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "losses": [float(x) if math.isfinite(float(x)) else None for x in result.losses],
     }
+    rewards = reward_specs(prep.opts)
+    if rewards:   # which rewards steered (for evaluate.py --held-out) and their score at every step
+        metadata["rewards"] = [{k: r[k] for k in ("label", "name", "model", "weight", "spec")} for r in rewards]
+        from guidance.rewards import CLIPReward
+
+        metadata["steered_by"] = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
+                                  for r in rewards if r["weight"] != 0]
+        metadata["reward_scores"] = progress.reward_log()
     run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
               interrupted=bool(result.interrupted), frames=progress.frames)
     if folder is not None:

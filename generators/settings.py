@@ -15,7 +15,7 @@ from .base import option
 # Option groups, in --help order.
 GROUPS = {
     "prompts": "what to draw: text, image and noise prompts, schedules",
-    "guidance": "how CLIP steers: models, cutouts, augmentations, extra image losses",
+    "guidance": "how CLIP and reward models steer: models, rewards, cutouts, augmentations, extra image losses",
     "output": "seed, run folder, frames, animation, evaluation",
     "runtime": "device and precision",
 }
@@ -41,6 +41,13 @@ class RunSettings:
         lambda: [DEFAULT_CLIP], "guiding CLIP: Hub id, local folder, open_clip:ARCH/TAG, open_clip:ARCH/CHECKPOINT_FILE, "
         "open_clip:hf-hub:ORG/REPO or open_clip:local-dir:FOLDER; MODEL=WEIGHT to weight it; one per flag, repeat "
         "for an ensemble; 'none' for no CLIP guidance", group="guidance", metavar="MODEL[=W]")
+    rewards: list[str] = option(
+        list, "reward model to steer by as well, NAME[:MODEL][=WEIGHT]: clip, pickscore, hps (HPSv2.1; hps:v2), "
+        "imagereward, aesthetic; MODEL a Hub id, local folder or file; WEIGHT multiplies -score (default: ReNO's "
+        "weights, see README); one per flag, repeatable", group="guidance", flag="--reward",
+        metavar="NAME[:MODEL][=W]")
+    reward_checkpointing: bool = option(False, "recompute the reward models' image towers in the backward pass "
+                                               "(gradient checkpointing: less memory, slower)", group="guidance")
     cutouts: int = option(32, "cutouts per image per step", group="guidance", metavar="N", minimum=1)
     cut_pow: float = option(1.0, "cutout size exponent (>1 favours small cutouts)", group="guidance", above=0)
     overview: int = option(0, "how many of the cutouts show the whole image", group="guidance", metavar="N",

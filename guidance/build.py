@@ -107,19 +107,61 @@ def build_cutouts(opts: Mapping[str, Any]):
                    min_fraction=opts["min_fraction"], augmentations=augmentation_list(opts))
 
 
+def reward_specs(opts: Mapping[str, Any]) -> list[dict]:
+    """The ``rewards`` option parsed: ``[{"spec", "name", "model", "weight", "label"}]`` (labels unique:
+    ``pickscore``, ``pickscore2``...). Bad names and weights fail here, before any model loads."""
+    from .rewards import parse_reward_spec
+
+    out, seen = [], {}
+    for spec in opts.get("rewards") or []:
+        if spec is None or is_none_word(spec):
+            continue
+        name, model, weight = parse_reward_spec(str(spec))
+        seen[name] = seen.get(name, 0) + 1
+        out.append({"spec": str(spec).strip(), "name": name, "model": model, "weight": weight,
+                    "label": name if seen[name] == 1 else f"{name}{seen[name]}"})
+    return out
+
+
 def build_objective(opts: Mapping[str, Any], schedule, *, seed: int, device, precision):
-    """The objective of a run: a ``CLIPLoss`` from the guidance options, or ``None`` for ``clip: none``."""
+    """The objective of a run: a ``CLIPLoss`` from the guidance options (``None`` for ``clip: none``),
+    or, with ``rewards``, a ``WeightedObjectives`` of the CLIP loss (weight 1, named ``clip_loss``) and
+    each reward (its weight times ``-score``, named after it); rewards share one resize per step."""
     from .clip_loss import CLIPLoss
 
     specs = clip_specs(opts)
-    if not specs or schedule is None:
+    rewards = reward_specs(opts)
+    if (not specs and not rewards) or schedule is None:
         return None
-    cutouts = build_cutouts(opts)   # bad cutout options fail before any model loads
-    encoders = load_encoders([name for name, _ in specs], device=device, precision=precision)
-    image_losses = {name: opts[f"{name}_weight"] for name in ("tv", "range", "saturation", "symmetry")
-                    if opts.get(f"{name}_weight")}
-    return CLIPLoss(encoders, schedule, cutouts=cutouts, encoder_weights=[w for _, w in specs],
-                    distance=opts["distance"], image_losses=image_losses, seed=seed)
+    clip_loss = None
+    if specs:
+        cutouts = build_cutouts(opts)   # bad cutout options fail before any model loads
+        encoders = load_encoders([name for name, _ in specs], device=device, precision=precision)
+        image_losses = {name: opts[f"{name}_weight"] for name in ("tv", "range", "saturation", "symmetry")
+                        if opts.get(f"{name}_weight")}
+        clip_loss = CLIPLoss(encoders, schedule, cutouts=cutouts, encoder_weights=[w for _, w in specs],
+                             distance=opts["distance"], image_losses=image_losses, seed=seed)
+    if not rewards:
+        return clip_loss
+    from .objective import WeightedObjectives
+    from .rewards import SharedResize, cached_reward
+
+    if not schedule.positive_text(0) and any(r["name"] != "aesthetic" for r in rewards):
+        raise ValueError("the reward models score images against a text prompt; give one (positional)")
+    resize = SharedResize()
+    members, names = [], []
+    if clip_loss is not None:
+        members.append((clip_loss, 1.0))
+        names.append("clip_loss")
+    for r in rewards:
+        model = cached_reward(f"{r['name']}:{r['model']}" if r["model"] else r["name"], device=device,
+                              precision=None if precision == "auto" else precision)
+        model.set_prompts(schedule)
+        model.resize = resize
+        model.gradient_checkpointing = bool(opts.get("reward_checkpointing"))
+        members.append((model, r["weight"]))
+        names.append(r["label"])
+    return WeightedObjectives(members, names=names)
 
 
 def eval_model_for(opts: Mapping[str, Any]) -> str | None:
@@ -155,5 +197,5 @@ def score_images(images: torch.Tensor, schedule, *, model: str, step: int, devic
 
 
 __all__ = ["DEFAULT_CLIP", "DEFAULT_EVAL", "DEFAULT_EVAL_ALT", "NONE_WORDS", "is_none_word", "build_schedule",
-           "story_entries", "clip_specs", "augmentation_list", "load_encoders", "build_cutouts", "build_objective",
+           "story_entries", "clip_specs", "augmentation_list", "load_encoders", "build_cutouts", "build_objective", "reward_specs",
            "eval_model_for", "score_images", "scoring_caption"]

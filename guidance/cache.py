@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
-DEFAULT_SIZES = {"encoder": 4, "score": 2, "vqgan": 2, "pipeline": 1}
+DEFAULT_SIZES = {"encoder": 4, "score": 2, "vqgan": 2, "pipeline": 1, "reward": 4}
 
 
 class ModelCache:

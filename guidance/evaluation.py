@@ -104,6 +104,7 @@ def read_run(folder: Path, root: Path) -> list[Item]:
         images = images if isinstance(images, list) else [images]
         prompts = prompt if isinstance(prompt, list) and len(prompt) == len(images) else [prompt] * len(images)
         extra = {k: rec.get(k) for k in ("seed", "backend") if rec.get(k) is not None}
+        extra["steered_by"] = steered_by(rec)
         scored = run_caption(rec)
         for img, p in zip(images, prompts):
             if isinstance(img, dict):  # {"image"/"path": ..., "prompt": ..., "seed": ...}
@@ -126,6 +127,18 @@ def read_run(folder: Path, root: Path) -> list[Item]:
                 continue
             items.append(Item(label, path, caption_of(p), None, extra_i))
     return items
+
+
+def steered_by(record: dict) -> list[str]:
+    """What steered a clipsteer run, from its run.json: ``clip:MODEL`` for each guiding CLIP and the
+    name of each reward with a non-zero weight (``steered_by``). Empty for other sidecars."""
+    from .encoders import parse_encoder_spec
+
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    clips = [c for c in (settings.get("clip") or []) if isinstance(c, str) and c.strip().lower() not in ("none", "off")]
+    out = [f"clip:{parse_encoder_spec(c)[0]}" for c in clips]
+    out += [str(r) for r in (record.get("steered_by") or []) if isinstance(r, str)]
+    return out
 
 
 def run_caption(record: dict) -> tuple[str | None, str] | None:
@@ -559,3 +572,152 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several metrics: CLIP score and reward models, one column each (scripts/evaluate.py --metric)
+# ---------------------------------------------------------------------------------------------
+
+METRICS_FORMAT = "clipsteer-metrics/1"
+METRIC_BASE_COLUMNS = ("image", "prompt", "seed", "backend", "status", "error", "steered_by")
+
+
+def metric_name(spec: str) -> tuple[str, str | None]:
+    """``clip_score[:MODEL]`` or a reward ``NAME[:MODEL]`` -> (``"clip_score"`` or the reward's
+    registered name, model or None); one-line error for anything else (a weight is refused)."""
+    from .rewards import parse_reward_spec
+
+    spec = str(spec).strip()
+    name, _, model = spec.partition(":")
+    if name.strip().lower() in ("clip_score", "clipscore"):
+        return "clip_score", (model.strip() or None)
+    if "=" in spec:
+        raise ValueError(f"metric {spec!r}: metrics take no weight; write NAME[:MODEL]")
+    key, model, _ = parse_reward_spec(spec)
+    return key, model
+
+
+def is_steered(spec: str, item: Item) -> bool:
+    """Whether the run *item* comes from was steered by metric *spec* (read from its run.json)."""
+    from .score import DEFAULT_MODEL
+
+    name, model = metric_name(spec)
+    steered = item.extra.get("steered_by") or []
+    if name in ("clip_score", "clip"):
+        target = model or (DEFAULT_MODEL if name == "clip_score" else "openai/clip-vit-large-patch14")
+        return any(s.startswith("clip:") and _same_model(s[5:], target) for s in steered)
+    return name in steered
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _metric_scorer(spec: str, *, device, precision):
+    """A function ``(images [3,H,W] uint8 list, captions) -> scores [N] float64`` for one metric spec."""
+    from .score import DEFAULT_MODEL, get_score_model
+
+    name, model = metric_name(spec)
+    if name == "clip_score":
+        sm = get_score_model(model or DEFAULT_MODEL, device=device, precision=precision)
+        return lambda images, captions: pair_scores(sm.cosine(images, captions), "torchmetrics")
+    from .rewards import cached_reward
+
+    reward = cached_reward(f"{name}:{model}" if model else name, device=device, precision=precision)
+    return lambda images, captions: reward.score_reference(images, captions)
+
+
+def evaluate_metrics(items: Sequence[Item], metrics: Sequence[str], *, batch_size: int = 16, device=None,
+                     precision=None, show_progress: bool = True) -> list[dict]:
+    """One row per item with one column per metric (named as given), each metric in its reference
+    form: ``clip_score`` is torchmetrics' per-pair ``100*cos``; rewards use their reference preprocessing
+    on the 8-bit images. ``steered_by`` lists what steered the item's run (from run.json)."""
+    from tqdm.auto import tqdm
+
+    metrics = list(dict.fromkeys(str(m).strip() for m in metrics))
+    if not metrics:
+        raise ValueError("no metric given; e.g. --metric clip_score --metric pickscore")
+    for m in metrics:
+        metric_name(m)                       # every spec checked before any model loads
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1; got {batch_size}")
+    device = None if device == "auto" else device
+    rows = [{"image": it.image, "prompt": it.prompt or "", "seed": it.extra.get("seed", ""),
+             "backend": it.extra.get("backend", ""), "status": "ok" if it.error is None else "error",
+             "error": it.error or "", "steered_by": " ".join(it.extra.get("steered_by") or []),
+             **{m: None for m in metrics}} for it in items]
+    todo = [i for i, it in enumerate(items) if it.error is None]
+    images: dict[int, torch.Tensor] = {}
+    for i in todo:
+        loaded = _load(items[i])
+        if isinstance(loaded, torch.Tensor):
+            images[i] = loaded
+        else:
+            rows[i].update(status="error", error=loaded)
+    ok = [i for i in todo if i in images]
+    for spec in metrics:
+        scorer = _metric_scorer(spec, device=device, precision=precision)
+        with tqdm(total=len(ok), desc=spec, unit="img", disable=not show_progress) as bar:
+            for start in range(0, len(ok), batch_size):
+                chunk = ok[start:start + batch_size]
+                scores = scorer([images[i] for i in chunk], [items[i].prompt for i in chunk])
+                for i, value in zip(chunk, scores.tolist()):
+                    rows[i][spec] = float(value)
+                bar.update(len(chunk))
+    for i, it in enumerate(items):
+        rows[i]["held_out"] = {m: not is_steered(m, it) for m in metrics}
+    return rows
+
+
+def summarize_metrics(rows: Sequence[dict], metrics: Sequence[str], *, held_out: bool = False,
+                      confidence: float = 0.95) -> list[dict]:
+    """Per metric (plain means; no clamping): n, mean, std and CI over all scored images, or with
+    *held_out* split into the images whose run that metric did not steer (``held-out``) and those it
+    did (``steered``), as ReNO reports held-out rewards to expose reward hacking."""
+    out = []
+    for m in metrics:
+        scored = [r for r in rows if r["status"] == "ok" and r.get(m) is not None]
+        groups = [("all", scored)]
+        if held_out:
+            groups = [("held-out", [r for r in scored if r["held_out"][m]]),
+                      ("steered", [r for r in scored if not r["held_out"][m]])]
+        for group, rs in groups:
+            out.append({"metric": m, "group": group, **describe([float(r[m]) for r in rs], "per_pair", confidence)})
+    return out
+
+
+def format_metric_summary(summary: Sequence[dict], rows: Sequence[dict] = ()) -> str:
+    fmt = (lambda v: "   -" if v is None else f"{v:.4f}")
+    width = max([len("metric")] + [len(s["metric"]) for s in summary])
+    lines = [f"  {'metric':<{width}}  {'images':<9}  {'n':>5}  {'mean':>9}  {'std':>8}  95% CI"]
+    for s in summary:
+        ci = f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]" if s["ci_low"] is not None else "-"
+        lines.append(f"  {s['metric']:<{width}}  {s['group']:<9}  {s['n']:>5}  {fmt(s['mean']):>9}  "
+                     f"{fmt(s['std']):>8}  {ci}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        lines.append(f"not scored ({len(bad)}):")
+        lines += [f"  - {r['image']}: {r['error']}" for r in bad[:20]]
+    return "\n".join(lines)
+
+
+def write_metric_table(rows: Sequence[dict], summary: Sequence[dict], metrics: Sequence[str], *,
+                       json_path: Path | None = None, csv_path: Path | None = None, meta: dict | None = None) -> None:
+    """The per-image metric table (one column per metric) as JSON (with the summary) and/or CSV."""
+    if json_path is not None:
+        doc = {"format": METRICS_FORMAT, "metrics": list(metrics), **(meta or {}), "rows": list(rows),
+               "summary": list(summary)}
+        _atomic_write(Path(json_path), json.dumps(doc, indent=1, ensure_ascii=False, default=str))
+    if csv_path is not None:
+        import io
+
+        buf = io.StringIO()
+        columns = [*METRIC_BASE_COLUMNS, *metrics]
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **{m: "" if r.get(m) is None else repr(float(r[m])) for m in metrics}})
+        _atomic_write(Path(csv_path), buf.getvalue())

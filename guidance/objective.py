@@ -137,7 +137,8 @@ class WeightedObjectives(Objective):
     Parts are the weighted parts of each member, prefixed ``"<name>/"`` (names default to the
     member's class name, made unique with a number); ``conditioning_text`` is the first member's
     non-empty one. Weights must be finite; a weight of 0 keeps the member's parts in the logs
-    without steering.
+    without steering. Parts a member lists in ``raw_parts`` (a reward's ``score``) are logged as
+    they are, unweighted, so a reward's own score can be read off every step.
     """
 
     def __init__(self, members: Iterable[tuple[Objective, float]] | Sequence[Objective], *,
@@ -183,8 +184,9 @@ class WeightedObjectives(Objective):
             out = member(images, step=step, generator=generator)
             per_image = per_image + weight * out.per_image.float()
             parts[name] = (weight * out.per_image).detach()
+            raw = getattr(member, "raw_parts", ())
             for key, value in out.parts.items():
-                parts[f"{name}/{key}"] = (weight * value).detach()
+                parts[f"{name}/{key}"] = value.detach() if key in raw else (weight * value).detach()
         return LossOutput(total=per_image.sum(), per_image=per_image, parts=parts)
 
     def conditioning_text(self, step: int = 0) -> str:

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="MODEL",
                    help=f"CLIP Hub id, local folder or open_clip:ARCH/PRETRAINED; repeatable (default {DEFAULT_MODEL})")
     p.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="several models at once")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME[:MODEL]",
+                   help="score with these metrics instead, one column each: clip_score[:CLIP], pickscore, hps, "
+                        "imagereward, aesthetic (each NAME[:MODEL], a Hub id, local folder or file); repeatable; "
+                        "writes metrics.json / metrics.csv")
+    p.add_argument("--held-out", action="store_true",
+                   help="with --metric: report separately the images whose run a metric did not steer (read "
+                        "from run.json), to expose reward hacking")
     p.add_argument("--definition", default="torchmetrics", choices=DEFINITIONS,
                    help="which CLIP score (default torchmetrics, as torchmetrics 1.9 computes it)")
     p.add_argument("--prefix", default="", help="text put before every caption ('A photo depicts ' for Hessel et al.)")
@@ -64,6 +71,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     state = process_state(args.device)
     main_proc = state is None or state.is_main_process
+    if args.metric:
+        return _main_metrics(args, main_proc)
+    if args.held_out:
+        print("evaluate.py: error: --held-out goes with --metric", file=sys.stderr)
+        return 2
     try:
         models = list(dict.fromkeys(args.model + args.models)) or [DEFAULT_MODEL]
         if args.prompt is not None and args.pairs is not None:
@@ -96,6 +108,43 @@ def main(argv=None) -> int:
                       "models": models, "prefix": args.prefix, "image_backend": args.image_backend,
                       "precision": args.precision})
     print(format_summary(summary, rows))
+    for path in (json_path, csv_path):
+        if path is not None:
+            print(f"wrote {path}")
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    if n_ok == 0:
+        return 2
+    return 1 if args.strict and n_ok < len(rows) else 0
+
+
+def _main_metrics(args, main_proc: bool) -> int:
+    """--metric: one column per metric (CLIP score and reward models), --held-out split."""
+    from guidance.evaluation import evaluate_metrics, format_metric_summary, summarize_metrics, write_metric_table
+
+    try:
+        if args.model or args.models:
+            raise ValueError("--model goes with the CLIP-score table; with --metric write clip_score:MODEL")
+        if args.prompt is not None and args.pairs is not None:
+            raise ValueError("give --prompt or --pairs, not both")
+        metrics = list(dict.fromkeys(m.strip() for m in args.metric))
+        items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
+        json_path = Path(args.json) if args.json else None
+        csv_path = Path(args.csv) if args.csv else None
+        if json_path is None and csv_path is None and Path(args.path).is_dir():
+            json_path, csv_path = root / "metrics.json", root / "metrics.csv"
+        check_writable(json_path, csv_path)
+        rows = evaluate_metrics(items, metrics, batch_size=args.batch_size, device=args.device,
+                                precision=args.precision, show_progress=not args.no_progress and main_proc)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
+        if main_proc:
+            print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    if not main_proc:
+        return 0
+    summary = summarize_metrics(rows, metrics, held_out=args.held_out)
+    write_metric_table(rows, summary, metrics, json_path=json_path, csv_path=csv_path,
+                       meta={"held_out": args.held_out, "precision": args.precision})
+    print(format_metric_summary(summary, rows))
     for path in (json_path, csv_path):
         if path is not None:
             print(f"wrote {path}")
