@@ -24,7 +24,7 @@ figures: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) scripts/make_figures.py --overwrite
 
 bench: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/quality.py --overwrite
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/quality.py --overwrite --figure docs/images/quality_vs_time.png
 
 test-all: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "slow or not slow" $(ARGS)
