@@ -283,7 +283,8 @@ class StableDiffusionGenerator(Generator):
         own = dict(gradient=s.guidance_gradient, backward_steps=s.backward_steps, backward_lr=s.backward_lr,
                    backward_schedule=s.backward_schedule, smoothing=s.smoothing,
                    smoothing_schedule=s.smoothing_schedule, smoothing_samples=s.smoothing_samples)
-        accepted = inspect.signature(GUIDERS[s.guider].__init__).parameters if s.guider in GUIDERS else {}
+        accepted = {name for klass in getattr(GUIDERS.get(s.guider), "__mro__", ())     # subclasses pass **kwargs on
+                    for name in inspect.signature(klass.__init__).parameters} if s.guider in GUIDERS else set()
         return make_guider(s.guider, objective, **base, **{k: v for k, v in own.items() if k in accepted})
 
     def _denoiser(self, t, embeds, cond, uncond, cfg: bool):
