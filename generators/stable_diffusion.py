@@ -8,6 +8,14 @@ same code serves DDIM, PNDM, DPM-Solver++, Euler, Euler ancestral, LMS and UniPC
 v- and x0-prediction checkpoints, and with ``clip_guidance_scale=0`` the loop is exactly
 ``StableDiffusionPipeline.__call__``.
 
+The correction itself belongs to a guider (``--guider``, :mod:`generators.guiders`: ``clip``, ``dps``,
+``mpgd``, ``freedom``, ``ugd``, ``tfg``). The loop per step: ``guider.model_output(step)`` ->
+``scheduler.step`` -> ``guider.sample_correction``; with self-recurrence (``--recurrence K``) it then
+restores the scheduler's step state, re-noises the sample back to the step's noise level
+(:func:`~generators.sd_guidance.renoise`, the run's noise tables, the objective's random stream) and
+runs the step again, K times in all (DDIM, Euler, Euler ancestral; schedulers that keep a history of
+model outputs are refused).
+
 Speed: every weight is frozen, the CFG UNet output is reused, and by default
 (``guidance_gradient="x0"``) the gradient stops at the clean estimate, so a guided step costs
 one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"``
@@ -96,14 +104,16 @@ class Settings:
                                 "(any guider; schedulers ddim, euler, euler_a)", minimum=1)
     backward_steps: int = option(0, "ugd: backward-guidance steps on the clean estimate; tfg: its mu iterations "
                                     "(0: none)", minimum=0)
-    backward_lr: float = option(0.1, "ugd/tfg: step size of the clean-estimate optimisation (tfg: mu)")
+    backward_lr: float = option(0.1, "ugd/tfg: step size of the clean-estimate optimisation (tfg: mu)",
+                                requires="backward_steps")
     backward_schedule: str = option("constant", "ugd/tfg: schedule of --backward-lr over the guided steps",
-                                    choices=SCHEDULES)
+                                    choices=SCHEDULES, requires="backward_steps")
     smoothing: float = option(0.0, "tfg: std sigma of the Monte-Carlo smoothing noise on the clean estimate "
                                    "(0: none)", minimum=0)
     smoothing_schedule: str = option("constant", "tfg: constant or decreasing (sigma * sqrt(1 - ab_t))",
-                                     choices=SMOOTHING_SCHEDULES)
-    smoothing_samples: int = option(1, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1)
+                                     choices=SMOOTHING_SCHEDULES, requires="smoothing")
+    smoothing_samples: int = option(1, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1,
+                                    requires="smoothing")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
                                         "guidance image (much cheaper than the full VAE)")
     channels_last: bool = option(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
