@@ -64,6 +64,16 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 3.0, "smoothing": 0.1,
                  "backward_schedule": "increasing"}),
     ],
+    # a second pass after comparing the size of each guider's change of x_{t-1} with the clip rule's
+    # (rho ~1 matches it at the noisy steps; mu ~10 in the middle; mu grows late, hence decreasing)
+    "calibrated": [
+        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 10.0}),
+        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 10.0,
+                 "backward_schedule": "decreasing"}),
+        ("tfg", {"clip_guidance_scale": 3.0, "backward_steps": 2, "backward_lr": 10.0, "smoothing": 0.1,
+                 "backward_schedule": "decreasing"}),
+        ("mpgd", {"clip_guidance_scale": 30.0, "guidance_schedule": "decreasing"}),
+    ],
     # TFG's own search space (Ye et al. 2024 search rho, mu, sigma and recurrence; here a grid): hours on a CPU
     "tfg": [
         ("clip", {"clip_guidance_scale": 0.0}),
@@ -88,7 +98,7 @@ def setting_name(guider: str, options: dict[str, Any]) -> str:
 def variants_of(grid: Sequence[tuple[str, dict[str, Any]]], guiders: Sequence[str] | None) -> list[Variant]:
     out = []
     for guider, options in grid:
-        if guiders and guider not in guiders and not (guider == "clip" and options.get("clip_guidance_scale") == 0.0):
+        if guiders is not None and guider not in guiders:
             continue
         out.append(Variant(setting_name(guider, options), f"SD, guider {guider}", "sd",
                            {"guider": guider, **options}, MODELS))
@@ -118,7 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=sorted(GRIDS), default="small", help="which grid of settings (default small)")
     p.add_argument("--guiders", nargs="+", default=None, metavar="NAME",
-                   help="only these guiders' rows (the unguided row is always run)")
+                   help="only these guiders' rows (clip: the unguided and today's rule)")
     p.add_argument("--prompts", type=int, default=4, metavar="N", help="tuning prompts (default 4)")
     p.add_argument("--prompt-seed", type=int, default=TUNING_PROMPT_SEED, metavar="N",
                    help=f"seed of the tuning prompt sample (default {TUNING_PROMPT_SEED}; 0 is the benchmark's, refused)")

@@ -186,8 +186,8 @@ def descend(loss: torch.Tensor, wrt: torch.Tensor, loss_scale: float = 1.0) -> t
 
 def smoothed_loss(objective, decode, x0: torch.Tensor, *, step: int, generator, noise: torch.Tensor | None = None):
     """The objective of the decoded clean estimate; with *noise* ``[K, *x0.shape]`` its Monte-Carlo
-    smoothed form ``L~(x0) = -log (1/K) sum_k exp(-L(x0 + noise_k))`` (TFG, Ye et al. 2024, eq. 8 with
-    ``log f = -L``)."""
+    smoothed form ``L~(x0) = -log (1/K) sum_k exp(-L(x0 + noise_k))`` (TFG, Ye et al. 2024, its
+    smoothed predictor ``f~``, with ``log f = -L``)."""
     from guidance.objective import LossOutput
 
     if noise is None:
@@ -275,7 +275,7 @@ def _clean_descent(guider: Guider, step: GuidedStep, x0: torch.Tensor, *, iterat
 
 def fold_clean_change(output: torch.Tensor, delta_x0: torch.Tensor, step: GuidedStep) -> torch.Tensor:
     """The model output whose clean estimate at the same ``z`` is moved by *delta_x0*: ``eps' = eps -
-    sqrt(ab / (1 - ab)) Delta0`` (Bansal et al. 2023, eq. 9), in the model's parametrisation."""
+    sqrt(ab / (1 - ab)) Delta0`` (Bansal et al.'s backward-guidance fold-back), in the model's parametrisation."""
     ab = step.alpha_bar
     return output + output_correction(-(ab / (1 - ab)).sqrt() * delta_x0, ab, step.prediction_type)
 
@@ -312,7 +312,7 @@ class DPSGuider(Guider):
 
 
 class FreeDoMGuider(DPSGuider):
-    """FreeDoM (Yu et al., ICCV 2023, eq. 11 and Alg. 1): ``x_{t-1} = m_t - rho_t * grad_{x_t} E(x0|t)``
+    """FreeDoM (Yu et al., ICCV 2023, Alg. 1): ``x_{t-1} = m_t - rho_t * grad_{x_t} E(x0|t)``
     after the sampler's step (``m_t``), the energy gradient through the UNet as in DPS, plus time-travel
     (self-recurrence, ``--recurrence``). ``rho_t`` is set per image relative to the sampler's own update,
     ``rho_t = scale * w_t * ||m_t - x_t|| / ||grad||`` (in VP coordinates), so one scale (~0.05-1) fits
@@ -386,11 +386,11 @@ class _BackwardOptions:
 
 
 class UGDGuider(_BackwardOptions, CLIPGuider):
-    """Universal Guidance (Bansal et al., CVPR-W 2023, Alg. 1): forward guidance (eq. 6, ``eps' = eps +
+    """Universal Guidance (Bansal et al., ICLR 2024, arXiv 2302.07121, Alg. 1): forward guidance (``eps' = eps +
     s(t) sqrt(1-ab) grad_{z_t} L(D(x0_hat))``: exactly the ``clip`` guider's rule, with its
-    ``--guidance-gradient`` mode, ``full`` as in the paper), backward guidance (eq. 8-9: ``Delta0 =
+    ``--guidance-gradient`` mode, ``full`` as in the paper), backward guidance (``Delta0 =
     argmin_Delta L(D(x0_hat + Delta))`` by ``backward_steps`` gradient steps of size ``backward_lr``,
-    folded back as ``eps' -= sqrt(ab / (1-ab)) Delta0``) and self-recurrence (eq. 10, ``--recurrence
+    folded back as ``eps' -= sqrt(ab / (1-ab)) Delta0``) and self-recurrence (``--recurrence
     K``: the loop re-noises ``x_{t-1}`` back to ``x_t`` and repeats the step). With recurrence 1 and no
     backward steps it is the ``clip`` guider.
     """

@@ -129,7 +129,7 @@ def renoise(sample: torch.Tensor, tables: NoiseTables, index: int, generator: to
     """Self-recurrence: take the sample that step *index* produced back to step *index*'s noise level.
 
     VP frame: ``x_t = sqrt(a) x_{t-1} + sqrt(1 - a) eps`` with ``a = ab_t / ab_{t-1}`` (the forward
-    process from ``t-1`` to ``t``, Bansal et al. 2023 eq. 10); sigma frame: ``x_t = x_{t-1} +
+    process from ``t-1`` to ``t``: Bansal et al.'s self-recurrence, FreeDoM's time-travel); sigma frame: ``x_t = x_{t-1} +
     sqrt(sigma_t^2 - sigma_{t-1}^2) eps``. Both keep the marginal ``z_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps``.
     The noise is drawn from *generator* (the run's objective stream), so the sampler's own stream is untouched.
     """
