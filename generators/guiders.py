@@ -532,6 +532,18 @@ def make_guider(name: str, objective, **kwargs) -> Guider:
     return GUIDERS[name](objective, **kwargs)
 
 
+def setup_guider(guider: Guider, num_steps: int, tables) -> None:
+    """``guider.setup(num_steps, tables)``; a user's guider whose ``setup`` takes only the step count still works."""
+    import inspect
+
+    params = [p for p in inspect.signature(guider.setup).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    if len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params):
+        guider.setup(num_steps, tables)
+    else:
+        guider.setup(num_steps)
+
+
 def predicted_clean(step: GuidedStep, output: torch.Tensor) -> torch.Tensor:
     """The clean latent estimate implied by *output* at this step."""
     return clean_estimate(step.z, output, step.alpha_bar, step.prediction_type)
@@ -539,4 +551,4 @@ def predicted_clean(step: GuidedStep, output: torch.Tensor) -> torch.Tensor:
 
 __all__ = ["Guider", "CLIPGuider", "DPSGuider", "MPGDGuider", "FreeDoMGuider", "UGDGuider", "TFGGuider",
            "GuidedStep", "Denoiser", "GUIDERS", "register_guider", "make_guider", "guided_steps", "predicted_clean",
-           "SCHEDULES", "schedule_weights", "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]
+           "setup_guider", "SCHEDULES", "schedule_weights", "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]

@@ -42,7 +42,7 @@ from .base import GenerationResult, Generator, StepCallback, StepInfo
 from guidance.errors import first_line, load_error, looks_like_path
 
 from .base import option, seed_generator
-from .guiders import GUIDERS, SCHEDULES, SMOOTHING_SCHEDULES, CLIPGuider
+from .guiders import GUIDERS, SCHEDULES, SMOOTHING_SCHEDULES, CLIPGuider, setup_guider
 from .sd_guidance import check_scheduler, clean_estimate, noise_tables, renoise
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
@@ -361,7 +361,7 @@ class StableDiffusionGenerator(Generator):
         step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, 0.0)
         guider = self.make_guider(objective)
         n = len(timesteps)
-        guider.setup(n, tables)
+        setup_guider(guider, n, tables)
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted, stopped_at = latents, 0, False, None

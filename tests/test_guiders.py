@@ -105,6 +105,23 @@ def test_bad_guider_options_give_one_line_errors(pipe, clip_loss, options, messa
     assert "\n" not in str(err.value)
 
 
+def test_a_users_guider_with_the_older_setup_signature_still_runs(pipe, clip_loss):
+    from generators.guiders import CLIPGuider, register_guider
+
+    class Older(CLIPGuider):
+        name = "older"
+
+        def setup(self, num_steps):
+            super().setup(num_steps)
+
+    register_guider("older", Older)
+    try:
+        result = make(pipe, guider="older").generate(clip_loss, seed=0)
+        assert result.info["guider"] == "older" and result.info["guided_steps"] == [0, 1, 2]
+    finally:
+        GUIDERS.pop("older")
+
+
 # -- exactness --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("guider", ALL_GUIDERS)
 @pytest.mark.parametrize("scheduler", [scheduler_param(n) for n in SCHEDULERS])
