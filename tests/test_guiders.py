@@ -146,15 +146,25 @@ def test_ugd_with_recurrence_1_and_no_backward_steps_is_todays_rule(pipe, clip_l
 
 # -- mechanics ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("guider", NEW_GUIDERS)
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
+@pytest.mark.parametrize("scheduler", [scheduler_param(n) for n in SCHEDULERS])
 def test_every_guider_changes_the_sample_and_reports_its_loss(pipe, clip_loss, guider, scheduler):
     options = dict(STEERING[guider], guider=guider, scheduler=scheduler, steps=4, guidance_every=2)
     result = make(pipe, **options).generate(clip_loss, seed=0)
     assert torch.isfinite(result.images).all() and result.images.shape == (1, 3, 64, 64)
-    assert result.info["guider"] == guider and result.info["guided_steps"] == [0, 2]
-    assert len(result.losses) == 2 and all(v == v for v in result.losses)
+    guided = list(range(0, result.info["num_steps"], 2))      # PNDM runs one step more than asked
+    assert result.info["guider"] == guider and result.info["guided_steps"] == guided
+    assert len(result.losses) == len(guided) and all(v == v for v in result.losses)
     plain = make(pipe, scheduler=scheduler, steps=4, clip_guidance_scale=0.0).generate(clip_loss, seed=0)
     assert (plain.images - result.images).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("guider", NEW_GUIDERS)
+def test_v_prediction_models_are_guided_and_exact_at_scale_0(clip_loss, guider):
+    pipe = tiny_sd_pipeline(prediction_type="v_prediction")
+    plain = make(pipe, guider=guider, scheduler="euler", clip_guidance_scale=0.0).generate(clip_loss, seed=2)
+    torch.testing.assert_close(plain.images, reference(pipe, 2, 3), rtol=0, atol=1e-6)
+    guided = make(pipe, guider=guider, scheduler="euler", **STEERING[guider]).generate(clip_loss, seed=2)
+    assert torch.isfinite(guided.images).all() and (guided.images - plain.images).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a"])
