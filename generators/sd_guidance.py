@@ -38,10 +38,21 @@ class NoiseTables:
 
     sigma_frame: bool                     # True: x = x0 + sigma*eps (c_in < 1); False: x = z
     alpha_bars: torch.Tensor              # [num steps], float32, on the device
+    next_alpha_bars: torch.Tensor | None = None   # ``ab`` of the sample that step i's ``scheduler.step`` returns
 
     def alpha_bar(self, index: int) -> torch.Tensor:
         """``ab`` at run step *index* as a 0-dim float32 tensor on the device (no host sync)."""
         return self.alpha_bars[index]
+
+    def next_alpha_bar(self, index: int) -> torch.Tensor:
+        """``ab`` of the sample after run step *index* (1 for a noise-free final sample)."""
+        if self.next_alpha_bars is None:
+            raise ValueError("these noise tables have no levels after each step; build them with noise_tables()")
+        return self.next_alpha_bars[index]
+
+    def step_alphas(self) -> torch.Tensor:
+        """``alpha_t = ab_t / ab_{t-1}`` of every step (DDPM's per-step alpha, in ``(0, 1]``)."""
+        return (self.alpha_bars / self.next_alpha_bars).clamp(max=1.0)
 
     def __len__(self) -> int:
         return len(self.alpha_bars)
@@ -85,7 +96,9 @@ def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device 
             raise ValueError(f"scheduler {name} has {len(sigmas)} noise levels for {len(timesteps)} steps; "
                              "use another --scheduler")
         alpha_bars = (1.0 / (1.0 + sigmas[index] ** 2)).float()
-        return NoiseTables(sigma_frame=True, alpha_bars=alpha_bars.to(device))
+        after = [min(k + 1, len(sigmas) - 1) for k in index]       # sigmas end with the final level (0)
+        next_alpha_bars = (1.0 / (1.0 + sigmas[after] ** 2)).float()
+        return NoiseTables(sigma_frame=True, alpha_bars=alpha_bars.to(device), next_alpha_bars=next_alpha_bars.to(device))
     table = scheduler.alphas_cumprod.detach().float().cpu()
     values = [float(t) for t in timesteps]
     for t in values:
@@ -93,7 +106,41 @@ def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device 
             raise ValueError(f"scheduler {name} uses timestep {t}, which is not an index into its "
                              f"{len(table)}-step noise schedule; use another --scheduler")
     alpha_bars = table[[int(round(t)) for t in values]].to(device)
-    return NoiseTables(sigma_frame=False, alpha_bars=alpha_bars)
+    return NoiseTables(sigma_frame=False, alpha_bars=alpha_bars,
+                       next_alpha_bars=_vp_next_levels(scheduler, values, table).to(device))
+
+
+def _vp_next_levels(scheduler, timesteps: list[float], table: torch.Tensor) -> torch.Tensor:
+    """``ab`` after each step of a VP scheduler: DDIM's own rule (``t - T // n``, then
+    ``final_alpha_cumprod``) where the scheduler has it, else the next timestep's level (1 after the last)."""
+    final = getattr(scheduler, "final_alpha_cumprod", None)
+    n = getattr(scheduler, "num_inference_steps", None)
+    out = []
+    for i, t in enumerate(timesteps):
+        if final is not None and n:
+            prev = int(round(t)) - scheduler.config.num_train_timesteps // n
+            out.append(float(table[prev]) if prev >= 0 else float(final))
+        else:
+            out.append(float(table[int(round(timesteps[i + 1]))]) if i + 1 < len(timesteps) else 1.0)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def renoise(sample: torch.Tensor, tables: NoiseTables, index: int, generator: torch.Generator) -> torch.Tensor:
+    """Self-recurrence: take the sample that step *index* produced back to step *index*'s noise level.
+
+    VP frame: ``x_t = sqrt(a) x_{t-1} + sqrt(1 - a) eps`` with ``a = ab_t / ab_{t-1}`` (the forward
+    process from ``t-1`` to ``t``: Bansal et al.'s self-recurrence, FreeDoM's time-travel); sigma frame: ``x_t = x_{t-1} +
+    sqrt(sigma_t^2 - sigma_{t-1}^2) eps``. Both keep the marginal ``z_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps``.
+    The noise is drawn from *generator* (the run's objective stream), so the sampler's own stream is untouched.
+    """
+    ab, ab_next = tables.alpha_bar(index).double(), tables.next_alpha_bar(index).double()
+    noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    noise = noise.to(sample.device)
+    if tables.sigma_frame:
+        extra = ((1 - ab) / ab - (1 - ab_next) / ab_next).clamp(min=0).sqrt()
+        return sample + extra.float() * noise
+    a = (ab / ab_next).clamp(max=1.0)
+    return a.sqrt().float() * sample + (1 - a).sqrt().float() * noise
 
 
 def clean_estimate(z: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -8,6 +8,14 @@ same code serves DDIM, PNDM, DPM-Solver++, Euler, Euler ancestral, LMS and UniPC
 v- and x0-prediction checkpoints, and with ``clip_guidance_scale=0`` the loop is exactly
 ``StableDiffusionPipeline.__call__``.
 
+The correction itself belongs to a guider (``--guider``, :mod:`generators.guiders`: ``clip``, ``dps``,
+``mpgd``, ``freedom``, ``ugd``, ``tfg``). The loop per step: ``guider.model_output(step)`` ->
+``scheduler.step`` -> ``guider.sample_correction``; with self-recurrence (``--recurrence K``) it then
+restores the scheduler's step state, re-noises the sample back to the step's noise level
+(:func:`~generators.sd_guidance.renoise`, the run's noise tables, the objective's random stream) and
+runs the step again, K times in all (DDIM, Euler, Euler ancestral; schedulers that keep a history of
+model outputs are refused).
+
 Speed: every weight is frozen, the CFG UNet output is reused, and by default
 (``guidance_gradient="x0"``) the gradient stops at the clean estimate, so a guided step costs
 one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"``
@@ -34,8 +42,8 @@ from .base import GenerationResult, Generator, StepCallback, StepInfo
 from guidance.errors import first_line, load_error, looks_like_path
 
 from .base import option, seed_generator
-from .guiders import GUIDERS, CLIPGuider
-from .sd_guidance import check_scheduler, clean_estimate, noise_tables
+from .guiders import GUIDERS, SCHEDULES, SMOOTHING_SCHEDULES, CLIPGuider, setup_guider
+from .sd_guidance import check_scheduler, clean_estimate, noise_tables, renoise
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
 SCHEDULERS = {
@@ -48,6 +56,11 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
 }
 GRADIENT_MODES = CLIPGuider.MODES
+# Schedulers whose step may be repeated after re-noising (self-recurrence): their step depends only on
+# the timestep (DDIM) or on a step index the loop restores (Euler, Euler ancestral). PNDM, LMS,
+# DPM-Solver++ and UniPC keep a history of model outputs that a repeated step would corrupt.
+RECURRENT_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                        "euler_a": "EulerAncestralDiscreteScheduler"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -84,6 +97,23 @@ class Settings:
     guidance_gradient: str = option("x0", "clip guider: x0: gradient through the clean-latent estimate with the UNet "
                                           "output held fixed (fast); full: backprop through the UNet too (community "
                                           "pipeline)", choices=GRADIENT_MODES)
+    guidance_schedule: str = option("constant", "guidance strength over the guided steps: constant, increasing "
+                                                "(alpha_t) or decreasing (1 - alpha_t), mean 1 (TFG's schedules)",
+                                    choices=SCHEDULES)
+    recurrence: int = option(1, "self-recurrence: run each guided step K times, re-noising back in between "
+                                "(any guider; schedulers ddim, euler, euler_a)", minimum=1)
+    backward_steps: int = option(0, "ugd: backward-guidance steps on the clean estimate; tfg: its mu iterations "
+                                    "(0: none)", minimum=0)
+    backward_lr: float = option(0.1, "ugd/tfg: step size of the clean-estimate optimisation (tfg: mu)",
+                                requires="backward_steps")
+    backward_schedule: str = option("constant", "ugd/tfg: schedule of --backward-lr over the guided steps",
+                                    choices=SCHEDULES, requires="backward_steps")
+    smoothing: float = option(0.0, "tfg: std sigma of the Monte-Carlo smoothing noise on the clean estimate "
+                                   "(0: none)", minimum=0)
+    smoothing_schedule: str = option("constant", "tfg: constant or decreasing (sigma * sqrt(1 - ab_t))",
+                                     choices=SMOOTHING_SCHEDULES, requires="smoothing")
+    smoothing_samples: int = option(1, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1,
+                                    requires="smoothing")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
                                         "guidance image (much cheaper than the full VAE)")
     channels_last: bool = option(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
@@ -150,6 +180,7 @@ class StableDiffusionGenerator(Generator):
         default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
         pipe.scheduler = default if s.scheduler == "default" else _build_scheduler(s.scheduler, default.config)
         check_scheduler(pipe.scheduler)
+        check_recurrence(s.recurrence, pipe.scheduler)
         self.vae_scale = int(pipe.vae_scale_factor)
         self.width, self.height = self._size()
         self.tiny_vae = load_tiny_vae(s.tiny_vae, pipe) if s.tiny_vae else None
@@ -255,11 +286,16 @@ class StableDiffusionGenerator(Generator):
         from .guiders import GUIDERS, make_guider
 
         s = self.settings
-        kwargs = dict(scale=s.clip_guidance_scale, start=s.guidance_start, end=s.guidance_end, every=s.guidance_every,
-                      gradient=s.guidance_gradient)
-        accepted = inspect.signature(GUIDERS[s.guider].__init__).parameters if s.guider in GUIDERS else {}
-        return make_guider(s.guider, objective, **{k: v for k, v in kwargs.items()
-                                                    if k in accepted or k in ("scale", "start", "end", "every")})
+        base = dict(scale=s.clip_guidance_scale, start=s.guidance_start, end=s.guidance_end, every=s.guidance_every)
+        # passed only when set, so a user's guider with the older base signature still works
+        base.update({k: v for k, v in (("recurrence", s.recurrence), ("schedule", s.guidance_schedule))
+                     if v != {"recurrence": 1, "schedule": "constant"}[k]})
+        own = dict(gradient=s.guidance_gradient, backward_steps=s.backward_steps, backward_lr=s.backward_lr,
+                   backward_schedule=s.backward_schedule, smoothing=s.smoothing,
+                   smoothing_schedule=s.smoothing_schedule, smoothing_samples=s.smoothing_samples)
+        accepted = {name for klass in getattr(GUIDERS.get(s.guider), "__mro__", ())     # subclasses pass **kwargs on
+                    for name in inspect.signature(klass.__init__).parameters} if s.guider in GUIDERS else set()
+        return make_guider(s.guider, objective, **base, **{k: v for k, v in own.items() if k in accepted})
 
     def _denoiser(self, t, embeds, cond, uncond, cfg: bool):
         """The model at timestep *t* as the guiders see it (float32 outputs)."""
@@ -325,21 +361,30 @@ class StableDiffusionGenerator(Generator):
         step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, 0.0)
         guider = self.make_guider(objective)
         n = len(timesteps)
-        guider.setup(n)
+        setup_guider(guider, n, tables)
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted, stopped_at = latents, 0, False, None
         try:
             for i, t in enumerate(timesteps):
-                z = scheduler.scale_model_input(latents, t)
-                step = GuidedStep(index=i, timestep=t, z=z, alpha_bar=tables.alpha_bar(i), prediction_type=prediction,
-                                  model=self._denoiser(t, embeds, cond, uncond, cfg), decode=self._guidance_decode,
-                                  generator=objective_gen)
-                out, loss = guider.model_output(step)
+                model = self._denoiser(t, embeds, cond, uncond, cfg)
+                repeats = guider.repeats(i)
+                for r in range(repeats):
+                    if r:   # self-recurrence: undo the step's scheduler state, re-noise x_{t-1} back to x_t
+                        scheduler.__dict__.update(state)
+                        latents = renoise(latents, tables, i, objective_gen)
+                    state = dict(scheduler.__dict__) if repeats > 1 else None
+                    z = scheduler.scale_model_input(latents, t)
+                    step = GuidedStep(index=i, timestep=t, z=z, alpha_bar=tables.alpha_bar(i),
+                                      prediction_type=prediction, model=model, decode=self._guidance_decode,
+                                      generator=objective_gen, next_alpha_bar=tables.next_alpha_bar(i),
+                                      sigma_frame=tables.sigma_frame, repeat=r)
+                    out, loss = guider.model_output(step)
+                    x0 = clean_estimate(z, out, step.alpha_bar, prediction)
+                    latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+                    latents = guider.sample_correction(step, latents)
                 if loss is not None:
                     step_losses.append(loss.per_image.detach().mean())
-                x0 = clean_estimate(z, out, step.alpha_bar, prediction)
-                latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
                 done = i + 1
                 if done == n:
                     x0 = latents
@@ -388,6 +433,10 @@ def _check_settings(s: Settings, device: torch.device) -> None:
         raise ValueError(f"guidance_every is {s.guidance_every}; use 1 (every step) or more")
     if s.guider not in GUIDERS:
         raise ValueError(f"unknown guider {s.guider!r}; choose from {', '.join(sorted(GUIDERS))}")
+    if s.recurrence < 1:
+        raise ValueError(f"recurrence is {s.recurrence}; use 1 (no self-recurrence) or more")
+    if s.recurrence > 1 and s.scheduler != "default":
+        check_recurrence(s.recurrence, s.scheduler)
     if s.init_image:
         from guidance.images import check_image_file
 
@@ -396,6 +445,18 @@ def _check_settings(s: Settings, device: torch.device) -> None:
             raise ValueError(f"strength is {s.strength}; use a value in (0, 1] (1 re-noises the init image fully)")
     if s.cpu_offload and device.type != "cuda":
         raise ValueError(f"--cpu-offload needs a CUDA device, but the device is {device.type}; drop --cpu-offload")
+
+
+def check_recurrence(recurrence: int, scheduler) -> None:
+    """One line, before sampling, for self-recurrence with a scheduler (name or instance) whose step keeps history."""
+    if recurrence <= 1:
+        return
+    cls = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
+    name = cls if isinstance(scheduler, str) else next((k for k, v in SCHEDULERS.items() if v == cls), cls)
+    if name not in RECURRENT_SCHEDULERS and cls not in RECURRENT_SCHEDULERS.values():
+        raise ValueError(f"--recurrence {recurrence} cannot repeat a step of scheduler {name} (its step keeps a "
+                         f"history of model outputs); use --scheduler {', '.join(RECURRENT_SCHEDULERS)} or "
+                         "--recurrence 1")
 
 
 def _build_scheduler(name: str, config):
