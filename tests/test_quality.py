@@ -55,12 +55,17 @@ def _summary(vq=None, sd=None, sdc=None, n=16):
 
 def test_targets_met_missed_and_not_measured():
     t = quality.check_targets(_summary(vq=(0.9375, 0.625, 1.0), sd=(0.5, 0.25, 0.75), sdc=(0.5, 0.375, 0.5)))
-    assert [x["met"] for x in t] == [True, True, True, True, False]   # all three: 25% -> 37.5%, +12.5 < 20
+    assert [x["met"] for x in t] == [True, True, True, True, False, None]   # all three: 25% -> 37.5%, +12.5 < 20
     assert t[3]["attribute"] == "shape" and "+12.5 points" in t[3]["measured"]
     t = quality.check_targets(_summary(sd=(0.5, 0.25, 0.75), sdc=(0.75, 0.5, 0.75)))
-    assert t[-1]["met"] is True and "+25.0 points" in t[-1]["measured"]
+    assert t[-2]["met"] is True and "+25.0 points" in t[-2]["measured"]
+    summary = _summary(sdc=(0.5, 0.25, 0.75))
+    summary["sd+tfg"] = {"n": 16, "accuracy": {"colour": 1.0, "shape": 0.75, "background": 1.0, "all": 0.75}}
+    summary["sd+dps"] = {"n": 16, "accuracy": {"colour": 1.0, "shape": 0.5, "background": 1.0, "all": 0.5}}
+    t = quality.check_targets(summary)
+    assert t[-1]["met"] is True and t[-1]["measured"].startswith("sd+tfg: 75.0% vs 25.0% (+50.0 points)")
     t = quality.check_targets(_summary(vq=(0.875, 0.5625, 0.9375), sd=(0.5, 0.25, 0.75), sdc=(1.0, 0.3125, 1.0)))
-    assert [x["met"] for x in t] == [False, True, False, False, False]  # colour, background, shape, SD gains
+    assert [x["met"] for x in t] == [False, True, False, False, False, None]  # colour, background, shape, SD gains
     t = quality.check_targets(_summary(vq=(1.0, 1.0, 1.0)))
     assert t[-1]["met"] is None and t[-1]["measured"] is None
     assert "not run" in quality.format_targets(t) and "MET" in quality.format_targets(t)
@@ -136,7 +141,7 @@ def test_cli_on_the_toy_models(tmp_path, capsys):
     else:
         assert ran == set(quality.VARIANT_NAMES) and not report["skipped"]
     assert report["rows"][0]["steps_done"] == 2 and report["rows"][0]["clip_score"] is not None
-    assert report["summary"]["vqgan+clip"]["n"] == 1 and len(report["targets"]) == 5
+    assert report["summary"]["vqgan+clip"]["n"] == 1 and len(report["targets"]) == 6
     before = out.read_text()
     assert quality.main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == before
