@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Retrain the toy-world models from their fixed seeds and record how they did.
 
-    nice -n 10 python scripts/train_toy.py                # everything (CLIPs A-D, VQGAN, SD)
-    nice -n 10 python scripts/train_toy.py --only clip    # or vqgan, or sd (repeatable)
+    nice -n 10 python scripts/train_toy.py                # everything (CLIPs A-D, VQGAN, SD, SD-Turbo)
+    nice -n 10 python scripts/train_toy.py --only clip    # or vqgan, sd, sd_turbo (repeatable)
     nice -n 10 python scripts/train_toy.py --only clip_c  # or clip_a, clip_b, clip_d: one CLIP of the group
 
 Models are written to ``toyworld/weights/<name>`` (or ``--out``). Every figure printed here is
 also written, from these measurements, to ``training_metrics.json`` and ``TRAINING.md`` in the
 weights folder; with ``--only`` the figures of the models not retrained are kept from the
-previous run. ``sd`` uses CLIP A's text tower, so it reads ``clip_a`` from the output folder.
+previous run. ``sd`` uses CLIP A's text tower, so it reads ``clip_a`` from the output folder;
+``sd_turbo`` is distilled from ``sd``, so it reads ``sd`` from the output folder as its teacher.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import torch  # noqa: E402
 
 from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
 
-GROUPS = ("clip", "vqgan", "sd")
-GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",)}
+GROUPS = ("clip", "vqgan", "sd", "sd_turbo")
+GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",)}
 
 
 def _log(msg: str) -> None:
@@ -74,10 +75,10 @@ def write_report(out: Path, metrics: dict) -> str:
         "",
         "Written by `scripts/train_toy.py` from its own measurements -- do not edit by hand.",
         "Retrain everything with `nice -n 10 python scripts/train_toy.py` "
-        "(or `--only clip|vqgan|sd`, or one CLIP: `--only clip_c`).",
+        "(or `--only clip|vqgan|sd|sd_turbo`, or one CLIP: `--only clip_c`).",
         "",
     ]
-    sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd") if (out / name).is_dir()}
+    sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd", "sd_turbo") if (out / name).is_dir()}
     lines += ["## Sizes on disk", "", "| model | size |", "| --- | --- |"]
     lines += [f"| `{name}` | {_mb(b)} |" for name, b in sizes.items()]
     lines += [f"| total | {_mb(sum(sizes.values()))} |", ""]
@@ -138,25 +139,64 @@ def write_report(out: Path, metrics: dict) -> str:
     m = metrics.get("sd")
     if m:
         v, u, s = m["vae"], m["unet"], m["samples"]
-        jv, js = v["judge_on_reconstructions"], s["judge_accuracy"]
+        jv = v["judge_on_reconstructions"]
+        recipe = v.get("recipe", {})
         lines += [
             "## Toy Stable Diffusion (`sd`)",
             "",
-            f"- vae: `AutoencoderKL` 64x64x3 -> {'x'.join(str(d) for d in v['latent_shape'][::-1])} latents, {v['params'] / 1e6:.2f} M parameters, seed {v['seed']}, {v['steps']} steps, "
-            f"{v['train_seconds']:.0f} s; scaling_factor {v['scaling_factor']:.4f}; held-out PSNR {v['psnr_db']:.2f} dB "
-            f"(MSE {v['mse']:.5f}); judge on reconstructions: colour {_pct(jv['colour'])}, shape {_pct(jv['shape'])}, "
-            f"background {_pct(jv['background'])}",
-            f"- unet: `UNet2DConditionModel`, {u['params'] / 1e6:.2f} M parameters, seed {u['seed']}, {u['steps']} steps, "
-            f"{u['train_seconds']:.0f} s (frozen CLIP A text tower, 10% caption dropout, epsilon prediction, scaled_linear betas)",
-            f"- samples: {s['n_images']} images through `StableDiffusionPipeline` ({s['scheduler']}, {s['steps']} steps, "
-            f"CFG {s['guidance_scale']}, seed {s['seed']}) for prompts \"a {{colour}} {{shape}} on a {{colour}} background\"; "
-            "judge accuracy:",
+            f"- vae: `AutoencoderKL` 64x64x3 -> {'x'.join(str(d) for d in v['latent_shape'][::-1])} latents, {v['params'] / 1e6:.2f} M parameters, seed {v['seed']}, {v['steps']} steps"
+            + (f" x batch {recipe['batch_size']}, lr {recipe['lr']}, KL weight {recipe['kl_weight']:g}, "
+               f"block channels {tuple(recipe['block_out_channels'])}, {recipe['norm_num_groups']} GroupNorm group(s)" if recipe else "")
+            + f", {v['train_seconds']:.0f} s; scaling_factor {v['scaling_factor']:.4f}; held-out PSNR {v['psnr_db']:.2f} dB "
+            f"(MSE {v['mse']:.5f})",
+            f"- unet: `UNet2DConditionModel`, {u['params'] / 1e6:.2f} M parameters, seed {u['seed']}, {u['steps']} steps"
+            + (f" x batch {u['batch_size']}" if "batch_size" in u else "")
+            + (f", lr {u['lr']}" if "lr" in u else "")
+            + f", {u['train_seconds']:.0f} s (frozen CLIP A text tower, 10% caption dropout, epsilon prediction, scaled_linear betas"
+            + (f", offset noise {u['offset_noise']:g}" if u.get("offset_noise") else "") + ")",
+            "",
+            f"Judge on VAE reconstructions of {v['n_images']} held-out world images (encode -> mode -> decode):",
             "",
             "| colour | shape | background | all three |",
             "| --- | --- | --- | --- |",
-            f"| {_pct(js['colour'])} | {_pct(js['shape'])} | {_pct(js['background'])} | {_pct(js['all'])} |",
+            f"| {_pct(jv['colour'])} | {_pct(jv['shape'])} | {_pct(jv['background'])} | {_pct(jv.get('all', float('nan')))} |",
             "",
+            f"Samples: {s['n_images']} images through `StableDiffusionPipeline` ({s['scheduler']}, seed {s['seed']}) for the "
+            "prompts \"a {colour} {shape} on a {background} background\" of `train_sd.eval_prompts`; judge accuracy:",
+            "",
+            "| sampler | colour | shape | background | all three |",
+            "| --- | --- | --- | --- | --- |",
         ]
+        for r in [s, *m.get("more_samples", [])]:
+            j = r["judge_accuracy"]
+            lines.append(f"| {r['steps']} steps, CFG {r['guidance_scale']:g}{' (recorded default)' if r is s else ''} | "
+                         f"{_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | {_pct(j['all'])} |")
+        lines.append("")
+
+    m = metrics.get("sd_turbo")
+    if m:
+        t, st = m["teacher"], m["student"]
+        lines += [
+            "## Toy SD-Turbo (`sd_turbo`, few-step student of `sd`)",
+            "",
+            f"- teacher: the `{t['folder']}` pipeline, {t['scheduler']} {t['steps']} steps with CFG {t['guidance_scale']:g}, "
+            f"sampled from {t['n_pairs']} fixed-seed noises (prompts from every caption template), {t['seconds']:.0f} s",
+            f"- student: the teacher's UNet config, initialised from its weights ({st['params'] / 1e6:.2f} M parameters), seed {m['seed']}, "
+            f"{st['steps']} steps x batch {st['batch_size']}, {st['seconds']:.0f} s: direct regression of its implied clean latent onto "
+            f"the teacher's output from the same noise, at the trailing timesteps {tuple(st['timesteps'])} "
+            f"(each point on the DDIM path through the pair; drawn with weights {tuple(st['timestep_weights'])})",
+            "- folder: the teacher's VAE, text encoder and tokenizer; `DDIMScheduler` with `timestep_spacing=\"trailing\"`; "
+            "sample with `num_inference_steps` 1-4 and `guidance_scale=0`",
+            "",
+            "Samples: the same 64 prompts and seed as `sd` above, no classifier-free guidance; judge accuracy:",
+            "",
+            "| steps | colour | shape | background | all three |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for k, r in m["samples"].items():
+            j = r["judge_accuracy"]
+            lines.append(f"| {k} | {_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | {_pct(j['all'])} |")
+        lines.append("")
     text = "\n".join(lines)
     (out / "TRAINING.md").write_text(text)
     return text
@@ -223,10 +263,19 @@ def main(argv=None) -> int:
         elif group == "sd":
             from toyworld.train_sd import train_sd
 
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1600), unet_steps=steps(1300), log=_log)
+            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1800), unet_steps=steps(2000), log=_log)
             metrics["sd"] = m
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
-                 f"vae PSNR {m['vae']['psnr_db']:.2f} dB; samples judged {json.dumps(m['samples']['judge_accuracy'])}")
+                 f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_on_reconstructions'])}; "
+                 f"samples judged {json.dumps(m['samples']['judge_accuracy'])}")
+        elif group == "sd_turbo":
+            from toyworld.train_fewstep import train_fewstep
+
+            m = train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(2048), steps=steps(1200), log=_log)
+            metrics["sd_turbo"] = m
+            _log(f"== sd_turbo: {m['train_seconds']:.0f} s (teacher samples {m['teacher']['seconds']:.0f} s, "
+                 f"student {m['student']['seconds']:.0f} s); judged at 1/2/4 steps: "
+                 + "; ".join(f"{k}: {json.dumps(r['judge_accuracy'])}" for k, r in m["samples"].items()))
         run = {
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "wall_seconds": time.perf_counter() - t0,

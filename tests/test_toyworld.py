@@ -312,3 +312,59 @@ def test_train_toy_only_one_clip_trains_and_records_just_that_clip(tmp_path):
     assert list(metrics["runs"]) == ["clip_d"] and metrics["clip_d"]["steps"] == 1
     assert "clip_a" not in metrics and "clip_c" not in metrics
     assert "## Toy CLIP D (`clip_d`" in (tmp_path / "TRAINING.md").read_text()
+
+
+def test_toy_sd_turbo_makes_a_64px_image_in_one_step_through_the_standard_pipeline():
+    """The few-step student loads in ``StableDiffusionPipeline`` and samples in one step without CFG."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = weights_dir("sd_turbo")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["timestep_spacing"] == "trailing" and sched["prediction_type"] == "epsilon"
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
+    # it shares the toy SD's VAE and text encoder
+    sd = StableDiffusionPipeline.from_pretrained(str(weights_dir("sd")))
+    for a, b in ((pipe.vae, sd.vae), (pipe.text_encoder, sd.text_encoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert pipe.vae.config.scaling_factor == sd.vae.config.scaling_factor
+    pipe.set_progress_bar_config(disable=True)
+    asked = [("red", "circle", "blue"), ("yellow", "square", "purple"), ("white", "cross", "green"), ("orange", "triangle", "black")]
+    prompts = [caption(shape, colour, background) for colour, shape, background in asked]
+    out = pipe(prompts, height=64, width=64, num_inference_steps=1, guidance_scale=0.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (4, 3, 64, 64) and torch.isfinite(out.images).all()
+    judged = judge_batch(out.images)
+    right = sum(j.colour == c and j.background == b for j, (c, _, b) in zip(judged, asked))
+    assert right >= 3  # one step already gets the colours right
+    pil = pipe("a green square", height=64, width=64, num_inference_steps=1, guidance_scale=0.0,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert pil.size == (64, 64)
+
+
+def test_train_toy_only_sd_turbo_distils_from_the_sd_folder_and_records_it(tmp_path):
+    """``train_toy.py --only sd_turbo`` reads ``sd`` from the output folder as teacher and records just that run."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(weights_dir("sd"), tmp_path / "sd")
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--only", "sd_turbo",
+                           "--steps-scale", "0.001", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["sd", "sd_turbo"]
+    assert all((tmp_path / "sd_turbo" / f).is_file() for f in MODELS["sd_turbo"])
+    sched = json.loads((tmp_path / "sd_turbo" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["timestep_spacing"] == "trailing"
+    metrics = json.loads((tmp_path / "training_metrics.json").read_text())
+    assert list(metrics["runs"]) == ["sd_turbo"] and "sd" not in metrics
+    m = metrics["sd_turbo"]
+    assert m["student"]["steps"] == 1 and m["teacher"]["n_pairs"] == 2
+    assert sorted(m["samples"]) == ["1", "2", "4"]
+    for k, r in m["samples"].items():
+        assert r["steps"] == int(k) and r["guidance_scale"] == 0.0 and r["n_images"] == 64
+        assert set(r["judge_accuracy"]) == {"colour", "shape", "background", "all"}
+    report = (tmp_path / "TRAINING.md").read_text()
+    assert "## Toy SD-Turbo (`sd_turbo`" in report and "## Toy Stable Diffusion" not in report

@@ -14,8 +14,10 @@ MODELS: dict[str, tuple[str, ...]] = {
     "vqgan": ("config.yaml", "model.safetensors"),
     "sd": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
            "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
+    "sd_turbo": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
 }
-RETRAIN = {**{name: "clip" for name in CLIPS}, "vqgan": "vqgan", "sd": "sd"}
+RETRAIN = {**{name: "clip" for name in CLIPS}, "vqgan": "vqgan", "sd": "sd", "sd_turbo": "sd_turbo"}
 
 
 class ToyWeightsMissing(FileNotFoundError):
@@ -23,7 +25,8 @@ class ToyWeightsMissing(FileNotFoundError):
 
 
 def weights_dir(name: str, check: bool = True) -> Path:
-    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``clip_c``, ``clip_d``, ``vqgan``, ``sd``).
+    """The folder of toy model ``name`` (one of ``clip_a``, ``clip_b``, ``clip_c``, ``clip_d``, ``vqgan``, ``sd``,
+    ``sd_turbo``).
 
     Raises ``ToyWeightsMissing`` (a ``FileNotFoundError``) naming the missing files and the
     command that recreates them, unless ``check`` is false.
@@ -69,3 +72,9 @@ def vqgan_dir() -> Path:
 def sd_dir() -> Path:
     """Toy Stable Diffusion: a diffusers ``StableDiffusionPipeline`` folder."""
     return weights_dir("sd")
+
+
+def sd_turbo_dir() -> Path:
+    """Toy SD-Turbo: a few-step (1-4) student of the toy SD, a diffusers ``StableDiffusionPipeline``
+    folder with a trailing-timestep DDIM scheduler; sample it with ``guidance_scale=0``."""
+    return weights_dir("sd_turbo")

@@ -2,14 +2,15 @@
 
 Components:
 
-* ``vae``: a small ``AutoencoderKL`` trained here on the world (64x64x3 -> 8x8x4 latents),
-  L1 + MSE reconstruction plus a small KL term; its ``scaling_factor`` is set to
+* ``vae``: a small ``AutoencoderKL`` trained here on the world (64x64x3 -> 16x16x4 latents,
+  vae_scale_factor 4), L1 + MSE reconstruction plus a small KL term; its ``scaling_factor`` is set to
   1 / std of its latents so scaled latents have unit variance;
 * ``text_encoder`` + ``tokenizer``: toy CLIP A's text tower as a ``CLIPTextModel`` with the
   real CLIP tokenizer, frozen;
 * ``unet``: a small ``UNet2DConditionModel`` (cross-attention dim = text hidden size) trained
   for epsilon prediction under SD's ``scaled_linear`` beta schedule, with the caption dropped
-  10% of the time (replaced by the empty prompt) so classifier-free guidance works;
+  10% of the time (replaced by the empty prompt) so classifier-free guidance works, and with
+  "offset noise" (see ``OFFSET_NOISE``) so that it takes the background colour from the prompt;
 * ``scheduler``: ``DDIMScheduler`` with the training schedule; no safety checker.
 """
 
@@ -30,28 +31,37 @@ SD_SEED = 4004
 VAE_SEED = 4005
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 CFG_DROP = 0.1
+# "offset noise": a per-image, per-channel constant added to the training noise. With flat
+# backgrounds on a 16x16 latent the channel means of x_T still carry the background colour under
+# SD's schedule (sqrt(alpha_bar_T) = 0.068 vs a noise mean of std 1/16), so a UNet trained on plain
+# noise reads the background off the initial noise and ignores the prompt; with the offset it
+# cannot, and has to take the background from the text.
+OFFSET_NOISE = 0.3
 
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 16, 32, 64),
+    # three blocks: 64x64 -> 16x16 latents (diffusers' vae_scale_factor = 2 ** (3 - 1) = 4); with
+    # 8x8 latents the colours of small shapes and even of the background came back wrong
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
     layers_per_block=1,
     latent_channels=4,
-    # few groups: with one channel per group, GroupNorm acts as instance norm and erases a flat
-    # region's absolute colour -- fatal in a world of two flat colours
-    norm_num_groups=4,
+    # one group: GroupNorm then normalises over all channels (a LayerNorm) and keeps the relative
+    # channel levels that carry a flat region's absolute colour; with one channel per group it
+    # acts as instance norm and erases that colour -- fatal in a world of two flat colours
+    norm_num_groups=1,
     sample_size=64,
 )
-LATENT_SIZE = 8  # 64x64 images -> 8x8x4 latents
+LATENT_SIZE = 16  # 64x64 images -> 16x16x4 latents
 
 UNET_CONFIG = dict(
     sample_size=LATENT_SIZE,
     in_channels=4,
     out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     block_out_channels=(32, 64, 64),
     layers_per_block=1,
     attention_head_dim=2,  # diffusers' legacy name: the number of heads (head dim 16-32)
@@ -85,11 +95,12 @@ def evaluate_vae(vae, n: int = 256, seed: int = 999_999) -> dict:
     return {"mse": mse, "psnr_db": 10 * math.log10(1 / mse), "judge_on_reconstructions": acc, "n_images": n}
 
 
-def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-5, log=print):
+def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-5,
+              betas: tuple[float, float] = (0.5, 0.9), log=print):
     torch.manual_seed(VAE_SEED)
     rng = np.random.default_rng(VAE_SEED)
     vae = build_vae().train()
-    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=betas)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -169,7 +180,7 @@ def _encode_dataset(vae, n: int, rng: np.random.Generator, chunk: int = 128):
 
 
 def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int = 48, lr: float = 1e-3,
-               n_data: int = 9600, log=print):
+               n_data: int = 9600, offset_noise: float = OFFSET_NOISE, log=print):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(SD_SEED)
@@ -199,6 +210,7 @@ def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int 
         caps = ["" if rng.uniform() < CFG_DROP else captions[i] for i in idx.tolist()]
         cond = prompts(caps)
         noise = torch.randn_like(latents)
+        noise = noise + offset_noise * torch.randn(batch_size, latents.shape[1], 1, 1)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,))
         noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
@@ -292,28 +304,42 @@ def evaluate_pipeline(folder: str | Path, n: int = 64, steps: int = 30, guidance
             "guidance_scale": guidance_scale, "seed": seed, "judge_accuracy": acc, "images": images}
 
 
-def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1600, unet_steps: int = 1300,
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1800, unet_steps: int = 2000,
              log=print) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate."""
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
-    vae, vae_time = train_vae(steps=vae_steps, log=log)
+    vae_recipe = dict(batch_size=8, lr=2e-3, kl_weight=1e-5)
+    vae, vae_time = train_vae(steps=vae_steps, log=log, **vae_recipe)
     vae_metrics = evaluate_vae(vae)
-    log(f"[sd-vae] held-out PSNR {vae_metrics['psnr_db']:.2f} dB")
+    log(f"[sd-vae] held-out PSNR {vae_metrics['psnr_db']:.2f} dB, judge on reconstructions "
+        f"{vae_metrics['judge_on_reconstructions']}")
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_folder))
     text_encoder = text_encoder_from_clip(clip_folder)
-    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log)
+    unet_recipe = dict(batch_size=48, lr=1e-3, offset_noise=OFFSET_NOISE)
+    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log, **unet_recipe)
     save_pipeline(vae, unet, text_encoder, tokenizer, scaling, out_dir)
     sample_metrics = evaluate_pipeline(out_dir)
     sample_metrics.pop("images")
+    log(f"[sd] samples, {sample_metrics['steps']} steps, CFG {sample_metrics['guidance_scale']}: {sample_metrics['judge_accuracy']}")
+    more = []
+    for g in (3.0, 7.5):  # the same prompts and seed at other guidance scales
+        m = evaluate_pipeline(out_dir, guidance_scale=g)
+        m.pop("images")
+        more.append(m)
+        log(f"[sd] samples, {m['steps']} steps, CFG {g}: {m['judge_accuracy']}")
     return {
         "name": "sd",
         "vae": {**vae_metrics, "steps": vae_steps, "seed": VAE_SEED, "train_seconds": vae_time,
                 "params": sum(p.numel() for p in vae.parameters()), "scaling_factor": scaling,
-                "latent_shape": [VAE_CONFIG["latent_channels"], LATENT_SIZE, LATENT_SIZE]},
+                "latent_shape": [VAE_CONFIG["latent_channels"], LATENT_SIZE, LATENT_SIZE],
+                "recipe": {**vae_recipe, "block_out_channels": list(VAE_CONFIG["block_out_channels"]),
+                           "norm_num_groups": VAE_CONFIG["norm_num_groups"]}},
         "unet": {"steps": unet_steps, "seed": SD_SEED, "train_seconds": unet_time,
-                 "params": sum(p.numel() for p in unet.parameters())},
+                 "params": sum(p.numel() for p in unet.parameters()), **unet_recipe,
+                 "block_out_channels": list(UNET_CONFIG["block_out_channels"])},
         "samples": sample_metrics,
+        "more_samples": more,
         "train_seconds": vae_time + unet_time,
     }
