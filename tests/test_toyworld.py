@@ -180,7 +180,11 @@ def _size_mb(folder) -> float:
 
 def test_committed_weights_are_small():
     total = sum(_size_mb(weights_dir(name)) for name in MODELS)
-    assert total < 60
+    # sd_turbo is a full pipeline folder: it repeats sd's text encoder (6.6 MB, nearly all of it
+    # CLIP's 49408-token embedding), tokenizer and VAE, so the limit grew with it from 60 MB
+    assert total < 75
+    for name in ("sd", "sd_turbo"):
+        assert _size_mb(weights_dir(name)) < 20
 
 
 @pytest.mark.parametrize("name", ["clip_a", "clip_b", "clip_c", "clip_d"])
