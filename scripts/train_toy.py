@@ -182,7 +182,7 @@ def write_report(out: Path, metrics: dict) -> str:
             f"- teacher: the `{t['folder']}` pipeline, {t['scheduler']} {t['steps']} steps with CFG {t['guidance_scale']:g}, "
             f"sampled from {t['n_pairs']} fixed-seed noises (prompts from every caption template), {t['seconds']:.0f} s",
             f"- student: the teacher's UNet config, initialised from its weights ({st['params'] / 1e6:.2f} M parameters), seed {m['seed']}, "
-            f"{st['steps']} steps x batch {st['batch_size']}, {st['seconds']:.0f} s: direct regression of its implied clean latent onto "
+            f"{st['steps']} steps x batch {st['batch_size']}" + (f", lr {st['lr']:g}" if "lr" in st else "") + f", {st['seconds']:.0f} s: direct regression of its implied clean latent onto "
             f"the teacher's output from the same noise, at the trailing timesteps {tuple(st['timesteps'])} "
             f"(each point on the DDIM path through the pair; drawn with weights {tuple(st['timestep_weights'])})",
             "- folder: the teacher's VAE, text encoder and tokenizer; `DDIMScheduler` with `timestep_spacing=\"trailing\"`; "
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         elif group == "sd_turbo":
             from toyworld.train_fewstep import train_fewstep
 
-            m = train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(2048), steps=steps(1200), log=_log)
+            m = train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(2048), steps=steps(2400), log=_log)
             metrics["sd_turbo"] = m
             _log(f"== sd_turbo: {m['train_seconds']:.0f} s (teacher samples {m['teacher']['seconds']:.0f} s, "
                  f"student {m['student']['seconds']:.0f} s); judged at 1/2/4 steps: "

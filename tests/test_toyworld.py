@@ -365,7 +365,7 @@ def test_train_toy_only_sd_turbo_distils_from_the_sd_folder_and_records_it(tmp_p
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
     assert list(metrics["runs"]) == ["sd_turbo"] and "sd" not in metrics
     m = metrics["sd_turbo"]
-    assert m["student"]["steps"] == 1 and m["teacher"]["n_pairs"] == 2
+    assert m["student"]["steps"] == 2 and m["teacher"]["n_pairs"] == 2  # 2400 and 2048, scaled by 0.001
     assert sorted(m["samples"]) == ["1", "2", "4"]
     for k, r in m["samples"].items():
         assert r["steps"] == int(k) and r["guidance_scale"] == 0.0 and r["n_images"] == 64

@@ -20,6 +20,7 @@ How it is made (``train_fewstep``):
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -64,8 +65,8 @@ def teacher_pairs(pipe, n: int, rng: np.random.Generator, gen: torch.Generator, 
     return torch.cat(zs), torch.cat(x0s), captions
 
 
-def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, steps: int = 1200,
-                  batch_size: int = 32, lr: float = 2e-4, log=print):
+def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, steps: int = 2400,
+                  batch_size: int = 32, lr: float = 5e-4, log=print):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(TURBO_SEED + 1)
@@ -128,13 +129,17 @@ def save_turbo_pipeline(teacher, unet, folder: str | Path) -> None:
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     _fp16_weights(folder)
+    for cfg in folder.rglob("config.json"):  # the teacher's (machine-specific) path, recorded on loading it
+        data = json.loads(cfg.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     for f in (folder / "tokenizer").iterdir():
         f.unlink()
     write_clip_tokenizer(folder / "tokenizer")
 
 
-def train_fewstep(out_dir: str | Path, teacher_folder: str | Path, n_pairs: int = 2048, steps: int = 1200,
-                  log=print) -> dict:
+def train_fewstep(out_dir: str | Path, teacher_folder: str | Path, n_pairs: int = 2048, steps: int = 2400,
+                  lr: float = 5e-4, log=print) -> dict:
     """Sample teacher pairs, train the student, save the pipeline, judge it at 1, 2 and 4 steps."""
     from diffusers import StableDiffusionPipeline
 
@@ -147,7 +152,7 @@ def train_fewstep(out_dir: str | Path, teacher_folder: str | Path, n_pairs: int 
     zs, x0s, captions = teacher_pairs(teacher, n_pairs, rng, gen, log=log)
     teacher_time = time.perf_counter() - t0
     unet, student_time = train_student(teacher.unet, teacher.text_encoder, teacher.tokenizer, zs, x0s, captions,
-                                       steps=steps, log=log)
+                                       steps=steps, lr=lr, log=log)
     save_turbo_pipeline(teacher, unet, out_dir)
     samples = {}
     for k in (1, 2, 4):
@@ -160,7 +165,7 @@ def train_fewstep(out_dir: str | Path, teacher_folder: str | Path, n_pairs: int 
         "seed": TURBO_SEED,
         "teacher": {"folder": Path(teacher_folder).name, "steps": TEACHER_STEPS, "guidance_scale": TEACHER_CFG,
                     "scheduler": type(teacher.scheduler).__name__, "n_pairs": n_pairs, "seconds": teacher_time},
-        "student": {"steps": steps, "batch_size": 32, "timesteps": list(TRAILING_TIMESTEPS),
+        "student": {"steps": steps, "batch_size": 32, "lr": lr, "timesteps": list(TRAILING_TIMESTEPS),
                     "timestep_weights": list(TIMESTEP_WEIGHTS), "seconds": student_time,
                     "params": sum(p.numel() for p in unet.parameters())},
         "samples": samples,
