@@ -69,3 +69,12 @@ def test_pixels_backend_steers_the_colour():
     start, start_score = _arm("pixels", iterations=0)
     assert guided_score > start_score + 5
     assert sum(colour for colour, _, _ in guided) > sum(colour for colour, _, _ in start)
+
+
+def test_noise_optimisation_beats_the_raw_one_step_sample():
+    """ReNO on the toy SD-Turbo: the optimised noise beats the same seed's unoptimised noise."""
+    _needs("clip_a", "clip_b", "clip_c", "clip_d", "sd_turbo")
+    optimised, optimised_score = _arm("noise")
+    raw, raw_score = _arm("noise", method="best-of-n", budget=1)     # one render of the seed's own noise
+    assert optimised_score > raw_score + 5
+    assert sum(map(sum, optimised)) > sum(map(sum, raw))
