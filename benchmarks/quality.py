@@ -424,11 +424,11 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
                 x, _ = xy(seconds, 0)
                 draw.line([x, height - bottom, x, height - bottom + 4], fill=(30, 30, 30))
                 draw.text((x, height - bottom + 6), f"{seconds:g}", fill=(30, 30, 30), font=font, anchor="mt")
-    draw.text(((left + width - right) / 2, height - 22), "seconds per image (1 CPU thread, log scale)",
+    draw.text(((left + width - right) / 2, height - 30), "seconds per image (1 CPU thread, log scale)",
               fill=(30, 30, 30), font=font, anchor="mm")
     draw.text((12, top - 22), "images with colour, shape and background all right", fill=(30, 30, 30), font=font)
     if title:
-        draw.text((12, height - 8), title, fill=(120, 120, 120), font=font, anchor="ls")
+        draw.text((width - 12, height - 4), title, fill=(120, 120, 120), font=font, anchor="rs")
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
                (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127)]
     labels = {v.name: v.label for v in VARIANTS}
@@ -516,6 +516,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="FILE",
                         help="write results here (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="do not generate: combine the rows of earlier runs' JSON files (e.g. variants run as "
+                             "parallel processes on the same prompt set) into one table, targets and picture")
     parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, metavar="PNG",
                         help="the quality-vs-time picture (default: %(default)s; the README's is "
                              "docs/images/quality_vs_time.png); 'none' for no picture")
@@ -549,8 +552,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads_before)
 
 
+def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
+    """One report from several runs' JSON files; they must share the prompt set and seeds."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
+    for path, r in zip(paths, reports):
+        if r["prompts"] != first["prompts"] or r["seeds"] != first["seeds"]:
+            raise ValueError(f"{path} was run on other prompts or seeds than {paths[0]}; merge only runs of one set")
+    rows = [row for r in reports for row in r["rows"]]
+    summary = summarise(rows)
+    return {"merged_from": [str(p) for p in paths], "commands": [r.get("command") for r in reports],
+            "complete": all(r.get("complete") for r in reports), "prompts": first["prompts"], "seeds": first["seeds"],
+            "reference": first.get("reference"), "rows": rows, "summary": summary, "targets": check_targets(summary)}
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        if args.json.exists() and not args.overwrite:
+            print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE", file=sys.stderr)
+            return 2
+        try:
+            report = merge_reports(args.merge)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        _write_json(args.json, report)
+        n_prompts = len(report["prompts"])
+        print(format_table(report["summary"], report["reference"]))
+        print("\nTargets:")
+        print(format_targets(report["targets"]))
+        if str(args.figure).lower() != "none":
+            figure = quality_vs_time_figure(report["summary"], title=f"toy world, {n_prompts} prompts x "
+                                            f"{len(report['seeds'])} seeds; 95% Wilson intervals")
+            args.figure.parent.mkdir(parents=True, exist_ok=True)
+            figure.save(args.figure)
+            print(f"figure: {args.figure}")
+        return 0
     command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
     if args.json.exists() and not args.overwrite:
         print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE",

@@ -45,6 +45,7 @@ ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}),
     ("SD + CLIP guidance", "sd", {}),
     ("pixels + CLIP (no prior)", "pixels", {}),
+    ("noise optimisation + CLIP", "noise", {}),
 )
 FIGURES = {"grid": "toy_grid.png", "loss": "loss_curve.png", "frames": "vqgan_frames.png"}
 FRAMES = 8  # frames in the strip before the final image
@@ -286,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in missing:
             print(f"error: {missing[name]}", file=sys.stderr)
             return 2
-    rows = [r for r in ROWS if not (r[1] == "sd" and "sd" in missing)]
+    rows = [r for r in ROWS if not (r[1] == "sd" and "sd" in missing)
+            and not (r[1] == "noise" and "sd" in missing)]
     if len(rows) < len(ROWS):
         print(f"skipping the Stable Diffusion rows: {missing['sd']}", file=sys.stderr)
 
@@ -305,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         extra = {"vqgan": {} if args.iterations is None else {"iterations": args.iterations},
                  "pixels": {} if args.iterations is None else {"iterations": args.iterations},
+                 "noise": {} if args.iterations is None else {"iterations": args.iterations},
                  "sd": {} if args.steps is None else {"steps": args.steps}}
         cells: dict[tuple[int, int], dict] = {}
         first_vqgan = None
