@@ -385,7 +385,9 @@ class _CtrlC:
         import threading
 
         self.pressed, self.again, self._previous = False, False, None
-        if threading.current_thread() is threading.main_thread():
+        # (a process started with SIGINT ignored, e.g. in the background of a script, keeps ignoring it)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

@@ -172,11 +172,16 @@ def test_a_second_ctrl_c_while_saving_keeps_the_image(opts, monkeypatch):
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(outputs, "save_png", save_png)
-    run = generate("a red circle", seed=1, callback=press_ctrl_c, **{**opts, "iterations": 5})
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)   # as an interactive shell starts us
+    try:
+        run = generate("a red circle", seed=1, callback=press_ctrl_c, **{**opts, "iterations": 5})
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert pressed and run.interrupted and run.image_path.is_file()
     meta = read_metadata(run.path)
     assert meta["interrupted"] is True and meta["steps_done"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # restored after the run
+    assert after is signal.default_int_handler     # restored after the run
 
 
 # -- 8. evaluate.py checks it can write before scoring ----------------------------------------------------------------
