@@ -371,7 +371,7 @@ class StableDiffusionGenerator(Generator):
         try:
             for i, t in enumerate(timesteps):
                 model = self._denoiser(t, embeds, cond, uncond, cfg)
-                repeats = guider.repeats(i)
+                repeats, state = guider.repeats(i), None
                 for r in range(repeats):
                     if r:   # self-recurrence: undo the step's scheduler state, re-noise x_{t-1} back to x_t
                         scheduler.__dict__.update(state)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import world
-from .train_sd import SCHEDULE, _fp16_weights, _PromptCache, evaluate_pipeline
+from .train_sd import SCHEDULE, _fp16_weights, _PromptCache, ema_update, evaluate_pipeline
 
 TURBO_SEED = 6006
 TEACHER_STEPS = 25
@@ -104,13 +104,7 @@ def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, step
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(0.995, (1 + step) / (10 + step))
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(v)
+        ema_update(ema, unet, min(0.995, (1 + step) / (10 + step)))
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-turbo] step {step}/{steps} x0 loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")

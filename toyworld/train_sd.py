@@ -179,6 +179,16 @@ def _encode_dataset(vae, n: int, rng: np.random.Generator, chunk: int = 128):
     return torch.cat(means), torch.cat(stds), captions
 
 
+@torch.no_grad()
+def ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
+    """Move the exponential moving average *ema* (a state dict) towards *model*'s weights."""
+    for k, v in model.state_dict().items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
 def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int = 48, lr: float = 1e-3,
                n_data: int = 9600, offset_noise: float = OFFSET_NOISE, log=print):
     from diffusers import DDPMScheduler
@@ -220,13 +230,7 @@ def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int 
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            decay = min(0.998, (1 + step) / (10 + step))
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(v)
+        ema_update(ema, unet, min(0.998, (1 + step) / (10 + step)))
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-unet] step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")

@@ -16,26 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..encoders import features
-from .base import Reward, RewardLoadError, check_local, hub_file, load_state_dict, set_precision
+from .base import Reward, ScoreHead, RewardLoadError, check_local, hub_file, load_state_dict, set_precision
 
 HUB_REPO = "camenduru/improved-aesthetic-predictor"
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 CLIP = "openai/clip-vit-large-patch14"
 
 
-class AestheticMLP(nn.Module):
-    """The predictor head: D -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between (no activations, as released)."""
-
-    def __init__(self, width: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.layers(x)
+AestheticMLP = ScoreHead   # the released head; one class for both rewards
 
 
 class AestheticPredictor(Reward):

@@ -27,10 +27,24 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import first_line, looks_like_path
 from ..objective import LossOutput, Objective, check_image_values, check_images
 from ..losses import clamp_with_grad
+
+
+class ScoreHead(nn.Module):
+    """The scoring MLP that ImageReward and the LAION aesthetic predictor both release:
+    D -> 1024 -> 128 -> 64 -> 16 -> 1 with dropout between and no activations (inactive in eval)."""
+
+    def __init__(self, width: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x)
 
 INSTALL_HINT = "pip install clipsteer[rewards]"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")

@@ -12,7 +12,6 @@ Checkpoints are read with ``torch.load(weights_only=True)`` (their ``state_dict`
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 

@@ -21,9 +21,8 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .base import Reward, RewardLoadError, check_local, find_weights, hub_file, load_state_dict, set_precision
+from .base import Reward, ScoreHead, RewardLoadError, check_local, find_weights, hub_file, load_state_dict, set_precision
 
 HUB_REPO = "THUDM/ImageReward"
 TOKENIZER = "bert-base-uncased"
@@ -34,16 +33,7 @@ VISION_LARGE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=
                     image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
 
 
-class RewardHead(nn.Module):
-    """ImageReward's MLP: 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (dropout between, inactive in eval)."""
-
-    def __init__(self, width: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-
-    def forward(self, x):
-        return self.layers(x)
+RewardHead = ScoreHead   # the released head; one class for both rewards
 
 
 _VISION_MAP = [
