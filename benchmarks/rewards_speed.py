@@ -122,7 +122,6 @@ def measure(name: str, arch: str, repeats: int, checkpointing: bool) -> dict:
 
     row = {"reward": name, "size": arch, "params_m": round(params / 1e6, 1), "build_s": round(built, 2),
            "score_s_per_image": round(_time(score, repeats), 3), "step_s": round(_time(step, repeats), 3)}
-    del reward
     return row
 
 

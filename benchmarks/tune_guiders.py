@@ -19,7 +19,6 @@ measured on the committed toy SD (``toyworld/weights/sd``); retrain it and the n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -116,7 +116,11 @@ class Guider:
 
     @property
     def enabled(self) -> bool:
-        return self.objective is not None and getattr(self.objective, "steers", True) and self.scale != 0
+        return self.objective is not None and getattr(self.objective, "steers", True) and self._corrects()
+
+    def _corrects(self) -> bool:
+        """Whether this guider's settings change anything (scale 0 turns the base rule off)."""
+        return self.scale != 0
 
     def setup(self, num_steps: int, tables=None) -> None:
         """Called once per run, before the first step (*tables*: the run's ``NoiseTables``)."""
@@ -378,7 +382,11 @@ class _BackwardOptions:
     def backward_on(self) -> bool:
         return self.backward_steps > 0 and self.backward_lr != 0
 
-    def _setup_backward(self, num_steps: int, tables) -> None:
+    def _corrects(self) -> bool:
+        return self.scale != 0 or self.backward_on     # backward guidance acts even at scale 0
+
+    def setup(self, num_steps: int, tables=None) -> None:
+        super().setup(num_steps, tables)
         self.backward_weights = schedule_weights(self.backward_schedule, sorted(self.steps), tables, num_steps)
 
     def backward_rate(self, index: int) -> float:
@@ -401,15 +409,6 @@ class UGDGuider(_BackwardOptions, CLIPGuider):
                  backward_schedule: str = "constant", **kwargs):
         super().__init__(objective, **kwargs)
         self._init_backward(backward_steps, backward_lr, backward_schedule)
-
-    @property
-    def enabled(self) -> bool:
-        return self.objective is not None and getattr(self.objective, "steers", True) and \
-            (self.scale != 0 or self.backward_on)
-
-    def setup(self, num_steps: int, tables=None) -> None:
-        super().setup(num_steps, tables)
-        self._setup_backward(num_steps, tables)
 
     def model_output(self, step: GuidedStep):
         if not self.active(step.index):
@@ -462,15 +461,6 @@ class TFGGuider(_BackwardOptions, Guider):
         self.smoothing, self.smoothing_schedule = float(smoothing), smoothing_schedule
         self.smoothing_samples = int(smoothing_samples)
         self._pending: dict[int, tuple] = {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.objective is not None and getattr(self.objective, "steers", True) and \
-            (self.scale != 0 or self.backward_on)
-
-    def setup(self, num_steps: int, tables=None) -> None:
-        super().setup(num_steps, tables)
-        self._setup_backward(num_steps, tables)
 
     def _noise(self, step: GuidedStep) -> torch.Tensor | None:
         if self.smoothing == 0:
@@ -544,11 +534,6 @@ def setup_guider(guider: Guider, num_steps: int, tables) -> None:
         guider.setup(num_steps)
 
 
-def predicted_clean(step: GuidedStep, output: torch.Tensor) -> torch.Tensor:
-    """The clean latent estimate implied by *output* at this step."""
-    return clean_estimate(step.z, output, step.alpha_bar, step.prediction_type)
-
-
 __all__ = ["Guider", "CLIPGuider", "DPSGuider", "MPGDGuider", "FreeDoMGuider", "UGDGuider", "TFGGuider",
-           "GuidedStep", "Denoiser", "GUIDERS", "register_guider", "make_guider", "guided_steps", "predicted_clean",
+           "GuidedStep", "Denoiser", "GUIDERS", "register_guider", "make_guider", "guided_steps",
            "setup_guider", "SCHEDULES", "schedule_weights", "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]

@@ -177,11 +177,12 @@ def coerce(spec: OptionSpec, value: Any, source: str = "") -> Any:
                 raise ValueError
             number = float(value)
         else:
-            if isinstance(value, (dict, list)) and spec.name == "story":
+            meta = spec.field.metadata
+            if isinstance(value, (dict, list)) and meta.get("mapping_ok"):      # story={0: "...", 100: "..."}
                 return value
             if isinstance(value, (dict, list, tuple, bytes, bytearray)):
                 raise ValueError
-            if spec.name in ("prompt", "story") and not isinstance(value, str):
+            if meta.get("text_only") and not isinstance(value, str):
                 raise ValueError              # generate(5) or generate(b"a cat") is a mistake, not a prompt
             return str(value)
     except (TypeError, ValueError, OverflowError):

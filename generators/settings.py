@@ -28,10 +28,10 @@ class RunSettings:
     # prompts
     prompt: str | None = option(
         None, "text prompt(s): 'a lighthouse at dusk:1|fog:0.5|blurry:-1' (TEXT[:WEIGHT[:STOP]], "
-        "'|'-separated; negative weights push away)", group="prompts", positional=True)
+        "'|'-separated; negative weights push away)", group="prompts", positional=True, text_only=True)
     story: str | None = option(
         None, "prompt schedule ('story mode'): '0=a forest; 100=a city|night:0.5' switches prompts at those steps",
-        group="prompts", metavar="SCHEDULE")
+        group="prompts", metavar="SCHEDULE", text_only=True, mapping_ok=True)
     image_prompts: list[str] = option(list, "image prompt PATH[:WEIGHT] (repeatable)", group="prompts",
                                       flag="--image-prompt", metavar="PATH[:W]")
     noise_prompts: list[str] = option(list, "noise prompt SEED[:WEIGHT]: a random CLIP target (repeatable)",

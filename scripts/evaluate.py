@@ -78,16 +78,7 @@ def main(argv=None) -> int:
         return 2
     try:
         models = list(dict.fromkeys(args.model + args.models)) or [DEFAULT_MODEL]
-        if args.prompt is not None and args.pairs is not None:
-            raise ValueError("give --prompt or --pairs, not both")
-        if args.prompt is not None and not args.prompt.strip():
-            raise ValueError("--prompt is empty; give the caption to score against")
-        items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
-        json_path = Path(args.json) if args.json else None
-        csv_path = Path(args.csv) if args.csv else None
-        if json_path is None and csv_path is None and Path(args.path).is_dir():
-            json_path, csv_path = root / "clip_scores.json", root / "clip_scores.csv"
-        check_writable(json_path, csv_path)       # before any scoring: scores are never lost to a read-only folder
+        items, json_path, csv_path = _items_and_tables(args, "clip_scores")
         old: list[dict] = []
         if not args.overwrite:  # resume; load_table refuses files it did not write
             tables = [load_table(p) for p in (json_path, csv_path) if p is not None and p.exists()]
@@ -108,13 +99,34 @@ def main(argv=None) -> int:
                       "models": models, "prefix": args.prefix, "image_backend": args.image_backend,
                       "precision": args.precision})
     print(format_summary(summary, rows))
-    for path in (json_path, csv_path):
+    return _finish(rows, (json_path, csv_path), args.strict)
+
+
+def _items_and_tables(args, stem: str):
+    """The pairs to score and the table paths (``<folder>/<stem>.json``/``.csv`` by default), checked to be
+    writable before any scoring, so scores are never lost to a read-only folder."""
+    if args.prompt is not None and args.pairs is not None:
+        raise ValueError("give --prompt or --pairs, not both")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the caption to score against")
+    items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
+    json_path = Path(args.json) if args.json else None
+    csv_path = Path(args.csv) if args.csv else None
+    if json_path is None and csv_path is None and Path(args.path).is_dir():
+        json_path, csv_path = root / f"{stem}.json", root / f"{stem}.csv"
+    check_writable(json_path, csv_path)
+    return items, json_path, csv_path
+
+
+def _finish(rows, paths, strict: bool) -> int:
+    """Say where the tables went; exit 2 when nothing was scored, 1 with --strict when anything failed."""
+    for path in paths:
         if path is not None:
             print(f"wrote {path}")
     n_ok = sum(r["status"] == "ok" for r in rows)
     if n_ok == 0:
         return 2
-    return 1 if args.strict and n_ok < len(rows) else 0
+    return 1 if strict and n_ok < len(rows) else 0
 
 
 def _main_metrics(args, main_proc: bool) -> int:
@@ -124,15 +136,8 @@ def _main_metrics(args, main_proc: bool) -> int:
     try:
         if args.model or args.models:
             raise ValueError("--model goes with the CLIP-score table; with --metric write clip_score:MODEL")
-        if args.prompt is not None and args.pairs is not None:
-            raise ValueError("give --prompt or --pairs, not both")
         metrics = list(dict.fromkeys(m.strip() for m in args.metric))
-        items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
-        json_path = Path(args.json) if args.json else None
-        csv_path = Path(args.csv) if args.csv else None
-        if json_path is None and csv_path is None and Path(args.path).is_dir():
-            json_path, csv_path = root / "metrics.json", root / "metrics.csv"
-        check_writable(json_path, csv_path)
+        items, json_path, csv_path = _items_and_tables(args, "metrics")
         rows = evaluate_metrics(items, metrics, batch_size=args.batch_size, device=args.device,
                                 precision=args.precision, show_progress=not args.no_progress and main_proc)
     except (ValueError, FileNotFoundError, OSError, ImportError) as err:
@@ -145,13 +150,7 @@ def _main_metrics(args, main_proc: bool) -> int:
     write_metric_table(rows, summary, metrics, json_path=json_path, csv_path=csv_path,
                        meta={"held_out": args.held_out, "precision": args.precision})
     print(format_metric_summary(summary, rows))
-    for path in (json_path, csv_path):
-        if path is not None:
-            print(f"wrote {path}")
-    n_ok = sum(r["status"] == "ok" for r in rows)
-    if n_ok == 0:
-        return 2
-    return 1 if args.strict and n_ok < len(rows) else 0
+    return _finish(rows, (json_path, csv_path), args.strict)
 
 
 if __name__ == "__main__":

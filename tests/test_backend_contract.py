@@ -197,3 +197,41 @@ def test_a_backend_in_a_users_own_file_runs_through_the_public_api(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["shape"] == [1, 3, 64, 64] and result["steps"] == 2 and result["shade"] == 0.25
     assert (Path(result["path"]) / "image.png").is_file()
+
+
+class _Red(Objective):
+    def forward(self, images, *, step=0, generator=None):
+        per_image = (images.clamp(0, 1).mean((2, 3)) - torch.tensor([0.9, 0.1, 0.1])).pow(2).sum(1)
+        return LossOutput(total=per_image.sum(), per_image=per_image)
+
+    def conditioning_text(self, step=0):
+        return "a red circle"
+
+
+@pytest.mark.parametrize("name, base, option, value", [
+    ("pixels", {}, "parameterisation", "rgb"),
+    ("pixels", {}, "decorrelate", False),
+    ("pixels", {}, "fft_decay", 2.0),
+    ("pixels", {}, "init_scale", 0.5),
+    ("pixels", {}, "grad_clip", 1e-6),
+    ("pixels", {}, "lr_schedule", "step"),
+    ("noise", {"cfg_scale": 3.0}, "negative_prompt", "blurry"),
+    ("noise", {}, "cfg_scale", 3.0),
+])
+def test_each_backend_option_changes_the_result(models, name, base, option, value):
+    """An option that were ignored would give the default image."""
+    default = backend(name, models, **base).generate(_Red(), seed=3).images
+    changed = backend(name, models, **base, **{option: value}).generate(_Red(), seed=3).images
+    assert (default - changed).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("parameterisation", ["rgb", "fft"])
+def test_pixels_init_image_is_the_start(tmp_path, parameterisation):
+    from PIL import Image
+
+    picture = (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 200 + 20).round().to(torch.uint8)
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(tmp_path / "start.png")
+    gen = generators.get_generator("pixels", {"width": 32, "height": 32, "iterations": 0, "init_image":
+                                              str(tmp_path / "start.png"), "parameterisation": parameterisation})
+    start = gen.generate(_Red(), seed=0).images[0]
+    torch.testing.assert_close(start, picture.float() / 255, rtol=0, atol=2e-3)

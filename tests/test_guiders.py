@@ -6,7 +6,6 @@ committed toy models (``--preset toy``) for "each guider steers" (``e2e``).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest

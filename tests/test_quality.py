@@ -203,3 +203,25 @@ def test_quality_vs_time_figure_draws_each_variant_with_its_interval():
     by, bx = np.argwhere(blue[:, :500]).mean(0)
     ry, rx = np.argwhere(red[:, :500]).mean(0)
     assert by < ry and bx > rx
+
+
+def test_merge_combines_runs_of_one_prompt_set_and_refuses_others(tmp_path, capsys):
+    def report(name, variant, prompts, correct):
+        rows = [{"variant": variant, "correct": {"colour": c, "shape": c, "background": c, "all": c},
+                 "clip_score": 60.0, "seconds": 1.0, "generate_s": 0.9, "load_s": 0.1, "settings": {}}
+                for c in correct]
+        path = tmp_path / name
+        path.write_text(json.dumps({"command": name, "complete": True, "prompts": prompts, "seeds": [0, 1],
+                                    "reference": None, "rows": rows}))
+        return str(path)
+
+    a = report("a.json", "sd", ["p"], [True, False])
+    b = report("b.json", "sd+clip", ["p"], [True, True])
+    out = tmp_path / "all.json"
+    assert quality.main(["--merge", a, b, "--json", str(out), "--figure", str(tmp_path / "f.png")]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["summary"]["sd"]["accuracy"]["all"] == 0.5 and merged["summary"]["sd+clip"]["accuracy"]["all"] == 1.0
+    assert (tmp_path / "f.png").is_file()
+    other = report("c.json", "sd", ["q"], [True])
+    assert quality.main(["--merge", a, other, "--json", str(tmp_path / "x.json"), "--figure", "none"]) == 2
+    assert "other prompts or seeds" in capsys.readouterr().err
