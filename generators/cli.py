@@ -13,7 +13,8 @@ import warnings
 from typing import Any
 
 from . import DEFAULT_BACKEND, backend_names
-from .run import GROUPS, OptionSpec, generate, option_specs
+from .options import option_groups
+from .run import OptionSpec, generate, option_specs
 
 EXAMPLES = """\
 examples:
@@ -105,24 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="YAML or TOML file of options (keys are option names, e.g. iterations: 200)")
     main.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=argparse.SUPPRESS,
                       help="image size in pixels (sets width and height)")
-    groups = {name: parser.add_argument_group(name, desc) for name, desc in GROUPS.items()}
-    backend_specs = []
-    for spec in specs.values():
-        if "run" in spec.owners:
-            _add(groups[spec.field.metadata.get("group", "output")], spec)
-        else:
-            backend_specs.append(spec)
-    shared = [s for s in backend_specs if len(s.owners) > 1]
-    if shared:
-        group = parser.add_argument_group("shared backend options", "used by every backend that has them")
-        for spec in shared:
+    for title, description, group_specs in option_groups(specs):
+        group = parser.add_argument_group(title, description)
+        for spec in group_specs:
             _add(group, spec)
-    for name in backend_names():
-        own = [s for s in backend_specs if s.owners == [name]]
-        if own:
-            group = parser.add_argument_group(f"{name} backend", f"options of --backend {name}")
-            for spec in own:
-                _add(group, spec)
     return parser
 
 

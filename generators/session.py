@@ -5,7 +5,8 @@
 (:mod:`generators.options`), builds the objective from the guidance options (:mod:`guidance.build`)
 and the backend from its ``Settings``, runs it with a progress bar, scores the result with an
 evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C during the run keeps
-the current image: it is saved, marked ``interrupted``.
+the current image: it is saved, marked ``interrupted``; so does setting the ``stop`` event (a web UI's
+Stop button, or any other thread).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class _Progress:
 
 def generate(prompt: str | None = None, *, backend: str | None = None, preset: str | None = None,
              config: str | Path | Mapping | None = None, save: bool = True, callback: Callable | None = None,
-             **options) -> Run:
+             stop=None, **options) -> Run:
     """Generate image(s) for *prompt* and (with ``save=True``) write a new run folder.
 
     Args:
@@ -164,10 +165,14 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         config: a YAML/TOML file (or a dict) of options; keyword options override it.
         save: write the run folder under ``out`` (default ``outputs/``).
         callback: called with each :class:`StepInfo`; return ``False`` to stop early.
+        stop: a ``threading.Event`` (anything with ``is_set()``); once it is set, the run ends at its
+            next step exactly as Ctrl-C ends it: the current image is kept and saved, marked ``interrupted``.
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
             (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...).
     """
     t_start = time.perf_counter()
+    if stop is not None:
+        callback = _stop_when_set(stop, callback)
     backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
     threads = opts.get("threads")
     before = torch.get_num_threads()
@@ -178,6 +183,16 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
             return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
     finally:
         torch.set_num_threads(before)
+
+
+def _stop_when_set(stop, callback: Callable | None) -> Callable:
+    """The step callback, then ``KeyboardInterrupt`` once *stop* is set: every backend handles it as Ctrl-C."""
+    def step(info: StepInfo):
+        keep_going = callback(info) if callback is not None else None
+        if stop.is_set():
+            raise KeyboardInterrupt
+        return keep_going
+    return step
 
 
 class _library_progress_bars:
