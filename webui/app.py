@@ -23,6 +23,7 @@ from .jobs import USER_ERRORS, Job, Step, eta  # noqa: E402
 
 CSS = """
 #preview img, #gallery img { image-rendering: pixelated; }
+#preview img { width: 100%; height: 100%; object-fit: contain; }
 #status { min-height: 2.5em; }
 #live { position: sticky; top: 8px; align-self: flex-start; }
 """
@@ -58,7 +59,8 @@ def _plot_frame(steps: list[Step]):
     for s in steps:
         if s.loss is not None:
             rows.append({"step": s.step + 1, "value": s.loss, "series": "loss"})
-        rows.extend({"step": s.step + 1, "value": v, "series": k} for k, v in s.parts.items())
+        if len(s.parts) > 1:     # one part alone is the loss itself
+            rows.extend({"step": s.step + 1, "value": v, "series": k} for k, v in s.parts.items())
     frame = pd.DataFrame(rows, columns=["step", "value", "series"])
     return frame.astype({"step": "int64", "value": "float64", "series": "str"})
 

@@ -42,15 +42,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(out: str | Path, *, args: tuple[str, ...] = (), timeout: float = 120.0, log: Path | None = None):
-    """``scripts/app.py --out OUT`` on a free loopback port, offline; yields its URL, stops it after."""
+def serve(out: str | Path, *, args: tuple[str, ...] = (), timeout: float = 120.0, log: Path | None = None,
+          cwd: str | Path | None = None):
+    """``scripts/app.py --out OUT`` (run in *cwd*) on a free loopback port, offline; yields its URL, stops it after."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.setdefault("GRADIO_TEMP_DIR", str(Path(out) / ".gradio"))
+    env.setdefault("GRADIO_TEMP_DIR", str(Path(cwd or ".", out).resolve() / ".gradio"))
     sink = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "app.py"), "--out", str(out), "--port", str(port),
-                             *args], env=env, stdout=sink, stderr=subprocess.STDOUT)
+                             *args], env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout
