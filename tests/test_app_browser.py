@@ -17,6 +17,7 @@ why = ui_browser.missing()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(why is not None, reason=f"browser test skipped: {why}")]
 
 PROMPT = "a yellow triangle on a purple background"
+OTHER = "a green square on a white background"
 
 
 def _wait(condition, timeout: float, what: str):
@@ -52,6 +53,14 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         _wait(three_previews, 60, "the preview to change twice")
         assert "step" in page.inner_text("#progress") and "ETA" in page.inner_text("#progress")
 
+        # a second tab waits in the queue, and sees its place in it
+        other = page.context.new_page()
+        other.goto(url)
+        other.wait_for_selector("#start")
+        other.fill("#opt-prompt textarea", OTHER)
+        other.click("#start")
+        _wait(lambda: "queue: 1/1" in other.inner_text("#status"), 30, "the second tab's queue place")
+
         page.click("#stop")
         status = _wait(lambda: "interrupted; saved" in (t := page.inner_text("#status")) and t, 60,
                        "the stopped run to be saved")
@@ -61,8 +70,14 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         assert meta["interrupted"] is True and meta["prompt"] == PROMPT and 0 < meta["steps_done"] < 400
         assert str(runs[0]) in status
 
+        # then it runs; its own Stop stops it
+        _wait(lambda: other.inner_text("#status").startswith("running"), 60, "the second tab's run to start")
+        other.click("#stop")
+        _wait(lambda: "interrupted; saved" in other.inner_text("#status"), 60, "the second run to be saved")
+        other.close()
+
         _wait(lambda: PROMPT in page.inner_text("#gallery"), 30, "the run in the gallery")
-        page.click("#gallery button.thumbnail-item")
+        page.click(f"#gallery button.thumbnail-item:has-text('{PROMPT}')")
         _wait(lambda: PROMPT in page.inner_text("#run-details"), 30, "the run's details")
         assert f"seed {meta['seed']}" in page.inner_text("#run-details")
         _wait(lambda: page.locator('#run-files a[download="image.png"]').count() == 1, 30, "the PNG to download")
