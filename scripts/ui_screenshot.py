@@ -39,37 +39,37 @@ def main(argv=None) -> int:
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        with ui_browser.serve("outputs", cwd=tmp) as url, ui_browser.browser(1400, 900) as page:
-            page.goto(url)
-            page.wait_for_selector("#start")
-            page.fill("#opt-prompt textarea", args.prompt)
-            page.click("#group-output > button")
-            page.fill("#opt-seed textarea, #opt-seed input", args.seed)
-            page.click("#group-output > button")                      # closed again: the picture shows the run
-            page.click("#group-shared-backend-options > button")
-            page.fill("#opt-iterations input", str(args.iterations))
-            page.click("#group-shared-backend-options > button")
-            page.fill("#preview-every input", "2")
-            page.click("#start")
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                text = page.inner_text("#progress")
-                if "step " in text:
-                    done = int(text.split("step ", 1)[1].split("/", 1)[0])
-                    if done >= args.at * args.iterations:
-                        break
-                time.sleep(0.1)
-            else:
-                print("error: the run did not get far enough in 300 s", file=sys.stderr)
-                return 1
-            time.sleep(0.6)                                               # let the plot and preview draw
-            page.evaluate("window.scrollTo(0, 0)")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(target))
-            page.click("#stop")
-            page.wait_for_function("document.querySelector('#status').innerText.includes('seed ')",
-                                   timeout=60_000)                        # saved (interrupted, or done)
+    with tempfile.TemporaryDirectory() as tmp, ui_browser.serve("outputs", cwd=tmp) as url, \
+            ui_browser.browser(1400, 900) as page:
+        page.goto(url)
+        page.wait_for_selector("#start")
+        page.fill("#opt-prompt textarea", args.prompt)
+        page.click("#group-output > button")
+        page.fill("#opt-seed textarea, #opt-seed input", args.seed)
+        page.click("#group-output > button")                      # closed again: the picture shows the run
+        page.click("#group-shared-backend-options > button")
+        page.fill("#opt-iterations input", str(args.iterations))
+        page.click("#group-shared-backend-options > button")
+        page.fill("#preview-every input", "2")
+        page.click("#start")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            text = page.inner_text("#progress")
+            if "step " in text:
+                done = int(text.split("step ", 1)[1].split("/", 1)[0])
+                if done >= args.at * args.iterations:
+                    break
+            time.sleep(0.1)
+        else:
+            print("error: the run did not get far enough in 300 s", file=sys.stderr)
+            return 1
+        time.sleep(0.6)                                               # let the plot and preview draw
+        page.evaluate("window.scrollTo(0, 0)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(target))
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('seed ')",
+                               timeout=60_000)                        # saved (interrupted, or done)
     print(f"wrote {target}")
     return 0
 

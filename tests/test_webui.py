@@ -16,7 +16,14 @@ from generators.base import GenerationResult, Generator, option
 from generators.cli import build_parser, parse_args
 from generators.outputs import read_metadata
 from generators.session import generate
-from webui.form import form_fields, form_groups, form_values, run_options, shown, values_from_run
+from webui.form import (
+    form_fields,
+    form_groups,
+    form_values,
+    run_options,
+    shown,
+    values_from_run,
+)
 from webui.gallery import list_runs
 from webui.jobs import Job
 

@@ -12,14 +12,22 @@ from typing import Any
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: it must not phone home
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from generators import DEFAULT_BACKEND  # noqa: E402
-from generators.outputs import read_metadata  # noqa: E402
+from generators import DEFAULT_BACKEND
+from generators.outputs import read_metadata
 
-from .form import KEPT_ON_SWITCH, FormField, form_groups, form_values, run_options, shown, values_from_run  # noqa: E402
-from .gallery import RunEntry, list_runs  # noqa: E402
-from .jobs import USER_ERRORS, Job, Step, eta  # noqa: E402
+from .form import (
+    KEPT_ON_SWITCH,
+    FormField,
+    form_groups,
+    form_values,
+    run_options,
+    shown,
+    values_from_run,
+)
+from .gallery import RunEntry, list_runs
+from .jobs import USER_ERRORS, Job, Step, eta
 
 CSS = """
 #preview img, #gallery img { image-rendering: pixelated; }
@@ -237,4 +245,4 @@ def launch(demo: gr.Blocks, *, out: str | Path, host: str = "127.0.0.1", port: i
                        quiet=not block)
 
 
-__all__ = ["build_app", "launch", "CSS"]
+__all__ = ["CSS", "build_app", "launch"]

@@ -97,4 +97,4 @@ def preview_source(page) -> str | None:
     return sources[0] if sources else None
 
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "missing", "free_port", "serve", "browser", "preview_source"]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "browser", "free_port", "missing", "preview_source", "serve"]

@@ -13,11 +13,18 @@ Nothing here imports gradio.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from generators import DEFAULT_BACKEND, backend_names
-from generators.options import OptionSpec, coerce, option_groups, option_specs, resolve_options
+from generators.options import (
+    OptionSpec,
+    coerce,
+    option_groups,
+    option_specs,
+    resolve_options,
+)
 from generators.presets import DESCRIPTIONS, preset_names
 
 NONE = NO_PRESET = "none"
@@ -206,5 +213,17 @@ def shown(backend: str) -> tuple[set[str], set[str]]:
     return names, titles
 
 
-__all__ = ["FormField", "form_groups", "form_fields", "form_values", "values_from_run", "run_options", "defaults",
-           "to_widget", "from_widget", "shown", "NO_PRESET", "KEPT_ON_SWITCH"]
+__all__ = [
+    "KEPT_ON_SWITCH",
+    "NO_PRESET",
+    "FormField",
+    "defaults",
+    "form_fields",
+    "form_groups",
+    "form_values",
+    "from_widget",
+    "run_options",
+    "shown",
+    "to_widget",
+    "values_from_run",
+]

@@ -131,4 +131,4 @@ def eta(steps: list[Step]) -> tuple[float | None, float | None]:
     return per_step, per_step * max(0, last.total - last.step - 1)
 
 
-__all__ = ["Job", "Step", "eta", "USER_ERRORS"]
+__all__ = ["USER_ERRORS", "Job", "Step", "eta"]
