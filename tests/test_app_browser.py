@@ -39,6 +39,10 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         page.wait_for_selector("#start")
         page.fill("#opt-prompt textarea", PROMPT)
         page.click("#group-shared-backend-options > button")          # open the group: set a long run
+        page.fill("#opt-iterations input", "-1")                      # bad input: the CLI's error, in the page
+        page.click("#start")
+        _wait(lambda: page.inner_text("#status").startswith(
+            "error: option --iterations (from arguments) is -1; it must be at least 0"), 30, "the error")
         page.fill("#opt-iterations input", "400")
         page.fill("#preview-every input", "2")
         page.click("#start")

@@ -177,6 +177,10 @@ def test_gallery_lists_runs_newest_first_and_skips_broken_ones(tmp_path):
         (folder / "run.json").write_text(json.dumps({"prompt": name, "seed": i, "backend": "vqgan", "clip_score": 1.5,
                                                      "images": ["image.png"], "settings": {"seed": i}}))
         os.utime(folder / "run.json", (1000 + i, 1000 + i))
+    (tmp_path / "a-run" / "animation.gif").write_bytes(b"")
+    meta = json.loads((tmp_path / "a-run" / "run.json").read_text())
+    (tmp_path / "a-run" / "run.json").write_text(json.dumps({**meta, "animations": ["animation.gif"], "interrupted": True}))
+    os.utime(tmp_path / "a-run" / "run.json", (1001, 1001))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "run.json").write_text("{not json")
     (tmp_path / "no-run").mkdir()
@@ -185,4 +189,6 @@ def test_gallery_lists_runs_newest_first_and_skips_broken_ones(tmp_path):
     assert entries[0].caption == "c-run · seed 2 · vqgan · score 1.50"
     assert entries[0].files == [tmp_path / "c-run" / "image.png"]
     assert "| seed | 2 |" in entries[0].describe()
+    assert entries[1].files == [tmp_path / "a-run" / "image.png", tmp_path / "a-run" / "animation.gif"]
+    assert entries[1].caption.endswith("(interrupted)")
     assert list_runs(tmp_path / "missing") == []
