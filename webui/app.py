@@ -34,6 +34,7 @@ CSS = """
 #preview img { width: 100%; height: 100%; object-fit: contain; }
 #status { min-height: 2.5em; }
 #live { position: sticky; top: 8px; align-self: flex-start; }
+.gradio-container { overflow: visible !important; }   /* else the live column cannot stay in view */
 """
 PLOT_POINTS = 300          # steps shown in the loss plot (evenly spread over the run)
 
