@@ -53,6 +53,16 @@ def test_form_values_round_trip_to_no_options(backend):
     assert run_options(form_values(backend, None)) == {"backend": backend}
 
 
+def test_a_config_file_fills_the_form(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("iterations: 42\nclip: [a, b]\nseed: 9\n")
+    values = form_values("vqgan", "toy", str(config))
+    assert (values["iterations"], values["clip"], values["seed"]) == (42, "a\nb", "9")
+    assert run_options(values) == {"backend": "vqgan", "preset": "toy", "config": str(config)}
+    values["iterations"] = 43
+    assert run_options(values)["iterations"] == 43
+
+
 def test_changed_fields_become_typed_options():
     values = form_values("vqgan", "toy")
     values.update(prompt=PROMPT, seed="18446744073709551615", iterations=7, clip="a\n\nb\n", grad_clip="0.5",

@@ -154,7 +154,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             return gr.update(value=[(str(e.image), e.caption) for e in entries]), [str(e.folder) for e in entries]
 
         def switch(*args):
-            """Backend or preset changed: its defaults fill the form; what to draw is kept."""
+            """Backend, preset or config file changed: their options fill the form; what to draw is kept."""
             current = dict(zip(order, args))
             try:
                 values = form_values(current["backend"], None if current["preset"] == "none" else current["preset"],
@@ -226,6 +226,8 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
         form_inputs = [fields[n] for n in order]
         for name in ("backend", "preset"):
             fields[name].input(switch, form_inputs, form_outputs + [status], concurrency_limit=None)
+        for event in (fields["config"].submit, fields["config"].blur):     # its options fill the form
+            event(switch, form_inputs, form_outputs + [status], concurrency_limit=None)
         start.click(start_run, form_inputs + [preview_every], [status, progress, preview, plot, gallery, listed],
                     concurrency_limit=1, concurrency_id="run", show_progress_on=[status])
         stop.click(stop_run, None, status, concurrency_limit=None, concurrency_id="stop", show_progress="hidden")
