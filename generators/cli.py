@@ -22,6 +22,7 @@ examples:
   generate.py "a forest" --story "150=a city at night" --save-every 10 --animation gif
   generate.py "a castle" --clip openai/clip-vit-base-patch32=1 --clip openai/clip-vit-base-patch16=0.5
   generate.py --config run.yaml --seed 3          (the command line overrides the file)
+  generate.py --resume outputs/20260101-120000-a-forest --iterations 500   (continue a stopped run)
   python -m generators.taming_checkpoint convert last.ckpt my_vqgan/   (pickle-free copy of a checkpoint)
 """
 
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"named option defaults ({presets})")
     main.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                       help="YAML or TOML file of options (keys are option names, e.g. iterations: 200)")
+    main.add_argument("--resume", metavar="RUN_FOLDER", default=argparse.SUPPRESS,
+                      help="continue a run from its checkpoint (vqgan, pixels, noise), with its own options, in a "
+                           "new run folder (under --out, default beside it); only --iterations, --out, "
+                           "--checkpoint-every, --threads, --device and --progress may change")
     main.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=argparse.SUPPRESS,
                       help="image size in pixels (sets width and height)")
     groups = {name: parser.add_argument_group(name, desc) for name, desc in GROUPS.items()}
@@ -212,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_model = run.metadata.get("eval_model")
     where = run.image_path if run.image_path is not None else "(not saved)"
     print(f"{'interrupted; saved' if run.interrupted else 'saved'} {where}")
+    if run.interrupted and run.metadata.get("checkpoint"):
+        print(f"continue it with: scripts/generate.py --resume {run.path}")
     print(f"seed {run.seed}; CLIP score {score}" + (f" ({eval_model})" if run.clip_score is not None else ""))
     return 130 if run.interrupted else 0
 
