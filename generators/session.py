@@ -124,7 +124,7 @@ class _Progress:
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=info.total, initial=info.step, unit="step", dynamic_ncols=True,
+                self.bar = tqdm(total=info.total, initial=info.step, unit="step", dynamic_ncols=True, leave=None,
                                 file=sys.stderr)
             self.bar.update(1)
             done = info.step + 1
