@@ -304,10 +304,10 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     """Run the backend with the progress bar, frames and the user's callback."""
     progress = _Progress(enabled=bool(prep.opts.get("progress", True)), save_every=prep.save_every,
                          frames_dir=(folder / "frames") if folder is not None else None, user=callback)
-    if prep.generator.resumable:
+    resumed = prep.provenance.get("resumed_from")
+    if prep.generator.resumable and (folder is not None or resumed):
         from .checkpoint import Checkpointer, load_state
 
-        resumed = prep.provenance.get("resumed_from")
         prep.generator.checkpoint = Checkpointer(folder, every=getattr(prep.settings, "checkpoint_every", 0),
                                                  resume=load_state(resumed["folder"]) if resumed else None)
     try:
