@@ -174,8 +174,8 @@ def read_prompts(path: str | Path) -> list[Row]:
                 unknown.add(key)
         rows.append(row)
     if unknown:
-        warnings.warn(f"{path.name}: column(s) {', '.join(sorted(unknown))} are not options; kept in the index "
-                      "metadata only", stacklevel=2)
+        warnings.warn(f"{path.name}: column(s) {', '.join(sorted(unknown))} are not options; used only in "
+                      "--export geneval's metadata.jsonl", stacklevel=2)
     return rows
 
 
@@ -347,8 +347,9 @@ def run_batch(prompts_file: str | Path, *, seeds: Any = None, out: str | Path = 
     shard = out / f"runs.rank-{rank}.jsonl"
     from tqdm.auto import tqdm
 
-    label = "batch" if world == 1 else f"batch (process {rank + 1} of {world})"
-    with tqdm(total=len(mine), desc=label, unit="run", disable=not show, dynamic_ncols=True, file=sys.stderr) as bar:
+    label, skipped = ("batch", result.skipped) if world == 1 else (f"batch (process {rank + 1} of {world})", 0)
+    with tqdm(total=len(mine) + skipped, initial=skipped, desc=label, unit="run", disable=not show,
+              dynamic_ncols=True, file=sys.stderr) as bar:
         for job in mine:
             try:
                 entry = _run_job(job, out, before.get((job.row.index, job.seed)), show, device)

@@ -152,7 +152,8 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
                        help="also copy the finished images into a benchmark layout: geneval (<row>/metadata.jsonl "
                             "+ samples/NNNN.png) or flat (images + captions.csv for evaluate.py --pairs)")
     group.add_argument("--export-dir", metavar="DIR", default=argparse.SUPPRESS,
-                       help="a new folder for --export (default: the --out folder's name + -geneval / -flat)")
+                       help="folder for --export (default: the --out folder's name + -geneval / -flat); exporting "
+                            "again adds new images, and refuses to replace a different one")
 
 
 def _looks_like_value(name: str, token: str) -> bool:

@@ -56,7 +56,7 @@ def test_batch_skips_finished_runs_and_records_a_failing_row(tmp_path, capsys):
     assert code == 1                                                 # a row failed; the others finished
     assert "row 2 seed 0: ValueError: option --lr (from arguments) is -1.0; it must be greater than 0" in err
     assert "6 of 8 run(s) done (0 skipped as finished, 6 new), 2 failed" in stdout
-    assert "column(s) note are not options" in err
+    assert "column(s) note are not options; used only in --export geneval" in err
     entries = [json.loads(line) for line in (out / INDEX).read_text().splitlines()]
     assert [(e["row"], e["seed"], e["status"]) for e in entries] == [
         (0, 0, "ok"), (0, 1, "ok"), (1, 0, "ok"), (1, 1, "ok"), (2, 0, "error"), (2, 1, "error"), (3, 0, "ok"),
