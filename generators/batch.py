@@ -28,6 +28,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -115,8 +116,9 @@ def _option_names() -> dict[str, str]:
 
 
 def read_prompts(path: str | Path) -> list[Row]:
-    """The rows of a prompts file (text, CSV/TSV or JSONL), or a one-line error for a missing or empty file
-    or a table without a prompt column. Columns that are not options are kept in ``record`` only (warned)."""
+    """The rows of a prompts file (text, CSV/TSV, JSONL or a JSON array), or a one-line error for a missing or
+    empty file or a table without a prompt column. Columns that are not options are kept in ``record`` only
+    (with a warning)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist; give a text, CSV or JSONL file of prompts")
@@ -136,20 +138,31 @@ def read_prompts(path: str | Path) -> list[Row]:
                 raise ValueError(f"{where} line {reader.line_num} has more cells than the header "
                                  "(quote prompts that contain commas)")
             records.append(({k.strip(): (v or "").strip() for k, v in record.items()}, prompt_col.strip()))
-    elif suffix in (".jsonl", ".ndjson"):
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+    elif suffix in (".jsonl", ".ndjson", ".json"):
+        if suffix == ".json":           # one JSON array of objects (or of prompt strings)
             try:
-                record = json.loads(line)
+                items = json.loads(text) if text.strip() else []
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where} line {n} is not valid JSON ({err.msg})") from None
+                raise ValueError(f"{where} is not valid JSON ({err.msg} at line {err.lineno})") from None
+            if not isinstance(items, list):
+                raise ValueError(f"{where} must hold a JSON array of objects with a \"prompt\" key")
+            numbered = [(n, item if not isinstance(item, str) else {"prompt": item}) for n, item in enumerate(items, 1)]
+        else:
+            numbered = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    numbered.append((n, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where} line {n} is not valid JSON ({err.msg})") from None
+        records, unit = [], "item" if suffix == ".json" else "line"
+        for n, record in numbered:
             if not isinstance(record, dict):
-                raise ValueError(f"{where} line {n} is not a JSON object with a \"prompt\" key")
+                raise ValueError(f"{where} {unit} {n} is not a JSON object with a \"prompt\" key")
             key = next((k for k in record if k.strip().lower() in PROMPT_COLUMNS), None)
             if key is None:
-                raise ValueError(f"{where} line {n} has no \"prompt\" key")
+                raise ValueError(f"{where} {unit} {n} has no \"prompt\" key")
             records.append((record, key))
     else:
         records = [({"prompt": line.strip()}, "prompt") for line in text.splitlines() if line.strip()]
@@ -218,8 +231,6 @@ def read_index(out: str | Path) -> dict[tuple[int, int], dict]:
 
 def merge_index(out: str | Path) -> Path:
     """Fold the shards into ``runs.jsonl`` (written whole, then moved into place), then remove them."""
-    import os
-
     out = Path(out)
     shards = sorted(out.glob(SHARD_GLOB))
     entries = sorted(read_index(out).values(), key=lambda e: (int(e["row"]), int(e.get("order", 0)), int(e["seed"])))
@@ -446,21 +457,24 @@ def export_runs(entries: list[dict], rows: list[Row], out: Path, destination: Pa
 
 def main(args: dict[str, Any]) -> int:
     """``generate.py --prompts-file FILE [--seeds S] [--export LAYOUT [--export-dir DIR]] ...``: exit 0 when
-    every run is done, 1 when a row failed, 2 on bad input, 130 when interrupted."""
+    every run is done, 1 when a row failed (the main process; it reports for all), 2 on bad input, 130 when
+    interrupted."""
     args = dict(args)
     prompts_file = args.pop("prompts_file")
     seeds, export, export_dir = args.pop("seeds", None), args.pop("export", None), args.pop("export_dir", None)
     try:
         result = run_batch(prompts_file, seeds=seeds, export=export, export_dir=export_dir, **args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:        # said once, not by every process
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    if result.index is not None:
-        done = result.ok + result.skipped
-        print(f"{done} of {result.total} run(s) done ({result.skipped} skipped as finished, {result.ok} new), "
-              f"{result.failed} failed; index {result.index}")
-        if result.exported is not None:
-            print(f"exported to {result.exported}")
+    if result.index is None:          # another process of an accelerate launch: the main one reports
+        return 130 if result.interrupted else 0
+    done = result.ok + result.skipped
+    print(f"{done} of {result.total} run(s) done ({result.skipped} skipped as finished, {result.ok} new), "
+          f"{result.failed} failed; index {result.index}")
+    if result.exported is not None:
+        print(f"exported to {result.exported}")
     if result.interrupted:
         return 130
     return 1 if result.failed else 0

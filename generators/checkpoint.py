@@ -228,7 +228,7 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
     if not getattr(get_generator_class(backend), "resumable", False):
         raise ValueError(f"--resume: the {backend} backend cannot resume a run (diffusion sampling keeps no "
                          "checkpoint); run it again with the same --seed, which gives the same image")
-    header = read_header(folder)
+    done = load_state(folder).step            # the whole checkpoint is read once now, before any model loads
     extra = sorted(k for k, v in given.items() if v is not None and k not in RESUME_OPTIONS)
     if extra:
         raise ValueError(f"--resume continues a run with its own options; {', '.join(extra)} cannot be changed "
@@ -238,7 +238,7 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
     changes = {k: v for k, v in given.items() if v is not None}
     changes.setdefault("out", str(folder.parent))        # by default the new run goes beside the old one
     backend, opts, provenance = resolve_options(prompt, backend=backend, config=recorded, **changes)
-    done, iterations = int(header["step"]), opts.get("iterations")
+    iterations = opts.get("iterations")
     if isinstance(iterations, int) and iterations < done:
         raise ValueError(f"--resume: the run already did {done} steps; give --iterations {done} or more")
     before = recorded.get("iterations")
