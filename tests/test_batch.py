@@ -47,6 +47,29 @@ def test_seed_lists_and_ranges():
             parse_seeds(bad)
 
 
+def test_prompt_files_give_rows_with_their_own_seeds_and_options(tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text('Prompts,Seeds,backend,lr,Category\n"a cat, sitting",0-1,pixels,0.5,animals\na dog,,,,\n')
+    cat, dog = read_prompts(csv_file)
+    assert (cat.index, cat.prompt, cat.seeds, cat.options) == (0, "a cat, sitting", [0, 1],
+                                                               {"backend": "pixels", "learning_rate": "0.5"})
+    assert (dog.prompt, dog.seeds, dog.options, dog.record["Category"]) == ("a dog", None, {}, "")
+    tsv = tmp_path / "parti.tsv"
+    tsv.write_text("Prompt\tCategory\nbread\tFood\n")
+    assert [r.prompt for r in read_prompts(tsv)] == ["bread"]
+    jsonl = tmp_path / "g.jsonl"
+    jsonl.write_text('{"prompt": "a red circle", "seed": 7, "include": [{"class": "circle"}]}\n\n{"prompt": "x"}\n')
+    first, second = read_prompts(jsonl)
+    assert first.seeds == [7] and first.record["include"] == [{"class": "circle"}] and second.index == 1
+    text = tmp_path / "p.txt"
+    text.write_text("a red circle\n\n  a green cross  \n")
+    assert [(r.index, r.prompt) for r in read_prompts(text)] == [(0, "a red circle"), (1, "a green cross")]
+    array = tmp_path / "p.json"
+    array.write_text('["a red circle", {"prompt": "a blue square", "iterations": 3}]')
+    assert [(r.prompt, r.options) for r in read_prompts(array)] == [("a red circle", {}),
+                                                                    ("a blue square", {"iterations": 3})]
+
+
 def test_batch_skips_finished_runs_and_records_a_failing_row(tmp_path, capsys):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,lr,note\na red circle,,x\na green cross,0.2,\nnot a good row,-1,\n"
