@@ -10,8 +10,8 @@ e.g. GenEval's ``tag`` and ``include``). Row *r* (0-based, blank lines not count
 
 - **Index**: ``<out>/runs.jsonl``, one line per job (row, prompt, seed, folder, images, score, status, error,
   options fingerprint). Each process appends to its own ``runs.rank-<R>.jsonl`` as it goes; the main
-  process merges them into ``runs.jsonl`` (latest attempt per row x seed wins) at the end and at the start
-  of the next batch, so nothing is lost when a process dies.
+  process merges them into ``runs.jsonl`` (latest attempt per row x seed wins) at the end; the next batch
+  reads (and then merges) any shard a dead process left, so nothing is lost.
 - **Processes**: under ``accelerate launch`` / ``torchrun`` the jobs left to do are split by accelerate's
   ``PartialState.split_between_processes`` (CPU processes use gloo); each run is seeded by its own seed
   only, so the images equal a single-process batch.
