@@ -1,6 +1,6 @@
 """The web UI in a real browser: ``scripts/app.py`` on a free loopback port, driven by Debian's headless
 Chromium through Playwright (never a downloaded browser). Type a toy prompt, start, watch the preview
-change, stop, find the run in the gallery, reuse its settings.
+change, stop, find the run in the gallery, reuse its settings, resume it.
 
 Skipped, with the reason, where ``/usr/bin/chromium``, gradio or playwright is missing; ``.ci/run``
 installs Chromium first, so CI always runs it.
@@ -93,4 +93,13 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         assert page.input_value("#opt-iterations input") == "400"
         page.click("#group-output > button")
         assert page.input_value("#opt-seed textarea, #opt-seed input") == str(meta["seed"])
+
+        # Resume continues the selected (stopped) run from its checkpoint, in a new folder
+        page.click("#resume")
+        _wait(lambda: page.inner_text("#status").startswith("running"), 60, "the resumed run to start")
+        page.click("#stop")
+        _wait(lambda: "interrupted; saved" in page.inner_text("#status"), 60, "the resumed run to be saved")
+        resumed = [m for m in (json.loads(p.read_text()) for p in out.glob("*/run.json")) if m.get("resumed_from")]
+        assert [m["resumed_from"]["folder"] for m in resumed] == [str(runs[0])]
+        assert resumed[0]["prompt"] == PROMPT and resumed[0]["steps_done"] > meta["steps_done"]
         assert outside == []                                              # the page fetched nothing from elsewhere

@@ -135,6 +135,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             with gr.Column(scale=2):
                 with gr.Row():
                     reuse = gr.Button("Reuse settings", elem_id="reuse")
+                    resume = gr.Button("Resume", elem_id="resume")
                     refresh = gr.Button("Refresh", elem_id="refresh")
                 files = gr.File(label="download", file_count="multiple", interactive=False, elem_id="run-files")
                 details = gr.Markdown(elem_id="run-details", max_height=420)
@@ -164,15 +165,9 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             values.update({n: current[n] for n in KEPT_ON_SWITCH})
             return fill(values, current["backend"]) + [""]
 
-        def start_run(request: gr.Request, *args):
-            values = dict(zip(order, args[:-1]))
-            try:
-                options = run_options(values)
-            except USER_ERRORS as err:
-                yield {status: f"error: {err}"}
-                return
-            job = Job(options, preview_every=int(args[-1] or 0)).start()
-            jobs[request.session_hash] = job
+        def stream(job: Job, session: str):
+            """Run *job*, yielding the page's updates: status, progress, preview, plot, then the gallery."""
+            jobs[session] = job.start()
             yield {status: "loading models…", progress: "", preview: None, plot: None}
             try:
                 for batch in job.updates():
@@ -187,13 +182,29 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                 if not job.done:              # the page went away: end the run as Stop does
                     job.stop()
                     job.join()
-                jobs.pop(request.session_hash, None)
+                jobs.pop(session, None)
             if job.error is not None:
                 yield {status: job.error}
                 return
             pictures, folders = gallery_update()
             yield {status: _summary(job.run), preview: job.run.image, progress: _progress_html(job.steps, False),
                    gallery: pictures, listed: folders}
+
+        def start_run(request: gr.Request, *args):
+            values = dict(zip(order, args[:-1]))
+            try:
+                options = run_options(values)
+            except USER_ERRORS as err:
+                yield {status: f"error: {err}"}
+                return
+            yield from stream(Job(options, preview_every=int(args[-1] or 0)), request.session_hash)
+
+        def resume_run(request: gr.Request, folder: str | None, every):
+            """Continue the selected run from its checkpoint, in a new run folder under --out."""
+            if not folder:
+                yield {status: "select a run in the gallery first"}
+                return
+            yield from stream(Job({"resume": folder, "out": out}, preview_every=int(every or 0)), request.session_hash)
 
         def stop_run(request: gr.Request):
             job = jobs.get(request.session_hash)
@@ -228,8 +239,11 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             fields[name].input(switch, form_inputs, form_outputs + [status], concurrency_limit=None)
         for event in (fields["config"].submit, fields["config"].blur):     # its options fill the form
             event(switch, form_inputs, form_outputs + [status], concurrency_limit=None)
-        start.click(start_run, form_inputs + [preview_every], [status, progress, preview, plot, gallery, listed],
-                    concurrency_limit=1, concurrency_id="run", show_progress_on=[status])
+        run_outputs = [status, progress, preview, plot, gallery, listed]
+        start.click(start_run, form_inputs + [preview_every], run_outputs, concurrency_limit=1, concurrency_id="run",
+                    show_progress_on=[status])
+        resume.click(resume_run, [selected, preview_every], run_outputs, concurrency_limit=1, concurrency_id="run",
+                     show_progress_on=[status])
         stop.click(stop_run, None, status, concurrency_limit=None, concurrency_id="stop", show_progress="hidden")
         gallery.select(select_run, listed, [details, files, selected], concurrency_limit=None)
         reuse.click(reuse_run, selected, form_outputs + [status], concurrency_limit=None)

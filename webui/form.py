@@ -29,6 +29,9 @@ from generators.presets import DESCRIPTIONS, preset_names
 
 NONE = NO_PRESET = "none"
 RUN_GROUP = ("run", "backend, preset and config file")
+#: command-line options with no form field: a batch (--prompts-file and its companions) is a command-line
+#: workflow, and --resume is the gallery's Resume button
+CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume")
 #: option fields whose value a change of backend or preset keeps (what to draw, not how)
 KEPT_ON_SWITCH = frozenset({"prompt", "story", "image_prompts", "noise_prompts", "seed", "out"})
 
@@ -214,6 +217,7 @@ def shown(backend: str) -> tuple[set[str], set[str]]:
 
 
 __all__ = [
+    "CLI_ONLY",
     "KEPT_ON_SWITCH",
     "NO_PRESET",
     "FormField",
