@@ -158,6 +158,16 @@ def test_bad_input_gives_the_cli_error(tmp_path, argv, change):
     assert "\n" not in job.error and not any(tmp_path.iterdir())   # one line, nothing written
 
 
+def test_the_runs_warnings_are_the_clis(tmp_path):
+    values = form_values("sd", "toy")
+    values.update(prompt=PROMPT, out=str(tmp_path), progress=False, steps=2, strength=0.5)   # no init image
+    job = Job(run_options(values)).start()
+    for _ in job.updates():
+        pass
+    assert job.error is None
+    assert job.warning_lines() == ["warning: --strength does nothing without --init-image (sd backend); it is ignored"]
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["vqgan", "sd"])
 def test_stop_saves_the_run_interrupted_as_ctrl_c_does(tmp_path, backend):

@@ -85,6 +85,11 @@ def _progress_html(steps: list[Step], stopping: bool) -> str:
             f'<div id="progress-text">step {last.step + 1}/{last.total}{timing}{label}</div>')
 
 
+def _with_warnings(text: str, job: Job) -> str:
+    lines = job.warning_lines()
+    return text + ("\n\n" + "  \n".join(html.escape(w) for w in lines) if lines else "")
+
+
 def _summary(run) -> str:
     """The run's last lines, as ``scripts/generate.py`` prints them."""
     where = run.image_path if run.image_path is not None else "(not saved)"
@@ -171,8 +176,8 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             yield {status: "loading models…", progress: "", preview: None, plot: None}
             try:
                 for batch in job.updates():
-                    update = {status: "stopping: the current image will be saved, marked interrupted"
-                              if job.stopping else "running", progress: _progress_html(job.steps, job.stopping),
+                    update = {status: _with_warnings("stopping: the current image will be saved, marked interrupted"
+                                                     if job.stopping else "running", job), progress: _progress_html(job.steps, job.stopping),
                               plot: _plot_frame(job.steps)}
                     images = [s.image for s in batch if s.image is not None]
                     if images:
@@ -184,10 +189,10 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                     job.join()
                 jobs.pop(session, None)
             if job.error is not None:
-                yield {status: job.error}
+                yield {status: _with_warnings(job.error, job)}
                 return
             pictures, folders = gallery_update()
-            yield {status: _summary(job.run), preview: job.run.image, progress: _progress_html(job.steps, False),
+            yield {status: _with_warnings(_summary(job.run), job), preview: job.run.image, progress: _progress_html(job.steps, False),
                    gallery: pictures, listed: folders}
 
         def start_run(request: gr.Request, *args):

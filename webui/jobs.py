@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ class Job:
     steps: list[Step] = field(default_factory=list)
     run: Any = None                     # the generators.session.Run once finished
     error: str | None = None            # the one-line error, as the CLI prints it
+    warnings: list = field(default_factory=list)   # warnings.WarningMessage of the run, as they come
     started: float = 0.0
 
     def __post_init__(self):
@@ -63,6 +65,12 @@ class Job:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+    def warning_lines(self) -> list[str]:
+        """The run's warnings to the user (``UserWarning``: options that do nothing...) as the CLI prints
+        them (``warning: ...``), each once; libraries' deprecation notices are left out."""
+        return list(dict.fromkeys(f"warning: {w.message}" for w in list(self.warnings)
+                                  if issubclass(w.category, UserWarning)))
 
     @property
     def done(self) -> bool:
@@ -88,7 +96,10 @@ class Job:
         from generators.session import generate
 
         try:
-            self.run = generate(**self.options, callback=self._step, stop=self._stop)
+            # the run's warnings, as the CLI prints them (one job runs at a time, so one catcher at a time)
+            with warnings.catch_warnings(record=True) as caught:
+                self.warnings = caught
+                self.run = generate(**self.options, callback=self._step, stop=self._stop)
         except KeyboardInterrupt:
             self.error = "stopped before the first step; nothing saved"
         except USER_ERRORS as err:
