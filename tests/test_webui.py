@@ -172,7 +172,7 @@ def test_the_runs_warnings_are_the_clis(tmp_path):
 @pytest.mark.parametrize("backend", ["vqgan", "sd"])
 def test_stop_saves_the_run_interrupted_as_ctrl_c_does(tmp_path, backend):
     values = form_values(backend, "toy")
-    values.update(prompt=PROMPT, seed="2", out=str(tmp_path), progress=False, iterations=30, steps=50)
+    values.update(prompt=PROMPT, seed="2", out=str(tmp_path), progress=False, iterations=40, steps=50)
     job = Job(run_options(values), preview_every=2).start()
     previews = []
     for batch in job.updates():
@@ -184,7 +184,7 @@ def test_stop_saves_the_run_interrupted_as_ctrl_c_does(tmp_path, backend):
     assert job.error is None and run.interrupted
     meta = read_metadata(run.path)
     assert meta["interrupted"] is True and meta["stopped_at"] is None
-    assert 4 <= meta["steps_done"] < (30 if backend == "vqgan" else 50)
+    assert 4 <= meta["steps_done"] < (40 if backend == "vqgan" else 50)
     assert run.image_path.is_file() and len(meta["losses"]) == meta["steps_done"]
     assert len(previews) >= 2 and previews[0].size == (64, 64)
     assert [s.step for s in job.steps] == list(range(len(job.steps)))
@@ -196,7 +196,7 @@ def test_stop_saves_the_run_interrupted_as_ctrl_c_does(tmp_path, backend):
     if backend == "vqgan":
         assert resumed.error is None and resumed.run.path != run.path
         again = read_metadata(resumed.run.path)
-        assert again["steps_done"] == 30 and not again["interrupted"]
+        assert again["steps_done"] == 40 and not again["interrupted"]
         assert again["resumed_from"]["folder"] == str(run.path)
     else:
         assert resumed.error.startswith("error: --resume: the sd backend cannot resume a run")
