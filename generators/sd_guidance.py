@@ -39,6 +39,10 @@ class NoiseTables:
     sigma_frame: bool                     # True: x = x0 + sigma*eps (c_in < 1); False: x = z
     alpha_bars: torch.Tensor              # [num steps], float32, on the device
     next_alpha_bars: torch.Tensor | None = None   # ``ab`` of the sample that step i's ``scheduler.step`` returns
+    # rectified flow (:func:`flow_tables`): the sample is ``x = scale * z``; step i's and the next sample's scale
+    sample_scales: torch.Tensor | None = None
+    next_sample_scales: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None    # rectified flow: the scheduler's sigma t of each step
 
     def alpha_bar(self, index: int) -> torch.Tensor:
         """``ab`` at run step *index* as a 0-dim float32 tensor on the device (no host sync)."""
@@ -110,6 +114,30 @@ def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device 
                        next_alpha_bars=_vp_next_levels(scheduler, values, table).to(device))
 
 
+def flow_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu") -> NoiseTables:
+    """Noise levels of a rectified-flow run (``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps``):
+    ``x_t = (1-t) x0 + t eps`` with ``t`` the scheduler's sigma is the VP latent ``z = x_t / r`` scaled by
+    ``r = sqrt((1-t)^2 + t^2)``, with ``ab = (1-t)^2 / r^2`` (floored at ``FLOW_MIN_ALPHA_BAR``)."""
+    from .families import FLOW_MIN_ALPHA_BAR
+
+    name = type(scheduler).__name__
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or len(timesteps) == 0 or len(sigmas) < len(timesteps) + 1:
+        raise ValueError(f"scheduler {name} has no flow-matching sigmas for {len(timesteps)} steps; use the "
+                         "model's own FlowMatchEulerDiscreteScheduler (--scheduler auto)")
+    t = torch.as_tensor(sigmas).detach().double().cpu()[: len(timesteps) + 1]
+
+    def levels(v):
+        scale = ((1 - v) ** 2 + v ** 2).sqrt()
+        return ((1 - v) ** 2 / scale ** 2).clamp(min=FLOW_MIN_ALPHA_BAR, max=1.0).float(), scale.float()
+
+    ab, scale = levels(t[:-1])
+    next_ab, next_scale = levels(t[1:])
+    return NoiseTables(sigma_frame=False, alpha_bars=ab.to(device), next_alpha_bars=next_ab.to(device),
+                       sample_scales=scale.to(device), next_sample_scales=next_scale.to(device),
+                       sigmas=t[:-1].float().to(device))
+
+
 def _vp_next_levels(scheduler, timesteps: list[float], table: torch.Tensor) -> torch.Tensor:
     """``ab`` after each step of a VP scheduler: DDIM's own rule (``t - T // n``, then
     ``final_alpha_cumprod``) where the scheduler has it, else the next timestep's level (1 after the last)."""
@@ -136,6 +164,10 @@ def renoise(sample: torch.Tensor, tables: NoiseTables, index: int, generator: to
     ab, ab_next = tables.alpha_bar(index).double(), tables.next_alpha_bar(index).double()
     noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(sample.device)
+    if tables.sample_scales is not None:       # rectified flow: through the VP frame, x = scale * z
+        a = (ab / ab_next).clamp(max=1.0)
+        z = sample / tables.next_sample_scales[index]
+        return tables.sample_scales[index] * (a.sqrt().float() * z + (1 - a).sqrt().float() * noise)
     if tables.sigma_frame:
         extra = ((1 - ab) / ab - (1 - ab_next) / ab_next).clamp(min=0).sqrt()
         return sample + extra.float() * noise
