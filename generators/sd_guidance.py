@@ -43,6 +43,7 @@ class NoiseTables:
     sample_scales: torch.Tensor | None = None
     next_sample_scales: torch.Tensor | None = None
     sigmas: torch.Tensor | None = None    # rectified flow: the scheduler's sigma t of each step
+    next_sigmas: torch.Tensor | None = None   # rectified flow: sigma of the sample step i returns
 
     def alpha_bar(self, index: int) -> torch.Tensor:
         """``ab`` at run step *index* as a 0-dim float32 tensor on the device (no host sync)."""
@@ -135,7 +136,7 @@ def flow_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device =
     next_ab, next_scale = levels(t[1:])
     return NoiseTables(sigma_frame=False, alpha_bars=ab.to(device), next_alpha_bars=next_ab.to(device),
                        sample_scales=scale.to(device), next_sample_scales=next_scale.to(device),
-                       sigmas=t[:-1].float().to(device))
+                       sigmas=t[:-1].float().to(device), next_sigmas=t[1:].float().to(device))
 
 
 def _vp_next_levels(scheduler, timesteps: list[float], table: torch.Tensor) -> torch.Tensor:
@@ -158,16 +159,17 @@ def renoise(sample: torch.Tensor, tables: NoiseTables, index: int, generator: to
 
     VP frame: ``x_t = sqrt(a) x_{t-1} + sqrt(1 - a) eps`` with ``a = ab_t / ab_{t-1}`` (the forward
     process from ``t-1`` to ``t``: Bansal et al.'s self-recurrence, FreeDoM's time-travel); sigma frame: ``x_t = x_{t-1} +
-    sqrt(sigma_t^2 - sigma_{t-1}^2) eps``. Both keep the marginal ``z_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps``.
+    sqrt(sigma_t^2 - sigma_{t-1}^2) eps``; rectified flow (from ``t'`` to ``t``): ``x_t = (1-t)/(1-t') x_{t'} +
+    sqrt(t^2 - ((1-t) t' / (1-t'))^2) eps``. Both keep the marginal ``z_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps``.
     The noise is drawn from *generator* (the run's objective stream), so the sampler's own stream is untouched.
     """
     ab, ab_next = tables.alpha_bar(index).double(), tables.next_alpha_bar(index).double()
     noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(sample.device)
-    if tables.sample_scales is not None:       # rectified flow: through the VP frame, x = scale * z
-        a = (ab / ab_next).clamp(max=1.0)
-        z = sample / tables.next_sample_scales[index]
-        return tables.sample_scales[index] * (a.sqrt().float() * z + (1 - a).sqrt().float() * noise)
+    if tables.sigmas is not None:       # rectified flow from t' to t: the same marginal, x_t = (1-t) x0 + t eps
+        t, before = tables.sigmas[index].double(), tables.next_sigmas[index].double()
+        keep = (1 - t) / (1 - before)
+        return keep.float() * sample + (t ** 2 - (keep * before) ** 2).clamp(min=0).sqrt().float() * noise
     if tables.sigma_frame:
         extra = ((1 - ab) / ab - (1 - ab_next) / ab_next).clamp(min=0).sqrt()
         return sample + extra.float() * noise

@@ -90,8 +90,8 @@ def test_checkpointing_gives_the_same_gradient(pipe):
     grads = []
     for checkpointing in (False, True):
         gen = make(pipe, render_steps=3, checkpointing=checkpointing)
-        embeds, cfg, _ = gen._embeddings(gen.pipe, Brightness(), 1)
-        render = gen.make_renderer(gen.pipe, gen.scheduler, embeds, cfg, 3, seed=0)
+        conditioning, _ = gen._embeddings(gen.pipe, Brightness(), 1)
+        render = gen.make_renderer(gen.pipe, gen.scheduler, conditioning, 3, seed=0)
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
         Brightness()(render(z)).total.backward()
         grads.append(z.grad.clone())
