@@ -122,9 +122,10 @@ class Family:
         return unet(x.to(unet.dtype), t, **kwargs, return_dict=False)[0].float()
 
     # -- decoding ----------------------------------------------------------------------------------------
-    def vae_latents(self, latents: torch.Tensor, *, height: int, width: int) -> torch.Tensor:
-        """The sampler's final latents as the VAE decoder's input (float32)."""
-        return latents.float() / self.pipe.vae.config.scaling_factor
+    def vae_latents(self, latents: torch.Tensor, *, height: int, width: int, vae=None) -> torch.Tensor:
+        """The sampler's final latents as the input of *vae*'s decoder (float32; default: the pipeline's VAE;
+        an ``AutoencoderTiny`` such as taesd, taesdxl, taesd3 or taef1 has its own scaling and shift factors)."""
+        return latents.float() / (vae or self.pipe.vae).config.scaling_factor
 
 
 class SDXLFamily(Family):
@@ -151,15 +152,15 @@ class SDXLFamily(Family):
 
         return _conditioning(kwargs(cond, pooled), kwargs(uncond, uncond_pooled) if cfg else None)
 
-    def vae_latents(self, latents, *, height, width):
-        cfg = self.pipe.vae.config
+    def vae_latents(self, latents, *, height, width, vae=None):
+        cfg = (vae or self.pipe.vae).config
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         if mean is not None and std is not None:
             view = (1, len(mean), 1, 1)
             mean = torch.tensor(mean, device=latents.device).view(view)
             std = torch.tensor(std, device=latents.device).view(view)
             return latents.float() * std / cfg.scaling_factor + mean
-        return super().vae_latents(latents, height=height, width=width)
+        return super().vae_latents(latents, height=height, width=width, vae=vae)
 
 
 class FlowFamily(Family):
@@ -207,9 +208,9 @@ class FlowFamily(Family):
         return self._module().calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                                               c.get("base_shift", 0.5), c.get("max_shift", 1.16))
 
-    def vae_latents(self, latents, *, height, width):
-        cfg = self.pipe.vae.config
-        return latents.float() / cfg.scaling_factor + cfg.shift_factor
+    def vae_latents(self, latents, *, height, width, vae=None):
+        cfg = (vae or self.pipe.vae).config
+        return latents.float() / cfg.scaling_factor + getattr(cfg, "shift_factor", 0.0)
 
 
 class SD3Family(FlowFamily):
@@ -295,9 +296,9 @@ class FluxFamily(FlowFamily):
         return model(hidden_states=x.to(model.dtype), timestep=timestep / 1000, guidance=guidance, **kwargs,
                      return_dict=False)[0].float()
 
-    def vae_latents(self, latents, *, height, width):
+    def vae_latents(self, latents, *, height, width, vae=None):
         unpacked = self.pipe._unpack_latents(latents.float(), height, width, self.pipe.vae_scale_factor)
-        return super().vae_latents(unpacked, height=height, width=width)
+        return super().vae_latents(unpacked, height=height, width=width, vae=vae)
 
 
 def _conditioning(cond: dict, uncond: dict | None) -> Conditioning:

@@ -202,9 +202,6 @@ class StableDiffusionGenerator(Generator):
         check_recurrence(s.recurrence, pipe.scheduler)
         self.vae_scale = int(pipe.vae_scale_factor)
         self.width, self.height = self._size()
-        if s.tiny_vae and self.family.flow:
-            raise ValueError(f"--tiny-vae decodes SD 1.x/2.x and SDXL latents (taesd, taesdxl); {self.family.label} "
-                             "guidance decodes with the model's own VAE: drop --tiny-vae")
         self.tiny_vae = load_tiny_vae(s.tiny_vae, pipe) if s.tiny_vae else None
         self._place_models()
         # Fail now, not mid-run, if the schedule has no readable noise level.
@@ -316,11 +313,9 @@ class StableDiffusionGenerator(Generator):
 
     def _guidance_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable decode of the clean estimate for the objective (tiny VAE if set)."""
-        if self.tiny_vae is None:
-            image = self.pipe.vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width),
-                                         return_dict=False)[0]
-        else:     # taesd / taesdxl read the sampler's scaled latents
-            image = self.tiny_vae.decode(latents.float() / self.tiny_vae.config.scaling_factor, return_dict=False)[0]
+        vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
+        image = vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width, vae=vae),
+                           return_dict=False)[0]
         return image.float() / 2 + 0.5     # unclamped: objectives clamp; --range-weight sees the overshoot
 
     # -- sampling ------------------------------------------------------------------------------
@@ -635,4 +630,4 @@ def check_tiny_vae(vae, pipe) -> None:
     if cfg.latent_channels != pipe.vae.config.latent_channels or factor != pipe.vae_scale_factor:
         raise ValueError(f"tiny VAE has {cfg.latent_channels} latent channels and {factor}x upsampling, the "
                          f"pipeline {pipe.vae.config.latent_channels} and {pipe.vae_scale_factor}x; use the tiny "
-                         "VAE made for this model family (taesd for SD 1.x/2.x)")
+                         "VAE made for this model family (taesd for SD 1.x/2.x, taesdxl, taesd3, taef1)")

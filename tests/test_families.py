@@ -166,6 +166,22 @@ def test_vae_tiling_is_passed_through(clip_loss, pipes):
     assert not gen.pipe.vae.use_tiling
 
 
+def test_a_tiny_vae_decodes_the_guidance_image_of_a_flow_model(clip_loss, pipes, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "taesd3")
+    full = make(pipes("sd3"), "sd3", steps=2).generate(clip_loss, seed=0)
+    tiny = make(pipes("sd3"), "sd3", steps=2, tiny_vae=str(tmp_path / "taesd3"))
+    calls = []
+    hook = tiny.tiny_vae.decoder.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    result = tiny.generate(clip_loss, seed=0)
+    hook.remove()
+    assert calls == [True, True] and len(result.losses) == 2 and torch.isfinite(result.images).all()
+    assert (result.images - full.images).abs().max() > 1e-4       # the final image is the full VAE's, other steering
+
+
 # -- loading: the family comes from the model ------------------------------------------------------------------
 @pytest.mark.parametrize("case, expected", [("sdxl", "StableDiffusionXLPipeline"), ("sd3", "StableDiffusion3Pipeline"),
                                             ("flux-schnell", "FluxPipeline")])
@@ -209,7 +225,6 @@ def test_an_unsupported_family_is_named_with_the_supported_ones(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     ({"scheduler": "ddim"}, r"--scheduler ddim is a DDPM sampler; SD3/3.5 is a rectified-flow model"),
-    ({"tiny_vae": "madebyollin/taesd"}, "drop --tiny-vae"),
 ])
 def test_flow_family_errors_are_one_line(pipes, options, message):
     with pytest.raises(ValueError, match=message) as err:
