@@ -26,39 +26,43 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, clip_folder, environment, run_isolated  # noqa: E402
+from common import ROOT, clip_folder, environment, run_isolated
 
 CACHE = ROOT / "benchmarks" / ".cache"
 PROMPT = "a fantasy castle, detailed"
 
 # Published configs (diffusers folders of the Hub models named), written out here.
-SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32)
-SD_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-              norm_num_groups=32)
-SD3_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=192)
-FLUX_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-schnell transformer/config.json
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32}
+SD_VAE = {"in_channels": 3, "out_channels": 3, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+              "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+              "norm_num_groups": 32}
+SD3_TRANSFORMER = {  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192}
+FLUX_TRANSFORMER = {  # black-forest-labs/FLUX.1-schnell transformer/config.json
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
+    "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56)}
 
 FAMILIES = {
-    "sdxl": dict(label="SDXL base 1.0", size=1024, cfg=5.0, latent_channels=4, text_tokens=77),
-    "sd3": dict(label="SD3 medium", size=1024, cfg=7.0, latent_channels=16, text_tokens=77 + 256),
-    "flux": dict(label="FLUX.1 schnell", size=1024, cfg=0.0, latent_channels=16, text_tokens=256),
+    "sdxl": {"label": "SDXL base 1.0", "size": 1024, "cfg": 5.0, "latent_channels": 4, "text_tokens": 77},
+    "sd3": {"label": "SD3 medium", "size": 1024, "cfg": 7.0, "latent_channels": 16, "text_tokens": 77 + 256},
+    "flux": {"label": "FLUX.1 schnell", "size": 1024, "cfg": 0.0, "latent_channels": 16, "text_tokens": 256},
 }
 
 
 def denoiser(family: str):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     if family == "sdxl":
         return UNet2DConditionModel(**SDXL_UNET)
@@ -74,8 +78,14 @@ def parameter_count(family: str) -> int:
 
 def pipeline(family: str, dtype: torch.dtype):
     """The family's diffusers pipeline without text encoders; the denoiser is built directly in *dtype*."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           StableDiffusion3Pipeline, StableDiffusionXLPipeline)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionXLPipeline,
+    )
 
     torch.manual_seed(0)
     default = torch.get_default_dtype()

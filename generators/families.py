@@ -404,5 +404,17 @@ class _LazyCheckpoint:
             return f.get_tensor(key)
 
 
-__all__ = ["Family", "SDXLFamily", "SD3Family", "FluxFamily", "FlowFamily", "Conditioning", "FAMILIES",
-           "family_of", "family_class", "pipeline_class_of", "supported", "FLOW_MIN_ALPHA_BAR"]
+__all__ = [
+    "FAMILIES",
+    "FLOW_MIN_ALPHA_BAR",
+    "Conditioning",
+    "Family",
+    "FlowFamily",
+    "FluxFamily",
+    "SD3Family",
+    "SDXLFamily",
+    "family_class",
+    "family_of",
+    "pipeline_class_of",
+    "supported",
+]

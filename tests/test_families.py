@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from test_stable_diffusion import guided_and_plain_losses
+from tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 from generators import get_generator
 from generators.families import FAMILIES, family_of, pipeline_class_of
@@ -15,7 +17,6 @@ from generators.noise import NoiseGenerator, NoiseSettings
 from generators.sd_guidance import clean_estimate, flow_tables, renoise
 from generators.stable_diffusion import Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts
-from tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a red circle"
 # family -> (tiny pipeline, our size options, the diffusers pipeline's call options for the same run)
@@ -57,11 +58,6 @@ def reference(pipe, case, seed, steps=3):
                 **FAMILY_CASES[case][2]).images
 
 
-def final_loss(clip_loss, images):
-    with torch.no_grad():
-        return clip_loss(images, generator=torch.Generator().manual_seed(0)).per_image
-
-
 @pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_zero_scale_is_the_diffusers_pipeline_and_guidance_changes_the_image(clip_loss, pipes, case):
     gen = make(pipes(case), case, clip_guidance_scale=0.0)
@@ -78,11 +74,7 @@ def test_zero_scale_is_the_diffusers_pipeline_and_guidance_changes_the_image(cli
 def test_guidance_lowers_the_objective(clip_loss, pipes, case, scale):
     """Over seeds, guided final images score better on the guiding loss than unguided ones of the same seed."""
     gen = make(pipes(case), case, steps=4, num_images=2, clip_guidance_scale=scale)
-    guided, plain = [], []
-    for seed in range(2):
-        guided.append(final_loss(clip_loss, gen.generate(clip_loss, seed=seed).images))
-        plain.append(final_loss(clip_loss, gen.generate(None, seed=seed).images))
-    guided, plain = torch.cat(guided), torch.cat(plain)
+    guided, plain = guided_and_plain_losses(gen, clip_loss, range(2))
     assert guided.mean() < plain.mean() - 0.005
     assert (guided < plain).float().mean() >= 0.75
 
@@ -123,10 +115,10 @@ def test_flow_clean_estimate_and_renoise_match_the_scheduler():
             x = step
 
 
-GUIDER_OPTIONS = {"clip": dict(clip_guidance_scale=500.0), "dps": dict(clip_guidance_scale=50.0),
-                  "mpgd": dict(clip_guidance_scale=50.0), "freedom": dict(clip_guidance_scale=0.5),
-                  "ugd": dict(clip_guidance_scale=500.0, backward_steps=1, backward_lr=20.0),
-                  "tfg": dict(clip_guidance_scale=50.0, backward_steps=1, backward_lr=20.0, smoothing=0.05)}
+GUIDER_OPTIONS = {"clip": {"clip_guidance_scale": 500.0}, "dps": {"clip_guidance_scale": 50.0},
+                  "mpgd": {"clip_guidance_scale": 50.0}, "freedom": {"clip_guidance_scale": 0.5},
+                  "ugd": {"clip_guidance_scale": 500.0, "backward_steps": 1, "backward_lr": 20.0},
+                  "tfg": {"clip_guidance_scale": 50.0, "backward_steps": 1, "backward_lr": 20.0, "smoothing": 0.05}}
 
 
 @pytest.mark.parametrize("case", ["sdxl", "sd3", "flux-schnell"])

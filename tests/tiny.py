@@ -265,7 +265,11 @@ def _tiny_flow_vae(seed: int, latent_channels: int, blocks: int):
 def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 16):
     """A ``StableDiffusion3Pipeline``: an ``SD3Transformer2DModel``, two CLIP text encoders with projection and
     a tiny T5, a 2x VAE and ``FlowMatchEulerDiscreteScheduler``; images ``sample_size * 2`` px square."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -286,7 +290,11 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
     """A ``FluxPipeline``: a ``FluxTransformer2DModel`` (``guidance_embeds``: as FLUX.1-dev, else schnell), a
     CLIP text encoder and a tiny T5, a 2x VAE with 4 latent channels (packed 2x2 to 16);
     ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting as FLUX's. Pass 32x32 px."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
