@@ -382,7 +382,10 @@ class _LazyCheckpoint:
             with safe_open(str(self.path), framework="pt") as f:
                 self._keys = list(f.keys())
         else:
-            state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            try:     # zip checkpoints are memory-mapped; the legacy format is read whole
+                state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                state = torch.load(str(self.path), map_location="cpu", weights_only=True)
             self._state = state.get("state_dict", state)
             self._keys = list(self._state)
 

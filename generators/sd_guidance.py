@@ -72,7 +72,8 @@ def check_scheduler(scheduler) -> None:
     prediction = getattr(scheduler.config, "prediction_type", None)
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"scheduler {name} predicts {prediction!r}; CLIP guidance supports "
-                         f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x); pick another --sd model")
+                         f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x, SDXL) and rectified-flow SD3/FLUX; "
+                         "pick another --sd model")
 
 
 def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu", *,

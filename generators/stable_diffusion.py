@@ -1,4 +1,11 @@
-"""Stable Diffusion through diffusers, with a CLIP loss steering every guided denoising step.
+"""Diffusion models through diffusers (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1), with an objective steering every
+guided denoising step.
+
+Each model family is an adapter of :mod:`generators.families` (conditioning, starting latents,
+timesteps, the denoiser call and the VAE's input, all with the diffusers pipeline's own methods); the
+loop below is the same for every family. Rectified-flow families (SD3, FLUX) are handed to the guiders
+in the variance-preserving frame with their clean estimate as a ``"sample"`` prediction, and the
+corrected clean estimate goes back to ``FlowMatchEulerDiscreteScheduler`` as a velocity.
 
 At a guided step the clean latent is predicted from the current latent and the (CFG) model
 output at the scheduler's own noise level, decoded by the VAE (or a tiny ``AutoencoderTiny``)
@@ -153,8 +160,9 @@ class StableDiffusionGenerator(Generator):
     guidance of Dhariwal & Nichol 2021 with a CLIP loss, as in the diffusers community CLIP-guided
     pipeline and Disco Diffusion), on top of classifier-free guidance.
 
-    ``pipeline``: an already built ``StableDiffusionPipeline`` to use instead of loading ``sd_model``
-    (its scheduler is replaced per ``settings.scheduler`` and its weights are frozen).
+    ``pipeline``: an already built ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline`` or ``FluxPipeline`` to use instead of loading ``sd_model`` (its scheduler
+    is replaced per ``settings.scheduler`` and its weights are frozen).
 
     ``generate(clip_loss, seed=, callback=)``: ``clip_loss=None`` or ``clip_guidance_scale=0`` is
     plain diffusers sampling. The UNet is conditioned on ``settings.prompt``, or, when that is empty,

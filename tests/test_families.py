@@ -197,6 +197,10 @@ def test_single_file_checkpoints_are_recognised_by_their_keys(tmp_path):
     xl = {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)}
     save_file(xl, str(tmp_path / "xl.safetensors"))
     assert pipeline_class_of("xl.safetensors", tmp_path / "xl.safetensors", True) == "StableDiffusionXLPipeline"
+    torch.save({"state_dict": {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias":
+                               torch.zeros(9216), "model.diffusion_model.pos_embed": torch.zeros(1, 36864, 1)}},
+               tmp_path / "sd3.ckpt")
+    assert pipeline_class_of("sd3.ckpt", tmp_path / "sd3.ckpt", True) == "StableDiffusion3Pipeline"
     refiner = {"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)}
     save_file(refiner, str(tmp_path / "refiner.safetensors"))
     with pytest.raises(ValueError, match=r"xl_refiner.*does not support; supported: StableDiffusionPipeline") as err:
