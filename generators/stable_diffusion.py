@@ -536,7 +536,8 @@ def _load_error(kind: str, name: str, err: Exception) -> OSError:
 
 
 def check_model_path(spec: str) -> Path:
-    """One-line errors, before anything loads, for a local --sd model that is missing or not a pipeline."""
+    """One-line errors, before anything loads, for a local --sd model that is missing, not a pipeline, or of a
+    family clipsteer does not support."""
     path = Path(spec).expanduser()
     if spec.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
@@ -546,6 +547,7 @@ def check_model_path(spec: str) -> Path:
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{spec!r} is not a diffusers pipeline folder (no model_index.json); "
                                     "point --sd at the folder that `save_pretrained` or `hf download` wrote")
+        family_class(pipeline_class_of(spec, path, False), spec)     # an unsupported family: one line, now
     elif _looks_like_path(spec):
         raise FileNotFoundError(f"Stable Diffusion model folder {spec!r} does not exist; give a Hub id such as "
                                 "'stable-diffusion-v1-5/stable-diffusion-v1-5' or an existing local folder")

@@ -215,6 +215,8 @@ def test_an_unsupported_family_is_named_with_the_supported_ones(tmp_path):
         StableDiffusionGenerator(Settings(sd_model=str(tmp_path / "kandinsky")), device="cpu")
     message = str(err.value)
     assert "KandinskyV22Pipeline" in message and "\n" not in message
+    with pytest.raises(ValueError, match="KandinskyV22Pipeline"):         # before anything loads
+        StableDiffusionGenerator.check(Settings(sd_model=str(tmp_path / "kandinsky")))
     for name in FAMILIES:
         assert name in message
 
