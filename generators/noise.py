@@ -119,6 +119,7 @@ class NoiseGenerator(Generator):
     Settings = NoiseSettings
     presets = {"toy": toy_preset}
     needs_objective = True
+    resumable = True
 
     @classmethod
     def check(cls, s: NoiseSettings, device=None) -> None:
@@ -273,7 +274,7 @@ class NoiseGenerator(Generator):
         result = optimise(z.requires_grad_(True), render, objective, optimizer=s.optimizer, lr=s.learning_rate,
                           schedule=s.lr_schedule, steps=s.iterations, regulariser=regulariser, callback=callback,
                           generator=seed_generator(seed, "objective"), decode=decode, keep_best=s.keep_best,
-                          grad_clip=s.grad_clip, optimizer_kwargs=extra)
+                          grad_clip=s.grad_clip, optimizer_kwargs=extra, checkpoint=self.checkpoint)
         info = {"renderer_calls": result.steps_done, "best_step": result.best_step, "best_loss": result.best_loss}
         return {"latents": z.detach(), "losses": result.losses, "steps_done": result.steps_done,
                 "stopped_at": result.stopped_at, "interrupted": result.interrupted, "info": info}
