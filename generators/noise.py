@@ -10,7 +10,10 @@ decode -> images in ``[0, 1]``, differentiable end to end. VQGAN+CLIP's idea wit
   iterations, the best iterate kept by the objective, and the noise-norm regulariser
   ``reg_weight * (½‖z‖² − (d−1)·log‖z‖)`` (in float32), whose minimum is at ``‖z‖ = √(d−1)``, so the
   noise stays Gaussian-typical. Multi-step renderers can checkpoint the UNet calls (Tang et al. 2024,
-  DNO, backpropagate through the whole chain).
+  "Tuning-Free Alignment of Diffusion Models with Direct Noise Optimization", DNO: backpropagate through
+  the whole chain), and with ``step_noises`` the noise that DDIM adds at each step (``eta`` > 0; DNO's
+  eta = 1 sampler) is optimised too: those noises are the later channels of the optimised tensor, each
+  under its own noise-norm regulariser.
 - ``method="best-of-n"``: N starting noises, keep the best by the objective (which need not be
   differentiable); ``method="zero-order"`` (Ma et al. 2025, "Inference-Time Scaling for Diffusion
   Models beyond Scaling Denoising Steps"): neighbours of a pivot noise at ``search_radius``, keep the
@@ -72,6 +75,10 @@ class NoiseSettings(OptimiseSettings):
     neighbours: int = option(4, "zero-order: neighbours tried around the pivot per round", minimum=1)
     checkpointing: bool = option(False, "gradient checkpointing through the UNet calls (less memory for "
                                         "multi-step renderers, same gradient)")
+    step_noises: bool = option(False, "DNO: optimise (or search) the noise that a stochastic DDIM renderer adds at "
+                                      "each step too, not only the starting noise (--scheduler ddim, --eta above 0)")
+    eta: float = option(1.0, "DDIM's eta with --step-noises (1: the fully stochastic sampler, as DNO)", minimum=0,
+                        requires="step_noises")
     reapply_model: str | None = option(None, "render the best noise once more with this pipeline (ReNO's "
                                              "multi-apply)", metavar="MODEL")
     reapply_steps: int = option(4, "sampling steps of --reapply-model", minimum=1)
@@ -139,6 +146,14 @@ class NoiseGenerator(Generator):
             raise ValueError(f"budget is {s.budget}; give at least 1 renderer call")
         if s.scheduler not in SCHEDULER_CHOICES:
             raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)}, default or auto")
+        if s.step_noises and s.scheduler != "ddim":
+            raise ValueError(f"--step-noises needs the DDIM sampler, whose step takes its noise as an input; "
+                             f"add --scheduler ddim (not {s.scheduler})")
+        if s.step_noises and s.render_steps < 2:
+            raise ValueError("--step-noises with 1 render step has no step noise to optimise; use --render-steps 2 "
+                             "or more")
+        if s.step_noises and not s.eta > 0:
+            raise ValueError("--step-noises with --eta 0 adds no noise at any step; use --eta 1 (DNO) or above 0")
 
     def __init__(self, settings: NoiseSettings | None = None, *, device=None, precision=None, pipeline=None,
                  reapply_pipeline=None):
@@ -194,7 +209,19 @@ class NoiseGenerator(Generator):
         return sizes[0], sizes[1]
 
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.family.latent_shape(self.settings.num_images, self.height, self.width))
+        """The optimised tensor: the starting noise, with ``--step-noises`` followed along the channel axis by
+        the noise of each render step (DNO)."""
+        shape = list(self.family.latent_shape(self.settings.num_images, self.height, self.width))
+        shape[1] *= self._noise_count()
+        return tuple(shape)
+
+    def _noise_count(self) -> int:
+        """1 (the starting noise), plus one per render step with ``--step-noises``."""
+        return 1 + (self.settings.render_steps if self.settings.step_noises else 0)
+
+    def starting_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """The starting-noise part of the optimised tensor."""
+        return z[:, : z.shape[1] // self._noise_count()]
 
     # -- the renderer -------------------------------------------------------------------------------
     def _embeddings(self, pipe, objective, batch: int):
@@ -218,13 +245,23 @@ class NoiseGenerator(Generator):
                 out = uncond + s.cfg_scale * (cond - uncond)
             return out
 
+        own_noises = s.step_noises and pipe is self.pipe     # DNO: the step noises are part of z
+
         def render(z: torch.Tensor) -> torch.Tensor:
             # resets the scheduler's state
             timesteps = family.set_timesteps(scheduler, steps, self.device, height=self.height, width=self.width)
             noise = torch.Generator().manual_seed(seed)             # an ancestral sampler's noise: same each call
             extra = pipe.prepare_extra_step_kwargs(noise, 0.0) if not family.flow else {}
+            step_noises = []
+            if own_noises:
+                z, *step_noises = z.chunk(self._noise_count(), dim=1)
+                extra = {"eta": s.eta}
+            elif s.step_noises:
+                z = self.starting_noise(z)                          # another pipeline re-renders the start only
             latents = z * family.noise_scale(scheduler)
-            for t in timesteps:
+            for i, t in enumerate(timesteps):
+                if step_noises:
+                    extra["variance_noise"] = step_noises[i]
                 x_in = latents if family.flow else scheduler.scale_model_input(latents, t)
                 if s.checkpointing and torch.is_grad_enabled():
                     from torch.utils.checkpoint import checkpoint
@@ -259,17 +296,21 @@ class NoiseGenerator(Generator):
                 again = self.make_renderer(self.reapply, self.reapply_scheduler, conditioning2, s.reapply_steps, seed)
                 images = again(best).clamp(0, 1).float().cpu()
                 info["reapplied_with"] = {"model": s.reapply_model or "(pipeline given)", "steps": s.reapply_steps}
+        start = self.starting_noise(best)
         info.update({"method": s.method, "prompt": prompt, "render_steps": s.render_steps,
                      "scheduler": type(self.scheduler).__name__, "latent_shape": list(z.shape),
-                     "noise_norm": best.float().flatten(1).norm(dim=1).cpu().tolist(),
-                     "noise_norm_typical": math.sqrt(best[0].numel()), "seconds": time.perf_counter() - started})
+                     "step_noises": s.render_steps if s.step_noises else 0,
+                     "noise_norm": start.float().flatten(1).norm(dim=1).cpu().tolist(),
+                     "noise_norm_typical": math.sqrt(start[0].numel()), "seconds": time.perf_counter() - started})
         return GenerationResult(images=images, losses=out["losses"], info=info, interrupted=out["interrupted"],
                                 steps_done=out["steps_done"], stopped_at=out["stopped_at"])
 
     def _optimise(self, z, render, objective, seed, callback, decode) -> dict:
         s = self.settings
         extra = {"momentum": 0.9, "nesterov": True} if str(s.optimizer).lower() == "sgd" else {}
-        regulariser = (lambda latent, step: {"noise_norm": noise_norm_regulariser(latent, s.reg_weight)}) \
+        count = self._noise_count()
+        regulariser = (lambda latent, step: {"noise_norm": sum(noise_norm_regulariser(part, s.reg_weight)
+                                                               for part in latent.chunk(count, dim=1))}) \
             if s.reg_weight else None
         result = optimise(z.requires_grad_(True), render, objective, optimizer=s.optimizer, lr=s.learning_rate,
                           schedule=s.lr_schedule, steps=s.iterations, regulariser=regulariser, callback=callback,
