@@ -388,13 +388,13 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(f"[{mark[t['met']]}] {t['target']}: {t['measured'] or 'not measured'}" for t in targets)
 
 
-def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(860, 470)):
+def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1000, 500)):
     """Share of images with all three attributes right against seconds per image (log scale), one point
     per variant with its 95% interval as a vertical bar. PIL only."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
-    left, right, top, bottom = 70, 320, 40, 60
+    left, right, top, bottom = 70, 400, 40, 60
     image = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     try:
@@ -430,7 +430,18 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
     if title:
         draw.text((width - 12, height - 4), title, fill=(120, 120, 120), font=font, anchor="rs")
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-               (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127)]
+               (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127), (0, 0, 128), (0, 128, 96),
+               (230, 171, 2), (102, 0, 51)]
+
+    def marker(x: float, y: float, k: int, colour) -> None:    # circle, square, diamond: told apart in grey too
+        box = [x - 5, y - 5, x + 5, y + 5]
+        if k % 3 == 0:
+            draw.ellipse(box, fill=colour)
+        elif k % 3 == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(x, y - 6), (x + 6, y), (x, y + 6), (x - 6, y)], fill=colour)
+
     labels = {v.name: v.label for v in VARIANTS}
     for k, (name, s) in enumerate(points):
         colour = colours[k % len(colours)]
@@ -441,9 +452,9 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
         draw.line([x, y_low, x, y_high], fill=colour, width=2)
         for yy in (y_low, y_high):
             draw.line([x - 4, yy, x + 4, yy], fill=colour, width=2)
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+        marker(x, y, k, colour)
         ly = top + 10 + 20 * k
-        draw.ellipse([width - right + 14, ly - 5, width - right + 24, ly + 5], fill=colour)
+        marker(width - right + 19, ly, k, colour)
         draw.text((width - right + 30, ly), f"{labels.get(name, name)} ({s['accuracy']['all']:.0%})",
                   fill=(30, 30, 30), font=font, anchor="lm")
     return image
