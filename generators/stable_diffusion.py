@@ -368,6 +368,9 @@ class StableDiffusionGenerator(Generator):
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted, stopped_at = latents, 0, False, None
+        # The scheduler gets each timestep as a Python number: its `prev_t >= 0` tests on a device tensor would
+        # make the host wait for the device at every step.
+        host_timesteps = timesteps.tolist()
         try:
             for i, t in enumerate(timesteps):
                 model = self._denoiser(t, embeds, cond, uncond, cfg)
@@ -384,7 +387,7 @@ class StableDiffusionGenerator(Generator):
                                       sigma_frame=tables.sigma_frame, repeat=r)
                     out, loss = guider.model_output(step)
                     x0 = clean_estimate(z, out, step.alpha_bar, prediction)
-                    latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+                    latents = scheduler.step(out, host_timesteps[i], latents, **step_kwargs, return_dict=False)[0]
                     latents = guider.sample_correction(step, latents)
                 if loss is not None:
                     step_losses.append(loss.per_image.detach().mean())
