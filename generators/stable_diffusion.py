@@ -24,9 +24,10 @@ the text-conditional UNet pass once (with gradients) and reuses it for CFG, wher
 runs it twice.
 
 Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
-arithmetic, the VAE (decoding and guidance) and the guidance gradient stay float32. When a CLIP
-encoder is fp16 the loss is scaled by 2**10 for its backward and unscaled afterwards
-(non-finite entries are zeroed), so small gradients do not underflow.
+arithmetic, the VAE weights and the guidance gradient stay float32. In half precision the guidance decode
+runs under autocast (:func:`decoder_dtype`: not in fp16 for a VAE that asks for float32), the final
+decode in float32. When a CLIP encoder is fp16 the loss is scaled by 2**10 for its backward and unscaled
+afterwards (non-finite entries are zeroed), so small gradients do not underflow.
 """
 
 from __future__ import annotations
@@ -277,10 +278,17 @@ class StableDiffusionGenerator(Generator):
         return self.pipe.image_processor.postprocess(image, output_type="pt")
 
     def _guidance_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Differentiable decode of the clean estimate for the objective (tiny VAE if set)."""
+        """Differentiable decode of the clean estimate for the objective (tiny VAE if set), under autocast in
+        half precision (see :func:`decoder_dtype`)."""
+        from guidance.runtime import autocast
+
         vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
-        image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        with autocast(latents.device, decoder_dtype(vae, self.dtype)):
+            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
         return image.float() / 2 + 0.5     # unclamped: objectives clamp; --range-weight sees the overshoot
+
+    def compile_targets(self) -> list[torch.nn.Module]:
+        return [vae.decoder for vae in (self.pipe.vae, self.tiny_vae) if vae is not None]
 
     # -- sampling ------------------------------------------------------------------------------
     def make_guider(self, objective):
@@ -415,6 +423,14 @@ class StableDiffusionGenerator(Generator):
         }
         return GenerationResult(images=images, losses=[float(v) for v in step_losses], info=info,
                                 interrupted=interrupted, steps_done=done, stopped_at=stopped_at)
+
+
+def decoder_dtype(vae, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype of a VAE decode in the hot loop: the run's half dtype, except fp16 for a VAE whose
+    config asks for float32 (``force_upcast``: the SD 1.x/2.x VAE overflows fp16); bf16 has fp32's range."""
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
 
 
 def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
