@@ -11,10 +11,12 @@ the median seconds per iteration. Results go to stdout as JSON and to ``--json F
 Implementations (``--impls``): ``clipsteer`` is the library; ``compiled`` the library with ``--compile``
 (``torch.compile`` of the CLIP image tower and the decoder; the warm-up steps, which compile, are not
 timed), so eager and compiled run in the same invocation and ``compile_speedup`` is their ratio;
+``interleaved`` one run whose steps alternate compiled and eager after the warm-up (the module keeps its
+compiled code while off), so a busy machine's load drifts hit both alike: the compile row for a shared CPU;
 ``baseline`` the straightforward formulation: one encode per cutout, text re-encoded each step, fp32
 throughout. ``--precision bf16|fp16`` applies to ``clipsteer`` and ``compiled``.
 
-    python benchmarks/speed.py --cases vqgan sd --impls clipsteer compiled --sizes 128   # the compile row
+    python benchmarks/speed.py --cases vqgan sd --impls interleaved --sizes 128   # the compile row
 
 Cases:
 - ``clip-loss``: one CLIPLoss forward+backward on one image, ViT-B/32, 32 cutouts, Af Pe Ji Er.
@@ -43,12 +45,32 @@ PROMPT = "a lighthouse at dusk, oil painting"
 AUGS = ["affine", "perspective", "jitter", "erasing"]
 
 
-def _compile(args, encoder, generator=None) -> None:
-    """``--compile`` as a run applies it: the CLIP image tower and the backend's decoder (impl ``compiled``)."""
+def _compile(args, encoder, generator=None) -> list:
+    """``--compile`` as a run applies it: the CLIP image tower and the backend's decoder (impls ``compiled``
+    and ``interleaved``, whose first step is compiled); returns the modules."""
     from guidance.runtime import set_compiled
 
     modules = [encoder.image_tower] + (list(generator.compile_targets()) if generator is not None else [])
-    set_compiled(modules, args.impl == "compiled")
+    set_compiled(modules, args.impl in ("compiled", "interleaved"))
+    return modules
+
+
+def _alternate(modules):
+    """The step callback of ``interleaved``: step k runs compiled when k is even, eager when odd."""
+    from guidance.runtime import set_compiled
+
+    return lambda info: set_compiled(modules, (info.step + 1) % 2 == 0)
+
+
+def _interleaved_times(stamps: list[float], skip: int) -> dict:
+    """Eager and compiled step times of an ``interleaved`` run (stamps at each step's end; step 0 and the
+    next *skip* steps are warm-up), with their ratio."""
+    import statistics
+
+    eager = [stamps[j] - stamps[j - 1] for j in range(1 + skip, len(stamps)) if j % 2]
+    compiled = [stamps[j] - stamps[j - 1] for j in range(1 + skip, len(stamps)) if not j % 2]
+    return {"eager": summary(eager), "compiled": summary(compiled),
+            "compile_speedup": statistics.median(eager) / statistics.median(compiled)}
 
 
 # -- clip-loss -------------------------------------------------------------------------
@@ -140,10 +162,12 @@ def case_vqgan(args, device) -> dict:
     if args.impl == "baseline":
         times = _baseline_vqgan(model, encoder, args, device)
     else:
-        settings = VQGANSettings(width=args.size, height=args.size, iterations=args.warmup + args.repeats + 1,
-                                 learning_rate=0.1, optimizer="Adam")
+        interleaved = args.impl == "interleaved"
+        steps = 1 + args.warmup + (2 * args.repeats if interleaved else args.repeats)
+        settings = VQGANSettings(width=args.size, height=args.size, iterations=steps, learning_rate=0.1,
+                                 optimizer="Adam")
         gen = VQGANGenerator(settings, device=device, precision=args.precision, model=model)
-        _compile(args, encoder, gen)
+        alternate = _alternate(_compile(args, encoder, gen)) if interleaved else None
         loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
         stamps: list[float] = []
 
@@ -151,7 +175,13 @@ def case_vqgan(args, device) -> dict:
             from common import sync
             sync(device)
             stamps.append(time.perf_counter())
+            if alternate is not None:
+                alternate(info)
         gen.generate(loss_fn, seed=0, callback=callback)
+        if interleaved:
+            both = _interleaved_times(stamps, args.warmup)
+            return {"case": "vqgan", "impl": args.impl, "size": args.size, "cutn": args.cutn,
+                    **both["compiled"], "eager_median_s": both["eager"]["median_s"], **both}
         times = _step_times(stamps, args.warmup)
     return {"case": "vqgan", "impl": args.impl, "size": args.size, "cutn": args.cutn,
             "vqgan": "taming imagenet f16 16384 (random weights)", "clip": "ViT-B/32 (random weights)",
@@ -229,9 +259,10 @@ def case_sd(args, device) -> dict:
     encoder = load_encoder(str(clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")), device=device,
                            precision=args.precision)
     loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
-    steps = args.warmup + args.repeats + 1
+    interleaved = args.impl == "interleaved"
+    steps = 1 + args.warmup + (2 * args.repeats if interleaved else args.repeats)
     results = {}
-    variants = {"plain": dict(clip_guidance_scale=0.0)}
+    variants = {} if interleaved else {"plain": dict(clip_guidance_scale=0.0)}
     if args.impl != "baseline":
         variants["guided"] = dict(clip_guidance_scale=100.0)
         variants["guided_tiny_vae"] = dict(clip_guidance_scale=100.0, tiny_vae=str(_taesd_folder()))
@@ -242,24 +273,32 @@ def case_sd(args, device) -> dict:
             sd_model="(random SD 1.5 architecture)", width=args.size, height=args.size, steps=steps,
             scheduler="pndm", cfg_scale=7.5, prompt=PROMPT, **extra)
         gen = StableDiffusionGenerator(settings, device=device, precision=args.precision, pipeline=pipe)
-        _compile(args, encoder, gen)
+        alternate = _alternate(_compile(args, encoder, gen)) if interleaved else None
         stamps: list[float] = []
 
         def callback(info):
             from common import sync
             sync(device)
             stamps.append(time.perf_counter())
+            if alternate is not None:
+                alternate(info)
         gen.generate(loss_fn if extra["clip_guidance_scale"] else None, seed=0, callback=callback)
-        results[name] = summary(_step_times(stamps, args.warmup))
+        if interleaved:
+            both = _interleaved_times(stamps, args.warmup)
+            results[name] = {**both["compiled"], "eager_median_s": both["eager"]["median_s"], **both}
+        else:
+            results[name] = summary(_step_times(stamps, args.warmup))
     out = {"case": "sd", "impl": args.impl, "size": args.size, "cutn": args.cutn, "scheduler": "pndm",
            "unet": "SD 1.5 (random weights)", "clip": "ViT-B/32 (random weights)",
            "median_s": results["guided"]["median_s"], "variants": results}
+    if interleaved:
+        out["compile_speedup"] = results["guided"]["compile_speedup"]
     return out
 
 
 CASES = {"clip-loss": case_clip_loss, "vqgan": case_vqgan, "sd": case_sd}
 DEFAULT_CUTN = {"clip-loss": 32, "vqgan": 32, "sd": 4}
-IMPLS = ("clipsteer", "compiled", "baseline")
+IMPLS = ("clipsteer", "compiled", "interleaved", "baseline")
 
 
 def run_case(args) -> None:
@@ -277,7 +316,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["clip-loss", "vqgan"], help="cases to run (default: %(default)s)")
     parser.add_argument("--impls", nargs="+", default=["clipsteer", "baseline"],
-                        help="implementations to compare: clipsteer, compiled (clipsteer with --compile), baseline")
+                        help="implementations to compare: clipsteer, compiled (clipsteer with --compile), interleaved "
+                             "(compiled and eager steps alternating in one run), baseline")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128], help="image sizes (square)")
     parser.add_argument("--cutn", type=int, default=None,
                         help="cutouts per iteration (default: 32 for clip-loss and vqgan, 4 for sd)")

@@ -91,9 +91,16 @@ def compile_backend() -> str:
 def set_compiled(modules: Iterable[torch.nn.Module], on: bool) -> None:
     """Compile each module in place (its ``__call__``; weights and state-dict keys unchanged), or undo that.
 
-    Set both ways: models are cached across runs, so a run without ``--compile`` must not inherit one."""
+    Set both ways: models are cached across runs, so a run without ``--compile`` must not inherit one. A
+    module keeps its compiled wrapper (per backend) when switched off, so switching it back on reuses the
+    code already compiled for it instead of compiling again."""
+    backend = compile_backend()
     for module in modules:
-        if on and module._compiled_call_impl is None:
-            module.compile(backend=compile_backend(), dynamic=False)
-        elif not on:
+        kept = module.__dict__.setdefault("_clipsteer_compiled", {})
+        if not on:
             module._compiled_call_impl = None
+        elif backend in kept:
+            module._compiled_call_impl = kept[backend]
+        else:
+            module.compile(backend=backend, dynamic=False)
+            kept[backend] = module._compiled_call_impl
