@@ -18,7 +18,9 @@
 #
 # Install: when PYTHON (default python3) cannot import clipsteer's dependencies, a virtual environment .venv-gpu
 # is made with --system-site-packages (the machine's own CUDA torch and torchvision are kept) and
-# `pip install -e '.[test]'` runs into it: from the wheels in WHEELS (--no-index) when set, else from the index.
+# `pip install -e '.[test]'` runs into it from the package index; with WHEELS=DIR (a machine without network:
+# make DIR with --fetch-wheels where pip works and carry it) the wheels in DIR and clipsteer are installed
+# without the index or dependency resolution.
 #
 # Exit status: 0 every figure measured; 1 a figure failed (the others still run; the table says which);
 # 2 usage; 3 no CUDA device here (nothing measured; use --dry-run); 4 the install failed.
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --fetch-wheels) FETCH=${2:?--fetch-wheels needs a folder}; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUT=$1 ;;
     esac
@@ -40,9 +42,11 @@ while [ $# -gt 0 ]; do
 done
 PY=${PYTHON:-python3}
 
-# Packages clipsteer needs beyond what a CUDA PyTorch image holds, at the versions this checkout runs with.
-WHEEL_PACKAGES="diffusers kornia kornia_rs taming-transformers-rom1504 open_clip_torch ftfy wcwidth omegaconf
-antlr4-python3-runtime imageio-ffmpeg"
+# Packages clipsteer needs beyond what a CUDA PyTorch image holds (this workplace's H200 image: torch, torchvision,
+# transformers, accelerate, torchmetrics, timm...), at the versions this checkout runs with; about 16 MB of wheels.
+# imageio-ffmpeg (68 MB, only for --animation mp4) is left out.
+WHEEL_PACKAGES="diffusers importlib_metadata kornia kornia_rs taming-transformers-rom1504 open_clip_torch ftfy wcwidth
+omegaconf antlr4-python3-runtime"
 if [ -n "$FETCH" ]; then
     mkdir -p "$FETCH"
     for name in $WHEEL_PACKAGES; do
@@ -70,9 +74,14 @@ if ! "$PY" -c "$NEEDED" 2>/dev/null; then
     echo "installing clipsteer into .venv-gpu (system site packages kept: the machine's torch)" >&2
     [ -x .venv-gpu/bin/python ] || "$PY" -m venv --system-site-packages .venv-gpu || exit 4
     PIP=(.venv-gpu/bin/python -m pip install -q --no-build-isolation)
-    [ -n "${WHEELS:-}" ] && PIP+=(--no-index --find-links "$WHEELS")
-    "${PIP[@]}" -e '.[test]' || { echo "error: pip install -e '.[test]' failed (offline? set WHEELS, see --fetch-wheels)" >&2; exit 4; }
+    if [ -n "${WHEELS:-}" ]; then   # offline: exactly these wheels, then clipsteer itself, no resolver downloads
+        "${PIP[@]}" --no-index --no-deps "$WHEELS"/*.whl && "${PIP[@]}" --no-index --no-deps -e . \
+            || { echo "error: installing the wheels in $WHEELS failed" >&2; exit 4; }
+    else
+        "${PIP[@]}" -e '.[test]' || { echo "error: pip install -e '.[test]' failed (offline? set WHEELS, see --fetch-wheels)" >&2; exit 4; }
+    fi
     PY=.venv-gpu/bin/python
+    "$PY" -c "$NEEDED" || { echo "error: clipsteer's dependencies still do not import" >&2; exit 4; }
 fi
 
 # -- sizes ----------------------------------------------------------------------------------------------------
