@@ -10,6 +10,14 @@ model loading and every other per-run cost. Peak RSS is that of the ``B`` run's 
     python benchmarks/competitors.py vqgan --nerdyrodent ~/src/VQGAN-CLIP --pythonpath ~/nr-deps
     # diffusers' community clip_guided_stable_diffusion.py vs the sd backend (SD 1.5 configs, 4 cuts)
     python benchmarks/competitors.py sd --community ~/src/diffusers/examples/community/clip_guided_stable_diffusion.py
+    # on a GPU, as benchmarks/gpu_check.sh runs them: fp16 at 512², seconds per 50-step image, and clipsteer in bf16
+    python benchmarks/competitors.py sd --community ... --device cuda --precision fp16 --size 512 --steps 2 50
+    python benchmarks/competitors.py vqgan --nerdyrodent ... --device cuda --precision bf16 --size 512
+
+``--precision`` sets clipsteer's ``--precision`` (sd: the model dtype of both pipelines); ``--compile``
+(vqgan) runs clipsteer with ``--compile``. Without ``--community`` the sd case times clipsteer's rows only
+(``full``, ``x0``, ``x0`` with the tiny VAE). On CUDA both tools are started through a launcher that
+reports the process's peak allocated GPU memory.
 
 ``--pythonpath`` is prepended to PYTHONPATH for the competitor only: nerdyrodent's script needs
 packages clipsteer does not (``clip-anytorch``, ``pytorch-lightning``, ``torch-optimizer``,

@@ -16,8 +16,8 @@
 #   score_vit_b_32.json, score_vit_l_14.json   CLIP-score images/s against torchmetrics' CLIPScore
 #   noise.json                         the noise backend's seconds per optimisation step, 512², SD 2.1 sizes
 #
-# Install: when PYTHON (default python3) cannot import clipsteer's dependencies, a virtual environment .venv-gpu
-# is made with --system-site-packages (the machine's own CUDA torch and torchvision are kept) and
+# Install: when PYTHON (default python3) cannot import clipsteer's dependencies (or CLIPSTEER_GPU_CHECK_INSTALL=1),
+# a virtual environment .venv-gpu is made over PYTHON's packages (the machine's own CUDA torch is kept) and
 # `pip install -e '.[test]'` runs into it from the package index; with WHEELS=DIR (a machine without network:
 # make DIR with --fetch-wheels where pip works and carry it) the wheels in DIR and clipsteer are installed
 # without the index or dependency resolution.
@@ -25,6 +25,7 @@
 # Exit status: 0 every figure measured; 1 a figure failed (the others still run; the table says which);
 # 2 usage; 3 no CUDA device here (nothing measured; use --dry-run); 4 the install failed.
 set -uo pipefail
+{   # the whole script is read before it runs, so editing it meanwhile cannot change a run under way
 cd "$(dirname "$0")/.."
 
 DRY=${CLIPSTEER_GPU_CHECK_DRY_RUN:-0}
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --fetch-wheels) FETCH=${2:?--fetch-wheels needs a folder}; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUT=$1 ;;
     esac
@@ -70,9 +71,15 @@ fi
 
 # -- install ------------------------------------------------------------------------------------------------
 NEEDED="import diffusers, kornia, taming, open_clip, omegaconf, transformers, torchmetrics, torchvision"
-if ! "$PY" -c "$NEEDED" 2>/dev/null; then
-    echo "installing clipsteer into .venv-gpu (system site packages kept: the machine's torch)" >&2
-    [ -x .venv-gpu/bin/python ] || "$PY" -m venv --system-site-packages .venv-gpu || exit 4
+if [ "${CLIPSTEER_GPU_CHECK_INSTALL:-}" = 1 ] || ! "$PY" -c "$NEEDED" 2>/dev/null; then
+    echo "installing clipsteer into .venv-gpu (over $PY's packages: the machine's own torch)" >&2
+    if [ ! -x .venv-gpu/bin/python ]; then
+        # A .pth file puts $PY's site-packages behind the new environment's own: also when $PY is itself a
+        # virtual environment, which --system-site-packages would skip.
+        "$PY" -m venv .venv-gpu || exit 4
+        site=$(.venv-gpu/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        "$PY" -c "import site; print('\n'.join(site.getsitepackages()))" >"$site/clipsteer-base.pth" || exit 4
+    fi
     PIP=(.venv-gpu/bin/python -m pip install -q --no-build-isolation)
     if [ -n "${WHEELS:-}" ]; then   # offline: exactly these wheels, then clipsteer itself, no resolver downloads
         "${PIP[@]}" --no-index --no-deps "$WHEELS"/*.whl && "${PIP[@]}" --no-index --no-deps -e . \
@@ -134,3 +141,4 @@ step "noise backend" noise.json "$PY" benchmarks/noise_memory.py --render-steps 
 echo "== done in $((SECONDS - START)) s" >&2
 "$PY" benchmarks/gpu_summary.py "$OUT" || FAILED=1
 exit $FAILED
+}

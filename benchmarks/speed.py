@@ -276,7 +276,7 @@ def case_sd(args, device) -> dict:
         alternate = _alternate(_compile(args, encoder, gen)) if interleaved else None
         stamps: list[float] = []
 
-        def callback(info):
+        def callback(info, stamps=stamps, alternate=alternate):
             from common import sync
             sync(device)
             stamps.append(time.perf_counter())
@@ -305,6 +305,8 @@ def run_case(args) -> None:
     from guidance import resolve_device
 
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = CASES[args.case](args, device)
     result.update(peak_memory_mb(device))
@@ -324,6 +326,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a "
+                                                    "busy machine)")
     parser.add_argument("--precision", default=None, help="fp32 (default), bf16 or fp16 (clipsteer only)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -344,6 +348,7 @@ def main(argv=None) -> None:
             for impl in args.impls:
                 cmd = ["--case", case, "--impl", impl, "--size", str(size), "--cutn", str(args.cutn or DEFAULT_CUTN[case]),
                        "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
                 if args.precision and impl != "baseline":
                     cmd += ["--precision", args.precision]
                 res = run_isolated(Path(__file__), cmd)
