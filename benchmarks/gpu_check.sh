@@ -5,6 +5,7 @@
 #   benchmarks/gpu_check.sh --dry-run OUT_DIR    # anywhere: the same steps on the CPU with tiny models, 1-2 steps
 #   CLIPSTEER_GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh OUT_DIR     # the same as --dry-run
 #   benchmarks/gpu_check.sh --fetch-wheels DIR   # on a machine with network: the wheels a bare GPU image lacks
+#                                                (for its Python, WHEEL_PYTHON, default 3.12: this workplace's H200)
 #
 # Figures (random weights in the published architectures; JSON files in OUT_DIR, table in OUT_DIR/summary.md):
 #   vqgan_fp32.json, vqgan_bf16.json   VQGAN+CLIP iterations/s and peak memory, 512², f16-16384 + ViT-B/32, 32 cuts:
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --fetch-wheels) FETCH=${2:?--fetch-wheels needs a folder}; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUT=$1 ;;
     esac
@@ -53,7 +54,7 @@ if [ -n "$FETCH" ]; then
     for name in $WHEEL_PACKAGES; do
         version=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null) || version=""
         spec=$name${version:+==$version}
-        "$PY" -m pip download -q --no-deps -d "$FETCH" "$spec" --python-version 3.12 --implementation cp \
+        "$PY" -m pip download -q --no-deps -d "$FETCH" "$spec" --python-version "${WHEEL_PYTHON:-3.12}" --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform any --only-binary=:all: || { echo "error: could not fetch $spec" >&2; exit 4; }
     done
@@ -76,7 +77,7 @@ if [ "${CLIPSTEER_GPU_CHECK_INSTALL:-}" = 1 ] || ! "$PY" -c "$NEEDED" 2>/dev/nul
     if [ ! -x .venv-gpu/bin/python ]; then
         # A .pth file puts $PY's site-packages behind the new environment's own: also when $PY is itself a
         # virtual environment, which --system-site-packages would skip.
-        "$PY" -m venv .venv-gpu || exit 4
+        "$PY" -m venv --without-pip .venv-gpu || exit 4    # pip, setuptools and wheel come from $PY
         site=$(.venv-gpu/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         "$PY" -c "import site; print('\n'.join(site.getsitepackages()))" >"$site/clipsteer-base.pth" || exit 4
     fi
