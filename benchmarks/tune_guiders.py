@@ -73,6 +73,18 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                  "backward_schedule": "decreasing"}),
         ("mpgd", {"clip_guidance_scale": 30.0, "guidance_schedule": "decreasing"}),
     ],
+    # the toy SD v2 (retrained VAE and UNet) takes the clip rule at scale 500 where the first took 100, so
+    # each guider's strength is searched again around five times its first-SD setting
+    "toy-v2": [
+        ("clip", {"clip_guidance_scale": 0.0}),
+        ("clip", {}),
+        *[("dps", {"clip_guidance_scale": s}) for s in (1.0, 5.0, 25.0)],
+        *[("mpgd", {"clip_guidance_scale": s}) for s in (10.0, 50.0, 250.0)],
+        *[("freedom", {"clip_guidance_scale": s}) for s in (0.5, 2.5, 12.5)],
+        *[("ugd", {"backward_steps": 2, "backward_lr": lr}) for lr in (1.0, 5.0, 25.0)],
+        *[("tfg", {"clip_guidance_scale": rho, "backward_steps": 2, "backward_lr": mu, "backward_schedule": "decreasing"})
+          for rho, mu in ((1.0, 10.0), (5.0, 10.0), (5.0, 50.0))],
+    ],
     # TFG's own search space (Ye et al. 2024 search rho, mu, sigma and recurrence; here a grid): hours on a CPU
     "tfg": [
         ("clip", {"clip_guidance_scale": 0.0}),

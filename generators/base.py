@@ -137,6 +137,10 @@ class Generator(ABC):
     presets: ClassVar[dict[str, Callable[[], dict[str, Any]]]] = {}
     #: True for a backend that has nothing to do without a steering objective (latent optimisers)
     needs_objective: ClassVar[bool] = False
+    #: True for a backend whose runs can be checkpointed and resumed (those on the shared optimisation loop:
+    #: they pass ``checkpoint=self.checkpoint``, set by the run session, to ``optimise``)
+    resumable: ClassVar[bool] = False
+    checkpoint: Any = None
 
     def __init__(self, settings: Any = None, *, device: str | torch.device | None = None,
                  precision: str | torch.dtype | None = None):

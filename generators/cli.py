@@ -13,7 +13,8 @@ import warnings
 from typing import Any
 
 from . import DEFAULT_BACKEND, backend_names
-from .run import GROUPS, OptionSpec, generate, option_specs
+from .options import option_groups
+from .run import OptionSpec, generate, option_specs
 
 EXAMPLES = """\
 examples:
@@ -22,6 +23,10 @@ examples:
   generate.py "a forest" --story "150=a city at night" --save-every 10 --animation gif
   generate.py "a castle" --clip openai/clip-vit-base-patch32=1 --clip openai/clip-vit-base-patch16=0.5
   generate.py --config run.yaml --seed 3          (the command line overrides the file)
+  generate.py --resume outputs/20260101-120000-a-forest --iterations 500   (continue a stopped run)
+  generate.py --prompts-file prompts.txt --seeds 0-3 --preset toy --out outputs/bench   (a batch; rerun to resume)
+  accelerate launch --multi_gpu --num_processes 4 scripts/generate.py --prompts-file geneval.jsonl --seeds 0-3 \
+      --export geneval                           (4 processes; GenEval's folder layout in outputs-geneval/)
   python -m generators.taming_checkpoint convert last.ckpt my_vqgan/   (pickle-free copy of a checkpoint)
 """
 
@@ -103,27 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"named option defaults ({presets})")
     main.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                       help="YAML or TOML file of options (keys are option names, e.g. iterations: 200)")
+    main.add_argument("--resume", metavar="RUN_FOLDER", default=argparse.SUPPRESS,
+                      help="continue a run from its checkpoint (vqgan, pixels, noise), with its own options, in a "
+                           "new run folder (under --out, default beside it); only --iterations, --out, "
+                           "--checkpoint-every, --threads, --device and --progress may change")
     main.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=argparse.SUPPRESS,
                       help="image size in pixels (sets width and height)")
-    groups = {name: parser.add_argument_group(name, desc) for name, desc in GROUPS.items()}
-    backend_specs = []
-    for spec in specs.values():
-        if "run" in spec.owners:
-            _add(groups[spec.field.metadata.get("group", "output")], spec)
-        else:
-            backend_specs.append(spec)
-    shared = [s for s in backend_specs if len(s.owners) > 1]
-    if shared:
-        group = parser.add_argument_group("shared backend options", "used by every backend that has them")
-        for spec in shared:
+    _add_batch_options(parser)
+    for title, description, group_specs in option_groups(specs):
+        group = parser.add_argument_group(title, description)
+        for spec in group_specs:
             _add(group, spec)
-    for name in backend_names():
-        own = [s for s in backend_specs if s.owners == [name]]
-        if own:
-            group = parser.add_argument_group(f"{name} backend", f"options of --backend {name}")
-            for spec in own:
-                _add(group, spec)
     return parser
+
+
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """--prompts-file and its companions (:mod:`generators.batch`)."""
+    from .batch import LAYOUTS
+
+    group = parser.add_argument_group("batch", "many prompts x seeds, one run folder each and an index "
+                                               "(runs.jsonl); run again to skip finished runs; shards over "
+                                               "`accelerate launch` processes")
+    group.add_argument("--prompts-file", metavar="FILE", default=argparse.SUPPRESS,
+                       help="prompts: a text file (one a line), CSV/TSV with a prompt column or JSONL with a "
+                            "\"prompt\" key; other columns named like options (seed, backend, iterations...) "
+                            "apply to their row")
+    group.add_argument("--seeds", metavar="SEEDS", default=argparse.SUPPRESS,
+                       help="seeds of every prompt, one token: a range 0-3 or a list 0,2,5 (default: --seed, or 0)")
+    group.add_argument("--export", choices=LAYOUTS, default=argparse.SUPPRESS,
+                       help="also copy the finished images into a benchmark layout: geneval (<row>/metadata.jsonl "
+                            "+ samples/NNNN.png) or flat (images + captions.csv for evaluate.py --pairs)")
+    group.add_argument("--export-dir", metavar="DIR", default=argparse.SUPPRESS,
+                       help="folder for --export (default: the --out folder's name + -geneval / -flat); exporting "
+                            "again adds new images, and refuses to replace a different one")
 
 
 def _looks_like_value(name: str, token: str) -> bool:
@@ -200,6 +217,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.showwarning = _show_warning
+    if "prompts_file" in args:
+        from .batch import main as batch_main
+
+        return batch_main(args)
+    stray = [f"--{k.replace('_', '-')}" for k in ("seeds", "export", "export_dir") if k in args]
+    if stray:
+        print(f"error: {', '.join(stray)} go(es) with --prompts-file; for one run use --seed N", file=sys.stderr)
+        return 2
     try:
         run = generate(**args)
     except KeyboardInterrupt:
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_model = run.metadata.get("eval_model")
     where = run.image_path if run.image_path is not None else "(not saved)"
     print(f"{'interrupted; saved' if run.interrupted else 'saved'} {where}")
+    if run.interrupted and run.metadata.get("checkpoint"):
+        print(f"continue it with: scripts/generate.py --resume {run.path}")
     print(f"seed {run.seed}; CLIP score {score}" + (f" ({eval_model})" if run.clip_score is not None else ""))
     return 130 if run.interrupted else 0
 

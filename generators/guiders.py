@@ -70,12 +70,23 @@ class GuidedStep:
     next_alpha_bar: torch.Tensor | None = None       # ``ab`` of the sample the scheduler's step returns
     sigma_frame: bool = False                        # the sample is x = z / sqrt(ab) (Euler, LMS), else x = z
     repeat: int = 0                                  # self-recurrence pass (0: the first)
+    next_sample_scale: torch.Tensor | None = None    # rectified flow: the returned sample is this times z_{t-1}
 
     def to_sample(self, delta_z: torch.Tensor) -> torch.Tensor:
         """A change of the next VP latent ``z_{t-1}`` as a change of the sample the scheduler returned."""
+        if self.next_sample_scale is not None:
+            return delta_z * self.next_sample_scale
         if self.sigma_frame:
             return delta_z / self.next_alpha_bar.sqrt()
         return delta_z
+
+    def to_vp(self, sample: torch.Tensor) -> torch.Tensor:
+        """The sample the scheduler returned as the next VP latent ``z_{t-1}``."""
+        if self.next_sample_scale is not None:
+            return sample / self.next_sample_scale
+        if self.sigma_frame:
+            return sample * self.next_alpha_bar.sqrt()
+        return sample
 
 
 class Guider:
@@ -326,7 +337,7 @@ class FreeDoMGuider(DPSGuider):
     name = "freedom"
 
     def step_size(self, step: GuidedStep, sample: torch.Tensor, grad: torch.Tensor):
-        z_next = sample * step.next_alpha_bar.sqrt() if step.sigma_frame else sample
+        z_next = step.to_vp(sample)
         dims = tuple(range(1, grad.dim()))
         update = (z_next - step.z).flatten(1).norm(dim=1)
         size = grad.flatten(1).norm(dim=1).clamp_min(1e-12)

@@ -10,7 +10,10 @@ decode -> images in ``[0, 1]``, differentiable end to end. VQGAN+CLIP's idea wit
   iterations, the best iterate kept by the objective, and the noise-norm regulariser
   ``reg_weight * (½‖z‖² − (d−1)·log‖z‖)`` (in float32), whose minimum is at ``‖z‖ = √(d−1)``, so the
   noise stays Gaussian-typical. Multi-step renderers can checkpoint the UNet calls (Tang et al. 2024,
-  DNO, backpropagate through the whole chain).
+  "Tuning-Free Alignment of Diffusion Models with Direct Noise Optimization", DNO: backpropagate through
+  the whole chain), and with ``step_noises`` the noise that DDIM adds at each step (``eta`` > 0; DNO's
+  eta = 1 sampler) is optimised too: those noises are the later channels of the optimised tensor, each
+  under its own noise-norm regulariser.
 - ``method="best-of-n"``: N starting noises, keep the best by the objective (which need not be
   differentiable); ``method="zero-order"`` (Ma et al. 2025, "Inference-Time Scaling for Diffusion
   Models beyond Scaling Denoising Steps"): neighbours of a pivot noise at ``search_radius``, keep the
@@ -31,12 +34,14 @@ from guidance.runtime import autocast
 
 from .base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
 from .optimise import OptimiseSettings, check_settings, optimise
-from .stable_diffusion import SCHEDULERS, _build_scheduler, _to_dtype, cached_pipeline, check_model_path, decoder_dtype
+from .families import family_of
+from .stable_diffusion import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, _build_scheduler, _to_dtype,
+                               cached_pipeline, check_model_path, decoder_dtype)
 
 METHODS = ("gradient", "best-of-n", "zero-order")
 # Schedulers the renderer differentiates through: single-step updates whose state set_timesteps resets.
 DIFFERENTIABLE = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
-                  "DDPMScheduler")
+                  "DDPMScheduler", FLOW_SCHEDULER)
 
 
 @dataclass
@@ -50,13 +55,14 @@ class NoiseSettings(OptimiseSettings):
     grad_clip: float | None = option(0.1, "clip the gradient norm of the noise to this value (none: no clipping)",
                                      above=0)
     keep_best: bool = option(True, "return the best iterate by the objective, not the last one")
-    sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise: Hub id, local diffusers "
-                           "folder, or one .safetensors/.ckpt file", flag="--sd")
+    sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise (SD 1.x/2.x, SDXL e.g. "
+                           "SDXL-Turbo, SD3, FLUX.1 e.g. schnell): Hub id, local diffusers folder, or one "
+                           ".safetensors/.ckpt file", flag="--sd")
     sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
                                          "holding its configs (needed offline)", flag="--sd-config")
     render_steps: int = option(1, "sampling steps from the noise to the image (1 for turbo models)", minimum=1)
-    scheduler: str = option("default", "sampler of the renderer ('default': the checkpoint's own)",
-                            flag="--scheduler", choices=[*SCHEDULERS, "default"])
+    scheduler: str = option("default", "sampler of the renderer ('default' or 'auto': the checkpoint's own)",
+                            flag="--scheduler", choices=SCHEDULER_CHOICES)
     cfg_scale: float = option(0.0, "classifier-free guidance in the renderer (1 or less: none, as turbo models)",
                               flag="--cfg-scale")
     negative_prompt: str = option("", "negative conditioning text (with --cfg-scale above 1)",
@@ -71,6 +77,10 @@ class NoiseSettings(OptimiseSettings):
     neighbours: int = option(4, "zero-order: neighbours tried around the pivot per round", minimum=1)
     checkpointing: bool = option(False, "gradient checkpointing through the UNet calls (less memory for "
                                         "multi-step renderers, same gradient)")
+    step_noises: bool = option(False, "DNO: optimise (or search) the noise that a stochastic DDIM renderer adds at "
+                                      "each step too, not only the starting noise (--scheduler ddim, --eta above 0)")
+    eta: float = option(1.0, "DDIM's eta with --step-noises (1: the fully stochastic sampler, as DNO)", minimum=0,
+                        requires="step_noises")
     reapply_model: str | None = option(None, "render the best noise once more with this pipeline (ReNO's "
                                              "multi-apply)", metavar="MODEL")
     reapply_steps: int = option(4, "sampling steps of --reapply-model", minimum=1)
@@ -118,6 +128,7 @@ class NoiseGenerator(Generator):
     Settings = NoiseSettings
     presets = {"toy": toy_preset}
     needs_objective = True
+    resumable = True
 
     @classmethod
     def check(cls, s: NoiseSettings, device=None) -> None:
@@ -135,8 +146,16 @@ class NoiseGenerator(Generator):
             raise ValueError("iterations is 0: the gradient method needs at least 1 (or use --method best-of-n)")
         if s.budget is not None and s.budget < 1:
             raise ValueError(f"budget is {s.budget}; give at least 1 renderer call")
-        if s.scheduler != "default" and s.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)} or default")
+        if s.scheduler not in SCHEDULER_CHOICES:
+            raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)}, default or auto")
+        if s.step_noises and s.scheduler != "ddim":
+            raise ValueError(f"--step-noises needs the DDIM sampler, whose step takes its noise as an input; "
+                             f"add --scheduler ddim (not {s.scheduler})")
+        if s.step_noises and s.render_steps < 2:
+            raise ValueError("--step-noises with 1 render step has no step noise to optimise; use --render-steps 2 "
+                             "or more")
+        if s.step_noises and not s.eta > 0:
+            raise ValueError("--step-noises with --eta 0 adds no noise at any step; use --eta 1 (DNO) or above 0")
 
     def __init__(self, settings: NoiseSettings | None = None, *, device=None, precision=None, pipeline=None,
                  reapply_pipeline=None):
@@ -145,6 +164,7 @@ class NoiseGenerator(Generator):
         self.check(s) if pipeline is None else self._check_options(s)
         self.pipe = pipeline if pipeline is not None else cached_pipeline(s.sd_model, dtype=self.dtype,
                                                                           config=s.sd_config)
+        self.family = family_of(self.pipe)
         self.scheduler = self._scheduler(self.pipe, s.scheduler)
         self._prepare_models(self.pipe)
         self.width, self.height = self._size()
@@ -161,7 +181,10 @@ class NoiseGenerator(Generator):
         import copy
 
         default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
-        scheduler = copy.deepcopy(default) if name == "default" else _build_scheduler(name, default.config)
+        if name not in ("default", "auto") and family_of(pipe).flow:
+            raise ValueError(f"--scheduler {name} is a DDPM sampler; {family_of(pipe).label} renders with its own "
+                             f"{FLOW_SCHEDULER}: use --scheduler default")
+        scheduler = copy.deepcopy(default) if name in ("default", "auto") else _build_scheduler(name, default.config)
         if differentiable and type(scheduler).__name__ not in DIFFERENTIABLE:
             raise ValueError(f"the noise backend cannot differentiate through {type(scheduler).__name__} (it keeps a "
                              f"history between steps); use --scheduler ddim, euler or euler_a")
@@ -171,58 +194,77 @@ class NoiseGenerator(Generator):
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
-        for module, dtype in ((pipe.vae, torch.float32), (pipe.unet, self.dtype), (pipe.text_encoder, self.dtype)):
-            _to_dtype(module, dtype)
+        for module in (pipe.vae, *family_of(pipe).compute_modules()):
+            _to_dtype(module, torch.float32 if module is pipe.vae else self.dtype)
             module.to(self.device)
         pipe.set_progress_bar_config(disable=True)
 
     def _size(self) -> tuple[int, int]:
-        s, pipe = self.settings, self.pipe
-        native = pipe.unet.config.sample_size
-        native = native if isinstance(native, int) else native[0]
-        scale = int(pipe.vae_scale_factor)
+        s = self.settings
+        native, scale = self.family.native_size(), self.family.size_multiple()
         sizes = []
         for name, value in (("width", s.width), ("height", s.height)):
-            value = value or native * scale
+            value = value or native
             if value % scale:
                 raise ValueError(f"{name} {value} is not a multiple of {scale}; use {value // scale * scale or scale}")
             sizes.append(value)
         return sizes[0], sizes[1]
 
     def latent_shape(self) -> tuple[int, int, int, int]:
-        scale = int(self.pipe.vae_scale_factor)
-        return (self.settings.num_images, self.pipe.unet.config.in_channels, self.height // scale,
-                self.width // scale)
+        """The optimised tensor: the starting noise, with ``--step-noises`` followed along the channel axis by
+        the noise of each render step (DNO)."""
+        shape = list(self.family.latent_shape(self.settings.num_images, self.height, self.width))
+        shape[1] *= self._noise_count()
+        return tuple(shape)
+
+    def _noise_count(self) -> int:
+        """1 (the starting noise), plus one per render step with ``--step-noises``."""
+        return 1 + (self.settings.render_steps if self.settings.step_noises else 0)
+
+    def starting_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """The starting-noise part of the optimised tensor."""
+        return z[:, : z.shape[1] // self._noise_count()]
 
     # -- the renderer -------------------------------------------------------------------------------
     def _embeddings(self, pipe, objective, batch: int):
-        s = self.settings
-        cfg = s.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        """The renderer's conditioning (a :class:`~generators.families.Conditioning`) and the prompt."""
+        s, family = self.settings, family_of(pipe)
         prompt = objective.conditioning_text(0) if objective is not None else ""
         with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(prompt, self.device, batch, cfg, s.negative_prompt or None)
-        return (torch.cat([uncond, cond]) if cfg else cond), cfg, prompt
+            conditioning = family.encode(prompt, s.negative_prompt, batch, family.uses_cfg(s.cfg_scale), self.device,
+                                         height=self.height, width=self.width)
+        return conditioning, prompt
 
-    def make_renderer(self, pipe, scheduler, embeds, cfg: bool, steps: int, seed: int):
+    def make_renderer(self, pipe, scheduler, conditioning, steps: int, seed: int):
         """``render(z)``: starting noise -> images ``[B,3,H,W]`` (unclamped, differentiable in ``z``)."""
-        s = self.settings
-        unet, vae = pipe.unet, pipe.vae
+        s, family = self.settings, family_of(pipe)
+        vae, cfg = pipe.vae, conditioning.cfg
 
         def model(x, t):
-            x_in = torch.cat([x, x]) if cfg else x
-            out = unet(x_in.to(unet.dtype), t, encoder_hidden_states=embeds, return_dict=False)[0].float()
+            out = family.predict(torch.cat([x, x]) if cfg else x, t, conditioning.both)
             if cfg:
                 uncond, cond = out.chunk(2)
                 out = uncond + s.cfg_scale * (cond - uncond)
             return out
 
+        own_noises = s.step_noises and pipe is self.pipe     # DNO: the step noises are part of z
+
         def render(z: torch.Tensor) -> torch.Tensor:
-            scheduler.set_timesteps(steps, device=self.device)       # resets the scheduler's state
+            # resets the scheduler's state
+            timesteps = family.set_timesteps(scheduler, steps, self.device, height=self.height, width=self.width)
             noise = torch.Generator().manual_seed(seed)             # an ancestral sampler's noise: same each call
-            extra = pipe.prepare_extra_step_kwargs(noise, 0.0)
-            latents = z * scheduler.init_noise_sigma
-            for t in scheduler.timesteps:
-                x_in = scheduler.scale_model_input(latents, t)
+            extra = pipe.prepare_extra_step_kwargs(noise, 0.0) if not family.flow else {}
+            step_noises = []
+            if own_noises:
+                z, *step_noises = z.chunk(self._noise_count(), dim=1)
+                extra = {"eta": s.eta}
+            elif s.step_noises:
+                z = self.starting_noise(z)                          # another pipeline re-renders the start only
+            latents = z * family.noise_scale(scheduler)
+            for i, t in enumerate(timesteps):
+                if step_noises:
+                    extra["variance_noise"] = step_noises[i]
+                x_in = latents if family.flow else scheduler.scale_model_input(latents, t)
                 if s.checkpointing and torch.is_grad_enabled():
                     from torch.utils.checkpoint import checkpoint
 
@@ -231,7 +273,8 @@ class NoiseGenerator(Generator):
                     out = model(x_in, t)
                 latents = scheduler.step(out, t, latents, **extra, return_dict=False)[0]
             with autocast(latents.device, decoder_dtype(vae, self.dtype)):
-                image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+                image = vae.decode(family.vae_latents(latents, height=self.height, width=self.width),
+                                   return_dict=False)[0]
             return image.float() / 2 + 0.5
 
         return render
@@ -245,8 +288,8 @@ class NoiseGenerator(Generator):
         started = time.perf_counter()
         init_gen = seed_generator(seed, "init")
         z = torch.randn(self.latent_shape(), generator=init_gen).to(self.device)
-        embeds, cfg, prompt = self._embeddings(self.pipe, objective, s.num_images)
-        render = self.make_renderer(self.pipe, self.scheduler, embeds, cfg, s.render_steps, seed)
+        conditioning, prompt = self._embeddings(self.pipe, objective, s.num_images)
+        render = self.make_renderer(self.pipe, self.scheduler, conditioning, s.render_steps, seed)
         decode = lambda latent: render(latent).detach().clamp(0, 1).float().cpu()  # noqa: E731
         if s.method == "gradient":
             out = self._optimise(z, render, objective, seed, callback, decode)
@@ -256,26 +299,31 @@ class NoiseGenerator(Generator):
         with torch.no_grad():
             images = decode(best)
             if self.reapply is not None:
-                embeds2, cfg2, _ = self._embeddings(self.reapply, objective, s.num_images)
-                again = self.make_renderer(self.reapply, self.reapply_scheduler, embeds2, cfg2, s.reapply_steps, seed)
+                conditioning2, _ = self._embeddings(self.reapply, objective, s.num_images)
+                again = self.make_renderer(self.reapply, self.reapply_scheduler, conditioning2, s.reapply_steps, seed)
                 images = again(best).clamp(0, 1).float().cpu()
                 info["reapplied_with"] = {"model": s.reapply_model or "(pipeline given)", "steps": s.reapply_steps}
+        start = self.starting_noise(best)
         info.update({"method": s.method, "prompt": prompt, "render_steps": s.render_steps,
                      "scheduler": type(self.scheduler).__name__, "latent_shape": list(z.shape),
-                     "noise_norm": best.float().flatten(1).norm(dim=1).cpu().tolist(),
-                     "noise_norm_typical": math.sqrt(best[0].numel()), "seconds": time.perf_counter() - started})
+                     "step_noises": s.render_steps if s.step_noises else 0,
+                     "noise_norm": start.float().flatten(1).norm(dim=1).cpu().tolist(),
+                     "noise_norm_typical": math.sqrt(start[0].numel()), "seconds": time.perf_counter() - started})
         return GenerationResult(images=images, losses=out["losses"], info=info, interrupted=out["interrupted"],
                                 steps_done=out["steps_done"], stopped_at=out["stopped_at"])
 
     def _optimise(self, z, render, objective, seed, callback, decode) -> dict:
         s = self.settings
         extra = {"momentum": 0.9, "nesterov": True} if str(s.optimizer).lower() == "sgd" else {}
-        regulariser = (lambda latent, step: {"noise_norm": noise_norm_regulariser(latent, s.reg_weight)}) \
+        count = self._noise_count()
+        regulariser = (lambda latent, step: {"noise_norm": sum(noise_norm_regulariser(part, s.reg_weight)
+                                                               for part in latent.chunk(count, dim=1))}) \
             if s.reg_weight else None
         result = optimise(z.requires_grad_(True), render, objective, optimizer=s.optimizer, lr=s.learning_rate,
                           schedule=s.lr_schedule, steps=s.iterations, regulariser=regulariser, callback=callback,
                           generator=seed_generator(seed, "objective"), decode=decode, keep_best=s.keep_best,
-                          grad_clip=s.grad_clip, optimizer_kwargs=extra, grad_scaler=self.grad_scaler())
+                          grad_clip=s.grad_clip, optimizer_kwargs=extra, checkpoint=self.checkpoint,
+                          grad_scaler=self.grad_scaler())
         info = {"renderer_calls": result.steps_done, "best_step": result.best_step, "best_loss": result.best_loss}
         return {"latents": z.detach(), "losses": result.losses, "steps_done": result.steps_done,
                 "stopped_at": result.stopped_at, "interrupted": result.interrupted, "info": info}

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .base import StepCallback, StepInfo, option
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
@@ -40,6 +43,9 @@ class OptimiseSettings:
     grad_clip: float | None = option(None, "clip the gradient norm of the latents to this value (none: no clipping)",
                                      above=0)
     keep_best: bool = option(False, "return each image's best iterate by the objective, not the last one")
+    checkpoint_every: int = option(0, "write a resumable checkpoint (run folder: checkpoint.safetensors + .json) "
+                                      "every N steps and at the end; one is always written on Ctrl-C or a stop; "
+                                      "continue with --resume RUN_FOLDER", metavar="N", minimum=0)
 
 
 def check_optimizer(name: str, lr: float) -> None:
@@ -119,6 +125,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
              callback: StepCallback | None = None, generator: torch.Generator | None = None,
              decode: Callable[[Any], torch.Tensor] | None = None, keep_best: bool = False,
              grad_clip: float | None = None, optimizer_kwargs: dict | None = None,
+             checkpoint: Checkpointer | None = None,
              grad_scaler: torch.amp.GradScaler | None = None) -> OptimiseResult:
     """Optimise *latents* (a leaf tensor ``[B, ...]`` or a list of them) so that ``render(latents)``
     (images ``[B,3,H,W]`` in ``[0,1]``, differentiable) lowers ``objective``.
@@ -131,6 +138,8 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     latents it rendered, before that step's update) by the objective alone, without the regulariser; this
     needs every latent to have the batch first.
     ``decode(latents)`` renders images for the callback (default: ``render`` without gradients).
+    ``checkpoint`` (:class:`generators.checkpoint.Checkpointer`) starts from a saved state and saves the
+    state after each step it is due, and when the run ends early (Ctrl-C: the latents of the last whole step).
     ``grad_scaler`` (fp16): the loss is scaled for the backward and a step whose gradient overflowed is
     skipped; the optimiser is then the fused one where torch has it, which reads the overflow flag on the
     device (no host sync per step).
@@ -150,13 +159,30 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     best: list[torch.Tensor] | None = None
     best_loss: torch.Tensor | None = None
     best_step: torch.Tensor | None = None
+    start, last_whole = 0, None
+    if checkpoint is not None and checkpoint.resume is not None:
+        from .checkpoint import restore
+
+        state = last_whole = checkpoint.resume
+        restore(state, tensors, opt, lr_schedule, generator)
+        start = result.steps_done = state.step
+        device = tensors[0].device
+        losses = [torch.tensor(x, dtype=torch.float32, device=device) for x in state.losses]
+        if keep_best and state.best is not None:
+            best = [b.to(t.device, t.dtype) for b, t in zip(state.best, tensors)]
+            best_loss, best_step = state.best_loss.to(device), state.best_step.to(device)
+
+    def whole_step(step: int):
+        from .checkpoint import snapshot
+
+        return snapshot(step, steps, tensors, opt, lr_schedule, generator, losses, best, best_loss, best_step)
 
     def decode_now() -> torch.Tensor:
         with torch.no_grad():
             return decode(_rebuild(latents, [t.detach() for t in tensors]))
 
     try:
-        for step in range(steps):
+        for step in range(start, steps):
             opt.zero_grad(set_to_none=True)
             images = render(latents)
             parts: dict[str, torch.Tensor] = {}
@@ -204,6 +230,10 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
             loss = per_image.detach().mean()
             losses.append(loss)
             result.steps_done = step + 1
+            if checkpoint is not None:
+                last_whole = whole_step(step + 1)
+                if checkpoint.due(step + 1, steps):
+                    checkpoint.save(last_whole)
             if callback is not None:
                 keep_going = callback(StepInfo(step=step, total=steps, latents=latents, decode=decode_now,
                                                loss=loss, parts=parts))
@@ -212,6 +242,16 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
                     break
     except KeyboardInterrupt:
         result.interrupted = True
+        if last_whole is not None:      # Ctrl-C may land inside a step: go back to the last whole one
+            with torch.no_grad():
+                for t, saved in zip(tensors, last_whole.latents):
+                    t.copy_(saved)
+            del losses[last_whole.step:]
+            result.steps_done = last_whole.step
+            if keep_best and last_whole.best is not None:
+                best, best_loss, best_step = last_whole.best, last_whole.best_loss, last_whole.best_step
+    if checkpoint is not None and last_whole is not None and (result.interrupted or result.stopped_at is not None):
+        checkpoint.save(last_whole)
     result.losses = torch.stack(losses).float().cpu().tolist() if losses else []
     if keep_best and best is not None:
         with torch.no_grad():

@@ -123,6 +123,23 @@ def option_specs(backends: list[str] | None = None, *, errors: dict[str, str] | 
     return specs
 
 
+def option_groups(specs: Mapping[str, OptionSpec]) -> list[tuple[str, str, list[OptionSpec]]]:
+    """*specs* as ``(title, description, specs)`` groups in ``--help`` order: the run's own groups
+    (:data:`GROUPS`), the options several backends share, then each backend's own. The command line
+    and the web UI's form are both laid out by it."""
+    run = {name: (name, desc, []) for name, desc in GROUPS.items()}
+    shared = ("shared backend options", "used by every backend that has them", [])
+    own = {name: (f"{name} backend", f"options of --backend {name}", []) for name in backend_names()}
+    for spec in specs.values():
+        if "run" in spec.owners:
+            run[spec.field.metadata.get("group", "output")][2].append(spec)
+        elif len(spec.owners) > 1:
+            shared[2].append(spec)
+        elif spec.owners[0] in own:
+            own[spec.owners[0]][2].append(spec)
+    return [group for group in (*run.values(), shared, *own.values()) if group[2]]
+
+
 def _check_range(spec: OptionSpec, value, where: str):
     """Numbers must be finite and inside the field's declared bounds."""
     meta = spec.field.metadata
@@ -336,4 +353,4 @@ def backend_settings(backend: str, opts: Mapping[str, Any]):
     return cls.settings_from(values)
 
 
-__all__ = ["OptionSpec", "option_specs", "field_kind", "coerce", "load_config", "resolve_options", "backend_settings"]
+__all__ = ["OptionSpec", "option_specs", "option_groups", "field_kind", "coerce", "load_config", "resolve_options", "backend_settings"]

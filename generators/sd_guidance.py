@@ -39,6 +39,11 @@ class NoiseTables:
     sigma_frame: bool                     # True: x = x0 + sigma*eps (c_in < 1); False: x = z
     alpha_bars: torch.Tensor              # [num steps], float32, on the device
     next_alpha_bars: torch.Tensor | None = None   # ``ab`` of the sample that step i's ``scheduler.step`` returns
+    # rectified flow (:func:`flow_tables`): the sample is ``x = scale * z``; step i's and the next sample's scale
+    sample_scales: torch.Tensor | None = None
+    next_sample_scales: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None    # rectified flow: the scheduler's sigma t of each step
+    next_sigmas: torch.Tensor | None = None   # rectified flow: sigma of the sample step i returns
 
     def alpha_bar(self, index: int) -> torch.Tensor:
         """``ab`` at run step *index* as a 0-dim float32 tensor on the device (no host sync)."""
@@ -67,7 +72,8 @@ def check_scheduler(scheduler) -> None:
     prediction = getattr(scheduler.config, "prediction_type", None)
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"scheduler {name} predicts {prediction!r}; CLIP guidance supports "
-                         f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x); pick another --sd model")
+                         f"{', '.join(PREDICTION_TYPES)} models (SD 1.x/2.x, SDXL) and rectified-flow SD3/FLUX; "
+                         "pick another --sd model")
 
 
 def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu", *,
@@ -110,6 +116,30 @@ def noise_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device 
                        next_alpha_bars=_vp_next_levels(scheduler, values, table).to(device))
 
 
+def flow_tables(scheduler, timesteps: torch.Tensor, device: str | torch.device = "cpu") -> NoiseTables:
+    """Noise levels of a rectified-flow run (``FlowMatchEulerDiscreteScheduler`` after ``set_timesteps``):
+    ``x_t = (1-t) x0 + t eps`` with ``t`` the scheduler's sigma is the VP latent ``z = x_t / r`` scaled by
+    ``r = sqrt((1-t)^2 + t^2)``, with ``ab = (1-t)^2 / r^2`` (floored at ``FLOW_MIN_ALPHA_BAR``)."""
+    from .families import FLOW_MIN_ALPHA_BAR
+
+    name = type(scheduler).__name__
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or len(timesteps) == 0 or len(sigmas) < len(timesteps) + 1:
+        raise ValueError(f"scheduler {name} has no flow-matching sigmas for {len(timesteps)} steps; use the "
+                         "model's own FlowMatchEulerDiscreteScheduler (--scheduler auto)")
+    t = torch.as_tensor(sigmas).detach().double().cpu()[: len(timesteps) + 1]
+
+    def levels(v):
+        scale = ((1 - v) ** 2 + v ** 2).sqrt()
+        return ((1 - v) ** 2 / scale ** 2).clamp(min=FLOW_MIN_ALPHA_BAR, max=1.0).float(), scale.float()
+
+    ab, scale = levels(t[:-1])
+    next_ab, next_scale = levels(t[1:])
+    return NoiseTables(sigma_frame=False, alpha_bars=ab.to(device), next_alpha_bars=next_ab.to(device),
+                       sample_scales=scale.to(device), next_sample_scales=next_scale.to(device),
+                       sigmas=t[:-1].float().to(device), next_sigmas=t[1:].float().to(device))
+
+
 def _vp_next_levels(scheduler, timesteps: list[float], table: torch.Tensor) -> torch.Tensor:
     """``ab`` after each step of a VP scheduler: DDIM's own rule (``t - T // n``, then
     ``final_alpha_cumprod``) where the scheduler has it, else the next timestep's level (1 after the last)."""
@@ -130,12 +160,17 @@ def renoise(sample: torch.Tensor, tables: NoiseTables, index: int, generator: to
 
     VP frame: ``x_t = sqrt(a) x_{t-1} + sqrt(1 - a) eps`` with ``a = ab_t / ab_{t-1}`` (the forward
     process from ``t-1`` to ``t``: Bansal et al.'s self-recurrence, FreeDoM's time-travel); sigma frame: ``x_t = x_{t-1} +
-    sqrt(sigma_t^2 - sigma_{t-1}^2) eps``. Both keep the marginal ``z_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps``.
+    sqrt(sigma_t^2 - sigma_{t-1}^2) eps``; rectified flow (from ``t'`` to ``t``): ``x_t = (1-t)/(1-t') x_{t'} +
+    sqrt(t^2 - ((1-t) t' / (1-t'))^2) eps``. Both keep the marginal ``z_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps``.
     The noise is drawn from *generator* (the run's objective stream), so the sampler's own stream is untouched.
     """
     ab, ab_next = tables.alpha_bar(index).double(), tables.next_alpha_bar(index).double()
     noise = torch.randn(sample.shape, generator=generator, device=generator.device, dtype=torch.float32)
     noise = noise.to(sample.device)
+    if tables.sigmas is not None:       # rectified flow from t' to t: the same marginal, x_t = (1-t) x0 + t eps
+        t, before = tables.sigmas[index].double(), tables.next_sigmas[index].double()
+        keep = (1 - t) / (1 - before)
+        return keep.float() * sample + (t ** 2 - (keep * before) ** 2).clamp(min=0).sqrt().float() * noise
     if tables.sigma_frame:
         extra = ((1 - ab) / ab - (1 - ab_next) / ab_next).clamp(min=0).sqrt()
         return sample + extra.float() * noise

@@ -5,7 +5,8 @@
 (:mod:`generators.options`), builds the objective from the guidance options (:mod:`guidance.build`)
 and the backend from its ``Settings``, runs it with a progress bar, scores the result with an
 evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C during the run keeps
-the current image: it is saved, marked ``interrupted``.
+the current image: it is saved, marked ``interrupted``; so does setting the ``stop`` event (a web UI's
+Stop button, or any other thread).
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class _Progress:
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=info.total, unit="step", dynamic_ncols=True, file=sys.stderr)
+                self.bar = tqdm(total=info.total, initial=info.step, unit="step", dynamic_ncols=True, leave=None,
+                                file=sys.stderr)
             self.bar.update(1)
             done = info.step + 1
             if info.loss is not None and (done % self.refresh == 0 or done == info.total):
@@ -155,7 +157,7 @@ class _Progress:
 
 def generate(prompt: str | None = None, *, backend: str | None = None, preset: str | None = None,
              config: str | Path | Mapping | None = None, save: bool = True, callback: Callable | None = None,
-             **options) -> Run:
+             resume: str | Path | None = None, stop=None, **options) -> Run:
     """Generate image(s) for *prompt* and (with ``save=True``) write a new run folder.
 
     Args:
@@ -165,11 +167,26 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         config: a YAML/TOML file (or a dict) of options; keyword options override it.
         save: write the run folder under ``out`` (default ``outputs/``).
         callback: called with each :class:`StepInfo`; return ``False`` to stop early.
+        resume: a run folder with a checkpoint (:mod:`generators.checkpoint`): continue that run, with its
+            own options, in a new run folder (under ``out``, default: beside it); only ``iterations``,
+            ``out``, ``progress``, ``threads``, ``device`` and ``checkpoint_every`` may be given.
+        stop: a ``threading.Event`` (anything with ``is_set()``); once it is set, the run ends at its
+            next step exactly as Ctrl-C ends it: the current image is kept and saved, marked ``interrupted``.
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
             (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...).
     """
     t_start = time.perf_counter()
-    backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
+    if stop is not None:
+        callback = _stop_when_set(stop, callback)
+    if resume is not None:
+        from .checkpoint import resume_options
+
+        if prompt is not None or backend is not None or preset is not None or config is not None:
+            raise ValueError("--resume continues a run with its own prompt, backend and options; give no prompt, "
+                             "--backend, --preset or --config with it")
+        backend, opts, provenance = resume_options(resume, options)
+    else:
+        backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
     threads = opts.get("threads")
     before = torch.get_num_threads()
     if threads is not None:
@@ -179,6 +196,16 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
             return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
     finally:
         torch.set_num_threads(before)
+
+
+def _stop_when_set(stop, callback: Callable | None) -> Callable:
+    """The step callback, then ``KeyboardInterrupt`` once *stop* is set: every backend handles it as Ctrl-C."""
+    def step(info: StepInfo):
+        keep_going = callback(info) if callback is not None else None
+        if stop.is_set():
+            raise KeyboardInterrupt
+        return keep_going
+    return step
 
 
 class _library_progress_bars:
@@ -304,6 +331,12 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     """Run the backend with the progress bar, frames and the user's callback."""
     progress = _Progress(enabled=bool(prep.opts.get("progress", True)), save_every=prep.save_every,
                          frames_dir=(folder / "frames") if folder is not None else None, user=callback)
+    resumed = prep.provenance.get("resumed_from")
+    if prep.generator.resumable and (folder is not None or resumed):
+        from .checkpoint import Checkpointer, load_state
+
+        prep.generator.checkpoint = Checkpointer(folder, every=getattr(prep.settings, "checkpoint_every", 0),
+                                                 resume=load_state(resumed["folder"]) if resumed else None)
     try:
         try:
             result = prep.generator.generate(prep.objective, seed=prep.seed, callback=progress)
@@ -361,6 +394,10 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "losses": [float(x) if math.isfinite(float(x)) else None for x in result.losses],
     }
+    if prep.provenance.get("resumed_from"):
+        metadata["resumed_from"] = prep.provenance["resumed_from"]
+    if getattr(prep.generator.checkpoint, "saved", None) is not None:
+        metadata["checkpoint"] = prep.generator.checkpoint.saved.name
     rewards = reward_specs(prep.opts)
     if rewards:   # which rewards steered (for evaluate.py --held-out) and their score at every step
         metadata["rewards"] = [{k: r[k] for k in ("label", "name", "model", "weight", "spec")} for r in rewards]

@@ -1,4 +1,11 @@
-"""Stable Diffusion through diffusers, with a CLIP loss steering every guided denoising step.
+"""Diffusion models through diffusers (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1), with an objective steering every
+guided denoising step.
+
+Each model family is an adapter of :mod:`generators.families` (conditioning, starting latents,
+timesteps, the denoiser call and the VAE's input, all with the diffusers pipeline's own methods); the
+loop below is the same for every family. Rectified-flow families (SD3, FLUX) are handed to the guiders
+in the variance-preserving frame with their clean estimate as a ``"sample"`` prediction, and the
+corrected clean estimate goes back to ``FlowMatchEulerDiscreteScheduler`` as a velocity.
 
 At a guided step the clean latent is predicted from the current latent and the (CFG) model
 output at the scheduler's own noise level, decoded by the VAE (or a tiny ``AutoencoderTiny``)
@@ -44,7 +51,8 @@ from guidance.errors import first_line, load_error, looks_like_path
 
 from .base import option, seed_generator
 from .guiders import GUIDERS, SCHEDULES, SMOOTHING_SCHEDULES, CLIPGuider, setup_guider
-from .sd_guidance import check_scheduler, clean_estimate, noise_tables, renoise
+from .families import family_class, family_of, pipeline_class_of
+from .sd_guidance import check_scheduler, clean_estimate, flow_tables, noise_tables, renoise
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
 SCHEDULERS = {
@@ -62,6 +70,11 @@ GRADIENT_MODES = CLIPGuider.MODES
 # DPM-Solver++ and UniPC keep a history of model outputs that a repeated step would corrupt.
 RECURRENT_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
                         "euler_a": "EulerAncestralDiscreteScheduler"}
+# The rectified-flow models' own sampler: its step depends only on the step index, which the loop restores.
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# --scheduler values: a DDPM sampler by name, "default" (the checkpoint's own), "auto" (dpm++ for the DDPM
+# families SD 1.x/2.x and SDXL, the model's own flow-matching Euler for SD3 and FLUX)
+SCHEDULER_CHOICES = [*SCHEDULERS, "default", "auto"]
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -69,18 +82,23 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 class Settings:
     """Options of the ``sd`` backend (CLI flags and config keys come from these fields)."""
 
-    sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion checkpoint: Hub id, local "
-                           "diffusers folder, or one .safetensors/.ckpt file", flag="--sd")
+    sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusion model (SD 1.x/2.x, SDXL, SD3/3.5 "
+                           "or FLUX.1, found from the model): Hub id, local diffusers folder, or one "
+                           ".safetensors/.ckpt file", flag="--sd")
     sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
                                          "holding its configs (needed offline)", flag="--sd-config")
     steps: int = option(30, "denoising steps", flag="--steps", minimum=1)
-    scheduler: str = option("dpm++", "sampler ('default': the checkpoint's own)", flag="--scheduler",
-                            choices=[*SCHEDULERS, "default"])
+    scheduler: str = option("auto", "sampler ('default': the checkpoint's own; 'auto': dpm++ for SD 1.x/2.x and "
+                                    "SDXL, the model's own flow-matching Euler for SD3/FLUX)", flag="--scheduler",
+                            choices=SCHEDULER_CHOICES)
     guider: str = option("clip", "how the objective corrects each guided step: " + ", ".join(sorted(GUIDERS)),
                          flag="--guider", choices=sorted(GUIDERS))
     clip_guidance_scale: float = option(100.0, "strength of the objective's gradient in each guided step (0: off)",
                                         flag="--clip-guidance-scale")
-    cfg_scale: float = option(7.5, "classifier-free guidance scale (1 or less: no CFG)", flag="--cfg-scale")
+    cfg_scale: float = option(7.5, "classifier-free guidance scale (1 or less: no CFG; FLUX: not used)",
+                              flag="--cfg-scale")
+    flux_guidance: float = option(3.5, "FLUX.1-dev (guidance-distilled): the guidance value the transformer takes "
+                                       "as input (schnell has none)", minimum=0)
     prompt: str = option("", "conditioning text for the UNet (empty: the CLIP text prompts with positive weight, "
                              "joined with ', ')", flag="--sd-prompt")
     negative_prompt: str = option("", "negative conditioning text for classifier-free guidance",
@@ -115,6 +133,8 @@ class Settings:
                                      choices=SMOOTHING_SCHEDULES, requires="smoothing")
     smoothing_samples: int = option(1, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1,
                                     requires="smoothing")
+    vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
+                                   "for SDXL")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
                                         "guidance image (much cheaper than the full VAE)")
     channels_last: bool = option(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
@@ -123,7 +143,7 @@ class Settings:
     vae_tiling: bool = option(False, "decode in tiles (large images, less memory)")
     attention_slicing: bool = option(False, "sliced attention (less memory; default is PyTorch SDPA)")
     cpu_offload: bool = option(False, "keep models in CPU memory and move each to the GPU when it runs "
-                                      "(accelerate model offload; CUDA only)")
+                                      "(the pipeline's enable_model_cpu_offload; CUDA only)")
 
 
 def toy_preset() -> dict:
@@ -141,8 +161,9 @@ class StableDiffusionGenerator(Generator):
     guidance of Dhariwal & Nichol 2021 with a CLIP loss, as in the diffusers community CLIP-guided
     pipeline and Disco Diffusion), on top of classifier-free guidance.
 
-    ``pipeline``: an already built ``StableDiffusionPipeline`` to use instead of loading ``sd_model``
-    (its scheduler is replaced per ``settings.scheduler`` and its weights are frozen).
+    ``pipeline``: an already built ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline`` or ``FluxPipeline`` to use instead of loading ``sd_model`` (its scheduler
+    is replaced per ``settings.scheduler`` and its weights are frozen).
 
     ``generate(clip_loss, seed=, callback=)``: ``clip_loss=None`` or ``clip_guidance_scale=0`` is
     plain diffusers sampling. The UNet is conditioned on ``settings.prompt``, or, when that is empty,
@@ -172,18 +193,21 @@ class StableDiffusionGenerator(Generator):
         if pipeline is not None:
             self.pipe = pipeline
         elif s.cpu_offload:  # offload hooks stay on a pipeline: never share one
-            self.pipe = load_pipeline(s.sd_model, dtype=self.dtype, config=s.sd_config)
+            self.pipe = load_pipeline(s.sd_model, dtype=self.dtype, config=s.sd_config, vae=s.vae)
         else:
-            self.pipe = cached_pipeline(s.sd_model, dtype=self.dtype, config=s.sd_config)
+            self.pipe = cached_pipeline(s.sd_model, dtype=self.dtype, config=s.sd_config, vae=s.vae)
         pipe = self.pipe
-        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-            raise ValueError(f"{s.sd_model!r} has a {pipe.unet.config.in_channels}-channel UNet (an inpainting or "
-                             "depth model?); use a text-to-image Stable Diffusion checkpoint")
+        self.family = family_of(pipe, guidance=s.flux_guidance)
+        self.family.check(s.sd_model if pipeline is None else "the pipeline given")
+        if s.init_image and self.family.name != "sd":
+            raise ValueError(f"--init-image (img2img) supports SD 1.x/2.x models; {self.family.label} samples from "
+                             "noise only: drop --init-image")
         pipe.set_progress_bar_config(disable=True)
         # A cached pipeline remembers the scheduler it was loaded with; each run starts from that one.
         default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
-        pipe.scheduler = default if s.scheduler == "default" else _build_scheduler(s.scheduler, default.config)
-        check_scheduler(pipe.scheduler)
+        pipe.scheduler = self._scheduler(default)
+        if not self.family.flow:
+            check_scheduler(pipe.scheduler)
         check_recurrence(s.recurrence, pipe.scheduler)
         self.vae_scale = int(pipe.vae_scale_factor)
         self.width, self.height = self._size()
@@ -191,17 +215,34 @@ class StableDiffusionGenerator(Generator):
         self._place_models()
         # Fail now, not mid-run, if the schedule has no readable noise level.
         timesteps, begin = self._timesteps()
-        noise_tables(pipe.scheduler, timesteps, begin_index=begin)
+        self._tables(timesteps, begin, "cpu")
 
     # -- set-up --------------------------------------------------------------------------------
+    def _scheduler(self, default):
+        """The run's scheduler: a DDPM sampler by name (SD, SDXL), or the model's own (``default``; flow models)."""
+        name, family = self.settings.scheduler, self.family
+        if family.flow:
+            if name not in ("auto", "default"):
+                raise ValueError(f"--scheduler {name} is a DDPM sampler; {family.label} is a rectified-flow model "
+                                 f"sampled with its own {FLOW_SCHEDULER}: use --scheduler auto or default")
+            return default
+        if name == "default":
+            return default
+        return _build_scheduler("dpm++" if name == "auto" else name, default.config)
+
+    def _tables(self, timesteps, begin: int, device):
+        """The run's noise tables (:func:`~generators.sd_guidance.noise_tables`; rectified flow: ``flow_tables``)."""
+        if self.family.flow:
+            return flow_tables(self.pipe.scheduler, timesteps, device)
+        return noise_tables(self.pipe.scheduler, timesteps, device, begin_index=begin)
+
     def _size(self) -> tuple[int, int]:
-        s, pipe = self.settings, self.pipe
-        native = pipe.unet.config.sample_size
-        native = native if isinstance(native, int) else native[0]
-        multiple = max(8, self.vae_scale)
+        s = self.settings
+        native = self.family.native_size()
+        multiple = self.family.size_multiple()
         sizes = []
         for name, value in (("width", s.width), ("height", s.height)):
-            value = value or native * self.vae_scale
+            value = value or native
             if value <= 0 or value % multiple:
                 lower = max(multiple, value // multiple * multiple)
                 raise ValueError(f"{name} {value} is not a positive multiple of {multiple} (the VAE works in "
@@ -222,8 +263,8 @@ class StableDiffusionGenerator(Generator):
             switch = getattr(pipe.vae, f"{'enable' if on else 'disable'}_{name}", None)
             if switch is not None:
                 switch()
-        for name in ("unet", "text_encoder"):
-            _to_dtype(getattr(pipe, name), self.dtype)
+        for module in self.family.compute_modules():
+            _to_dtype(module, self.dtype)
         if s.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:
@@ -253,9 +294,10 @@ class StableDiffusionGenerator(Generator):
         """``set_timesteps`` then, for img2img, the slice the img2img pipeline's ``get_timesteps`` keeps;
         returns (timesteps, index of the first one in the scheduler's tables)."""
         s, scheduler = self.settings, self.pipe.scheduler
-        scheduler.set_timesteps(s.steps, device=self.execution_device)
         if not s.init_image:
-            return scheduler.timesteps, 0
+            return self.family.set_timesteps(scheduler, s.steps, self.execution_device, height=self.height,
+                                             width=self.width), 0
+        scheduler.set_timesteps(s.steps, device=self.execution_device)
         if min(int(s.steps * s.strength), s.steps) < 1:
             raise ValueError(f"--strength {s.strength} with --steps {s.steps} leaves no denoising step; "
                              f"use a strength of at least {1 / s.steps:.3g} or more steps")
@@ -274,7 +316,8 @@ class StableDiffusionGenerator(Generator):
         post-processed by the pipeline's own ``image_processor``."""
         vae = self.pipe.vae
         with torch.no_grad():
-            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+            image = vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width),
+                               return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pt")
 
     def _guidance_decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -284,7 +327,8 @@ class StableDiffusionGenerator(Generator):
 
         vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
         with autocast(latents.device, decoder_dtype(vae, self.dtype)):
-            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+            image = vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width, vae=vae),
+                               return_dict=False)[0]
         return image.float() / 2 + 0.5     # unclamped: objectives clamp; --range-weight sees the overshoot
 
     def compile_targets(self) -> list[torch.nn.Module]:
@@ -308,38 +352,43 @@ class StableDiffusionGenerator(Generator):
                     for name in inspect.signature(klass.__init__).parameters} if s.guider in GUIDERS else set()
         return make_guider(s.guider, objective, **base, **{k: v for k, v in own.items() if k in accepted})
 
-    def _denoiser(self, t, embeds, cond, uncond, cfg: bool):
-        """The model at timestep *t* as the guiders see it (float32 outputs)."""
+    def _denoiser(self, t, conditioning, scale: torch.Tensor | None = None, sigma: torch.Tensor | None = None):
+        """The model at timestep *t* as the guiders see it (float32 outputs, on the VP latent ``z``).
+
+        DDPM families: the model output itself. Rectified flow (*scale*, *sigma* given): the model runs on
+        ``x_t = scale * z`` and its velocity ``v`` is handed on as the clean estimate ``x_t - sigma * v``."""
         from .guiders import Denoiser
 
-        unet, scale = self.pipe.unet, self.settings.cfg_scale
+        family, cfg_scale, c = self.family, self.settings.cfg_scale, conditioning
+
+        def run(z, kwargs, batch: int = 1):
+            x = z if scale is None else z * scale
+            out = family.predict(torch.cat([x] * batch) if batch > 1 else x, t, kwargs)
+            if batch > 1:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + cfg_scale * (out_cond - out_uncond)
+            return out if sigma is None else x - sigma * out
 
         def guided(z):
-            out = unet(torch.cat([z, z]).to(unet.dtype) if cfg else z.to(unet.dtype), t, encoder_hidden_states=embeds,
-                       return_dict=False)[0]
-            if not cfg:
-                return out.float()
-            out_uncond, out_cond = out.float().chunk(2)
-            return out_uncond + scale * (out_cond - out_uncond)
+            return run(z, c.both, 2 if c.cfg else 1)
 
         def conditional(z):
-            return unet(z.to(unet.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            return run(z, c.cond)
 
         def combine(z, out_cond):
-            if not cfg:
+            if not c.cfg:
                 return out_cond
-            out_uncond = unet(z.to(unet.dtype), t, encoder_hidden_states=uncond, return_dict=False)[0].float()
-            return out_uncond + scale * (out_cond - out_uncond)
+            out_uncond = run(z, c.uncond)
+            return out_uncond + cfg_scale * (out_cond - out_uncond)
 
         return Denoiser(guided=guided, conditional=conditional, combine=combine)
 
     def _start_latents(self, timesteps, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Pure noise (``prepare_latents``) or, for img2img, the noised init image (the img2img pipeline's own)."""
-        s, pipe = self.settings, self.pipe
+        s = self.settings
         device = self.execution_device
         if not s.init_image:
-            return pipe.prepare_latents(batch, pipe.unet.config.in_channels, self.height, self.width, torch.float32,
-                                        device, generator)
+            return self.family.start_latents(batch, self.height, self.width, generator, device)
         from guidance.images import load_image
 
         image = load_image(s.init_image, (self.width, self.height), what="init image")
@@ -353,23 +402,24 @@ class StableDiffusionGenerator(Generator):
         """Sample ``num_images`` images for one seed, steered by *objective* (``None``: plain SD)."""
         from .guiders import GuidedStep
 
-        s, pipe = self.settings, self.pipe
-        scheduler, unet = pipe.scheduler, pipe.unet
+        s, pipe, family = self.settings, self.pipe, self.family
+        scheduler = pipe.scheduler
         device = self.execution_device
         started = time.perf_counter()
-        prediction = scheduler.config.prediction_type
+        # rectified flow: guiders get the clean estimate ("sample") in the VP frame, the scheduler the velocity
+        prediction = "sample" if family.flow else scheduler.config.prediction_type
         noise_gen = seed_generator(seed, "init")            # the starting noise and the sampler's own noise
         objective_gen = seed_generator(seed, "objective")   # cutouts and augmentations
 
         prompt = self.conditioning_prompt(objective)
-        cfg = s.cfg_scale > 1 and unet.config.time_cond_proj_dim is None
-        cond, uncond = pipe.encode_prompt(prompt, device, s.num_images, cfg, s.negative_prompt or None)
-        embeds = torch.cat([uncond, cond]) if cfg else cond
+        cfg = family.uses_cfg(s.cfg_scale)
+        conditioning = family.encode(prompt, s.negative_prompt, s.num_images, cfg, device, height=self.height,
+                                     width=self.width)
 
         timesteps, begin = self._timesteps()
         latents = self._start_latents(timesteps, s.num_images, noise_gen)
-        tables = noise_tables(scheduler, timesteps, device, begin_index=begin)
-        step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, 0.0)
+        tables = self._tables(timesteps, begin, device)
+        step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, 0.0) if not family.flow else {}
         guider = self.make_guider(objective)
         n = len(timesteps)
         setup_guider(guider, n, tables)
@@ -381,20 +431,24 @@ class StableDiffusionGenerator(Generator):
         host_timesteps = timesteps.tolist()
         try:
             for i, t in enumerate(timesteps):
-                model = self._denoiser(t, embeds, cond, uncond, cfg)
+                flow = (tables.sample_scales[i], tables.sigmas[i]) if family.flow else (None, None)
+                model = self._denoiser(t, conditioning, *flow)
                 repeats, state = guider.repeats(i), None
                 for r in range(repeats):
                     if r:   # self-recurrence: undo the step's scheduler state, re-noise x_{t-1} back to x_t
                         scheduler.__dict__.update(state)
                         latents = renoise(latents, tables, i, objective_gen)
                     state = dict(scheduler.__dict__) if repeats > 1 else None
-                    z = scheduler.scale_model_input(latents, t)
+                    z = latents / flow[0] if family.flow else scheduler.scale_model_input(latents, t)
                     step = GuidedStep(index=i, timestep=t, z=z, alpha_bar=tables.alpha_bar(i),
                                       prediction_type=prediction, model=model, decode=self._guidance_decode,
                                       generator=objective_gen, next_alpha_bar=tables.next_alpha_bar(i),
-                                      sigma_frame=tables.sigma_frame, repeat=r)
+                                      sigma_frame=tables.sigma_frame, repeat=r,
+                                      next_sample_scale=tables.next_sample_scales[i] if family.flow else None)
                     out, loss = guider.model_output(step)
                     x0 = clean_estimate(z, out, step.alpha_bar, prediction)
+                    if family.flow:      # the corrected clean estimate as the velocity: v = (x_t - x0) / t
+                        out = (z * flow[0] - out) / flow[1]
                     latents = scheduler.step(out, host_timesteps[i], latents, **step_kwargs, return_dict=False)[0]
                     latents = guider.sample_correction(step, latents)
                 if loss is not None:
@@ -418,7 +472,8 @@ class StableDiffusionGenerator(Generator):
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,
             "timesteps": [float(t) for t in timesteps], **guider.describe(),
             "clip_guidance_scale": guider.scale if guider.enabled else 0.0, "cfg_scale": s.cfg_scale,
-            "width": self.width, "height": self.height, "sd_model": s.sd_model,
+            "width": self.width, "height": self.height, "sd_model": s.sd_model, "family": family.name,
+            **({"flux_guidance": family.guidance} if getattr(family, "distilled_guidance", False) else {}),
             "seconds": time.perf_counter() - started,
         }
         return GenerationResult(images=images, losses=[float(v) for v in step_losses], info=info,
@@ -440,8 +495,8 @@ def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 # -- loading -----------------------------------------------------------------------------------------
 def _check_settings(s: Settings, device: torch.device) -> None:
-    if s.scheduler != "default" and s.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)} or default")
+    if s.scheduler not in SCHEDULER_CHOICES:
+        raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)}, default or auto")
     if s.guidance_gradient not in GRADIENT_MODES:
         raise ValueError(f"unknown guidance_gradient {s.guidance_gradient!r}; choose x0 or full")
     if s.steps < 1:
@@ -457,7 +512,7 @@ def _check_settings(s: Settings, device: torch.device) -> None:
         raise ValueError(f"unknown guider {s.guider!r}; choose from {', '.join(sorted(GUIDERS))}")
     if s.recurrence < 1:
         raise ValueError(f"recurrence is {s.recurrence}; use 1 (no self-recurrence) or more")
-    if s.recurrence > 1 and s.scheduler != "default":
+    if s.recurrence > 1 and s.scheduler not in ("default", "auto"):
         check_recurrence(s.recurrence, s.scheduler)
     if s.init_image:
         from guidance.images import check_image_file
@@ -475,7 +530,7 @@ def check_recurrence(recurrence: int, scheduler) -> None:
         return
     cls = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
     name = cls if isinstance(scheduler, str) else next((k for k, v in SCHEDULERS.items() if v == cls), cls)
-    if name not in RECURRENT_SCHEDULERS and cls not in RECURRENT_SCHEDULERS.values():
+    if name not in RECURRENT_SCHEDULERS and cls not in (*RECURRENT_SCHEDULERS.values(), FLOW_SCHEDULER):
         raise ValueError(f"--recurrence {recurrence} cannot repeat a step of scheduler {name} (its step keeps a "
                          f"history of model outputs); use --scheduler {', '.join(RECURRENT_SCHEDULERS)} or "
                          "--recurrence 1")
@@ -500,7 +555,8 @@ def _load_error(kind: str, name: str, err: Exception) -> OSError:
 
 
 def check_model_path(spec: str) -> Path:
-    """One-line errors, before anything loads, for a local --sd model that is missing or not a pipeline."""
+    """One-line errors, before anything loads, for a local --sd model that is missing, not a pipeline, or of a
+    family clipsteer does not support."""
     path = Path(spec).expanduser()
     if spec.endswith(SINGLE_FILE_SUFFIXES):
         if not path.is_file():
@@ -510,45 +566,71 @@ def check_model_path(spec: str) -> Path:
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{spec!r} is not a diffusers pipeline folder (no model_index.json); "
                                     "point --sd at the folder that `save_pretrained` or `hf download` wrote")
+        family_class(pipeline_class_of(spec, path, False), spec)     # an unsupported family: one line, now
     elif _looks_like_path(spec):
         raise FileNotFoundError(f"Stable Diffusion model folder {spec!r} does not exist; give a Hub id such as "
                                 "'stable-diffusion-v1-5/stable-diffusion-v1-5' or an existing local folder")
     return path
 
 
-def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None):
-    """A ``StableDiffusionPipeline`` from a Hub id, a diffusers folder or a single checkpoint file
-    (safety checker never loaded; ``.ckpt`` files are read with ``weights_only=True``)."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None,
+                  vae: str | None = None):
+    """The diffusers pipeline of a Hub id, a diffusers folder or a single checkpoint file, its class (SD 1.x/2.x,
+    SDXL, SD3, FLUX) found from the model (:func:`~generators.families.pipeline_class_of`); safety checker never
+    loaded; ``.ckpt`` files are read with ``weights_only=True``; *vae*: a replacement ``AutoencoderKL``."""
+    import diffusers
 
     path = check_model_path(spec)
-    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    if spec.endswith(SINGLE_FILE_SUFFIXES):
+    single = spec.endswith(SINGLE_FILE_SUFFIXES)
+    try:
+        name = pipeline_class_of(spec, path, single)
+    except (OSError, ValueError) as err:
+        raise _load_error("Stable Diffusion model", spec, err) from None
+    family = family_class(name, spec)
+    cls = getattr(diffusers, family.pipeline_class)
+    common = dict(dtype=dtype, **(family.single_file_kwargs if single else family.load_kwargs))
+    if vae:
+        common["vae"] = load_vae(vae)
+    if single:
         extra = {"config": config} if config else {}
         try:
-            return StableDiffusionPipeline.from_single_file(str(path), **common, **extra)
+            return cls.from_single_file(str(path), **common, **extra)
         except (OSError, ValueError) as err:
             raise OSError(f"could not load single-file checkpoint {spec!r}: {first_line(err)}; offline, also "
                           "pass --sd-config "
                           "with a local diffusers folder of the same model type (it supplies the configs)") from None
     try:
-        return StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else spec,
-                                                       feature_extractor=None, **common)
+        return cls.from_pretrained(str(path) if path.exists() else spec, **common)
     except (OSError, ValueError) as err:
         raise _load_error("Stable Diffusion model", spec, err) from None
 
 
-def cached_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None):
+def load_vae(spec: str):
+    """A replacement ``AutoencoderKL`` (e.g. ``madebyollin/sdxl-vae-fp16-fix``) from a Hub id or folder."""
+    from diffusers import AutoencoderKL
+
+    path = Path(spec).expanduser()
+    if not path.exists() and _looks_like_path(spec):
+        raise FileNotFoundError(f"VAE folder {spec!r} does not exist; give a Hub id such as "
+                                "'madebyollin/sdxl-vae-fp16-fix' or an existing local folder")
+    try:
+        return AutoencoderKL.from_pretrained(str(path) if path.exists() else spec, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise _load_error("VAE", spec, err) from None
+
+
+def cached_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None,
+                    vae: str | None = None):
     """:func:`load_pipeline`, kept in the model cache across runs for the same (model, dtype, config)."""
     from guidance.cache import cached
 
     path = Path(spec).expanduser()
     marker = path / "model_index.json" if path.is_dir() else path
     stamp = (marker.stat().st_mtime_ns, marker.stat().st_size) if marker.exists() else None
-    key = (str(path.resolve()) if path.exists() else spec, stamp, str(dtype), config)
+    key = (str(path.resolve()) if path.exists() else spec, stamp, str(dtype), config, vae)
 
     def load():
-        pipe = load_pipeline(spec, dtype=dtype, config=config)
+        pipe = load_pipeline(spec, dtype=dtype, config=config, vae=vae)
         pipe.__dict__["_clipsteer_default_scheduler"] = pipe.scheduler
         return pipe
 
@@ -577,4 +659,4 @@ def check_tiny_vae(vae, pipe) -> None:
     if cfg.latent_channels != pipe.vae.config.latent_channels or factor != pipe.vae_scale_factor:
         raise ValueError(f"tiny VAE has {cfg.latent_channels} latent channels and {factor}x upsampling, the "
                          f"pipeline {pipe.vae.config.latent_channels} and {pipe.vae_scale_factor}x; use the tiny "
-                         "VAE made for this model family (taesd for SD 1.x/2.x)")
+                         "VAE made for this model family (taesd for SD 1.x/2.x, taesdxl, taesd3, taef1)")

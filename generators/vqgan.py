@@ -238,6 +238,7 @@ class VQGANGenerator(Generator):
     Settings = VQGANSettings
     presets = {"toy": toy_preset}
     needs_objective = True
+    resumable = True
 
     def __init__(self, settings: VQGANSettings | None = None, *, device=None, precision=None,
                  model: FirstStage | None = None):
@@ -350,7 +351,7 @@ class VQGANGenerator(Generator):
                        schedule=s.lr_schedule, steps=s.iterations, project=into_codebook_range,
                        regulariser=pull_to_start if z_init is not None else None, callback=callback,
                        generator=seed_generator(seed, "objective"), decode=self.decode, keep_best=s.keep_best,
-                       grad_clip=s.grad_clip, grad_scaler=self.grad_scaler())
+                       grad_clip=s.grad_clip, checkpoint=self.checkpoint, grad_scaler=self.grad_scaler())
         info = {"latent_shape": list(z.shape), "downsample": self.model.downsample,
                 "codebook_size": int(self.codebook.shape[0]), "gumbel": bool(self.model.gumbel)}
         if out.best_step is not None:

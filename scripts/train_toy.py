@@ -4,12 +4,15 @@
     nice -n 10 python scripts/train_toy.py                # everything (CLIPs A-D, VQGAN, SD, SD-Turbo)
     nice -n 10 python scripts/train_toy.py --only clip    # or vqgan, sd, sd_turbo (repeatable)
     nice -n 10 python scripts/train_toy.py --only clip_c  # or clip_a, clip_b, clip_d: one CLIP of the group
+    nice -n 10 python scripts/train_toy.py --only guided  # re-measure only the CLIP-guided samples of ``sd``
 
 Models are written to ``toyworld/weights/<name>`` (or ``--out``). Every figure printed here is
 also written, from these measurements, to ``training_metrics.json`` and ``TRAINING.md`` in the
 weights folder; with ``--only`` the figures of the models not retrained are kept from the
 previous run. ``sd`` uses CLIP A's text tower, so it reads ``clip_a`` from the output folder;
 ``sd_turbo`` is distilled from ``sd``, so it reads ``sd`` from the output folder as its teacher.
+``guided`` trains nothing: it samples ``sd`` through clipsteer's own SD backend with and without the
+toy preset's CLIP guidance (``clip_a`` + ``clip_c`` + ``clip_d``) and judges the images.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import torch  # noqa: E402
 
 from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
 
-GROUPS = ("clip", "vqgan", "sd", "sd_turbo")
-GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",)}
+GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "guided")
+GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",), "guided": ("sd_guided",)}
 
 
 def _log(msg: str) -> None:
@@ -67,6 +70,34 @@ def _train_clip_job(name: str, folder: str, n_steps: int, threads: int) -> dict:
     from toyworld.train_clip import train_clip
 
     return train_clip(name, folder, log=_log, steps=n_steps)
+
+
+def measure_guided(out: Path, n: int = 64) -> dict:
+    """The ``sd`` samples of ``train_sd.eval_prompts`` through clipsteer's SD backend at the toy preset,
+    with its CLIP guidance and without (scale 0), one image per prompt with seed = its index."""
+    from generators.run import generate
+    from toyworld.judge import accuracy, judge_batch
+    from toyworld.train_sd import eval_prompts
+
+    items = eval_prompts(n)
+    clips = [str(out / name) for name in ("clip_a", "clip_c", "clip_d")]
+    rows = {}
+    for label, extra in (("unguided", {"clip_guidance_scale": 0.0}), ("clip", {})):
+        t0 = time.perf_counter()
+        images, settings = [], {}
+        for seed, (prompt, *_) in enumerate(items):
+            run = generate(prompt, backend="sd", preset="toy", seed=seed, save=False, progress=False,
+                           sd_model=str(out / "sd"), clip=clips, eval_model="none", **extra)
+            images.append(run.images)
+            settings = run.metadata["backend_settings"]
+        judged = judge_batch(torch.cat(images))
+        acc = accuracy(judged, [c for _, c, _, _ in items], [s for _, _, s, _ in items], [b for _, _, _, b in items])
+        rows[label] = {"judge_accuracy": acc, "seconds": time.perf_counter() - t0,
+                       "clip_guidance_scale": settings["clip_guidance_scale"] if label == "clip" else 0.0}
+        _log(f"[guided] {label}: {acc}")
+    return {"n_images": n, "seeds": f"0-{n - 1}", "steps": settings["steps"],
+            "scheduler": settings["scheduler"], "cfg_scale": settings["cfg_scale"], "clips": ["clip_a", "clip_c", "clip_d"],
+            "rows": rows, "train_seconds": 0.0}
 
 
 def write_report(out: Path, metrics: dict) -> str:
@@ -173,6 +204,25 @@ def write_report(out: Path, metrics: dict) -> str:
                          f"{_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | {_pct(j['all'])} |")
         lines.append("")
 
+    g = metrics.get("sd_guided")
+    if g:
+        lines += [
+            "## Toy SD with and without CLIP guidance (clipsteer's SD backend)",
+            "",
+            f"The same {g['n_images']} prompts as above, one image each (seeds {g['seeds']}, one per prompt), through "
+            f"`generate(prompt, backend=\"sd\", preset=\"toy\")`: {g['scheduler']} {g['steps']} steps, CFG "
+            f"{g['cfg_scale']:g}; guided by the toy CLIPs {', '.join(g['clips'])} together. Judge accuracy:",
+            "",
+            "| sampling | colour | shape | background | all three | seconds (all images) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, r in g["rows"].items():
+            j = r["judge_accuracy"]
+            name = "no CLIP guidance" if label == "unguided" else f"CLIP guidance, scale {r['clip_guidance_scale']:g}"
+            lines.append(f"| {name} | {_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | "
+                         f"{_pct(j['all'])} | {r['seconds']:.0f} |")
+        lines.append("")
+
     m = metrics.get("sd_turbo")
     if m:
         t, st = m["teacher"], m["student"]
@@ -268,6 +318,10 @@ def main(argv=None) -> int:
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
                  f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_on_reconstructions'])}; "
                  f"samples judged {json.dumps(m['samples']['judge_accuracy'])}")
+        elif group == "guided":
+            m = measure_guided(out)
+            metrics["sd_guided"] = m
+            _log(f"== guided: {json.dumps({k: r['judge_accuracy'] for k, r in m['rows'].items()})}")
         elif group == "sd_turbo":
             from toyworld.train_fewstep import train_fewstep
 

@@ -90,8 +90,8 @@ def test_checkpointing_gives_the_same_gradient(pipe):
     grads = []
     for checkpointing in (False, True):
         gen = make(pipe, render_steps=3, checkpointing=checkpointing)
-        embeds, cfg, _ = gen._embeddings(gen.pipe, Brightness(), 1)
-        render = gen.make_renderer(gen.pipe, gen.scheduler, embeds, cfg, 3, seed=0)
+        conditioning, _ = gen._embeddings(gen.pipe, Brightness(), 1)
+        render = gen.make_renderer(gen.pipe, gen.scheduler, conditioning, 3, seed=0)
         z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
         Brightness()(render(z)).total.backward()
         grads.append(z.grad.clone())
@@ -143,3 +143,50 @@ def test_bad_input_is_one_line(pipe, options, match):
     with pytest.raises(ValueError, match=match) as info:
         make(pipe, **options)
     assert "\n" not in str(info.value)
+
+
+def test_step_noises_render_as_the_pipeline_with_those_noises(pipe):
+    """DNO: with --step-noises the renderer is DDIM at eta 1 fed its per-step noises from the optimised
+    tensor; fed the noises the pipeline itself draws, it gives the pipeline's image."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    steps = 3
+    gen = make(pipe, render_steps=steps, step_noises=True, iterations=1)
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    drawn = torch.Generator().manual_seed(6)
+    noises = [torch.randn(1, 4, 8, 8, generator=drawn) for _ in range(steps)]
+    conditioning, _ = gen._embeddings(pipe, Brightness(), 1)
+    render = gen.make_renderer(pipe, gen.scheduler, conditioning, steps, seed=0)
+    with torch.no_grad():
+        ours = render(torch.cat([start, *noises], dim=1)).clamp(0, 1)
+    reference = StableDiffusionPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_config(gen.scheduler.config)})
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a red circle", num_inference_steps=steps, guidance_scale=1.0, eta=1.0, latents=start,
+                       generator=torch.Generator().manual_seed(6), output_type="pt",
+                       height=gen.height, width=gen.width).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_step_noises_are_optimised_too(pipe):
+    gen = make(pipe, render_steps=2, step_noises=True, iterations=4, reg_weight=0.0, keep_best=False)
+    assert gen.latent_shape() == (1, 12, 8, 8)                    # the start and one noise per step
+    z = torch.randn(gen.latent_shape(), generator=torch.Generator().manual_seed(0)).requires_grad_()
+    conditioning, _ = gen._embeddings(pipe, Brightness(), 1)
+    render = gen.make_renderer(pipe, gen.scheduler, conditioning, 2, seed=0)
+    Brightness()(render(z)).total.backward()
+    start, first, _last = z.grad.chunk(3, dim=1)
+    assert start.abs().sum() > 0 and first.abs().sum() > 0   # the final step adds no noise (alpha_prev = 1)
+    result = gen.generate(Brightness(), seed=0)
+    assert result.losses[-1] < result.losses[0]
+    assert result.info["step_noises"] == 2 and len(result.info["noise_norm"]) == 1
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"step_noises": True, "scheduler": "euler_a", "render_steps": 2}, "needs the DDIM sampler"),
+    ({"step_noises": True, "render_steps": 1}, "no step noise"),
+    ({"step_noises": True, "render_steps": 2, "eta": 0.0}, "adds no noise"),
+])
+def test_step_noises_bad_input_is_one_line(pipe, options, match):
+    with pytest.raises(ValueError, match=match) as err:
+        make(pipe, **options)
+    assert "\n" not in str(err.value)

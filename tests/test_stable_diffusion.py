@@ -48,6 +48,13 @@ def final_loss(clip_loss, images):
         return clip_loss(images, generator=torch.Generator().manual_seed(0)).per_image
 
 
+def guided_and_plain_losses(gen, clip_loss, seeds):
+    """The guiding loss of the final images of *gen* for each seed, guided and unguided (same seeds)."""
+    guided = [final_loss(clip_loss, gen.generate(clip_loss, seed=seed).images) for seed in seeds]
+    plain = [final_loss(clip_loss, gen.generate(None, seed=seed).images) for seed in seeds]
+    return torch.cat(guided), torch.cat(plain)
+
+
 # -- the scheduler-agnostic math ----------------------------------------------------------------------
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", scheduler_param("lms")])
@@ -155,11 +162,7 @@ def test_every_scheduler_guides_and_zero_scale_is_plain_diffusers(clip_loss, nam
 def test_guidance_lowers_the_clip_loss(clip_loss, prediction_type):
     """Over several seeds, the guided final images score better on the guiding loss than unguided ones."""
     gen = make(prediction_type=prediction_type, steps=6, num_images=2, clip_guidance_scale=1000.0)
-    guided, plain = [], []
-    for seed in range(3):
-        guided.append(final_loss(clip_loss, gen.generate(clip_loss, seed=seed).images))
-        plain.append(final_loss(clip_loss, gen.generate(None, seed=seed).images))
-    guided, plain = torch.cat(guided), torch.cat(plain)
+    guided, plain = guided_and_plain_losses(gen, clip_loss, range(3))
     assert guided.mean() < plain.mean() - 0.005
     assert (guided < plain).float().mean() >= 0.8
 

@@ -182,3 +182,130 @@ def save_tiny_vqgan(folder: Path, seed: int = 0, gumbel: bool = False, fmt: str 
     checkpoint.update(extra or {})
     torch.save(checkpoint, folder / "last.ckpt")
     return folder
+
+
+# --- tiny SDXL, SD3 and FLUX pipelines (issue 22) -------------------------------------------------------
+
+def tiny_t5_tokenizer():
+    """A tiny T5 tokenizer built in code (a Unigram vocabulary of letters, digits and punctuation, with
+    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 as T5's), so T5 text encoders run with no download."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def tiny_t5_encoder(seed: int = 0, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tiny_t5_tokenizer()), d_model=d_model, d_ff=37, d_kv=8, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def _tiny_clip_text(projection: bool, seed: int, hidden: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                            pad_token_id=49407, projection_dim=projection_dim, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
+
+
+def tiny_sdxl_pipeline(seed: int = 0, *, sample_size: int = 8, scheduler: str = "EulerDiscreteScheduler"):
+    """A ``StableDiffusionXLPipeline``: a UNet with SDXL's ``text_time`` addition embeddings, a CLIP text
+    encoder and a CLIP text encoder with projection (as SDXL's two), the tiny 8x VAE; ``sample_size * 8`` px."""
+    import diffusers
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    sd = tiny_sd_components(seed, sample_size=sample_size)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=4)
+    config = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("skip_prk_steps", "set_alpha_to_one")}
+    pipe = StableDiffusionXLPipeline(
+        vae=sd["vae"], text_encoder=_tiny_clip_text(False, seed + 1), text_encoder_2=_tiny_clip_text(True, seed + 2),
+        tokenizer=_clip_tokenizer(), tokenizer_2=_clip_tokenizer(), unet=unet.eval(),
+        scheduler=getattr(diffusers, scheduler).from_config(config), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_flow_vae(seed: int, latent_channels: int, blocks: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,) * blocks, layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                         latent_channels=latent_channels, norm_num_groups=4, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, *, sample_size: int = 16):
+    """A ``StableDiffusion3Pipeline``: an ``SD3Transformer2DModel``, two CLIP text encoders with projection and
+    a tiny T5, a 2x VAE and ``FlowMatchEulerDiscreteScheduler``; images ``sample_size * 2`` px square."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(), vae=_tiny_flow_vae(seed, 4, 2),
+        text_encoder=_tiny_clip_text(True, seed + 1, hidden=16), tokenizer=_clip_tokenizer(),
+        text_encoder_2=_tiny_clip_text(True, seed + 2, hidden=16), tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 3), tokenizer_3=tiny_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False):
+    """A ``FluxPipeline``: a ``FluxTransformer2DModel`` (``guidance_embeds``: as FLUX.1-dev, else schnell), a
+    CLIP text encoder and a tiny T5, a 2x VAE with 4 latent channels (packed 2x2 to 16);
+    ``FlowMatchEulerDiscreteScheduler`` with dynamic shifting as FLUX's. Pass 32x32 px."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    pipe = FluxPipeline(transformer=transformer.eval(), vae=_tiny_flow_vae(seed, 4, 2),
+                        text_encoder=_tiny_clip_text(False, seed + 1), tokenizer=_clip_tokenizer(),
+                        text_encoder_2=tiny_t5_encoder(seed + 3), tokenizer_2=tiny_t5_tokenizer(),
+                        scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,106 @@
+"""The web UI in a real browser: ``scripts/app.py`` on a free loopback port, driven by Debian's headless
+Chromium through Playwright (never a downloaded browser). Type a toy prompt, start, watch the preview
+change, stop, find the run in the gallery, reuse its settings, resume it.
+
+Skipped, with the reason, where ``/usr/bin/chromium``, gradio or playwright is missing; ``.ci/run``
+installs Chromium first, so CI always runs it.
+"""
+
+import json
+import time
+
+import pytest
+
+from webui import browser as ui_browser
+
+why = ui_browser.missing()
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(why is not None, reason=f"browser test skipped: {why}")]
+
+PROMPT = "a yellow triangle on a purple background"
+OTHER = "a green square on a white background"
+LONG = 5000          # iterations: far more than the test waits for (it stops the run), even on a loaded machine
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_start_preview_stop_gallery_reuse(tmp_path):
+    out = tmp_path / "runs"
+    with ui_browser.serve(out, log=tmp_path / "app.log") as url, ui_browser.browser() as page:
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
+        page.goto(url)
+        page.wait_for_selector("#start")
+        page.fill("#opt-prompt textarea", PROMPT)
+        page.click("#group-shared-backend-options > button")          # open the group: set a long run
+        page.fill("#opt-iterations input", "-1")                      # bad input: the CLI's error, in the page
+        page.click("#start")
+        _wait(lambda: page.inner_text("#status").startswith(
+            "error: option --iterations (from arguments) is -1; it must be at least 0"), 30, "the error")
+        page.fill("#opt-iterations input", str(LONG))
+        page.fill("#preview-every input", "2")
+        page.click("#start")
+
+        seen = []
+
+        def three_previews():
+            src = ui_browser.preview_source(page)
+            if src and src not in seen:
+                seen.append(src)
+            return len(seen) >= 3
+        _wait(three_previews, 60, "the preview to change twice")
+        assert "step" in page.inner_text("#progress") and "ETA" in page.inner_text("#progress")
+
+        # a second tab waits in the queue, and sees its place in it
+        other = page.context.new_page()
+        other.goto(url)
+        other.wait_for_selector("#start")
+        other.fill("#opt-prompt textarea", OTHER)
+        other.click("#start")
+        _wait(lambda: "queue: 1/1" in other.inner_text("#status"), 30, "the second tab's queue place")
+
+        page.click("#stop")
+        status = _wait(lambda: "interrupted; saved" in (t := page.inner_text("#status")) and t, 60,
+                       "the stopped run to be saved")
+        runs = [p for p in out.iterdir() if (p / "run.json").is_file()]
+        assert len(runs) == 1
+        meta = json.loads((runs[0] / "run.json").read_text())
+        assert meta["interrupted"] is True and meta["prompt"] == PROMPT and 0 < meta["steps_done"] < LONG
+        assert str(runs[0]) in status
+
+        # then it runs; its own Stop stops it
+        _wait(lambda: other.inner_text("#status").startswith("running"), 60, "the second tab's run to start")
+        other.click("#stop")
+        _wait(lambda: "seed " in other.inner_text("#status"), 60, "the second run to be saved")
+        other.close()
+
+        _wait(lambda: PROMPT in page.inner_text("#gallery"), 30, "the run in the gallery")
+        page.click(f"#gallery button.thumbnail-item:has-text('{PROMPT}')")
+        _wait(lambda: PROMPT in page.inner_text("#run-details"), 30, "the run's details")
+        assert f"seed {meta['seed']}" in page.inner_text("#run-details")
+        _wait(lambda: page.locator('#run-files a[download="image.png"]').count() == 1, 30, "the PNG to download")
+
+        page.fill("#opt-prompt textarea", "something else")
+        page.fill("#opt-iterations input", "7")
+        page.click("#reuse")
+        _wait(lambda: page.input_value("#opt-prompt textarea") == PROMPT, 30, "reuse to fill the prompt")
+        assert page.input_value("#opt-iterations input") == str(LONG)
+        page.click("#group-output > button")
+        assert page.input_value("#opt-seed textarea, #opt-seed input") == str(meta["seed"])
+
+        # Resume continues the selected (stopped) run from its checkpoint, in a new folder
+        page.click("#resume")
+        _wait(lambda: page.inner_text("#status").startswith("running"), 60, "the resumed run to start")
+        page.click("#stop")
+        _wait(lambda: "interrupted; saved" in page.inner_text("#status"), 60, "the resumed run to be saved")
+        resumed = [m for m in (json.loads(p.read_text()) for p in out.glob("*/run.json")) if m.get("resumed_from")]
+        assert [m["resumed_from"]["folder"] for m in resumed] == [str(runs[0])]
+        assert resumed[0]["prompt"] == PROMPT and resumed[0]["steps_done"] > meta["steps_done"]
+        assert outside == []                                              # the page fetched nothing from elsewhere
