@@ -23,6 +23,8 @@
 # make DIR with --fetch-wheels where pip works and carry it) the wheels in DIR and clipsteer are installed
 # without the index or dependency resolution.
 #
+# Figures run in the order above, each within 4 minutes and all within CLIPSTEER_GPU_CHECK_BUDGET seconds (480);
+# what does not fit is reported as skipped.
 # Exit status: 0 every figure measured; 1 a figure failed (the others still run; the table says which);
 # 2 usage; 3 no CUDA device here (nothing measured; use --dry-run); 4 the install failed.
 set -uo pipefail
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --fetch-wheels) FETCH=${2:?--fetch-wheels needs a folder}; shift ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUT=$1 ;;
     esac
@@ -106,12 +108,20 @@ else
 fi
 mkdir -p "$OUT" || exit 2
 START=$SECONDS
+BUDGET=${CLIPSTEER_GPU_CHECK_BUDGET:-$(( DRY == 1 ? 3600 : 480 ))}   # seconds for all figures together
 FAILED=0
 
-step() {   # step NAME JSON COMMAND...: run one figure under a time limit, its log beside its JSON
+step() {   # step NAME JSON COMMAND...: one figure, within its limit and what is left of BUDGET; log beside its JSON
     local name=$1 json=$2; shift 2
+    local left=$((BUDGET - (SECONDS - START)))
     echo "== $name ($((SECONDS - START)) s so far)" >&2
-    if ! timeout "$LIMIT" "$@" >"$OUT/${json%.json}.log" 2>&1; then
+    if [ "$left" -lt 20 ]; then
+        echo "   SKIPPED: the ${BUDGET} s budget is spent" >&2
+        printf '{"error": "%s skipped: the %s s budget was spent"}\n' "$name" "$BUDGET" >"$OUT/$json"
+        FAILED=1
+        return
+    fi
+    if ! timeout "$(( left < LIMIT ? left : LIMIT ))" "$@" >"$OUT/${json%.json}.log" 2>&1; then
         echo "   FAILED (see $OUT/${json%.json}.log): $(tail -n 1 "$OUT/${json%.json}.log")" >&2
         [ -s "$OUT/$json" ] || printf '{"error": "%s failed; see %s"}\n' "$name" "${json%.json}.log" >"$OUT/$json"
         FAILED=1

@@ -29,15 +29,16 @@ def _mem(row: dict) -> str:
 
 
 def _speed_rows(report: dict, label: str) -> list[dict]:
+    if "error" in report:
+        return [{"figure": label, "error": report["error"]}]
     rows = []
     for r in report.get("results", []):
         if "error" in r:
-            rows.append({"figure": f"{label} ({r.get('args', [''])[3] if len(r.get('args', [])) > 3 else '?'})",
-                         "error": r["error"]})
+            rows.append({"figure": f"{label}: {' '.join(r.get('args', [])[:4])}", "error": r["error"]})
             continue
         name = f"{label}, {r['impl']} {r.get('precision', 'fp32')}"
         if r["case"] == "vqgan":
-            row = {"figure": f"VQGAN+CLIP {r['size']}², {r['cutn']} cuts: {name}", "unit": "it/s",
+            row = {"figure": f"{r['size']}², {r['cutn']} cuts: {name}", "unit": "it/s",
                    "clipsteer": 1 / r["median_s"], "memory": _mem(r)}
             if "compile_speedup" in r:
                 row["ratio"] = r["compile_speedup"]
@@ -45,7 +46,7 @@ def _speed_rows(report: dict, label: str) -> list[dict]:
             rows.append(row)
         elif r["case"] == "sd":
             for variant, v in r["variants"].items():
-                rows.append({"figure": f"SD step {r['size']}²: {name} {variant}", "unit": "s/step",
+                rows.append({"figure": f"{r['size']}² SD step: {name} {variant}", "unit": "s/step",
                              "clipsteer": v["median_s"], "memory": _mem(r)})
     return rows
 
@@ -104,7 +105,8 @@ def _noise_rows(report: dict) -> list[dict]:
 
 
 # file name -> how its rows are read; optional files (competitors not given) may be absent
-FIGURES = [("vqgan_fp32.json", _speed_rows, "speed.py"), ("vqgan_bf16.json", _speed_rows, "speed.py"),
+FIGURES = [("vqgan_fp32.json", _speed_rows, "VQGAN+CLIP, speed.py fp32 run"),
+           ("vqgan_bf16.json", _speed_rows, "VQGAN+CLIP, speed.py bf16 run"),
            ("vqgan_nerdyrodent.json", _vqgan_competitor_rows, None), ("sd.json", _sd_competitor_rows, None),
            ("score_vit_b_32.json", _score_rows, None), ("score_vit_l_14.json", _score_rows, None),
            ("noise.json", _noise_rows, None)]

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     side = clip_arch(args.arch)["vision"]["image_size"]
     # OpenAI CLIP's: shortest edge 224, centre crop 224, bicubic
     image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    clip = build_clip(args.arch).to(device)
+    with torch.device(device):        # random weights made where they run (fast on a GPU)
+        clip = build_clip(args.arch)
     tm_clip = copy.deepcopy(clip)  # torchmetrics gets its own copy, parameters as from_pretrained leaves them
     ours = ScoreModel(HFCLIPEncoder(clip, tokenizer, name=args.arch, mean=image_processor.image_mean,
                                     std=image_processor.image_std).to(device), image_processor, name=args.arch)

@@ -69,3 +69,12 @@ def test_dry_run_produces_every_figure(tmp_path):
     assert table == done.stdout
     assert table.count("\n| ") >= 10 and "FAILED" not in table
     assert "nerdyrodent: skipped" in done.stderr and "no community pipeline row" in done.stderr
+
+
+def test_a_spent_budget_skips_the_remaining_figures_and_says_so(tmp_path):
+    out = tmp_path / "gpu"
+    done = run(out, env={"CLIPSTEER_GPU_CHECK_DRY_RUN": "1", "CLIPSTEER_GPU_CHECK_BUDGET": "0"})
+    assert done.returncode == 1
+    for name in FIGURES:
+        assert "budget was spent" in json.loads((out / name).read_text())["error"]
+    assert done.stdout.count("FAILED:") == len(FIGURES) and "SKIPPED" in done.stderr
