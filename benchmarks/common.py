@@ -2,6 +2,10 @@
 
 Speed does not depend on weight values, so every benchmark builds the published
 architectures from configs in code (no download) and fills them with random weights.
+
+``CLIPSTEER_BENCH_TINY=1`` (set by ``benchmarks/gpu_check.sh --dry-run``) swaps every architecture for a
+tiny one of the same kind (:func:`clip_arch`, :func:`taming_config`, the benchmarks' SD builders), so
+the whole benchmark path runs on a CPU in seconds; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -50,6 +55,31 @@ TAMING_F16_16384 = {
 }
 
 
+TINY = os.environ.get("CLIPSTEER_BENCH_TINY") == "1"
+CACHE = Path(tempfile.gettempdir()) / ("clipsteer-bench-tiny" if TINY else "clipsteer-bench")
+
+TINY_CLIP = dict(
+    text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
+    vision=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, patch_size=4,
+                image_size=32),
+    projection_dim=16)
+TINY_TAMING = {
+    "embed_dim": 8, "n_embed": 64,
+    "ddconfig": {"double_z": False, "z_channels": 8, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                 "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+}
+
+
+def clip_arch(arch: str) -> dict:
+    """The hyper-parameters of CLIP *arch* (a tiny CLIP under ``CLIPSTEER_BENCH_TINY``)."""
+    return TINY_CLIP if TINY else CLIP_ARCHS[arch]
+
+
+def taming_config() -> dict:
+    """taming imagenet f16-16384 (a tiny f4 VQGAN under ``CLIPSTEER_BENCH_TINY``)."""
+    return TINY_TAMING if TINY else TAMING_F16_16384
+
+
 def clip_folder(arch: str, folder: Path) -> Path:
     """Save a random-weight CLIP of architecture *arch* with the real tokenizer into *folder*."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -59,7 +89,7 @@ def clip_folder(arch: str, folder: Path) -> Path:
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
-    spec = CLIP_ARCHS[arch]
+    spec = clip_arch(arch)
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(spec["text"], vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,

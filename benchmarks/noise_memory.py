@@ -19,21 +19,41 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from common import TINY  # noqa: E402
 
 
-def sd21_pipeline(size: int):
+def sd21_pipeline(size: int, device: str = "cpu"):
     """SD 2.1-base's UNet, VAE and OpenCLIP-H text encoder from their published configs, random weights."""
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
     from toyworld.tokenizer import write_clip_tokenizer
 
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, timestep_spacing="trailing")
+    if TINY:     # benchmarks/gpu_check.sh --dry-run
+        from tiny import tiny_sd_components
+
+        return StableDiffusionPipeline(**{**tiny_sd_components(sample_size=size // 8), "scheduler": scheduler})
     torch.manual_seed(0)
+    with torch.device(device):     # random weights made where they run (fast on a GPU)
+        unet, vae, text = _sd21_models(size)
+    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _sd21_models(size: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     unet = UNet2DConditionModel(
         sample_size=size // 8, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
@@ -46,11 +66,7 @@ def sd21_pipeline(size: int):
                                         num_hidden_layers=23, projection_dim=1024, vocab_size=49408,
                                         max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406,
                                         eos_token_id=49407, pad_token_id=0))
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, timestep_spacing="trailing")
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return unet, vae, text
 
 
 def one(args) -> dict:
@@ -68,7 +84,7 @@ def one(args) -> dict:
             return "a lighthouse at dusk"
 
     torch.set_num_threads(args.threads)
-    pipe = sd21_pipeline(args.size)
+    pipe = sd21_pipeline(args.size, args.device)
     settings = NoiseSettings(render_steps=args.render_steps, iterations=args.iterations,
                              checkpointing=args.checkpointing, width=args.size, height=args.size)
     gen = NoiseGenerator(settings, device=args.device, pipeline=pipe)

@@ -32,6 +32,7 @@ for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from common import CLIP_ARCHS as ARCHS  # noqa: E402  (published OpenAI CLIP hyper-parameters)
+from common import clip_arch  # noqa: E402
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 PLACES = ["on a grey background", "in a forest", "at night", "on a beach", "in the snow", "under water"]
@@ -41,7 +42,7 @@ def build_clip(arch: str, seed: int = 0):
     """A CLIPModel of the published *arch* with random weights, as ``from_pretrained`` would return it."""
     from transformers import CLIPConfig, CLIPModel
 
-    spec = ARCHS[arch]
+    spec = clip_arch(arch)
     config = CLIPConfig(
         text_config=dict(**spec["text"], vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                          eos_token_id=49407, pad_token_id=49407),
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
                     help="images per caption (1: every caption unique; 4: four seeds per prompt)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (methods interleaved; median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both metrics score on it)")
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -93,16 +95,22 @@ def main(argv=None) -> int:
     from tiny import clip_tokenizer_dir
 
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
-    image_processor = CLIPImageProcessor()  # OpenAI CLIP's: shortest edge 224, centre crop 224, bicubic
-    clip = build_clip(args.arch)
+    from guidance import resolve_device
+
+    device = resolve_device(args.device)
+    side = clip_arch(args.arch)["vision"]["image_size"]
+    # OpenAI CLIP's: shortest edge 224, centre crop 224, bicubic
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    with torch.device(device):        # random weights made where they run (fast on a GPU)
+        clip = build_clip(args.arch)
     tm_clip = copy.deepcopy(clip)  # torchmetrics gets its own copy, parameters as from_pretrained leaves them
     ours = ScoreModel(HFCLIPEncoder(clip, tokenizer, name=args.arch, mean=image_processor.image_mean,
-                                    std=image_processor.image_std), image_processor, name=args.arch)
+                                    std=image_processor.image_std).to(device), image_processor, name=args.arch)
     make_tm = lambda: TMCLIPScore(model_name_or_path=lambda: (TorchmetricsCLIP(tm_clip),  # noqa: E731
-                                                              CLIPProcessor(image_processor, tokenizer)))
+                                                              CLIPProcessor(image_processor, tokenizer))).to(device)
 
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 256, (args.images, 3, args.size, args.size), generator=g, dtype=torch.uint8).to(device)
     caps = captions_for(args.images, args.per_caption)
     bs = args.batch_size
     batches = [(images[i:i + bs], caps[i:i + bs]) for i in range(0, args.images, bs)]
@@ -162,9 +170,9 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         ref_pairs = torch.cat([_clip_score_update(x, c, TorchmetricsCLIP(tm_clip), CLIPProcessor(image_processor, tokenizer))[0]
-                               for x, c in batches]).double()
+                               for x, c in batches]).double().cpu()
     ours.clear_cache()
-    our_pairs = clip_score(images, caps, model=ours, batch_size=bs, reduction="none").double()
+    our_pairs = clip_score(images, caps, model=ours, batch_size=bs, reduction="none").double().cpu()
     results = {k: {"seconds": [round(t, 3) for t in v], "median_s": round(statistics.median(v), 3),
                    "images_per_s": round(args.images / statistics.median(v), 3),
                    "cpu_seconds": [round(t, 3) for t in cpu_times[k]],
@@ -174,7 +182,7 @@ def main(argv=None) -> int:
     ipc = {k: v["images_per_cpu_s"] for k, v in results.items()}
     report = {
         "benchmark": "score_throughput", "arch": args.arch, "weights": "random (published config)",
-        "device": "cpu", "cpu_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "device": str(device), "cpu_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "images": args.images, "image_size": args.size, "batch_size": bs, "images_per_caption": args.per_caption,
         "unique_captions": len(set(caps)), "rounds": args.rounds,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

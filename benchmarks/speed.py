@@ -6,10 +6,19 @@ the median seconds per iteration. Results go to stdout as JSON and to ``--json F
     python benchmarks/speed.py                       # CPU defaults: clip-loss and vqgan at 128
     python benchmarks/speed.py --cases vqgan --sizes 128 256 --repeats 5
     python benchmarks/speed.py --cases sd --sizes 256
-    python benchmarks/speed.py --device cuda --cases vqgan sd --sizes 512
+    python benchmarks/speed.py --device cuda --cases vqgan sd --sizes 512 --precision bf16
 
-Cases (``--impl clipsteer`` is the library; ``--impl baseline`` the straightforward
-formulation: one encode per cutout, text re-encoded each step, fp32 throughout):
+Implementations (``--impls``): ``clipsteer`` is the library; ``compiled`` the library with ``--compile``
+(``torch.compile`` of the CLIP image tower and the decoder; the warm-up steps, which compile, are not
+timed), so eager and compiled run in the same invocation and ``compile_speedup`` is their ratio;
+``interleaved`` one run whose steps alternate compiled and eager after the warm-up (the module keeps its
+compiled code while off), so a busy machine's load drifts hit both alike: the compile row for a shared CPU;
+``baseline`` the straightforward formulation: one encode per cutout, text re-encoded each step, fp32
+throughout. ``--precision bf16|fp16`` applies to ``clipsteer`` and ``compiled``.
+
+    python benchmarks/speed.py --cases vqgan sd --impls interleaved --sizes 128   # the compile row
+
+Cases:
 - ``clip-loss``: one CLIPLoss forward+backward on one image, ViT-B/32, 32 cutouts, Af Pe Ji Er.
 - ``vqgan``: one VQGAN+CLIP iteration, taming f16-16384 + ViT-B/32, 32 cutouts, Adam.
 - ``sd``: one CLIP-guided and one plain Stable Diffusion step (SD 1.5 UNet/VAE, ViT-B/32
@@ -21,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,12 +37,40 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (TAMING_F16_16384, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
-                    time_calls)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))     # tiny.py (CLIPSTEER_BENCH_TINY)
+from common import (CACHE, TINY, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
+                    taming_config, time_calls)
 
-CACHE = Path(tempfile.gettempdir()) / "clipsteer-bench"
 PROMPT = "a lighthouse at dusk, oil painting"
 AUGS = ["affine", "perspective", "jitter", "erasing"]
+
+
+def _compile(args, encoder, generator=None) -> list:
+    """``--compile`` as a run applies it: the CLIP image tower and the backend's decoder (impls ``compiled``
+    and ``interleaved``, whose first step is compiled); returns the modules."""
+    from guidance.runtime import set_compiled
+
+    modules = [encoder.image_tower] + (list(generator.compile_targets()) if generator is not None else [])
+    set_compiled(modules, args.impl in ("compiled", "interleaved"))
+    return modules
+
+
+def _alternate(modules):
+    """The step callback of ``interleaved``: step k runs compiled when k is even, eager when odd."""
+    from guidance.runtime import set_compiled
+
+    return lambda info: set_compiled(modules, (info.step + 1) % 2 == 0)
+
+
+def _interleaved_times(stamps: list[float], skip: int) -> dict:
+    """Eager and compiled step times of an ``interleaved`` run (stamps at each step's end; step 0 and the
+    next *skip* steps are warm-up), with their ratio."""
+    import statistics
+
+    eager = [stamps[j] - stamps[j - 1] for j in range(1 + skip, len(stamps)) if j % 2]
+    compiled = [stamps[j] - stamps[j - 1] for j in range(1 + skip, len(stamps)) if not j % 2]
+    return {"eager": summary(eager), "compiled": summary(compiled),
+            "compile_speedup": statistics.median(eager) / statistics.median(compiled)}
 
 
 # -- clip-loss -------------------------------------------------------------------------
@@ -66,7 +102,8 @@ def case_clip_loss(args, device) -> dict:
                            precision=args.precision)
     image = torch.rand(1, 3, args.size, args.size, device=device, requires_grad=True)
     gen = torch.Generator().manual_seed(0)
-    if args.impl == "clipsteer":
+    if args.impl != "baseline":
+        _compile(args, encoder)
         loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
 
         def step():
@@ -89,7 +126,8 @@ def _vqgan_parts(args, device):
     from guidance import load_encoder
 
     torch.manual_seed(0)
-    model = build_first_stage(TamingConfig.from_dict(TAMING_F16_16384, source="taming imagenet f16 16384"))
+    with torch.device(device):     # random weights made where they run (fast on a GPU)
+        model = build_first_stage(TamingConfig.from_dict(taming_config(), source="taming imagenet f16 16384"))
     encoder = load_encoder(str(clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")), device=device,
                            precision=args.precision)
     return model, encoder
@@ -124,9 +162,12 @@ def case_vqgan(args, device) -> dict:
     if args.impl == "baseline":
         times = _baseline_vqgan(model, encoder, args, device)
     else:
-        settings = VQGANSettings(width=args.size, height=args.size, iterations=args.warmup + args.repeats + 1,
-                                 learning_rate=0.1, optimizer="Adam")
+        interleaved = args.impl == "interleaved"
+        steps = 1 + args.warmup + (2 * args.repeats if interleaved else args.repeats)
+        settings = VQGANSettings(width=args.size, height=args.size, iterations=steps, learning_rate=0.1,
+                                 optimizer="Adam")
         gen = VQGANGenerator(settings, device=device, precision=args.precision, model=model)
+        alternate = _alternate(_compile(args, encoder, gen)) if interleaved else None
         loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
         stamps: list[float] = []
 
@@ -134,7 +175,13 @@ def case_vqgan(args, device) -> dict:
             from common import sync
             sync(device)
             stamps.append(time.perf_counter())
+            if alternate is not None:
+                alternate(info)
         gen.generate(loss_fn, seed=0, callback=callback)
+        if interleaved:
+            both = _interleaved_times(stamps, args.warmup)
+            return {"case": "vqgan", "impl": args.impl, "size": args.size, "cutn": args.cutn,
+                    **both["compiled"], "eager_median_s": both["eager"]["median_s"], **both}
         times = _step_times(stamps, args.warmup)
     return {"case": "vqgan", "impl": args.impl, "size": args.size, "cutn": args.cutn,
             "vqgan": "taming imagenet f16 16384 (random weights)", "clip": "ViT-B/32 (random weights)",
@@ -142,14 +189,36 @@ def case_vqgan(args, device) -> dict:
 
 
 # -- stable diffusion ------------------------------------------------------------------------
-def _sd15_pipeline(dtype):
-    """SD 1.5's UNet and VAE, and the ViT-L/14 text encoder, from their published configs."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _sd15_pipeline(dtype, device="cpu"):
+    """SD 1.5's UNet and VAE, and the ViT-L/14 text encoder, from their published configs (random weights
+    made on *device*)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
     from toyworld.tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
+    with torch.device(device):
+        unet, vae, text = _sd15_models()
+    tok_dir = write_clip_tokenizer(CACHE / "tokenizer")
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe.to(dtype=dtype)
+
+
+def _sd15_models():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if TINY:
+        from tiny import tiny_sd_components
+
+        parts = tiny_sd_components()
+        return parts["unet"], parts["vae"], parts["text_encoder"]
+
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -163,13 +232,7 @@ def _sd15_pipeline(dtype):
                                         num_hidden_layers=12, projection_dim=768, vocab_size=49408,
                                         max_position_embeddings=77, hidden_act="quick_gelu",
                                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    tok_dir = write_clip_tokenizer(CACHE / "tokenizer")
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tok_dir),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    return pipe.to(dtype=dtype)
+    return unet, vae, text
 
 
 def _taesd_folder() -> Path:
@@ -178,7 +241,12 @@ def _taesd_folder() -> Path:
     folder = CACHE / "taesd"
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
-        AutoencoderTiny().save_pretrained(folder)     # TAESD's published layout, random weights
+        if TINY:
+            from tiny import tiny_taesd
+
+            tiny_taesd().save_pretrained(folder)
+        else:
+            AutoencoderTiny().save_pretrained(folder)     # TAESD's published layout, random weights
     return folder
 
 
@@ -187,14 +255,15 @@ def case_sd(args, device) -> dict:
     from guidance import CLIPLoss, Cutouts, load_encoder, resolve_dtype
 
     dtype = resolve_dtype(args.precision, device)
-    pipe = _sd15_pipeline(dtype)
+    pipe = _sd15_pipeline(dtype, device)
     encoder = load_encoder(str(clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")), device=device,
                            precision=args.precision)
     loss_fn = CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
-    steps = args.warmup + args.repeats + 1
+    interleaved = args.impl == "interleaved"
+    steps = 1 + args.warmup + (2 * args.repeats if interleaved else args.repeats)
     results = {}
-    variants = {"plain": dict(clip_guidance_scale=0.0)}
-    if args.impl == "clipsteer":
+    variants = {} if interleaved else {"plain": dict(clip_guidance_scale=0.0)}
+    if args.impl != "baseline":
         variants["guided"] = dict(clip_guidance_scale=100.0)
         variants["guided_tiny_vae"] = dict(clip_guidance_scale=100.0, tiny_vae=str(_taesd_folder()))
     else:  # the community pipeline's formulation: re-run the UNet with gradients, backprop through it
@@ -204,28 +273,40 @@ def case_sd(args, device) -> dict:
             sd_model="(random SD 1.5 architecture)", width=args.size, height=args.size, steps=steps,
             scheduler="pndm", cfg_scale=7.5, prompt=PROMPT, **extra)
         gen = StableDiffusionGenerator(settings, device=device, precision=args.precision, pipeline=pipe)
+        alternate = _alternate(_compile(args, encoder, gen)) if interleaved else None
         stamps: list[float] = []
 
-        def callback(info):
+        def callback(info, stamps=stamps, alternate=alternate):
             from common import sync
             sync(device)
             stamps.append(time.perf_counter())
+            if alternate is not None:
+                alternate(info)
         gen.generate(loss_fn if extra["clip_guidance_scale"] else None, seed=0, callback=callback)
-        results[name] = summary(_step_times(stamps, args.warmup))
+        if interleaved:
+            both = _interleaved_times(stamps, args.warmup)
+            results[name] = {**both["compiled"], "eager_median_s": both["eager"]["median_s"], **both}
+        else:
+            results[name] = summary(_step_times(stamps, args.warmup))
     out = {"case": "sd", "impl": args.impl, "size": args.size, "cutn": args.cutn, "scheduler": "pndm",
            "unet": "SD 1.5 (random weights)", "clip": "ViT-B/32 (random weights)",
            "median_s": results["guided"]["median_s"], "variants": results}
+    if interleaved:
+        out["compile_speedup"] = results["guided"]["compile_speedup"]
     return out
 
 
 CASES = {"clip-loss": case_clip_loss, "vqgan": case_vqgan, "sd": case_sd}
 DEFAULT_CUTN = {"clip-loss": 32, "vqgan": 32, "sd": 4}
+IMPLS = ("clipsteer", "compiled", "interleaved", "baseline")
 
 
 def run_case(args) -> None:
     from guidance import resolve_device
 
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = CASES[args.case](args, device)
     result.update(peak_memory_mb(device))
@@ -236,13 +317,17 @@ def run_case(args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["clip-loss", "vqgan"], help="cases to run (default: %(default)s)")
-    parser.add_argument("--impls", nargs="+", default=["clipsteer", "baseline"], help="implementations to compare")
+    parser.add_argument("--impls", nargs="+", default=["clipsteer", "baseline"],
+                        help="implementations to compare: clipsteer, compiled (clipsteer with --compile), interleaved "
+                             "(compiled and eager steps alternating in one run), baseline")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128], help="image sizes (square)")
     parser.add_argument("--cutn", type=int, default=None,
                         help="cutouts per iteration (default: 32 for clip-loss and vqgan, 4 for sd)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a "
+                                                    "busy machine)")
     parser.add_argument("--precision", default=None, help="fp32 (default), bf16 or fp16 (clipsteer only)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -253,6 +338,9 @@ def main(argv=None) -> None:
         return run_case(args)
 
     results = []
+    for impl in args.impls:
+        if impl not in IMPLS:
+            parser.error(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
     for case in args.cases:
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
@@ -260,7 +348,8 @@ def main(argv=None) -> None:
             for impl in args.impls:
                 cmd = ["--case", case, "--impl", impl, "--size", str(size), "--cutn", str(args.cutn or DEFAULT_CUTN[case]),
                        "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
-                if args.precision and impl == "clipsteer":
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                if args.precision and impl != "baseline":
                     cmd += ["--precision", args.precision]
                 res = run_isolated(Path(__file__), cmd)
                 print(json.dumps(res), file=sys.stderr)
@@ -270,6 +359,8 @@ def main(argv=None) -> None:
             rows = {r.get("impl"): r for r in results if r.get("case") == case and r.get("size") == size}
             if "clipsteer" in rows and "baseline" in rows and "median_s" in rows["clipsteer"]:
                 rows["clipsteer"]["speedup_vs_baseline"] = rows["baseline"]["median_s"] / rows["clipsteer"]["median_s"]
+            if "clipsteer" in rows and "median_s" in rows.get("compiled", {}) and "median_s" in rows["clipsteer"]:
+                rows["compiled"]["compile_speedup"] = rows["clipsteer"]["median_s"] / rows["compiled"]["median_s"]
     report = {"environment": environment(torch.device(args.device if args.device != "auto" else "cpu")),
               "results": results}
     text = json.dumps(report, indent=2)

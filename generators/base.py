@@ -150,6 +150,16 @@ class Generator(ABC):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(precision, self.device)
 
+    def compile_targets(self) -> list[torch.nn.Module]:
+        """The modules of this backend's hot loop that ``--compile`` compiles (its decoder); none by default."""
+        return []
+
+    def grad_scaler(self):
+        """fp16 loss scaling for a latent optimiser: a ``torch.amp.GradScaler`` in fp16, else ``None``."""
+        if self.dtype != torch.float16:
+            return None
+        return torch.amp.GradScaler(self.device.type)
+
     @abstractmethod
     def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
         """Run one generation steered by *objective* (a ``guidance.Objective`` or ``None``)."""

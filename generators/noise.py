@@ -30,11 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
+from guidance.runtime import autocast
+
 from .base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
 from .optimise import OptimiseSettings, check_settings, optimise
 from .families import family_of
 from .stable_diffusion import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, _build_scheduler, _to_dtype,
-                               cached_pipeline, check_model_path)
+                               cached_pipeline, check_model_path, decoder_dtype)
 
 METHODS = ("gradient", "best-of-n", "zero-order")
 # Schedulers the renderer differentiates through: single-step updates whose state set_timesteps resets.
@@ -270,10 +272,15 @@ class NoiseGenerator(Generator):
                 else:
                     out = model(x_in, t)
                 latents = scheduler.step(out, t, latents, **extra, return_dict=False)[0]
-            image = vae.decode(family.vae_latents(latents, height=self.height, width=self.width), return_dict=False)[0]
+            with autocast(latents.device, decoder_dtype(vae, self.dtype)):
+                image = vae.decode(family.vae_latents(latents, height=self.height, width=self.width),
+                                   return_dict=False)[0]
             return image.float() / 2 + 0.5
 
         return render
+
+    def compile_targets(self) -> list[torch.nn.Module]:
+        return [self.pipe.vae.decoder]
 
     # -- the run ------------------------------------------------------------------------------------
     def generate(self, objective, *, seed: int = 0, callback: StepCallback | None = None) -> GenerationResult:
@@ -315,7 +322,8 @@ class NoiseGenerator(Generator):
         result = optimise(z.requires_grad_(True), render, objective, optimizer=s.optimizer, lr=s.learning_rate,
                           schedule=s.lr_schedule, steps=s.iterations, regulariser=regulariser, callback=callback,
                           generator=seed_generator(seed, "objective"), decode=decode, keep_best=s.keep_best,
-                          grad_clip=s.grad_clip, optimizer_kwargs=extra, checkpoint=self.checkpoint)
+                          grad_clip=s.grad_clip, optimizer_kwargs=extra, checkpoint=self.checkpoint,
+                          grad_scaler=self.grad_scaler())
         info = {"renderer_calls": result.steps_done, "best_step": result.best_step, "best_loss": result.best_loss}
         return {"latents": z.detach(), "losses": result.losses, "steps_done": result.steps_done,
                 "stopped_at": result.stopped_at, "interrupted": result.interrupted, "info": info}

@@ -62,6 +62,12 @@ def make_optimizer(name: str, params, lr: float, **kwargs) -> torch.optim.Optimi
     return OPTIMIZERS[str(name).lower()](params, lr=lr, **kwargs)
 
 
+def _has_fused(name: str) -> bool:
+    import inspect
+
+    return "fused" in inspect.signature(OPTIMIZERS[str(name).lower()].__init__).parameters
+
+
 def make_lr_schedule(name: str, optimizer: torch.optim.Optimizer, steps: int):
     """``None`` for a constant rate, else a ``torch.optim.lr_scheduler`` over *steps* steps."""
     from torch.optim import lr_scheduler
@@ -119,7 +125,8 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
              callback: StepCallback | None = None, generator: torch.Generator | None = None,
              decode: Callable[[Any], torch.Tensor] | None = None, keep_best: bool = False,
              grad_clip: float | None = None, optimizer_kwargs: dict | None = None,
-             checkpoint: Checkpointer | None = None) -> OptimiseResult:
+             checkpoint: Checkpointer | None = None,
+             grad_scaler: torch.amp.GradScaler | None = None) -> OptimiseResult:
     """Optimise *latents* (a leaf tensor ``[B, ...]`` or a list of them) so that ``render(latents)``
     (images ``[B,3,H,W]`` in ``[0,1]``, differentiable) lowers ``objective``.
 
@@ -133,6 +140,9 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     ``decode(latents)`` renders images for the callback (default: ``render`` without gradients).
     ``checkpoint`` (:class:`generators.checkpoint.Checkpointer`) starts from a saved state and saves the
     state after each step it is due, and when the run ends early (Ctrl-C: the latents of the last whole step).
+    ``grad_scaler`` (fp16): the loss is scaled for the backward and a step whose gradient overflowed is
+    skipped; the optimiser is then the fused one where torch has it, which reads the overflow flag on the
+    device (no host sync per step).
     """
     tensors = _as_list(latents)
     if not tensors or not all(t.is_leaf for t in tensors):
@@ -140,7 +150,8 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     for t in tensors:
         t.requires_grad_(True)
     params = tensors
-    opt = make_optimizer(optimizer, params, lr, **(optimizer_kwargs or {}))
+    fused = {"fused": True} if grad_scaler is not None and _has_fused(optimizer) else {}
+    opt = make_optimizer(optimizer, params, lr, **fused, **(optimizer_kwargs or {}))
     lr_schedule = make_lr_schedule(schedule, opt, steps)
     decode = decode if decode is not None else (lambda z: render(z).detach())
     losses: list[torch.Tensor] = []
@@ -201,10 +212,16 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
                         best_step = torch.where(better, torch.full_like(best_step, step), best_step)
             total = per_image.sum()
             if total.requires_grad:
-                total.backward()
+                (total if grad_scaler is None else grad_scaler.scale(total)).backward()
                 if grad_clip is not None:
+                    if grad_scaler is not None:
+                        grad_scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
+                if grad_scaler is None:
+                    opt.step()
+                else:
+                    grad_scaler.step(opt)       # skipped when the scaled gradient overflowed
+                    grad_scaler.update()
             if lr_schedule is not None:
                 lr_schedule.step()
             if project is not None:

@@ -151,7 +151,7 @@ class PixelsGenerator(Generator):
         out = optimise(latent, self.render, objective, optimizer=s.optimizer, lr=s.learning_rate,
                        schedule=s.lr_schedule, steps=s.iterations, callback=callback,
                        generator=seed_generator(seed, "objective"), decode=self.decode, keep_best=s.keep_best,
-                       grad_clip=s.grad_clip, checkpoint=self.checkpoint)
+                       grad_clip=s.grad_clip, checkpoint=self.checkpoint, grad_scaler=self.grad_scaler())
         info = {"parameterisation": s.parameterisation, "decorrelate": s.decorrelate,
                 "latent_shape": list(latent.shape), "pixels": s.width * s.height}
         if out.best_step is not None:

@@ -27,6 +27,7 @@ import torch
 from guidance.build import build_objective, build_schedule, clip_specs, eval_model_for, reward_specs, score_images
 from guidance.errors import first_line
 from guidance.objective import ConditioningOnly
+from guidance.runtime import set_compiled
 
 from . import get_generator_class
 from .base import GenerationResult, StepInfo, check_seed
@@ -288,11 +289,22 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
     prepared.objective = objective if objective is not None else ConditioningOnly(schedule)
     prepared.generator = cls(settings, device=device, precision=precision)
+    set_compiled(compile_targets(prepared.objective, prepared.generator), bool(opts.get("compile")))
     if formats and not save_every:
         total = cls.run_length(settings) or 100
         prepared.save_every = max(1, int(total) // 30)
     prepared.t_loaded = time.perf_counter()
     return prepared
+
+
+def compile_targets(objective, generator) -> list[torch.nn.Module]:
+    """What ``--compile`` compiles: the image tower of every CLIP encoder in the objective, and the
+    backend's decoder. (Text towers run once per prompt, so compiling them would cost more than it saves.)"""
+    from guidance import Encoder
+
+    modules = getattr(objective, "modules", None)
+    encoders = [m for m in modules() if isinstance(m, Encoder)] if modules is not None else []
+    return [enc.image_tower for enc in encoders] + list(generator.compile_targets())
 
 
 def _warn_about_unused_options(cls, backend: str, settings, schedule, provenance: dict) -> None:

@@ -31,9 +31,10 @@ the text-conditional UNet pass once (with gradients) and reuses it for CFG, wher
 runs it twice.
 
 Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
-arithmetic, the VAE (decoding and guidance) and the guidance gradient stay float32. When a CLIP
-encoder is fp16 the loss is scaled by 2**10 for its backward and unscaled afterwards
-(non-finite entries are zeroed), so small gradients do not underflow.
+arithmetic, the VAE weights and the guidance gradient stay float32. In half precision the guidance decode
+runs under autocast (:func:`decoder_dtype`: not in fp16 for a VAE that asks for float32), the final
+decode in float32. When a CLIP encoder is fp16 the loss is scaled by 2**10 for its backward and unscaled
+afterwards (non-finite entries are zeroed), so small gradients do not underflow.
 """
 
 from __future__ import annotations
@@ -320,11 +321,18 @@ class StableDiffusionGenerator(Generator):
         return self.pipe.image_processor.postprocess(image, output_type="pt")
 
     def _guidance_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Differentiable decode of the clean estimate for the objective (tiny VAE if set)."""
+        """Differentiable decode of the clean estimate for the objective (tiny VAE if set), under autocast in
+        half precision (see :func:`decoder_dtype`)."""
+        from guidance.runtime import autocast
+
         vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
-        image = vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width, vae=vae),
-                           return_dict=False)[0]
+        with autocast(latents.device, decoder_dtype(vae, self.dtype)):
+            image = vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width, vae=vae),
+                               return_dict=False)[0]
         return image.float() / 2 + 0.5     # unclamped: objectives clamp; --range-weight sees the overshoot
+
+    def compile_targets(self) -> list[torch.nn.Module]:
+        return [vae.decoder for vae in (self.pipe.vae, self.tiny_vae) if vae is not None]
 
     # -- sampling ------------------------------------------------------------------------------
     def make_guider(self, objective):
@@ -418,6 +426,9 @@ class StableDiffusionGenerator(Generator):
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted, stopped_at = latents, 0, False, None
+        # The scheduler gets each timestep as a Python number: its `prev_t >= 0` tests on a device tensor would
+        # make the host wait for the device at every step.
+        host_timesteps = timesteps.tolist()
         try:
             for i, t in enumerate(timesteps):
                 flow = (tables.sample_scales[i], tables.sigmas[i]) if family.flow else (None, None)
@@ -438,7 +449,7 @@ class StableDiffusionGenerator(Generator):
                     x0 = clean_estimate(z, out, step.alpha_bar, prediction)
                     if family.flow:      # the corrected clean estimate as the velocity: v = (x_t - x0) / t
                         out = (z * flow[0] - out) / flow[1]
-                    latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+                    latents = scheduler.step(out, host_timesteps[i], latents, **step_kwargs, return_dict=False)[0]
                     latents = guider.sample_correction(step, latents)
                 if loss is not None:
                     step_losses.append(loss.per_image.detach().mean())
@@ -467,6 +478,14 @@ class StableDiffusionGenerator(Generator):
         }
         return GenerationResult(images=images, losses=[float(v) for v in step_losses], info=info,
                                 interrupted=interrupted, steps_done=done, stopped_at=stopped_at)
+
+
+def decoder_dtype(vae, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype of a VAE decode in the hot loop: the run's half dtype, except fp16 for a VAE whose
+    config asks for float32 (``force_upcast``: the SD 1.x/2.x VAE overflows fp16); bf16 has fp32's range."""
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
 
 
 def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:

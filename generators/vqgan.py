@@ -16,7 +16,6 @@ silently.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -289,9 +288,12 @@ class VQGANGenerator(Generator):
         return (s.num_images, self.codebook.shape[1], s.height // f, s.width // f)
 
     def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        from guidance.runtime import autocast
+
+        return autocast(self.device, self.dtype)
+
+    def compile_targets(self) -> list[torch.nn.Module]:
+        return [self.model.decoder]
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -349,7 +351,7 @@ class VQGANGenerator(Generator):
                        schedule=s.lr_schedule, steps=s.iterations, project=into_codebook_range,
                        regulariser=pull_to_start if z_init is not None else None, callback=callback,
                        generator=seed_generator(seed, "objective"), decode=self.decode, keep_best=s.keep_best,
-                       grad_clip=s.grad_clip, checkpoint=self.checkpoint)
+                       grad_clip=s.grad_clip, checkpoint=self.checkpoint, grad_scaler=self.grad_scaler())
         info = {"latent_shape": list(z.shape), "downsample": self.model.downsample,
                 "codebook_size": int(self.codebook.shape[0]), "gumbel": bool(self.model.gumbel)}
         if out.best_step is not None:

@@ -135,12 +135,14 @@ class Cutouts(nn.Module):
     def forward(self, images: torch.Tensor, size: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         from torchvision.ops import roi_align
 
+        from .runtime import to_device
+
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W]; got shape {tuple(images.shape)}")
         if generator is None:
             generator = torch.default_generator
         batch, _, height, width = images.shape
-        boxes = self.boxes(height, width, size, batch, generator).to(images.device, images.dtype)
+        boxes = to_device(self.boxes(height, width, size, batch, generator), images.device, images.dtype)
         cuts = roi_align(images, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         if len(self.augs):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import load_error, looks_like_path
-from .runtime import resolve_device, resolve_dtype
+from .runtime import autocast, resolve_device, resolve_dtype
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,9 +61,16 @@ class Encoder(nn.Module):
         images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         return images.to(self.dtype)
 
+    @property
+    def image_tower(self) -> nn.Module:
+        """The image tower ``--compile`` compiles."""
+        raise NotImplementedError
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable image embeddings ``[B, D]`` (float32) for images in ``[0,1]``."""
-        return self._image_features(self.preprocess(images)).float()
+        """Differentiable image embeddings ``[B, D]`` (float32) for images in ``[0,1]``; a half-precision
+        encoder runs under autocast (normalisations and softmax in float32)."""
+        with autocast(self.device, self.dtype):
+            return self._image_features(self.preprocess(images)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
@@ -104,6 +111,10 @@ class HFCLIPEncoder(Encoder):
         self.embed_dim = int(model.config.projection_dim)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self._freeze()
+
+    @property
+    def image_tower(self) -> nn.Module:
+        return self.model.vision_model
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return features(self.model.get_image_features(pixel_values=pixels))
@@ -150,6 +161,10 @@ class OpenCLIPEncoder(Encoder):
             else int(model.visual.output_dim)
         self.context_length = int(getattr(model, "context_length", 77))
         self._freeze()
+
+    @property
+    def image_tower(self) -> nn.Module:
+        return self.model.visual
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
