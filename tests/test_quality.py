@@ -200,8 +200,8 @@ def test_quality_vs_time_figure_draws_each_variant_with_its_interval():
     blue, red = (pixels == (31, 119, 180)).all(-1), (pixels == (214, 39, 40)).all(-1)
     assert blue.sum() > 50 and red.sum() > 50
     # the better variant's point sits higher (smaller y) and to the right (slower)
-    by, bx = np.argwhere(blue[:, :500]).mean(0)
-    ry, rx = np.argwhere(red[:, :500]).mean(0)
+    by, bx = np.argwhere(blue[:, :600]).mean(0)          # left of the legend
+    ry, rx = np.argwhere(red[:, :600]).mean(0)
     assert by < ry and bx > rx
 
 
