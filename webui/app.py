@@ -211,12 +211,12 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                 return
             yield from stream(Job({"resume": folder, "out": out}, preview_every=int(every or 0)), request.session_hash)
 
-        def stop_run(request: gr.Request):
+        def stop_run(request: gr.Request) -> None:
+            # the status line is the run's stream's alone: it says "stopping" at the next step, then the
+            # summary; an answer from here could arrive after the summary and hide it
             job = jobs.get(request.session_hash)
-            if job is None or job.done:
-                return gr.skip()
-            job.stop()
-            return "stopping: the current image will be saved, marked interrupted"
+            if job is not None and not job.done:
+                job.stop()
 
         def select_run(folders: list[str], evt: gr.SelectData):
             if evt.index is None or evt.index >= len(folders):
@@ -249,7 +249,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                     show_progress_on=[status])
         resume.click(resume_run, [selected, preview_every], run_outputs, concurrency_limit=1, concurrency_id="run",
                      show_progress_on=[status])
-        stop.click(stop_run, None, status, concurrency_limit=None, concurrency_id="stop", show_progress="hidden")
+        stop.click(stop_run, None, None, concurrency_limit=None, concurrency_id="stop", show_progress="hidden")
         gallery.select(select_run, listed, [details, files, selected], concurrency_limit=None)
         reuse.click(reuse_run, selected, form_outputs + [status], concurrency_limit=None)
         refresh.click(gallery_update, None, [gallery, listed], concurrency_limit=None)
