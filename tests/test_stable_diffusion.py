@@ -13,7 +13,7 @@ from generators.guiders import guided_steps
 from generators.sd_guidance import (clean_estimate, clip_gradient, noise_tables, output_correction)
 from generators.stable_diffusion import SCHEDULERS, Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts, image_prompts, parse_prompts
-from tiny import save_tiny_sd, tiny_sd_pipeline, tiny_taesd
+from tiny import save_tiny_sd, tiny_sd_components, tiny_sd_pipeline, tiny_taesd
 
 PROMPT = "a red circle"
 ALL_SCHEDULERS = list(SCHEDULERS)
@@ -403,3 +403,20 @@ def test_mismatched_tiny_vae_is_refused(tmp_path):
                     num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "t")
     with pytest.raises(ValueError, match="2x upsampling"):
         make(tiny_vae=str(tmp_path / "t"))
+
+
+def test_vae_option_replaces_the_models_vae(clip_loss, tmp_path):
+    """``--vae FOLDER`` (e.g. the SDXL fp16-fix VAE) loads that AutoencoderKL in place of the model's own."""
+    folder = save_tiny_sd(tmp_path / "sd")
+    tiny_sd_components(seed=7)["vae"].save_pretrained(tmp_path / "other_vae")
+    options = {"sd_model": str(folder), "steps": 3, "scheduler": "euler", "prompt": PROMPT,
+               "clip_guidance_scale": 0.0, "width": None}
+    own = get_generator("sd", options, device="cpu")
+    swapped = get_generator("sd", {**options, "vae": str(tmp_path / "other_vae")}, device="cpu")
+    replacement = tiny_sd_components(seed=7)["vae"].state_dict()
+    for name, value in swapped.pipe.vae.state_dict().items():
+        torch.testing.assert_close(value, replacement[name])
+    assert (swapped.generate(None, seed=1).images - own.generate(None, seed=1).images).abs().max() > 1e-3
+    with pytest.raises(FileNotFoundError, match="VAE folder") as err:
+        get_generator("sd", {**options, "vae": str(tmp_path / "missing_vae")}, device="cpu")
+    assert "\n" not in str(err.value)

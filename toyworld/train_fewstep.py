@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import world
-from .train_sd import SCHEDULE, _fp16_weights, _PromptCache, ema_update, evaluate_pipeline
+from .train_sd import SCHEDULE, _fp16_weights, _PromptCache, evaluate_pipeline, unet_step
 
 TURBO_SEED = 6006
 TEACHER_STEPS = 25
@@ -99,13 +99,7 @@ def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, step
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         x0_hat = (xt - (1 - a).sqrt() * pred) / a.sqrt()
         loss = ((x0_hat - x0) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, unet, min(0.995, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = unet_step(loss, unet, opt, sched, ema, step, 0.995, running)
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-turbo] step {step}/{steps} x0 loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
     unet.load_state_dict(ema)

@@ -180,6 +180,19 @@ def _encode_dataset(vae, n: int, rng: np.random.Generator, chunk: int = 128):
 
 
 @torch.no_grad()
+def unet_step(loss: torch.Tensor, unet: torch.nn.Module, opt, sched, ema: dict, step: int, max_decay: float,
+              running: float | None) -> float:
+    """One UNet training step of the toy trainers: backward, gradient-norm clip at 1, optimiser and lr
+    schedule step, EMA update (decay warming up to *max_decay*); returns the running mean of the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema_update(ema, unet, min(max_decay, (1 + step) / (10 + step)))
+    return loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+
+
 def ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
     """Move the exponential moving average *ema* (a state dict) towards *model*'s weights."""
     for k, v in model.state_dict().items():
@@ -225,13 +238,7 @@ def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int 
         noisy = noise_sched.add_noise(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
         loss = (weight[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema_update(ema, unet, min(0.998, (1 + step) / (10 + step)))
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running = unet_step(loss, unet, opt, sched, ema, step, 0.998, running)
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-unet] step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
     unet.load_state_dict(ema)
