@@ -24,6 +24,7 @@ decode -> images in ``[0, 1]``, differentiable end to end. VQGAN+CLIP's idea wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class NoiseSettings(OptimiseSettings):
     method: str = option("gradient", "gradient (ReNO noise optimisation), best-of-n or zero-order (search)",
                          choices=METHODS)
     budget: int | None = option(None, "search: renderer calls to spend (default: --iterations)", minimum=1)
+    search_first: int = option(0, "gradient method: first render N random noises and optimise from the best one "
+                                  "by the objective (N more renderer calls; 0: start from the seed's noise)",
+                               metavar="N", minimum=0)
     search_radius: float = option(0.5, "zero-order: distance of the neighbours from the pivot, relative to "
                                        "the noise's norm", above=0)
     neighbours: int = option(4, "zero-order: neighbours tried around the pivot per round", minimum=1)
@@ -144,6 +148,8 @@ class NoiseGenerator(Generator):
             raise ValueError(f"unknown method {s.method!r}; choose from {', '.join(METHODS)}")
         if s.method == "gradient" and s.iterations < 1:
             raise ValueError("iterations is 0: the gradient method needs at least 1 (or use --method best-of-n)")
+        if s.search_first and s.method != "gradient":
+            raise ValueError(f"--search-first is for the gradient method; --method {s.method} spends --budget instead")
         if s.budget is not None and s.budget < 1:
             raise ValueError(f"budget is {s.budget}; give at least 1 renderer call")
         if s.scheduler not in SCHEDULER_CHOICES:
@@ -292,7 +298,7 @@ class NoiseGenerator(Generator):
         render = self.make_renderer(self.pipe, self.scheduler, conditioning, s.render_steps, seed)
         decode = lambda latent: render(latent).detach().clamp(0, 1).float().cpu()  # noqa: E731
         if s.method == "gradient":
-            out = self._optimise(z, render, objective, seed, callback, decode)
+            out = self._search_then_optimise(z, render, objective, seed, callback, decode, init_gen)
         else:
             out = self._search(z, render, objective, seed, callback, init_gen)
         best, info = out["latents"], out["info"]
@@ -312,6 +318,27 @@ class NoiseGenerator(Generator):
         return GenerationResult(images=images, losses=out["losses"], info=info, interrupted=out["interrupted"],
                                 steps_done=out["steps_done"], stopped_at=out["stopped_at"])
 
+    def _search_then_optimise(self, z, render, objective, seed, callback, decode, init_gen) -> dict:
+        """The gradient method, after ``search_first`` best-of-N renders (not repeated on resume): the
+        progress counts both, the search steps first."""
+        s = self.settings
+        first = s.search_first if (self.checkpoint is None or self.checkpoint.resume is None) else 0
+        if first < 1:
+            return self._optimise(z, render, objective, seed, callback, decode)
+        total = first + s.iterations
+        searched = self._search(z, render, objective, seed, callback, init_gen, method="best-of-n", budget=first,
+                                total=total)
+        if searched["interrupted"] or searched["stopped_at"] is not None:
+            searched["info"]["search_first"] = searched["info"].pop("best_loss")
+            return searched
+        shifted = None if callback is None else (
+            lambda info: callback(dataclasses.replace(info, step=info.step + first, total=total)))
+        out = self._optimise(searched["latents"].clone(), render, objective, seed, shifted, decode)
+        out["info"]["renderer_calls"] += searched["steps_done"]
+        out["info"]["search_first"] = {"renders": searched["steps_done"], "losses": searched["losses"],
+                                       "best_loss": searched["info"]["best_loss"]}
+        return out
+
     def _optimise(self, z, render, objective, seed, callback, decode) -> dict:
         s = self.settings
         extra = {"momentum": 0.9, "nesterov": True} if str(s.optimizer).lower() == "sgd" else {}
@@ -329,10 +356,13 @@ class NoiseGenerator(Generator):
                 "stopped_at": result.stopped_at, "interrupted": result.interrupted, "info": info}
 
     @torch.no_grad()
-    def _search(self, z, render, objective, seed, callback, init_gen) -> dict:
+    def _search(self, z, render, objective, seed, callback, init_gen, *, method=None, budget=None,
+                total=None) -> dict:
         """Best-of-N or zero-order search, exactly ``budget`` renderer calls (fewer only if stopped)."""
         s = self.settings
-        budget = s.budget or s.iterations or 1
+        method = method or s.method
+        budget = budget or s.budget or s.iterations or 1
+        total = total or budget
         objective_gen = seed_generator(seed, "objective")
         pivot = z.clone()
         best_noise, best_loss = z.clone(), None
@@ -347,7 +377,7 @@ class NoiseGenerator(Generator):
             while calls < budget:
                 if calls == 0:
                     candidate = z
-                elif s.method == "best-of-n":
+                elif method == "best-of-n":
                     candidate = torch.randn(z.shape, generator=init_gen).to(self.device)
                 else:
                     if not candidates_from_pivot:        # a new round of neighbours around the pivot
@@ -366,11 +396,11 @@ class NoiseGenerator(Generator):
                     mask = better.view(-1, *[1] * (z.dim() - 1))
                     best_noise = torch.where(mask, candidate, best_noise)
                     best_loss = torch.where(better, loss, best_loss)
-                if s.method == "zero-order" and not candidates_from_pivot:
+                if method == "zero-order" and not candidates_from_pivot:
                     pivot = best_noise.clone()                  # move the pivot to the best seen
                 losses.append(float(loss.mean()))
                 if callback is not None:
-                    keep = callback(StepInfo(step=calls - 1, total=budget, latents=candidate,
+                    keep = callback(StepInfo(step=calls - 1, total=total, latents=candidate,
                                              decode=lambda c=candidate: render(c).clamp(0, 1).float().cpu(),
                                              loss=loss.mean(), parts={}))
                     if keep is False:
@@ -387,7 +417,7 @@ class NoiseGenerator(Generator):
     def run_length(cls, settings) -> int | None:
         if settings.method != "gradient":
             return settings.budget or settings.iterations
-        return settings.iterations
+        return settings.iterations + settings.search_first
 
 
 __all__ = ["NoiseGenerator", "NoiseSettings", "noise_norm_regulariser", "METHODS"]

@@ -138,6 +138,7 @@ def test_reapply_renders_the_best_noise_with_another_pipeline(pipe):
     (dict(method="best-of-n", budget=0), "budget is 0"),
     (dict(scheduler="dpm++"), "cannot differentiate through DPMSolverMultistepScheduler"),
     (dict(method="annealing"), "unknown method"),
+    (dict(method="best-of-n", search_first=4), "--search-first is for the gradient method"),
 ])
 def test_bad_input_is_one_line(pipe, options, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -190,3 +191,16 @@ def test_step_noises_bad_input_is_one_line(pipe, options, match):
     with pytest.raises(ValueError, match=match) as err:
         make(pipe, **options)
     assert "\n" not in str(err.value)
+
+
+def test_search_first_optimises_from_the_best_of_n_noises(pipe):
+    steps = []
+    gen = make(pipe, iterations=4, search_first=5, reg_weight=0.0)
+    result = gen.generate(Brightness(), seed=2, callback=lambda info: steps.append((info.step, info.total)))
+    searched = result.info["search_first"]
+    assert searched["renders"] == 5 and result.info["renderer_calls"] == 5 + 4
+    assert steps == [(i, 9) for i in range(9)]                      # one progress: the search, then the steps
+    assert result.losses[0] == pytest.approx(min(searched["losses"]), abs=1e-5)   # it starts from the best
+    assert min(searched["losses"]) < searched["losses"][0]           # which was not the seed's own noise here
+    plain = make(pipe, iterations=4, reg_weight=0.0).generate(Brightness(), seed=2)
+    assert plain.losses[0] == pytest.approx(searched["losses"][0], abs=1e-5)
