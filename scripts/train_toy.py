@@ -259,12 +259,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="weights folder (default: toyworld/weights)")
     ap.add_argument("--steps-scale", type=float, default=1.0,
                     help="multiply every step count (for quick experiments only; the committed weights use 1.0)")
+    ap.add_argument("--sd-unet-steps", type=int, default=2000, metavar="N",
+                    help="training steps of the toy SD's UNet (default 2000, the committed weights; 4000 gives a "
+                         "much stronger prior that leaves guidance little headroom: see the README's toy world)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared, busy machine one thread is several times "
                          "faster than oversubscribed cores; the thread count is recorded)")
     ap.add_argument("--report-only", action="store_true",
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
+    if args.sd_unet_steps < 1:
+        ap.error(f"--sd-unet-steps is {args.sd_unet_steps}; give at least 1 (the committed weights use 2000)")
     torch.set_num_threads(args.threads)
     only = args.only or list(GROUPS)
     clips = [c for c in CLIPS if "clip" in only or c in only]
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
         elif group == "sd":
             from toyworld.train_sd import train_sd
 
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1800), unet_steps=steps(2000), log=_log)
+            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1800), unet_steps=steps(args.sd_unet_steps), log=_log)
             metrics["sd"] = m
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
                  f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_on_reconstructions'])}; "

@@ -372,3 +372,25 @@ def test_train_toy_only_sd_turbo_distils_from_the_sd_folder_and_records_it(tmp_p
         assert set(r["judge_accuracy"]) == {"colour", "shape", "background", "all"}
     report = (tmp_path / "TRAINING.md").read_text()
     assert "## Toy SD-Turbo (`sd_turbo`" in report and "## Toy Stable Diffusion" not in report
+
+
+def test_train_toy_refuses_a_toy_sd_unet_without_steps():
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--sd-unet-steps", "0"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 2 and "--sd-unet-steps is 0; give at least 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_toy_sd_unet_steps_sets_the_toy_sd_unet_training_length(tmp_path):
+    """``--sd-unet-steps N`` trains the toy SD's UNet N steps (times --steps-scale) and records it."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(weights_dir("clip_a"), tmp_path / "clip_a")
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--only", "sd", "--sd-unet-steps",
+                           "3000", "--steps-scale", "0.001", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "training_metrics.json").read_text())
+    assert metrics["sd"]["unet"]["steps"] == 3 and metrics["sd"]["vae"]["steps"] == 2
