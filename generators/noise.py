@@ -328,15 +328,16 @@ class NoiseGenerator(Generator):
         total = first + s.iterations
         searched = self._search(z, render, objective, seed, callback, init_gen, method="best-of-n", budget=first,
                                 total=total)
-        if searched["interrupted"] or searched["stopped_at"] is not None:
-            searched["info"]["search_first"] = searched["info"].pop("best_loss")
+        record = {"renders": searched["steps_done"], "losses": searched["losses"],
+                  "best_loss": searched["info"].pop("best_loss")}
+        if searched["interrupted"] or searched["stopped_at"] is not None:     # ended during the search
+            searched["info"]["search_first"] = record
             return searched
         shifted = None if callback is None else (
             lambda info: callback(dataclasses.replace(info, step=info.step + first, total=total)))
         out = self._optimise(searched["latents"].clone(), render, objective, seed, shifted, decode)
         out["info"]["renderer_calls"] += searched["steps_done"]
-        out["info"]["search_first"] = {"renders": searched["steps_done"], "losses": searched["losses"],
-                                       "best_loss": searched["info"]["best_loss"]}
+        out["info"]["search_first"] = record
         return out
 
     def _optimise(self, z, render, objective, seed, callback, decode) -> dict:

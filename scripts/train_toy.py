@@ -36,6 +36,8 @@ import torch  # noqa: E402
 from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "guided")
+# the model folders each group reads from --out (trained earlier in the same run, or already there)
+NEEDS = {"sd": ("clip_a",), "sd_turbo": ("sd",), "guided": ("sd", "clip_a", "clip_c", "clip_d")}
 GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",), "guided": ("sd_guided",)}
 
 
@@ -275,6 +277,12 @@ def main(argv=None) -> int:
     clips = [c for c in CLIPS if "clip" in only or c in only]
     groups = [g for g in GROUPS if g in only or (g == "clip" and clips)]
     out: Path = args.out
+    made = set(clips) | set(groups)
+    for group in groups:
+        missing = [name for name in NEEDS.get(group, ()) if name not in made and not (out / name).is_dir()]
+        if missing:
+            ap.error(f"--only {group} reads {', '.join(missing)} from {out}, which has none; copy the weights there "
+                     f"first (cp -r toyworld/weights/. {out}) or train {', '.join(missing)} in the same run")
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "training_metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}

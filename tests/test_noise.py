@@ -204,3 +204,13 @@ def test_search_first_optimises_from_the_best_of_n_noises(pipe):
     assert min(searched["losses"]) < searched["losses"][0]           # which was not the seed's own noise here
     plain = make(pipe, iterations=4, reg_weight=0.0).generate(Brightness(), seed=2)
     assert plain.losses[0] == pytest.approx(searched["losses"][0], abs=1e-5)
+
+
+def test_a_stop_during_search_first_keeps_the_best_searched_noise(pipe):
+    gen = make(pipe, iterations=4, search_first=5, reg_weight=0.0)
+    result = gen.generate(Brightness(), seed=2, callback=lambda info: info.step < 2)     # stop at the third render
+    searched = result.info["search_first"]
+    assert result.stopped_at == 2 and searched["renders"] == 3 and result.info["renderer_calls"] == 3
+    assert min(searched["best_loss"]) == pytest.approx(min(searched["losses"]), abs=1e-6)
+    final = float(Brightness()(result.images).per_image[0])
+    assert final == pytest.approx(min(searched["losses"]), abs=2e-3)                     # the image is that noise's

@@ -394,3 +394,13 @@ def test_train_toy_sd_unet_steps_sets_the_toy_sd_unet_training_length(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
     assert metrics["sd"]["unet"]["steps"] == 3 and metrics["sd"]["vae"]["steps"] == 2
+
+
+def test_train_toy_refuses_an_out_folder_without_the_models_a_group_reads(tmp_path):
+    """``--only sd`` into an empty folder stops before training: the toy SD reads clip_a's text tower from there."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "weights"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--only", "sd", "--out", str(out)],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 2 and "--only sd reads clip_a from" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) > 0 and "Traceback" not in proc.stderr and not out.exists()
