@@ -67,11 +67,11 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _train_clip_job(name: str, folder: str, n_steps: int, threads: int) -> dict:
+def _train_clip_job(name: str, folder: str, n_steps: int, threads: int, resume: bool) -> dict:
     torch.set_num_threads(threads)
     from toyworld.train_clip import train_clip
 
-    return train_clip(name, folder, log=_log, steps=n_steps)
+    return train_clip(name, folder, log=_log, steps=n_steps, eval_every=500, resume=resume)
 
 
 def measure_guided(out: Path, n: int = 64) -> dict:
@@ -267,6 +267,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared, busy machine one thread is several times "
                          "faster than oversubscribed cores; the thread count is recorded)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each group from its last checkpoint in --out (written every few hundred steps); "
+                         "a resumed run ends with the same weights as an uninterrupted one")
     ap.add_argument("--report-only", action="store_true",
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
@@ -305,7 +308,7 @@ def main(argv=None) -> int:
             # the CLIPs are independent: train them side by side, one process (and thread) each
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(min(2, len(clips))) as pool:
-                jobs = {name: pool.apply_async(_train_clip_job, (name, str(out / name), steps(RECIPES[name].steps), args.threads))
+                jobs = {name: pool.apply_async(_train_clip_job, (name, str(out / name), steps(RECIPES[name].steps), args.threads, args.resume))
                         for name in clips}
                 results = {name: job.get() for name, job in jobs.items()}
             for name in clips:

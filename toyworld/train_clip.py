@@ -22,6 +22,14 @@ the easy colour terms take the small model's features and shape accuracy stalls 
 the first ``curriculum`` share uses clean images and mild augmentation. A training-only linear
 head classifies each patch token (background or the shape's class) as dense auxiliary
 supervision; it is not saved. Per-step loss terms and the reasons are in ``train_clip``.
+
+Toy world v3 (``shared/TOYWORLD.md``): the images are scenes of 1-3 objects over the five prompt
+categories (``scenes.sample_scenes``); single-object scenes are often captioned with a v2 template
+(partial attributes, "a red circle"). Every image also meets its prompt's hard negatives
+(``negatives.hard_negatives``: swapped colours, the opposite relation, another count, ...) in a
+cross-entropy over [true caption, negatives], so the model learns binding, relations and counts.
+No augmentation flips an image (a flip would swap "left" and "right"). Training checkpoints every
+``CHECKPOINT_EVERY`` steps into the output folder and resumes from there with ``resume=True``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from . import world
+from .negatives import hard_negatives
+from .prompts import CATEGORIES, Prompt, random_prompt
+from .rule import matches
+from .scenes import Scene, draw_scene, sample_scenes, scene_for, template_mask
 from .tokenizer import write_clip_tokenizer
+from .train_state import Checkpointer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,19 +74,21 @@ class ClipRecipe:
     projection_dim: int
     imperfect_prob: float = 0.3  # share of images made deliberately imperfect
     patch_aux_weight: float = 2.0  # auxiliary per-patch shape loss (training only)
-    shape_first: float = 0.45  # share of steps at the start that train shape recognition only
-    curriculum: float = 0.6  # share of steps at the start with clean images and mild augmentation
+    shape_first: float = 0.3  # share of steps at the start that train shape recognition only
+    curriculum: float = 0.45  # share of steps at the start with clean images and mild augmentation
     grad_clip: float = 1.0
+    negatives: int = 6  # hard-negative captions per image (v3)
+    legacy_caption_prob: float = 0.5  # share of single-object scenes captioned with a v2 template
 
 
 RECIPES = {
     "clip_a": ClipRecipe(
-        name="clip_a", seed=1001, steps=2000, batch_size=64, lr=1.5e-3,
+        name="clip_a", seed=1001, steps=3000, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=8, vision_hidden=64, vision_layers=4, vision_heads=4,
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
     "clip_b": ClipRecipe(
-        name="clip_b", seed=2002, steps=2500, batch_size=64, lr=1.5e-3,
+        name="clip_b", seed=2002, steps=4000, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=16, vision_hidden=64, vision_layers=3, vision_heads=4,
         text_hidden=48, text_layers=3, text_heads=4, projection_dim=48,
     ),
@@ -81,12 +96,12 @@ RECIPES = {
     # patches like B, but their own seeds and widths: an image optimised against A alone finds colour
     # patterns A reads as shapes, which differently built CLIPs do not share.
     "clip_c": ClipRecipe(
-        name="clip_c", seed=4004, steps=2500, batch_size=64, lr=1.5e-3,
+        name="clip_c", seed=4004, steps=3000, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=16, vision_hidden=96, vision_layers=4, vision_heads=4,
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
     "clip_d": ClipRecipe(
-        name="clip_d", seed=5005, steps=2500, batch_size=64, lr=1.5e-3,
+        name="clip_d", seed=5005, steps=3000, batch_size=64, lr=1.5e-3,
         image_size=64, patch_size=16, vision_hidden=80, vision_layers=3, vision_heads=4,
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
@@ -180,13 +195,11 @@ def guidance_augment(size: int, with_mask: bool = False, mild: bool = False):
     if mild:
         return K.AugmentationSequential(
             K.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.9, 1.1), p=0.5),
-            K.RandomHorizontalFlip(),
             K.RandomGaussianNoise(std=0.03, p=0.3),
             data_keys=["input", "mask"] if with_mask else ["input"],
         )
     return K.AugmentationSequential(
-        K.RandomResizedCrop((size, size), scale=(0.4, 1.0), ratio=(0.8, 1.25), p=0.85),
-        K.RandomHorizontalFlip(),
+        K.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(0.85, 1.18), p=0.85),
         K.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.9, 1.1), shear=5, padding_mode="border", p=0.4),
         K.RandomPerspective(0.2, p=0.2),
         K.ColorJiggle(brightness=0.1, contrast=0.1, p=0.5),
@@ -225,51 +238,74 @@ class _TokenCache:
         return ids, att
 
 
-def _match_matrix(batch: world.WorldSample) -> torch.Tensor:
-    """M[i, j] = 1 if caption j describes image i."""
-    match = np.ones((len(batch), len(batch)), dtype=bool)
-    for attr, values in (("shape", batch.shapes), ("colour", batch.colours), ("background", batch.backgrounds)):
-        actual = np.array(values)
-        wanted = np.array([ca[attr] or "" for ca in batch.caption_attributes])
-        named = np.array([ca[attr] is not None for ca in batch.caption_attributes])
-        match &= ~named[None, :] | (actual[:, None] == wanted[None, :])
-    return torch.from_numpy(match).float()
+# ---------------------------------------------------------------------------------------------
+# v3 data: scenes, captions (v3 grammar or a v2 template for single objects), hard negatives
+# ---------------------------------------------------------------------------------------------
+SINGLES = {"single": 1.0}
+EVAL_SEED = 777_777
 
 
-class _Anchors:
-    """Fixed caption sets scored against every image each step: all 224 full captions and the
-    single-attribute captions ("a circle", "something red", "a red background"). Every image
-    then meets hard negatives that differ from it in one attribute only -- in particular the
-    same colours with another shape, which random in-batch captions rarely provide."""
+def describes(spec, scene: Scene) -> bool:
+    """Whether a caption spec (a v3 :class:`Prompt` or a v2 attribute dict) describes ``scene``."""
+    if isinstance(spec, Prompt):
+        return matches(spec, scene.background, scene.objects)
+    if len(scene.objects) != 1:
+        return False
+    o = scene.objects[0]
+    actual = {"colour": o.colour, "shape": o.shape, "background": scene.background}
+    return all(v is None or actual[k] == v for k, v in spec.items())
 
-    def __init__(self):
-        self.full = world.all_full_captions()
-        self.full_index = {(c, s, b): i for i, (_, c, s, b) in enumerate(self.full)}
-        self.shapes = [world.caption(shape=s) for s in world.SHAPES]
-        self.colours = [world.caption(colour=c) for c in world.COLOURS]
-        self.backgrounds = [world.caption(background=b) for b in world.COLOURS]
-        self.captions = [t[0] for t in self.full] + self.shapes + self.colours + self.backgrounds
 
-    def targets(self, batch: world.WorldSample) -> dict[str, torch.Tensor]:
-        return {
-            "full": torch.tensor([self.full_index[(c, s, b)] for c, s, b in zip(batch.colours, batch.shapes, batch.backgrounds)]),
-            "shape": torch.tensor([world.SHAPES.index(s) for s in batch.shapes]),
-            "colour": torch.tensor([world.COLOURS.index(c) for c in batch.colours]),
-            "background": torch.tensor([world.COLOURS.index(b) for b in batch.backgrounds]),
-        }
+def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only: bool = False):
+    """Scenes, their captions and caption specs, each image's hard negatives, and the per-shape masks
+    ``[N, len(SHAPES), H, W]`` (float) the patch head learns from."""
+    batch = sample_scenes(n, rng, mix=SINGLES if singles_only else None, legacy_caption_prob=r.legacy_caption_prob,
+                          plain_article_prob=0.25)
+    captions, specs = batch.captions, batch.specs
+    negatives = [[q.text for q in hard_negatives(p, sc, k=r.negatives, generator=rng)]
+                 for p, sc in zip(batch.prompts, batch.scenes)]
+    size = batch.images.shape[1]
+    masks = np.zeros((n, len(world.SHAPES), size, size), dtype=np.float32)
+    for i, sc in enumerate(batch.scenes):
+        for o in sc.objects:
+            masks[i, world.SHAPES.index(o.shape)] = np.maximum(masks[i, world.SHAPES.index(o.shape)],
+                                                               template_mask(o.shape, o.box, size))
+    return batch, captions, specs, negatives, torch.from_numpy(masks)
 
-    def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        """logits: [N, len(self.captions)] scaled image-caption similarities."""
-        n_full, n_s, n_c = len(self.full), len(self.shapes), len(self.colours)
-        parts = {
-            "full": logits[:, :n_full],
-            "shape": logits[:, n_full : n_full + n_s],
-            "colour": logits[:, n_full + n_s : n_full + n_s + n_c],
-            "background": logits[:, n_full + n_s + n_c :],
-        }
-        full = F.cross_entropy(parts["full"], targets["full"])
-        single = sum(w * F.cross_entropy(parts[k], targets[k]) for k, w in (("shape", 2), ("colour", 1), ("background", 1))) / 4
-        return full + single
+
+def match_matrix(specs: list, scenes: list[Scene]) -> torch.Tensor:
+    """M[i, j] = 1 if caption spec j describes scene i."""
+    return torch.tensor([[describes(sp, sc) for sp in specs] for sc in scenes], dtype=torch.float32)
+
+
+@torch.no_grad()
+def evaluate_compositional(model, tokenizer, per_category: int = 64, seed: int = EVAL_SEED + 1,
+                           noise: float = 0.0) -> dict[str, float]:
+    """Zero-shot accuracy per category among hard negatives: for held-out scenes of each category, does
+    the model rank the true caption above every hard negative of it (``negatives.hard_negatives``)?"""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    size = model.config.vision_config.image_size
+    out = {}
+    for category in CATEGORIES:
+        prompts = [random_prompt(category, rng) for _ in range(per_category)]
+        scenes = [scene_for(p, rng) for p in prompts]
+        x = torch.from_numpy(np.stack([draw_scene(sc) for sc in scenes])).permute(0, 3, 1, 2).float() / 255
+        if noise:
+            x = (x + noise * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        img = model.get_image_features(pixel_values=normalise(x).to(next(model.parameters()).dtype))
+        img = F.normalize(getattr(img, "pooler_output", img).float(), dim=-1)
+        right = 0
+        for i, (p, sc) in enumerate(zip(prompts, scenes)):
+            texts = [p.text] + [q.text for q in hard_negatives(p, sc)]
+            tok = tokenizer(texts, padding=True, return_tensors="pt")
+            txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+            txt = F.normalize(getattr(txt, "pooler_output", txt).float(), dim=-1)
+            right += int((txt @ img[i]).argmax() == 0)
+        out[category] = right / per_category
+    return out
 
 
 def _soft_clip_loss(logits_per_image: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
@@ -283,7 +319,6 @@ def _soft_clip_loss(logits_per_image: torch.Tensor, match: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
-EVAL_SEED = 777_777
 
 
 @torch.no_grad()
@@ -366,8 +401,11 @@ def save_clip_folder(model, folder: Path, image_size: int) -> None:
 
 
 def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: int | None = None,
-               eval_every: int = 0) -> dict:
-    """Train one toy CLIP from its recipe's seed and save it to ``out_dir``. Returns metrics."""
+               eval_every: int = 0, resume: bool = False) -> dict:
+    """Train one toy CLIP from its recipe's seed and save it to ``out_dir``. Returns metrics.
+
+    With ``resume`` a run stopped part-way continues from its last checkpoint in ``out_dir`` and ends
+    with the same weights as an uninterrupted run."""
     from transformers import CLIPModel
 
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
@@ -385,10 +423,10 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     mild_aug = guidance_augment(r.image_size, with_mask=True, mild=True)
     curriculum = int(r.curriculum * steps)  # first steps: clean images, mild augmentation
     # Shape first: with all caption losses from the start, the easy colour terms take the small
-    # model's features and shape recognition stalls near chance; learning shapes alone first and
-    # adding the colour/background/in-batch losses afterwards avoids that.
+    # model's features and shape recognition stalls near chance; learning shapes alone first (on
+    # single-object scenes) and adding the caption losses afterwards avoids that.
     shape_only = int(r.shape_first * steps)
-    anchors = _Anchors()
+    shape_captions = [world.caption(shape=s) for s in world.SHAPES]
     # training-only head: classifies every patch token as background or one of the shapes; dense
     # supervision makes the ViT learn colour-independent edge/corner features far sooner than
     # the caption losses alone. It is not part of the saved model.
@@ -404,29 +442,45 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
-    running = None
-    for step in range(steps):
-        batch = world.sample(r.batch_size, rng, plain_article_prob=0.25)
-        x = batch.tensors()
-        masks = torch.from_numpy(world.shape_mask(batch.shapes, batch.sizes, batch.centers, x.shape[-1]))
+    ckpt = Checkpointer(out_dir / ".training", r.name, resume=resume, log=log,
+                        objects={"model": model, "patch_head": patch_head, "opt": opt, "sched": sched},
+                        np_rng=rng, generators={"gen": gen})
+    first, extra = ckpt.start()
+    running = extra.get("running")
+    n_shapes = len(world.SHAPES)
+    for step in range(first, steps):
         early = step < curriculum
-        x, masks = _imperfect(x, masks, rng, 0.0 if early else r.imperfect_prob, gen)
-        x, m = (mild_aug if early else aug)(x, masks[:, None].float())
+        shape_phase = step < shape_only
+        batch, captions, specs, negatives, shape_masks = training_batch(r.batch_size, rng, r, singles_only=shape_phase)
+        x = batch.tensors()
+        union = shape_masks.amax(1) > 0
+        x, union = _imperfect(x, union, rng, 0.0 if early else r.imperfect_prob, gen)
+        shape_masks = shape_masks * union[:, None]
+        x, m = (mild_aug if early else aug)(x, shape_masks)
         x = x.clamp(0, 1)
-        targets = anchors.targets(batch)
-        if step < shape_only:
-            ids, att = tokens(anchors.shapes)
+        n = len(batch)
+        if shape_phase:
+            ids, att = tokens(shape_captions)
             out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
-            loss = F.cross_entropy(out.logits_per_image, targets["shape"])
+            target = torch.tensor([world.SHAPES.index(sc.objects[0].shape) for sc in batch.scenes])
+            loss = F.cross_entropy(out.logits_per_image, target)
         else:
-            ids, att = tokens(batch.captions + anchors.captions)
+            k = r.negatives
+            flat = [t for negs in negatives for t in (negs + negs[:1] * (k - len(negs)))]  # pad short lists
+            ids, att = tokens(captions + [p.text for p in batch.prompts] + flat)
             out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
-            n = len(batch)
-            logits = out.logits_per_image  # [N, N + len(anchors.captions)]
-            loss = _soft_clip_loss(logits[:, :n], _match_matrix(batch)) + anchors.loss(logits[:, n:], targets)
-        # per-patch shape targets from the warped mask: the shape's class where a patch covers any of it
-        frac = F.adaptive_avg_pool2d(m, grid).flatten(1)  # [N, grid*grid]
-        patch_t = torch.where(frac > 0.05, targets["shape"][:, None], torch.full_like(targets["shape"][:, None], len(world.SHAPES)))
+            logits = out.logits_per_image  # [N, N + N + N * k]
+            # in-batch contrastive loss with soft targets (a caption may describe several images)
+            loss = _soft_clip_loss(logits[:, :n], match_matrix(specs, batch.scenes))
+            # hard negatives: each image's prompt against its own negatives
+            rows = torch.arange(n)
+            true = logits[rows, n + rows][:, None]
+            neg = logits[rows[:, None], 2 * n + rows[:, None] * k + torch.arange(k)[None]]
+            loss = loss + F.cross_entropy(torch.cat([true, neg], 1), torch.zeros(n, dtype=torch.long))
+        # per-patch shape targets from the warped masks: the shape covering most of a patch, where any does
+        frac = F.adaptive_avg_pool2d(m, grid).flatten(2)  # [N, shapes, grid*grid]
+        best, cls = frac.max(1)
+        patch_t = torch.where(best > 0.05, cls, torch.full_like(cls, n_shapes))
         tokens_out = out.vision_model_output.last_hidden_state[:, 1:]
         loss = loss + r.patch_aux_weight * F.cross_entropy(patch_head(tokens_out).reshape(-1, patch_head.out_features), patch_t.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -440,14 +494,18 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
         if step % 100 == 0 or step == steps - 1:
             log(f"[{r.name}] step {step}/{steps} loss {running:.3f} scale {model.logit_scale.exp().item():.1f} ({time.perf_counter() - t0:.0f}s)")
         if eval_every and step % eval_every == eval_every - 1:
-            acc = evaluate(model, tokens.tok, n=256)["clean"]
+            acc = evaluate_compositional(model, tokens.tok, per_category=32)
             model.train()
-            log(f"[{r.name}] step {step} zero-shot clean {acc}")
+            log(f"[{r.name}] step {step} hard-negative accuracy {acc}")
+        ckpt.step_done(step, {"running": running})
     train_time = time.perf_counter() - t0
     save_clip_folder(model, out_dir, r.image_size)
+    ckpt.finish()
     # evaluate what was saved, loaded back through the public API
     loaded = CLIPModel.from_pretrained(str(out_dir)).float()
-    metrics = evaluate(loaded, _tokenizer(out_dir))
+    tok = _tokenizer(out_dir)
+    metrics = evaluate(loaded, tok)
+    compositional = {"clean": evaluate_compositional(loaded, tok), "noisy": evaluate_compositional(loaded, tok, noise=0.1)}
     n_params = sum(p.numel() for p in model.parameters())
     return {"name": r.name, "seed": r.seed, "steps": steps, "batch_size": r.batch_size, "params": n_params,
-            "train_seconds": train_time, "zero_shot": metrics, "recipe": r.__dict__}
+            "train_seconds": train_time, "zero_shot": metrics, "hard_negatives": compositional, "recipe": r.__dict__}

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import world
+from .scenes import sample_scenes
+from .train_state import Checkpointer, clear_state, load_state, save_state
 from .train_sd import SCHEDULE, _fp16_weights, _PromptCache, evaluate_pipeline, unet_step
 
 TURBO_SEED = 6006
@@ -54,7 +55,7 @@ def teacher_pairs(pipe, n: int, rng: np.random.Generator, gen: torch.Generator, 
     zs, x0s, captions = [], [], []
     t0 = time.perf_counter()
     for i in range(0, n, batch):
-        b = world.sample(min(batch, n - i), rng, plain_article_prob=0.25)
+        b = sample_scenes(min(batch, n - i), rng, legacy_caption_prob=0.5, plain_article_prob=0.25)
         z = torch.randn((len(b), channels, size, size), generator=gen)
         out = pipe(b.captions, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance_scale,
                    latents=z.clone(), output_type="latent")
@@ -66,7 +67,8 @@ def teacher_pairs(pipe, n: int, rng: np.random.Generator, gen: torch.Generator, 
 
 
 def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, steps: int = 2400,
-                  batch_size: int = 32, lr: float = 5e-4, log=print):
+                  batch_size: int = 32, lr: float = 5e-4, log=print, checkpoints: Path | None = None,
+                  resume: bool = False):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(TURBO_SEED + 1)
@@ -88,8 +90,12 @@ def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, step
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     t0 = time.perf_counter()
-    running = None
-    for step in range(steps):
+    ckpt = Checkpointer(checkpoints, "sd-turbo", resume=resume, log=log,
+                        objects={"unet": unet, "opt": opt, "sched": sched}, np_rng=rng)
+    first, extra = ckpt.start()
+    ema = extra.get("ema", ema)
+    running = extra.get("running")
+    for step in range(first, steps):
         idx = torch.from_numpy(rng.integers(0, len(captions), batch_size))
         t = ts[torch.from_numpy(rng.choice(len(ts), batch_size, p=probs))]
         a = alphas[t].view(-1, 1, 1, 1)
@@ -102,6 +108,8 @@ def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, step
         running = unet_step(loss, unet, opt, sched, ema, step, 0.995, running)
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-turbo] step {step}/{steps} x0 loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
+        ckpt.step_done(step, {"ema": ema, "running": running})
+    ckpt.finish()
     unet.load_state_dict(ema)
     return unet.eval(), time.perf_counter() - t0
 
@@ -127,8 +135,9 @@ def save_turbo_pipeline(teacher, unet, folder: str | Path) -> None:
 
 
 def train_fewstep(out_dir: str | Path, teacher_folder: str | Path, n_pairs: int = 2048, steps: int = 2400,
-                  lr: float = 5e-4, log=print) -> dict:
-    """Sample teacher pairs, train the student, save the pipeline, judge it at 1, 2 and 4 steps."""
+                  lr: float = 5e-4, log=print, resume: bool = False) -> dict:
+    """Sample teacher pairs, train the student, save the pipeline, judge it at 1, 2 and 4 steps. With
+    ``resume`` a stopped run reuses its teacher pairs and continues the student from its checkpoint."""
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(TURBO_SEED)
@@ -137,17 +146,26 @@ def train_fewstep(out_dir: str | Path, teacher_folder: str | Path, n_pairs: int 
     teacher = StableDiffusionPipeline.from_pretrained(str(teacher_folder))
     teacher.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
-    zs, x0s, captions = teacher_pairs(teacher, n_pairs, rng, gen, log=log)
-    teacher_time = time.perf_counter() - t0
+    checkpoints = Path(out_dir) / ".training"
+    pairs = load_state(checkpoints, "sd-turbo-pairs") if resume else None
+    if pairs is None:
+        zs, x0s, captions = teacher_pairs(teacher, n_pairs, rng, gen, log=log)
+        save_state(checkpoints, "sd-turbo-pairs", {"zs": zs, "x0s": x0s, "captions": captions,
+                                                    "seconds": time.perf_counter() - t0})
+    else:
+        zs, x0s, captions = pairs["zs"], pairs["x0s"], pairs["captions"]
+        log(f"[sd-turbo] resumed: {len(captions)} teacher pairs from {checkpoints}")
+    teacher_time = pairs["seconds"] if pairs else time.perf_counter() - t0
     unet, student_time = train_student(teacher.unet, teacher.text_encoder, teacher.tokenizer, zs, x0s, captions,
-                                       steps=steps, lr=lr, log=log)
+                                       steps=steps, lr=lr, log=log, checkpoints=checkpoints, resume=resume)
     save_turbo_pipeline(teacher, unet, out_dir)
+    clear_state(checkpoints, "sd-turbo-pairs")
     samples = {}
     for k in (1, 2, 4):
         m = evaluate_pipeline(out_dir, steps=k, guidance_scale=0.0)
         m.pop("images")
         samples[str(k)] = m
-        log(f"[sd-turbo] {k} step(s), no CFG: judged {m['judge_accuracy']}")
+        log(f"[sd-turbo] {k} step(s), no CFG: judged {m['judge_by_category']}")
     return {
         "name": "sd_turbo",
         "seed": TURBO_SEED,

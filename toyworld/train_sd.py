@@ -25,7 +25,11 @@ import numpy as np
 import torch
 
 from . import world
+from .evaluation import held_out_prompts, reconstruction_scores
+from .rule import category_scores, judge
+from .scenes import sample_scenes
 from .tokenizer import write_clip_tokenizer
+from .train_state import Checkpointer
 
 SD_SEED = 4004
 VAE_SEED = 4005
@@ -92,11 +96,12 @@ def evaluate_vae(vae, n: int = 256, seed: int = 999_999) -> dict:
     rec = torch.cat(recs)
     mse = float(((rec - x) ** 2).mean())
     acc = accuracy(judge_batch(rec), batch.colours, batch.shapes, batch.backgrounds)
-    return {"mse": mse, "psnr_db": 10 * math.log10(1 / mse), "judge_on_reconstructions": acc, "n_images": n}
+    per_category = reconstruction_scores(lambda im: (vae.decode(vae.encode(im * 2 - 1).latent_dist.mode()).sample + 1) / 2)
+    return {"judge_by_category": per_category, "mse": mse, "psnr_db": 10 * math.log10(1 / mse), "judge_on_reconstructions": acc, "n_images": n}
 
 
 def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-5,
-              betas: tuple[float, float] = (0.5, 0.9), log=print):
+              betas: tuple[float, float] = (0.5, 0.9), log=print, checkpoints: Path | None = None, resume: bool = False):
     torch.manual_seed(VAE_SEED)
     rng = np.random.default_rng(VAE_SEED)
     vae = build_vae().train()
@@ -106,9 +111,12 @@ def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weigh
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     t0 = time.perf_counter()
-    running = None
-    for step in range(steps):
-        x = world.sample(batch_size, rng).tensors() * 2 - 1
+    ckpt = Checkpointer(checkpoints, "sd-vae", resume=resume, log=log,
+                        objects={"vae": vae, "opt": opt, "sched": sched}, np_rng=rng)
+    first, extra = ckpt.start()
+    running = extra.get("running")
+    for step in range(first, steps):
+        x = sample_scenes(batch_size, rng).tensors() * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         rec_loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
@@ -121,6 +129,8 @@ def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weigh
         running = rec_loss.item() if running is None else 0.95 * running + 0.05 * rec_loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-vae] step {step}/{steps} rec {running:.4f} kl {kl.item():.2f} ({time.perf_counter() - t0:.0f}s)")
+        ckpt.step_done(step, {"running": running})
+    ckpt.finish()
     return vae.eval(), time.perf_counter() - t0
 
 
@@ -167,11 +177,12 @@ def build_unet(cross_attention_dim: int):
 
 
 def _encode_dataset(vae, n: int, rng: np.random.Generator, chunk: int = 128):
-    """Latent mean/std of ``n`` fresh world images and their captions (all templates)."""
+    """Latent mean/std of ``n`` fresh world v3 scenes and their captions (v3 prompts; half of the single-object
+    scenes with a v2 template caption)."""
     means, stds, captions = [], [], []
     with torch.no_grad():
         for i in range(0, n, chunk):
-            b = world.sample(min(chunk, n - i), rng, plain_article_prob=0.25)
+            b = sample_scenes(min(chunk, n - i), rng, legacy_caption_prob=0.5, plain_article_prob=0.25)
             dist = vae.encode(b.tensors() * 2 - 1).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
@@ -203,7 +214,8 @@ def ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
 
 
 def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int = 48, lr: float = 1e-3,
-               n_data: int = 9600, offset_noise: float = OFFSET_NOISE, log=print):
+               n_data: int = 20000, offset_noise: float = OFFSET_NOISE, log=print, checkpoints: Path | None = None,
+               resume: bool = False):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(SD_SEED)
@@ -226,8 +238,12 @@ def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int 
     )
     log(f"[sd-unet] {sum(p.numel() for p in unet.parameters())} params, latent scaling {scaling:.4f}, "
         f"{len(prompts.cache)} prompts cached ({time.perf_counter() - t0:.0f}s)")
-    running = None
-    for step in range(steps):
+    ckpt = Checkpointer(checkpoints, "sd-unet", resume=resume, log=log,
+                        objects={"unet": unet, "opt": opt, "sched": sched}, np_rng=rng)
+    first, extra = ckpt.start()
+    ema = extra.get("ema", ema)
+    running = extra.get("running")
+    for step in range(first, steps):
         idx = torch.from_numpy(rng.integers(0, len(captions), batch_size))
         latents = (means[idx] + stds[idx] * torch.randn_like(stds[idx])) * scaling
         caps = ["" if rng.uniform() < CFG_DROP else captions[i] for i in idx.tolist()]
@@ -241,6 +257,8 @@ def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int 
         running = unet_step(loss, unet, opt, sched, ema, step, 0.998, running)
         if step % 100 == 0 or step == steps - 1:
             log(f"[sd-unet] step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
+        ckpt.step_done(step, {"ema": ema, "running": running})
+    ckpt.finish()
     unet.load_state_dict(ema)
     return unet.eval(), scaling, time.perf_counter() - t0
 
@@ -291,55 +309,68 @@ def eval_prompts(n: int = 64, seed: int = 31337) -> list[tuple[str, str, str, st
 
 
 @torch.no_grad()
-def evaluate_pipeline(folder: str | Path, n: int = 64, steps: int = 30, guidance_scale: float = 5.0,
-                      seed: int = 0, batch: int = 32) -> dict:
-    """Sample ``n`` images through ``StableDiffusionPipeline`` and judge colour/shape/background."""
+def evaluate_pipeline(folder: str | Path, per_category: int = 16, steps: int = 30, guidance_scale: float = 5.0,
+                      seed: int = 0, batch: int = 40) -> dict:
+    """Sample one image per held-out prompt (``evaluation.held_out_prompts``) through
+    ``StableDiffusionPipeline`` and judge it by the rule: per-category accuracy and overall."""
     from diffusers import StableDiffusionPipeline
-
-    from .judge import accuracy, judge_batch
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))  # fp16 files load as float32
     pipe.set_progress_bar_config(disable=True)
-    items = eval_prompts(n)
+    prompts = held_out_prompts(per_category)
     images = []
     gen = torch.Generator().manual_seed(seed)
-    for i in range(0, n, batch):
-        chunk = items[i : i + batch]
-        out = pipe([p for p, *_ in chunk], height=64, width=64, num_inference_steps=steps,
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        out = pipe([p.text for p in chunk], height=64, width=64, num_inference_steps=steps,
                    guidance_scale=guidance_scale, generator=gen, output_type="pt")
         images.append(out.images.float().cpu())
     images = torch.cat(images)
-    judged = judge_batch(images)
-    acc = accuracy(judged, [c for _, c, _, _ in items], [s for _, _, s, _ in items], [b for _, _, _, b in items])
-    return {"n_images": n, "steps": steps, "scheduler": type(pipe.scheduler).__name__,
-            "guidance_scale": guidance_scale, "seed": seed, "judge_accuracy": acc, "images": images}
+    scores = category_scores(prompts, judge(images, prompts))
+    return {"n_images": len(prompts), "steps": steps, "scheduler": type(pipe.scheduler).__name__,
+            "guidance_scale": guidance_scale, "seed": seed, "judge_by_category": scores, "images": images}
 
 
-def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1800, unet_steps: int = 2000,
-             log=print) -> dict:
-    """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate."""
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1800, unet_steps: int = 5000,
+             log=print, resume: bool = False) -> dict:
+    """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate. With
+    ``resume`` a stopped run continues where it stopped (a finished VAE is kept in ``out_dir/.training``)."""
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
+    checkpoints = out_dir / ".training"
     vae_recipe = dict(batch_size=8, lr=2e-3, kl_weight=1e-5)
-    vae, vae_time = train_vae(steps=vae_steps, log=log, **vae_recipe)
+    done = checkpoints / "vae"
+    if resume and (done / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(str(done)).eval()
+        vae_time = json.loads((done / "train_seconds.json").read_text())
+        log(f"[sd-vae] resumed: the VAE finished earlier ({done})")
+    else:
+        vae, vae_time = train_vae(steps=vae_steps, log=log, checkpoints=checkpoints, resume=resume, **vae_recipe)
+        vae.save_pretrained(str(done), safe_serialization=True)
+        (done / "train_seconds.json").write_text(json.dumps(vae_time))
     vae_metrics = evaluate_vae(vae)
     log(f"[sd-vae] held-out PSNR {vae_metrics['psnr_db']:.2f} dB, judge on reconstructions "
         f"{vae_metrics['judge_on_reconstructions']}")
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_folder))
     text_encoder = text_encoder_from_clip(clip_folder)
     unet_recipe = dict(batch_size=48, lr=1e-3, offset_noise=OFFSET_NOISE)
-    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log, **unet_recipe)
+    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log,
+                                          checkpoints=checkpoints, resume=resume, **unet_recipe)
     save_pipeline(vae, unet, text_encoder, tokenizer, scaling, out_dir)
+    import shutil
+
+    shutil.rmtree(done, ignore_errors=True)
     sample_metrics = evaluate_pipeline(out_dir)
     sample_metrics.pop("images")
-    log(f"[sd] samples, {sample_metrics['steps']} steps, CFG {sample_metrics['guidance_scale']}: {sample_metrics['judge_accuracy']}")
+    log(f"[sd] samples, {sample_metrics['steps']} steps, CFG {sample_metrics['guidance_scale']}: {sample_metrics['judge_by_category']}")
     more = []
     for g in (3.0, 7.5):  # the same prompts and seed at other guidance scales
         m = evaluate_pipeline(out_dir, guidance_scale=g)
         m.pop("images")
         more.append(m)
-        log(f"[sd] samples, {m['steps']} steps, CFG {g}: {m['judge_accuracy']}")
+        log(f"[sd] samples, {m['steps']} steps, CFG {g}: {m['judge_by_category']}")
     return {
         "name": "sd",
         "vae": {**vae_metrics, "steps": vae_steps, "seed": VAE_SEED, "train_seconds": vae_time,

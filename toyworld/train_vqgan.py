@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from . import world
+from .evaluation import reconstruction_scores
+from .scenes import sample_scenes
+from .train_state import Checkpointer
 
 VQGAN_SEED = 3003
 VQGAN_CONFIG = {
@@ -116,7 +119,8 @@ def save_vqgan(model: ToyVQModel, folder: str | Path, config: dict = VQGAN_CONFI
 
 
 def _batch(n: int, rng: np.random.Generator) -> torch.Tensor:
-    return world.sample(n, rng).tensors() * 2 - 1
+    """Toy world v3 scenes (1-3 objects, all five categories) in taming's [-1, 1]."""
+    return sample_scenes(n, rng).tensors() * 2 - 1
 
 
 @torch.no_grad()
@@ -140,7 +144,9 @@ def evaluate(model: ToyVQModel, n: int = 256, seed: int = 888_888) -> dict:
     p = counts / counts.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     acc = accuracy(judge_batch(rec), batch.colours, batch.shapes, batch.backgrounds)
+    per_category = reconstruction_scores(lambda im: (model.decode(model.encode(im * 2 - 1)[0]) + 1) / 2)
     return {
+        "judge_by_category": per_category,
         "mse": mse,
         "psnr_db": float(10 * math.log10(1.0 / mse)),
         "psnr_db_mean_per_image": float((10 * torch.log10(1.0 / mse_per)).mean()),
@@ -152,8 +158,10 @@ def evaluate(model: ToyVQModel, n: int = 256, seed: int = 888_888) -> dict:
     }
 
 
-def train_vqgan(out_dir: str | Path, steps: int = 1000, batch_size: int = 8, lr: float = 2e-3, log=print) -> dict:
-    """Train the toy VQGAN from its fixed seed and save it to ``out_dir``. Returns metrics."""
+def train_vqgan(out_dir: str | Path, steps: int = 2500, batch_size: int = 8, lr: float = 2e-3, log=print,
+                resume: bool = False) -> dict:
+    """Train the toy VQGAN from its fixed seed and save it to ``out_dir``. Returns metrics. With ``resume``
+    a stopped run continues from its last checkpoint in ``out_dir`` (same final weights)."""
     t0 = time.perf_counter()
     torch.manual_seed(VQGAN_SEED)
     rng = np.random.default_rng(VQGAN_SEED)
@@ -167,10 +175,14 @@ def train_vqgan(out_dir: str | Path, steps: int = 1000, batch_size: int = 8, lr:
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     )
     usage = torch.zeros(n_e)
-    recent: list[torch.Tensor] = []
-    restarts = 0
-    running = None
-    for step in range(steps):
+    ckpt = Checkpointer(Path(out_dir) / ".training", "vqgan", resume=resume, log=log,
+                        objects={"model": model, "opt": opt, "sched": sched}, np_rng=rng)
+    first, extra = ckpt.start()
+    usage = extra.get("usage", usage)
+    recent: list[torch.Tensor] = list(extra.get("recent", []))
+    restarts = extra.get("restarts", 0)
+    running = extra.get("running")
+    for step in range(first, steps):
         x = _batch(batch_size, rng)
         z = model.encode_pre(x)
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
@@ -204,8 +216,10 @@ def train_vqgan(out_dir: str | Path, steps: int = 1000, batch_size: int = 8, lr:
         if step % 100 == 0 or step == steps - 1:
             live = int((usage > 0.03).sum())
             log(f"[vqgan] step {step}/{steps} rec {running:.4f} vq {vq_loss.item():.4f} live codes {live} ({time.perf_counter() - t0:.0f}s)")
+        ckpt.step_done(step, {"usage": usage, "recent": recent, "restarts": restarts, "running": running})
     train_time = time.perf_counter() - t0
     save_vqgan(model, out_dir)
+    ckpt.finish()
     metrics = evaluate(load_vqgan(out_dir))
     metrics.update(
         {"name": "vqgan", "seed": VQGAN_SEED, "steps": steps, "batch_size": batch_size, "lr": lr,

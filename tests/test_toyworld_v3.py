@@ -1,0 +1,285 @@
+"""Toy world v3 (shared/TOYWORLD.md): prompts, scenes, the judging rule on right and deliberately wrong
+scenes, hard negatives, and resumable training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toyworld import rule
+from toyworld.negatives import hard_negatives
+from toyworld.prompts import CATEGORIES, RELATIONS, Prompt, is_world_prompt, parse_prompt, prompt_set, random_prompt
+from toyworld.scenes import (GAP, Scene, SceneObject, draw_scene, place_boxes, relation_holds, relation_score,
+                             sample_scenes, scene_for, template_mask)
+from toyworld.world import COLOURS, PALETTE, SHAPES
+
+
+def _judge(scene: Scene, prompt) -> bool:
+    return rule.judge(draw_scene(scene), prompt)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+def test_prompt_texts_follow_the_grammar_and_parse_back():
+    examples = {
+        "a red circle on a blue background": Prompt("single", "blue", (("red", "circle"),)),
+        "a circle and a cross on a white background": Prompt("two_object", "white", ((None, "circle"), (None, "cross"))),
+        "three yellow squares on a black background": Prompt("counting", "black", (("yellow", "square"),) * 3),
+        "a green square and an orange triangle on a purple background":
+            Prompt("colour_attr", "purple", (("green", "square"), ("orange", "triangle"))),
+        "a blue cross above a red circle on a yellow background":
+            Prompt("position", "yellow", (("blue", "cross"), ("red", "circle")), "above"),
+        "two white crosses on an orange background": Prompt("counting", "orange", (("white", "cross"),) * 2),
+    }
+    for text, prompt in examples.items():
+        assert prompt.text == text
+        assert parse_prompt(text) == prompt
+    assert parse_prompt("a orange circle on a blue background") == parse_prompt("an orange circle on a blue background")
+    assert not is_world_prompt("a cat on a mat")
+    with pytest.raises(ValueError, match="not a toy-world prompt"):
+        parse_prompt("a red circle next to a blue square on a white background")
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: Prompt("single", "red", (("red", "circle"),)),  # object colour = background
+    lambda: Prompt("single", "red", (("blue", "hexagon"),)),
+    lambda: Prompt("position", "red", (("blue", "circle"), ("green", "square"))),  # no relation
+    lambda: Prompt("colour_attr", "red", (("blue", "circle"), ("green", "square")), "above"),
+])
+def test_invalid_prompts_are_refused(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_prompt_sets_are_fixed_disjoint_and_obey_the_constraints():
+    tuning, bench = prompt_set("tuning", 12), prompt_set("benchmark", 12)
+    assert prompt_set("tuning", 12) == tuning and prompt_set("tuning", 4) == [
+        p for c in CATEGORIES for p in [q for q in tuning if q.category == c][:4]]  # a prefix per category
+    assert not {p.text for p in tuning} & {p.text for p in prompt_set("benchmark", 40)}
+    assert not {p.text for p in prompt_set("tuning", 40)} & {p.text for p in bench}
+    for p in tuning + bench:
+        assert parse_prompt(p.text) == p
+        if p.category in ("two_object", "colour_attr"):
+            assert p.objects[0][1] != p.objects[1][1]
+        if p.category == "colour_attr":
+            assert p.objects[0][0] != p.objects[1][0]
+        if p.category == "position":
+            assert p.objects[0] != p.objects[1] and p.relation in RELATIONS
+    assert [p.category for p in bench] == [c for c in CATEGORIES for _ in range(12)]
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        prompt_set("test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------------
+def test_scenes_obey_the_world_rules():
+    batch = sample_scenes(300, 3)
+    for img, scene, prompt in zip(batch.images, batch.scenes, batch.prompts):
+        colours = {tuple(int(v) for v in px) for px in img.reshape(-1, 3)}
+        assert colours <= {PALETTE[c] for c in COLOURS}  # no anti-aliasing
+        n = len(scene.objects)
+        assert 1 <= n <= 3 and n == prompt.n_objects
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and x1 - x0 == y1 - y0
+            assert 0.22 * 64 <= x1 - x0 <= (0.75 if n == 1 else 0.45) * 64
+            assert o.colour != scene.background
+        masks = [template_mask(o.shape, o.box) for o in scene.objects]
+        for i in range(n):  # at least GAP background pixels between any two objects
+            grown = F.max_pool2d(torch.from_numpy(masks[i]).float()[None, None], 2 * GAP + 1, 1, GAP)[0, 0] > 0
+            for j in range(i + 1, n):
+                assert not (grown.numpy() & masks[j]).any()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_templates_fill_their_box(shape):
+    m = template_mask(shape, (10, 20, 40, 50))
+    ys, xs = np.nonzero(m)
+    assert xs.min() >= 10 and xs.max() <= 39 and ys.min() >= 20 and ys.max() <= 49
+    assert xs.max() - xs.min() >= 28 and ys.max() - ys.min() >= 28
+    frac = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9}[shape]
+    assert m.sum() == pytest.approx(frac * 900, rel=0.06)
+    if shape == "triangle":
+        rows = m.sum(1)[20:50]
+        assert rows[1] < rows[-1] / 4  # apex up
+
+
+def test_position_rule_is_genevals():
+    # A at centre (10, 32), B at (50, 32): offset (-40, 0); shrink by 0.1*(20+20)=4 -> -36; /40 = -0.9
+    a, b = (0, 22, 20, 42), (40, 22, 60, 42)
+    assert relation_score(a, b) == pytest.approx((-0.9, 0.0))
+    assert relation_holds(a, b, "to the left of") and relation_holds(b, a, "to the right of")
+    assert not relation_holds(a, b, "above") and not relation_holds(a, b, "below")
+    # diagonal at 45 degrees: each part 0.707 before the margin; the margin (4 px) keeps both above 0.5
+    c, d = (0, 0, 20, 20), (40, 40, 60, 60)
+    assert relation_holds(c, d, "above") and relation_holds(c, d, "to the left of")
+    # a small horizontal offset is eaten by the margin: neither left nor right
+    e, f = (10, 0, 30, 20), (14, 40, 34, 60)
+    assert relation_score(e, f)[0] == 0.0 and relation_holds(e, f, "above")
+    assert relation_score(a, a) is None and not relation_holds(a, a, "above")
+
+
+def test_scene_for_draws_what_the_prompt_says():
+    rng = np.random.default_rng(0)
+    for category in CATEGORIES:
+        for _ in range(20):
+            p = random_prompt(category, rng)
+            s = scene_for(p, rng)
+            assert rule.matches(p, s.background, s.objects)
+
+
+# ---------------------------------------------------------------------------------------------
+# The judging rule
+# ---------------------------------------------------------------------------------------------
+def test_rule_reads_every_clean_scene_of_both_prompt_sets_right():
+    rng = np.random.default_rng(1)
+    prompts = prompt_set("tuning", 24) + prompt_set("benchmark", 24)
+    images = np.stack([draw_scene(scene_for(p, rng)) for p in prompts])
+    assert all(rule.judge(images, prompts))
+    # every accepted image form gives the same answer
+    t = torch.from_numpy(images[:10]).permute(0, 3, 1, 2).float() / 255
+    from PIL import Image
+
+    assert rule.judge(t, prompts[:10]) == rule.judge([Image.fromarray(im) for im in images[:10]], prompts[:10])
+
+
+def _obj(colour, shape, x, y, side=18):
+    return SceneObject(colour, shape, (x, y, x + side, y + side))
+
+
+def test_rule_finds_colours_shapes_and_boxes():
+    scene = Scene("white", (_obj("red", "circle", 4, 6), _obj("blue", "cross", 30, 30, 24), _obj("green", "triangle", 40, 2)))
+    r = rule.read(draw_scene(scene).astype(np.float64) / 255)
+    assert r.background == "white"
+    found = sorted((o.colour, o.shape) for o in r.objects)
+    assert found == [("blue", "cross"), ("green", "triangle"), ("red", "circle")]
+    assert {o.box for o in r.objects if o.shape != "triangle"} == {(4, 6, 22, 24), (30, 30, 54, 54)}
+    assert all(o.iou > 0.9 for o in r.objects)
+
+
+def test_rule_refuses_deliberately_wrong_scenes():
+    bg = "black"
+    two = Scene(bg, (_obj("red", "circle", 4, 20), _obj("blue", "square", 40, 20)))
+    # colour binding: the colours swapped
+    assert _judge(two, "a red circle and a blue square on a black background")
+    assert not _judge(two, "a blue circle and a red square on a black background")
+    # relation: right one holds, the opposite and the reversed do not
+    assert _judge(two, "a red circle to the left of a blue square on a black background")
+    assert not _judge(two, "a red circle to the right of a blue square on a black background")
+    assert not _judge(two, "a blue square to the left of a red circle on a black background")
+    assert not _judge(two, "a red circle above a blue square on a black background")
+    # an extra object makes the image wrong; a missing one too
+    three = Scene(bg, two.objects + (_obj("green", "cross", 22, 44),))
+    assert not _judge(three, "a red circle and a blue square on a black background")
+    assert not _judge(three, "a circle and a square on a black background")
+    one = Scene(bg, two.objects[:1])
+    assert not _judge(one, "a circle and a square on a black background")
+    assert _judge(one, "a red circle on a black background")
+    # wrong count
+    threes = Scene(bg, (_obj("yellow", "square", 2, 2), _obj("yellow", "square", 24, 24), _obj("yellow", "square", 44, 44)))
+    assert _judge(threes, "three yellow squares on a black background")
+    assert not _judge(threes, "two yellow squares on a black background")
+    assert not _judge(Scene(bg, threes.objects[:2]), "three yellow squares on a black background")
+    # one of the counted objects in another colour or shape
+    odd = Scene(bg, threes.objects[:2] + (_obj("red", "square", 44, 44),))
+    assert not _judge(odd, "three yellow squares on a black background")
+    # another background
+    assert not _judge(one, "a red circle on a white background")
+    # two_object ignores colours but not shapes
+    assert _judge(two, "a square and a circle on a black background")
+    assert not _judge(two, "a square and a cross on a black background")
+
+
+def test_small_stray_regions_are_ignored_large_ones_are_objects():
+    scene = Scene("green", (_obj("red", "square", 10, 10, 30),))
+    img = draw_scene(scene)
+    stray = img.copy()
+    stray[50:57, 50:58] = PALETTE["blue"]  # 56 px = 1.37% of the image: not an object
+    assert rule.judge(stray, "a red square on a green background") == [True]
+    stray[50:57, 50:59] = PALETTE["blue"]  # 63 px = 1.54%: an extra object
+    assert rule.judge(stray, "a red square on a green background") == [False]
+    r = rule.read(stray.astype(np.float64) / 255)
+    assert len(r.objects) == 2 and {o.colour for o in r.objects} == {"red", "blue"}
+
+
+def test_blur_fringes_are_tolerated_and_noise_snaps_to_the_palette():
+    rng = np.random.default_rng(4)
+    prompts = prompt_set("tuning", 8)
+    x = torch.from_numpy(np.stack([draw_scene(scene_for(p, rng)) for p in prompts])).permute(0, 3, 1, 2).float() / 255
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1) * 0.5 + x * 0.5
+    noisy = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert np.mean(rule.judge(blurred, prompts)) >= 0.9
+    assert all(rule.judge(noisy, prompts))
+
+
+def test_category_scores_report_the_mean_of_the_categories_with_intervals():
+    prompts = prompt_set("tuning", 4)
+    correct = [p.category == "single" or i % 2 == 0 for i, p in enumerate(prompts)]
+    s = rule.category_scores(prompts, correct)
+    assert s["single"]["accuracy"] == 1.0 and s["single"]["n"] == 4
+    assert s["overall"] == pytest.approx(np.mean([s[c]["accuracy"] for c in CATEGORIES]))
+    lo, hi = s["counting"]["ci95"]
+    assert lo < s["counting"]["accuracy"] < hi
+    from scipy.stats import binomtest
+
+    ci = binomtest(2, 4).proportion_ci(method="wilson")
+    assert (lo, hi) == pytest.approx((ci.low, ci.high))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard negatives
+# ---------------------------------------------------------------------------------------------
+def test_hard_negatives_are_false_for_the_scene_and_include_the_structural_ones():
+    rng = np.random.default_rng(2)
+    for category in CATEGORIES:
+        for _ in range(10):
+            p = random_prompt(category, rng)
+            s = scene_for(p, rng)
+            negs = hard_negatives(p, s)
+            assert negs and len({q.text for q in negs}) == len(negs) and p.text not in {q.text for q in negs}
+            assert not any(rule.matches(q, s.background, s.objects) for q in negs)
+            few = hard_negatives(p, s, k=6, generator=0)
+            assert len(few) == 6 and all(q in negs for q in few)
+    p = parse_prompt("a red circle to the left of a blue square on a white background")
+    texts = {q.text for q in hard_negatives(p)}
+    assert {"a blue circle to the left of a red square on a white background",
+            "a red circle to the right of a blue square on a white background",
+            "a blue square to the left of a red circle on a white background"} <= texts
+    p = parse_prompt("two red circles on a white background")
+    assert {"three red circles on a white background", "a red circle on a white background"} <= {q.text for q in hard_negatives(p)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable training
+# ---------------------------------------------------------------------------------------------
+def test_a_stopped_training_resumed_ends_with_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from toyworld import train_state, train_vqgan
+
+    monkeypatch.setattr(train_state, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setattr(train_vqgan, "evaluate", lambda model: {})  # measuring is not what is tested here
+    train_vqgan.train_vqgan(tmp_path / "straight", steps=5, log=lambda *a: None)
+
+    real_batch, calls = train_vqgan._batch, []
+
+    def stop_at_fourth(n, rng):
+        calls.append(n)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_batch(n, rng)
+
+    monkeypatch.setattr(train_vqgan, "_batch", stop_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train_vqgan.train_vqgan(tmp_path / "stopped", steps=5, log=lambda *a: None)
+    assert (tmp_path / "stopped" / ".training" / "vqgan.json").is_file()
+    monkeypatch.setattr(train_vqgan, "_batch", real_batch)
+    train_vqgan.train_vqgan(tmp_path / "stopped", steps=5, log=lambda *a: None, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "stopped" / ".training" / "vqgan.json").exists()  # cleared when done
