@@ -1,31 +1,29 @@
-"""Quality of each generator on the toy world: pixel-judge accuracy, judging-CLIP score and time.
+"""Quality of each generator on toy world v3, the compositional benchmark (``shared/TOYWORLD.md``).
 
-Headline: the share of images with all three attributes (colour, shape, background) right, with its
-95% Wilson interval, against seconds per image at one thread. Two prompt sets are kept apart:
+Headline: per-category accuracy (single, two_object, counting, colour_attr, position) judged by the
+world's rule (``toyworld.rule``), overall = the mean of the five (GenEval's overall), each with a 95%
+interval, against seconds per image at one thread. Two prompt sets are kept apart:
 
-- the BENCHMARK set (default, ``--prompt-seed 0``, generation seeds 0..3): figures are reported on it
-  and it is never used to choose settings;
-- the TUNING set (``--prompt-seed 7 --seed-base 10``): developers may look at it and choose settings on
-  it (``--set KEY=VALUE`` tries an option on every variant that has it).
+- the BENCHMARK set (default, ``--prompt-set benchmark``, generation seeds from 0): figures are reported
+  on it and it is never used to choose settings;
+- the TUNING set (``--prompt-set tuning``, generation seeds from 100): settings are chosen on it only
+  (``--set KEY=VALUE`` tries an option on every variant that has it).
 
-For a fixed, seeded sample of prompts "a {colour} {shape} on a {background} background" and a few
-seeds, every variant below generates one image per (prompt, seed) through the public API
-(``generators.run.generate(..., preset="toy")``: CLIPs ``clip_a``, ``clip_c``, ``clip_d`` guide). Each
-image is judged by the pixel-level judge (``toyworld.judge``: colour / shape / background, all three) and scored by the
-*judging* toy CLIP ``clip_b`` (``guidance.score``, torchmetrics definition ``100*cos``, model
-loaded once). The same seeds are used for every variant, so SD with and without CLIP guidance
+Every variant below generates one image per (prompt, seed) through the public API
+(``generators.run.generate(..., preset="toy")``: CLIPs ``clip_a``, ``clip_c``, ``clip_d`` guide). Each image
+is judged by the rule against its prompt and scored by the *judging* toy CLIP ``clip_b`` (torchmetrics
+definition ``100*cos``). The same seeds are used for every variant, so SD with and without guidance
 start from the same noise.
 
-    python benchmarks/quality.py                          # benchmark set: 16 prompts x 4 seeds = 64 images/variant
-    python benchmarks/quality.py --prompt-seed 7 --seed-base 10 --prompts 12 --seeds 2    # the tuning set
-    python benchmarks/quality.py --quick                  # 2 prompts x 1 seed, few iterations/steps
-    python benchmarks/quality.py --variants vqgan+clip --prompts 16 --seeds 3 --iterations 150
+    python benchmarks/quality.py                                  # benchmark set: 16 prompts per category x 1 seed
+    python benchmarks/quality.py --prompt-set tuning --per-category 8       # the tuning set
+    python benchmarks/quality.py --quick                          # 1 prompt per category, few iterations/steps
+    python benchmarks/quality.py --variants sd sd+clip --categories position --per-category 16
     python benchmarks/quality.py --json benchmarks/results/q.json --overwrite
 
-Results: a table on stdout, and JSON (``--json``, default ``benchmarks/results/quality.json``,
-written after every image so an interrupted run keeps its rows) with per-variant summaries,
-per-image rows, the targets of issue 6 and whether each is met. Variants whose toy model folder is
-missing (e.g. ``toyworld/weights/sd`` while it trains) are skipped with a message, not an error.
+Results: a table on stdout, two pictures (overall accuracy vs seconds per image; per-category bars per
+method) and JSON (``--json``, written after every image so an interrupted run keeps its rows). Variants
+whose toy model folder is missing are skipped with a message, not an error.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "quality.json"
-ATTRIBUTES = ("colour", "shape", "background")
 
 
 @dataclass(frozen=True)
@@ -86,51 +83,53 @@ VARIANTS: tuple[Variant, ...] = (
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
-# Issue 6 targets.
-VQGAN_TARGETS = {"colour": 0.90, "background": 0.90, "shape": 0.60}
-SD_GUIDANCE_GAIN = 0.10  # SD+CLIP beats SD by this much on unguided SD's weakest attribute
-
-QUICK = {"prompts": 2, "seeds": 1, "iterations": 30, "steps": 10}
-DEFAULT_PROMPTS, DEFAULT_SEEDS = 16, 4         # the benchmark set: 64 images per variant
-TUNING_PROMPT_SEED, TUNING_SEED_BASE = 7, 10   # the tuning set (settings are chosen only on this one)
-GUIDER_GAIN = 0.30        # issue 19: the best guider beats today's clip rule on "all three" by this much
-SD_ALL_THREE_GAIN = 0.20  # toy world v2: SD + CLIP guidance beats unguided SD on "all three" by this much
+QUICK = {"per_category": 1, "seeds": 1, "iterations": 30, "steps": 10}
+DEFAULT_PER_CATEGORY, DEFAULT_SEEDS = 16, 1      # the benchmark set: 80 images per variant
+SEED_BASES = {"benchmark": 0, "tuning": 100}    # generation seeds of each prompt set
+# issue 33's target: the best method reaches this overall accuracy with every category at least CATEGORY_FLOOR
+OVERALL_TARGET, CATEGORY_FLOOR = 0.90, 0.75
 DEFAULT_FIGURE = ROOT / "benchmarks" / "results" / "quality_vs_time.png"
+DEFAULT_BARS = ROOT / "benchmarks" / "results" / "quality_by_category.png"
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (well-behaved at 0% and 100%, unlike the normal one)."""
-    if n == 0:
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (the judging rule's module computes it with scipy)."""
+    from toyworld.rule import wilson
+
+    return (0.0, 1.0) if n == 0 else wilson(successes, n)
+
+
+def overall_interval(categories: dict[str, dict]) -> tuple[float, float]:
+    """A 95% interval of the overall accuracy: the means of the categories' Wilson bounds (conservative:
+    at least as wide as the interval of the mean, and never empty at 0% or 100%)."""
+    if not categories:
         return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    cis = [wilson_interval(c["right"], c["n"]) for c in categories.values()]
+    return (sum(lo for lo, _ in cis) / len(cis), sum(hi for _, hi in cis) / len(cis))
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------
 
-def sample_prompts(n: int, *, seed: int = 0) -> list[dict[str, str]]:
-    """*n* distinct (colour, shape, background != colour) prompts, a fixed function of *seed*,
-    spread evenly over the shapes (round-robin over a shuffled shape order)."""
-    import numpy as np
+def benchmark_prompts(prompt_set: str = "benchmark", per_category: int = DEFAULT_PER_CATEGORY,
+                      categories: Sequence[str] | None = None):
+    """The fixed prompts of ``prompt_set`` (``toyworld.prompts.prompt_set``), optionally of some categories only."""
+    from toyworld.prompts import CATEGORIES
+    from toyworld.prompts import prompt_set as world_prompt_set
 
-    from toyworld.world import SHAPES, all_full_captions
+    if per_category < 1:
+        raise ValueError(f"--per-category is {per_category}; give at least 1")
+    unknown = sorted(set(categories or ()) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; choose from {list(CATEGORIES)}")
+    return [p for p in world_prompt_set(prompt_set_name(prompt_set), per_category) if not categories or p.category in categories]
 
-    combos = all_full_captions()  # (caption, colour, shape, background), background != colour
-    if not 1 <= n <= len(combos):
-        raise ValueError(f"--prompts is {n}; give 1 to {len(combos)} (the number of distinct toy prompts)")
-    rng = np.random.default_rng(seed)
-    order = [combos[i] for i in rng.permutation(len(combos))]
-    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
-    buckets = {s: [c for c in order if c[2] == s] for s in shapes}
-    picked: list[dict[str, str]] = []
-    for i in range(n):
-        cap, colour, shape, background = buckets[shapes[i % len(shapes)]].pop(0)
-        picked.append({"prompt": cap, "colour": colour, "shape": shape, "background": background})
-    return picked
+
+def prompt_set_name(name: str) -> str:
+    if name not in SEED_BASES:
+        raise ValueError(f"unknown prompt set {name!r}; choose from {sorted(SEED_BASES)}")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def variant_options(variant: Variant, *, iterations: int | None, steps: int | No
     return opts
 
 
-def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], variants: Sequence[Variant], *,
+def run_benchmark(prompts: Sequence, seeds: Sequence[int], variants: Sequence[Variant], *,
                   preset: str | None = "toy", options: dict[str, Any] | None = None, judge_clip=None,
                   iterations: int | None = None, steps: int | None = None,
                   clip_guidance_scale: float | None = None, threads: int | None = 1, device: str = "auto",
@@ -205,7 +204,7 @@ def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], varia
 
     from generators.run import generate
     from guidance.score import clip_score
-    from toyworld.judge import judge_batch
+    from toyworld.rule import matches, read_images
 
     rows: list[dict] = []
     total = len(variants) * len(prompts) * len(seeds)
@@ -215,22 +214,22 @@ def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], varia
         for p in prompts:
             for seed in seeds:
                 t0 = time.perf_counter()
-                run = generate(p["prompt"], backend=variant.backend, preset=preset, seed=int(seed), save=False,
+                run = generate(p.text, backend=variant.backend, preset=preset, seed=int(seed), save=False,
                                progress=False, eval_model="none", threads=threads, device=device, **opts)
                 wall = time.perf_counter() - t0
                 images = run.images
-                verdict = judge_batch(images)[0]
+                reading = read_images(images)[0]
+                correct = matches(p, reading.background, reading.objects)
                 score = None
                 if judge_clip is not None:
-                    score = float(clip_score(images, p["prompt"], model=judge_clip, reduction="none")[0])
-                correct = {a: getattr(verdict, a) == p[a] for a in ATTRIBUTES}
-                correct["all"] = all(correct.values())
+                    score = float(clip_score(images, p.text, model=judge_clip, reduction="none")[0])
                 timings = run.metadata.get("timings", {})
                 losses = [x for x in run.losses if x is not None]
                 row = {
-                    "variant": variant.name, "backend": variant.backend, "prompt": p["prompt"],
-                    "target": {a: p[a] for a in ATTRIBUTES}, "seed": int(seed),
-                    "judged": verdict.as_dict(), "correct": correct,
+                    "variant": variant.name, "backend": variant.backend, "prompt": p.text,
+                    "category": p.category, "seed": int(seed), "correct": bool(correct),
+                    "found": {"background": reading.background,
+                              "objects": [[o.colour, o.shape, list(o.box)] for o in reading.objects]},
                     "clip_score": _round(score), "seconds": round(wall, 3),
                     "load_s": timings.get("load_s"), "generate_s": timings.get("generate_s"),
                     "steps_done": run.metadata.get("steps_done"),
@@ -242,8 +241,9 @@ def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], varia
                                   "learning_rate", "width", "height") if k in run.metadata["backend_settings"]},
                 }
                 rows.append(row)
-                marks = " ".join(f"{a}={'ok' if correct[a] else getattr(verdict, a)}" for a in ATTRIBUTES)
-                log(f"[{len(rows)}/{total}] {variant.name:<11} seed {seed} {p['prompt']!r}: {marks}; "
+                found = ", ".join(f"{o.colour} {o.shape}" for o in reading.objects) or "nothing"
+                log(f"[{len(rows)}/{total}] {variant.name:<11} seed {seed} {p.text!r}: "
+                    f"{'right' if correct else f'wrong (found {found} on {reading.background})'}; "
                     f"clip_b {'-' if score is None else f'{score:.1f}'}; {wall:.1f}s")
                 if on_row is not None:
                     on_row(row)
@@ -256,27 +256,20 @@ def run_benchmark(prompts: Sequence[dict[str, str]], seeds: Sequence[int], varia
     return {"rows": rows, "interrupted": False}
 
 
-def reference_scores(prompts: Sequence[dict[str, str]], judge_clip, *, seed: int = 0) -> dict[str, Any]:
-    """Judge accuracy and judging-CLIP score of true world images of the same prompts (the ceiling)."""
+def reference_scores(prompts: Sequence, judge_clip, *, seed: int = 0) -> dict[str, Any]:
+    """The rule's verdict and the judging-CLIP score of true world scenes of the same prompts (the ceiling)."""
     import numpy as np
     import torch
 
     from guidance.score import clip_score
-    from toyworld.judge import accuracy, judge_batch
-    from toyworld.world import SIZE_RANGE, render
+    from toyworld.rule import category_scores, judge
+    from toyworld.scenes import draw_scene, scene_for
 
     rng = np.random.default_rng(seed)
-    n = len(prompts)
-    sizes = rng.uniform(*SIZE_RANGE, n)
-    centers = sizes[:, None] / 2 + rng.uniform(0, 1, (n, 2)) * (1 - sizes[:, None])
-    arr = render([p["shape"] for p in prompts], [p["colour"] for p in prompts],
-                 [p["background"] for p in prompts], sizes, centers)
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
-    acc = accuracy(judge_batch(images), [p["colour"] for p in prompts], [p["shape"] for p in prompts],
-                   [p["background"] for p in prompts])
-    out: dict[str, Any] = {"n": n, "accuracy": {k: round(v, 4) for k, v in acc.items()}, "clip_score": None}
+    images = torch.from_numpy(np.stack([draw_scene(scene_for(p, rng)) for p in prompts])).permute(0, 3, 1, 2).float() / 255
+    out: dict[str, Any] = {"n": len(prompts), "scores": category_scores(prompts, judge(images, prompts)), "clip_score": None}
     if judge_clip is not None:
-        scores = clip_score(images, [p["prompt"] for p in prompts], model=judge_clip, reduction="none")
+        scores = clip_score(images, [p.text for p in prompts], model=judge_clip, reduction="none")
         out["clip_score"] = _round(float(scores.double().mean()))
     return out
 
@@ -286,100 +279,83 @@ def reference_scores(prompts: Sequence[dict[str, str]], judge_clip, *, seed: int
 # ---------------------------------------------------------------------------------------------
 
 def summarise(rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
-    """Per-variant accuracy (colour/shape/background/all), mean judging-CLIP score and times."""
+    """Per variant: per-category accuracy with 95% intervals, overall (mean of the categories) with its
+    interval, mean judging-CLIP score and times."""
+    from toyworld.prompts import CATEGORIES
+
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         n = len(mine)
-        acc = {a: round(sum(r["correct"][a] for r in mine) / n, 4) for a in (*ATTRIBUTES, "all")}
-        low, high = wilson_interval(sum(r["correct"]["all"] for r in mine), n)
+        cats = {}
+        for c in CATEGORIES:
+            rs = [r for r in mine if r["category"] == c]
+            if rs:
+                k = sum(r["correct"] for r in rs)
+                cats[c] = {"n": len(rs), "right": k, "accuracy": round(k / len(rs), 4),
+                           "ci95": [round(x, 4) for x in wilson_interval(k, len(rs))]}
+        overall = sum(c["accuracy"] for c in cats.values()) / len(cats)
         scores = [r["clip_score"] for r in mine if r["clip_score"] is not None]
         seconds = sum(r["seconds"] for r in mine)
         gen = [r["generate_s"] for r in mine if r["generate_s"] is not None]
         load = [r["load_s"] for r in mine if r["load_s"] is not None]
         out[name] = {
             "n": n,
-            "accuracy": acc,
-            "all_three_ci95": [round(low, 4), round(high, 4)],
+            "categories": cats,
+            "overall": round(overall, 4),
+            "overall_ci95": [round(x, 4) for x in overall_interval(cats)],
             "clip_score": round(statistics.fmean(scores), 3) if scores else None,
-            "clip_score_std": round(statistics.stdev(scores), 3) if len(scores) > 1 else None,
             "seconds_total": round(seconds, 2),
             "seconds_per_image": round(seconds / n, 3),
             "generate_seconds_per_image": round(statistics.fmean(gen), 3) if gen else None,
             "load_seconds_total": round(sum(load), 2) if load else None,
-            "load_seconds_first": round(load[0], 2) if load else None,
-            "load_seconds_later_mean": round(statistics.fmean(load[1:]), 3) if len(load) > 1 else None,
             "settings": mine[0]["settings"],
         }
     return out
 
 
 def check_targets(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 6's targets, each with the measured value and ``met`` (``None`` when not measured)."""
-    out = []
-    vq = summary.get("vqgan+clip")
-    for attr, goal in VQGAN_TARGETS.items():
-        value = vq["accuracy"][attr] if vq else None
-        out.append({"target": f"VQGAN+CLIP {attr} right in >= {goal:.0%} of images",
-                    "measured": None if value is None else f"{value:.1%} of {vq['n']}",
-                    "met": None if value is None else value >= goal - 1e-9})
-    plain, guided = summary.get("sd"), summary.get("sd+clip")
-    text = f"SD + CLIP guidance >= {SD_GUIDANCE_GAIN * 100:.0f} points better than SD without it on unguided SD's weakest attribute"
-    if plain and guided:
-        weakest = min(ATTRIBUTES, key=lambda a: plain["accuracy"][a])  # ties: first in ATTRIBUTES order
-        gain = guided["accuracy"][weakest] - plain["accuracy"][weakest]
-        out.append({"target": text, "attribute": weakest,
-                    "measured": f"{weakest}: {plain['accuracy'][weakest]:.1%} -> {guided['accuracy'][weakest]:.1%} "
-                                f"({gain * 100:+.1f} points, n={plain['n']}/{guided['n']})",
-                    "met": gain >= SD_GUIDANCE_GAIN - 1e-9})
-    else:
-        out.append({"target": text, "measured": None, "met": None})
-    text = f"SD + CLIP guidance >= {SD_ALL_THREE_GAIN * 100:.0f} points better than SD without it on all three"
-    if plain and guided:
-        gain = guided["accuracy"]["all"] - plain["accuracy"]["all"]
-        out.append({"target": text, "measured": f"{plain['accuracy']['all']:.1%} -> {guided['accuracy']['all']:.1%} "
-                                                f"({gain * 100:+.1f} points, n={plain['n']}/{guided['n']})",
-                    "met": gain >= SD_ALL_THREE_GAIN - 1e-9})
-    else:
-        out.append({"target": text, "measured": None, "met": None})
-    guiders = {k: v for k, v in summary.items() if k.startswith("sd+") and k != "sd+clip"}
-    text = (f"the best guider >= {GUIDER_GAIN * 100:.0f} points better than SD + CLIP guidance (clip rule) on all three")
-    if guided and guiders:
-        best = max(guiders, key=lambda k: guiders[k]["accuracy"]["all"])
-        gain = guiders[best]["accuracy"]["all"] - guided["accuracy"]["all"]
-        out.append({"target": text, "measured": f"{best}: {guiders[best]['accuracy']['all']:.1%} vs "
-                                                f"{guided['accuracy']['all']:.1%} ({gain * 100:+.1f} points)",
-                    "met": gain >= GUIDER_GAIN - 1e-9})
-    else:
-        out.append({"target": text, "measured": None, "met": None})
-    return out
+    """Issue 33's headline target, with the measured value and ``met`` (``None`` when nothing was run)."""
+    text = (f"the best method reaches >= {OVERALL_TARGET:.0%} overall with every category >= {CATEGORY_FLOOR:.0%}")
+    if not summary:
+        return [{"target": text, "measured": None, "met": None}]
+    best = max(summary, key=lambda k: summary[k]["overall"])
+    s = summary[best]
+    worst = min(s["categories"], key=lambda c: s["categories"][c]["accuracy"])
+    met = s["overall"] >= OVERALL_TARGET - 1e-9 and s["categories"][worst]["accuracy"] >= CATEGORY_FLOOR - 1e-9
+    return [{"target": text, "measured": f"{best}: overall {s['overall']:.1%}, weakest {worst} "
+                                         f"{s['categories'][worst]['accuracy']:.1%}", "met": met}]
+
+
+def lifts(summary: dict[str, dict[str, Any]], baseline: str = "sd") -> dict[str, dict[str, float]]:
+    """Per variant and category, accuracy minus the baseline's (unguided SD), in points."""
+    if baseline not in summary:
+        return {}
+    base = summary[baseline]["categories"]
+    return {name: {c: round(100 * (v["accuracy"] - base[c]["accuracy"]), 1) for c, v in s["categories"].items() if c in base}
+            for name, s in summary.items() if name != baseline}
 
 
 def format_table(summary: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None) -> str:
-    """The per-variant summary as a plain-text table."""
+    """The per-variant summary as a plain-text table (accuracy per category, overall with its interval)."""
+    from toyworld.prompts import CATEGORIES
+
     labels = {v.name: v.label for v in VARIANTS}
-    head = f"{'variant':<34} {'n':>3} {'all3':>7} {'95% CI':>13} {'colour':>7} {'shape':>7} {'backgr':>7} " \
-           f"{'clip_b':>7} {'s/img':>7} {'gen s':>7} {'load s':>7} {'total s':>8}"
+    head = (f"{'variant':<40} {'n':>3} " + " ".join(f"{c[:9]:>9}" for c in CATEGORIES)
+            + f" {'overall':>8} {'95% CI':>11} {'clip_b':>7} {'s/img':>7}")
     lines = [head, "-" * len(head)]
-
-    def pct(x):
-        return f"{x:7.1%}"
-
     for name, s in summary.items():
-        a = s["accuracy"]
+        cells = " ".join(f"{s['categories'][c]['accuracy']:9.1%}" if c in s["categories"] else f"{'-':>9}"
+                         for c in CATEGORIES)
+        low, high = s["overall_ci95"]
         score = "-" if s["clip_score"] is None else f"{s['clip_score']:.2f}"
-        gen = "-" if s["generate_seconds_per_image"] is None else f"{s['generate_seconds_per_image']:.2f}"
-        load = "-" if s["load_seconds_total"] is None else f"{s['load_seconds_total']:.1f}"
-        low, high = s.get("all_three_ci95") or (None, None)
-        ci = "-" if low is None else f"{low:.0%}-{high:.0%}"
-        lines.append(f"{labels.get(name, name):<34} {s['n']:>3} {pct(a['all'])} {ci:>13} {pct(a['colour'])} "
-                     f"{pct(a['shape'])} {pct(a['background'])} {score:>7} {s['seconds_per_image']:>7.2f} "
-                     f"{gen:>7} {load:>7} {s['seconds_total']:>8.1f}")
+        lines.append(f"{labels.get(name, name):<40} {s['n']:>3} {cells} {s['overall']:8.1%} "
+                     f"{f'{low:.0%}-{high:.0%}':>11} {score:>7} {s['seconds_per_image']:>7.2f}")
     if reference is not None:
-        a = reference["accuracy"]
+        r = reference["scores"]
+        cells = " ".join(f"{r[c]['accuracy']:9.1%}" if c in r else f"{'-':>9}" for c in CATEGORIES)
         score = "-" if reference["clip_score"] is None else f"{reference['clip_score']:.2f}"
-        lines.append(f"{'(true world images)':<34} {reference['n']:>3} {pct(a['all'])} {'':>13} {pct(a['colour'])} "
-                     f"{pct(a['shape'])} {pct(a['background'])} {score:>7}")
+        lines.append(f"{'(true world scenes)':<40} {reference['n']:>3} {cells} {r['overall']:8.1%} {'':>11} {score:>7}")
     return "\n".join(lines)
 
 
@@ -388,8 +364,13 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(f"[{mark[t['met']]}] {t['target']}: {t['measured'] or 'not measured'}" for t in targets)
 
 
+PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+               (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127), (0, 0, 128), (0, 128, 96),
+               (230, 171, 2), (102, 0, 51)]
+
+
 def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1000, 500)):
-    """Share of images with all three attributes right against seconds per image (log scale), one point
+    """Overall accuracy (the mean of the five categories) against seconds per image (log scale), one point
     per variant with its 95% interval as a vertical bar. PIL only."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -426,12 +407,9 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
                 draw.text((x, height - bottom + 6), f"{seconds:g}", fill=(30, 30, 30), font=font, anchor="mt")
     draw.text(((left + width - right) / 2, height - 30), "seconds per image (1 CPU thread, log scale)",
               fill=(30, 30, 30), font=font, anchor="mm")
-    draw.text((12, top - 22), "images with colour, shape and background all right", fill=(30, 30, 30), font=font)
+    draw.text((12, top - 22), "overall accuracy (mean of the five categories, judged by the rule)", fill=(30, 30, 30), font=font)
     if title:
         draw.text((width - 12, height - 4), title, fill=(120, 120, 120), font=font, anchor="rs")
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-               (227, 119, 194), (23, 190, 207), (188, 189, 34), (127, 127, 127), (0, 0, 128), (0, 128, 96),
-               (230, 171, 2), (102, 0, 51)]
 
     def marker(x: float, y: float, k: int, colour) -> None:    # circle, square, diamond: told apart in grey too
         box = [x - 5, y - 5, x + 5, y + 5]
@@ -444,9 +422,9 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
 
     labels = {v.name: v.label for v in VARIANTS}
     for k, (name, s) in enumerate(points):
-        colour = colours[k % len(colours)]
-        x, y = xy(s["seconds_per_image"], s["accuracy"]["all"])
-        low, high = s.get("all_three_ci95") or (s["accuracy"]["all"],) * 2
+        colour = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+        x, y = xy(s["seconds_per_image"], s["overall"])
+        low, high = s.get("overall_ci95") or (s["overall"],) * 2
         _, y_low = xy(s["seconds_per_image"], low)
         _, y_high = xy(s["seconds_per_image"], high)
         draw.line([x, y_low, x, y_high], fill=colour, width=2)
@@ -455,9 +433,76 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
         marker(x, y, k, colour)
         ly = top + 10 + 20 * k
         marker(width - right + 19, ly, k, colour)
-        draw.text((width - right + 30, ly), f"{labels.get(name, name)} ({s['accuracy']['all']:.0%})",
+        draw.text((width - right + 30, ly), f"{labels.get(name, name)} ({s['overall']:.0%})",
                   fill=(30, 30, 30), font=font, anchor="lm")
     return image
+
+
+def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1100, 460)):
+    """Per-category accuracy of each variant as grouped bars (one group per category, then overall), with
+    the 95% intervals as whiskers. PIL only."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from toyworld.prompts import CATEGORIES
+
+    width, height = size
+    left, right, top, bottom = 60, 330, 40, 50
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    groups = [*CATEGORIES, "overall"]
+    names = list(summary)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def y_of(share: float) -> float:
+        return top + (1 - share) * plot_h
+
+    draw.rectangle([left, top, width - right, height - bottom], outline=(30, 30, 30))
+    for share in (0, 0.25, 0.5, 0.75, 1.0):
+        y = y_of(share)
+        draw.line([left, y, width - right, y], fill=(225, 225, 225))
+        draw.text((left - 8, y), f"{share:.0%}", fill=(30, 30, 30), font=font, anchor="rm")
+    group_w = plot_w / len(groups)
+    bar_w = max(2.0, (group_w - 12) / max(len(names), 1))
+    for g, group in enumerate(groups):
+        x0 = left + g * group_w + 6
+        draw.text((x0 + (group_w - 12) / 2, height - bottom + 8), group, fill=(30, 30, 30), font=font, anchor="mt")
+        for k, name in enumerate(names):
+            s = summary[name]
+            if group == "overall":
+                value, (low, high) = s["overall"], s["overall_ci95"]
+            elif group in s["categories"]:
+                c = s["categories"][group]
+                value, (low, high) = c["accuracy"], c["ci95"]
+            else:
+                continue
+            colour = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+            xa = x0 + k * bar_w
+            draw.rectangle([xa, y_of(value), xa + bar_w - 1, y_of(0)], fill=colour)
+            xm = xa + bar_w / 2
+            draw.line([xm, y_of(low), xm, y_of(high)], fill=(60, 60, 60), width=1)
+    labels = {v.name: v.label for v in VARIANTS}
+    for k, name in enumerate(names):
+        ly = top + 10 + 20 * k
+        draw.rectangle([width - right + 14, ly - 5, width - right + 24, ly + 5], fill=PLOT_COLOURS[k % len(PLOT_COLOURS)])
+        draw.text((width - right + 30, ly), f"{labels.get(name, name)} ({summary[name]['overall']:.0%})",
+                  fill=(30, 30, 30), font=font, anchor="lm")
+    draw.text((12, top - 22), "accuracy per category (judged by the rule; whiskers: 95% intervals)", fill=(30, 30, 30), font=font)
+    if title:
+        draw.text((width - 12, height - 4), title, fill=(120, 120, 120), font=font, anchor="rs")
+    return image
+
+
+def save_figures(summary: dict, figure: Path, bars: Path, title: str) -> None:
+    """Write both pictures (either path may be 'none')."""
+    for path, make in ((figure, quality_vs_time_figure), (bars, category_bars_figure)):
+        if str(path).lower() != "none" and summary:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make(summary, title=title).save(path)
+            print(f"figure: {path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,12 +546,19 @@ def _quiet_loading() -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from toyworld.prompts import CATEGORIES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=None, metavar="N", help=f"number of prompts (default {DEFAULT_PROMPTS})")
-    parser.add_argument("--prompt-seed", type=int, default=0, metavar="N", help="seed of the prompt sample")
+    parser.add_argument("--prompt-set", default="benchmark", choices=sorted(SEED_BASES),
+                        help="benchmark (report figures) or tuning (choose settings); default benchmark")
+    parser.add_argument("--per-category", type=int, default=None, metavar="N",
+                        help=f"prompts per category (default {DEFAULT_PER_CATEGORY})")
+    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, metavar="NAME",
+                        help=f"only these categories ({', '.join(CATEGORIES)}; default all)")
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help=f"generation seeds per prompt: 0..N-1 (+ --seed-base; default {DEFAULT_SEEDS})")
-    parser.add_argument("--seed-base", type=int, default=0, metavar="N", help="first generation seed")
+                        help=f"generation seeds per prompt (default {DEFAULT_SEEDS}); they start at --seed-base")
+    parser.add_argument("--seed-base", type=int, default=None, metavar="N",
+                        help="first generation seed (default: 0 on the benchmark set, 100 on the tuning set)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_NAMES), choices=VARIANT_NAMES,
                         metavar="NAME", help=f"variants to run: {', '.join(VARIANT_NAMES)} (default: all)")
     parser.add_argument("--iterations", type=int, default=None, metavar="N",
@@ -519,7 +571,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip-guidance-scale", type=float, default=None,
                         help="CLIP guidance scale of the sd+clip variant (default: the sd backend's)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"a quick run: {QUICK['prompts']} prompts x {QUICK['seeds']} seed, "
+                        help=f"a quick run: {QUICK['per_category']} prompt per category x {QUICK['seeds']} seed, "
                              f"{QUICK['iterations']} iterations / {QUICK['steps']} steps (explicit options win)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",
                         help="torch CPU threads (default 1: fastest for the toy models on a shared machine)")
@@ -529,16 +581,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="do not generate: combine the rows of earlier runs' JSON files (e.g. variants run as "
-                             "parallel processes on the same prompt set) into one table, targets and picture")
+                             "parallel processes on the same prompt set) into one table, targets and pictures")
     parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, metavar="PNG",
-                        help="the quality-vs-time picture (default: %(default)s; the README's is "
+                        help="the overall-accuracy-vs-time picture (default: %(default)s; the README's is "
                              "docs/images/quality_vs_time.png); 'none' for no picture")
+    parser.add_argument("--bars", type=Path, default=DEFAULT_BARS, metavar="PNG",
+                        help="the per-category bars picture (default: %(default)s; the README's is "
+                             "docs/images/quality_by_category.png); 'none' for no picture")
     args = parser.parse_args(argv)
-    for key in ("prompts", "seeds", "iterations", "steps"):
+    for key in ("per_category", "seeds", "iterations", "steps"):
         if getattr(args, key) is None and args.quick:
             setattr(args, key, QUICK[key])
-    args.prompts = DEFAULT_PROMPTS if args.prompts is None else args.prompts
+    args.per_category = DEFAULT_PER_CATEGORY if args.per_category is None else args.per_category
     args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
+    args.seed_base = SEED_BASES[args.prompt_set] if args.seed_base is None else args.seed_base
     extra = {}
     for item in args.extra:
         key, sep, value = item.partition("=")
@@ -546,10 +602,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--set {item!r}: write KEY=VALUE, e.g. --set learning_rate=0.1")
         extra[key.strip().replace("-", "_")] = value
     args.extra = extra
-    for key in ("seeds", "iterations", "steps", "threads"):
+    for key in ("per_category", "seeds", "iterations", "steps", "threads"):
         value = getattr(args, key)
         if value is not None and value < 1:
-            parser.error(f"--{key} is {value}; give at least 1")
+            parser.error(f"--{key.replace('_', '-')} is {value}; give at least 1")
     return args
 
 
@@ -573,40 +629,49 @@ def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
     rows = [row for r in reports for row in r["rows"]]
     summary = summarise(rows)
     return {"merged_from": [str(p) for p in paths], "commands": [r.get("command") for r in reports],
-            "complete": all(r.get("complete") for r in reports), "prompts": first["prompts"], "seeds": first["seeds"],
-            "reference": first.get("reference"), "rows": rows, "summary": summary, "targets": check_targets(summary)}
+            "complete": all(r.get("complete") for r in reports), "prompt_set": first.get("prompt_set"),
+            "prompts": first["prompts"], "seeds": first["seeds"], "reference": first.get("reference"), "rows": rows,
+            "summary": summary, "lifts_over_unguided_sd": lifts(summary), "targets": check_targets(summary)}
+
+
+def _print_report(report: dict, command: str | None = None) -> None:
+    n = len(report["prompts"])
+    print(f"\nToy world v3, {report.get('prompt_set')} set: {n} prompts x {len(report['seeds'])} seeds; judged by "
+          "toyworld.rule (shared/TOYWORLD.md); clip_b: torchmetrics CLIP score under the judging toy CLIP")
+    if command:
+        print(f"command: {command}")
+    print(format_table(report["summary"], report.get("reference")))
+    if report.get("lifts_over_unguided_sd"):
+        print("\nPoints over unguided SD, per category:")
+        for name, d in report["lifts_over_unguided_sd"].items():
+            print(f"  {name:<16} " + "  ".join(f"{c} {v:+.1f}" for c, v in d.items()))
+    print("\nTargets:")
+    print(format_targets(report["targets"]))
+
+
+def _title(report: dict) -> str:
+    return (f"toy world v3, {report.get('prompt_set')} set, {len(report['prompts'])} prompts x {len(report['seeds'])} "
+            "seeds; 95% intervals")
 
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    if args.json.exists() and not args.overwrite:
+        print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE", file=sys.stderr)
+        return 2
     if args.merge:
-        if args.json.exists() and not args.overwrite:
-            print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE", file=sys.stderr)
-            return 2
         try:
             report = merge_reports(args.merge)
         except (OSError, ValueError, KeyError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         _write_json(args.json, report)
-        n_prompts = len(report["prompts"])
-        print(format_table(report["summary"], report["reference"]))
-        print("\nTargets:")
-        print(format_targets(report["targets"]))
-        if str(args.figure).lower() != "none":
-            figure = quality_vs_time_figure(report["summary"], title=f"toy world, {n_prompts} prompts x "
-                                            f"{len(report['seeds'])} seeds; 95% Wilson intervals")
-            args.figure.parent.mkdir(parents=True, exist_ok=True)
-            figure.save(args.figure)
-            print(f"figure: {args.figure}")
+        _print_report(report)
+        save_figures(report["summary"], args.figure, args.bars, _title(report))
         return 0
     command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.json.exists() and not args.overwrite:
-        print(f"error: {args.json} already exists; pass --overwrite to replace it or --json NEW_FILE",
-              file=sys.stderr)
-        return 2
     try:
-        prompts = sample_prompts(args.prompts, seed=args.prompt_seed)
+        prompts = benchmark_prompts(args.prompt_set, args.per_category, args.categories)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -642,17 +707,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
     print(f"{len(prompts)} prompts x {len(seeds)} seeds x {len(variants)} variants "
           f"({', '.join(v.name for v in variants) or 'none'}); results -> {args.json}", file=sys.stderr)
-    reference = reference_scores(prompts, judge_clip, seed=args.prompt_seed)
     report: dict[str, Any] = {
         "command": command, "complete": False, "environment": _environment(args.threads),
-        "prompts": prompts, "seeds": seeds,
+        "prompt_set": args.prompt_set, "prompts": [p.text for p in prompts], "seeds": seeds,
         "variants": {v.name: {"label": v.label, "backend": v.backend, "options": v.options} for v in chosen},
         "overrides": {"iterations": args.iterations, "steps": args.steps,
-                      "clip_guidance_scale": args.clip_guidance_scale},
+                      "clip_guidance_scale": args.clip_guidance_scale, "extra": args.extra},
+        "judge": "toyworld.rule (shared/TOYWORLD.md)",
         "judge_clip": None if judge_clip is None else str(judge_clip.name), "judge_clip_note": judge_note,
         "judge_clip_load_s": round(judge_load_s, 3),
         "clip_score_definition": "torchmetrics per image (100*cos with the judging CLIP clip_b); mean over images",
-        "skipped": skipped, "reference": reference, "summary": {}, "targets": [], "rows": [],
+        "overall_definition": "mean of the category accuracies; its 95% interval: the means of the categories' Wilson bounds",
+        "skipped": skipped, "reference": reference_scores(prompts, judge_clip), "summary": {}, "targets": [], "rows": [],
     }
     rows: list[dict] = report["rows"]
 
@@ -678,24 +744,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     report["seconds_total"] = round(time.perf_counter() - t0, 2)
     report["summary"] = summarise(rows)
+    report["lifts_over_unguided_sd"] = lifts(report["summary"])
     report["targets"] = check_targets(report["summary"])
     report["complete"] = not interrupted
     _write_json(args.json, report)
-
-    print(f"\nToy-world quality ({len(prompts)} prompts x {len(seeds)} seeds; judge: toyworld.judge; "
-          f"clip_b: torchmetrics CLIP score under the judging toy CLIP)")
-    print(f"command: {command}")
-    print(format_table(report["summary"], reference))
+    _print_report(report, command)
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
-    print("\nTargets:")
-    print(format_targets(report["targets"]))
-    if str(args.figure).lower() != "none" and report["summary"]:
-        figure = quality_vs_time_figure(report["summary"], title=f"toy world, {len(prompts)} prompts x {len(seeds)} "
-                                        f"seeds (prompt seed {args.prompt_seed}); 95% Wilson intervals")
-        args.figure.parent.mkdir(parents=True, exist_ok=True)
-        figure.save(args.figure)
-        print(f"figure: {args.figure}")
+    save_figures(report["summary"], args.figure, args.bars, _title(report))
     print(f"\ntotal {report['seconds_total']:.1f}s; JSON: {args.json}")
     return 130 if interrupted else 0
 

@@ -1,14 +1,14 @@
 """Choose the SD guiders' settings by measurement on the toy world's TUNING prompts (issue 19).
 
 Runs a small grid of guider settings (``--guider clip/dps/mpgd/freedom/ugd/tfg`` with their strengths,
-recurrence, backward steps and TFG's smoothing) on the tuning prompt set of ``benchmarks/quality.py``
-(``sample_prompts(n, seed=7)``, generation seeds 10 and 11), judges every image with the pixel judge
-(``toyworld.judge``: colour / shape / background, all three), and prints each setting's accuracy and
-seconds per image, the best setting overall and the best per guider. The default benchmark set
-(prompt seed 0) is refused: settings chosen on it would flatter the benchmark.
+recurrence, backward steps and TFG's smoothing) on toy world v3's TUNING prompt set
+(``toyworld.prompts.prompt_set("tuning")``, generation seeds from 100), judges every image by the world's
+rule (``toyworld.rule``), and prints each setting's per-category and overall accuracy and seconds per
+image, the best setting overall and the best per guider. The benchmark set is never used here: settings
+chosen on it would flatter the benchmark.
 
-    python benchmarks/tune_guiders.py                                # the "small" grid, 4 prompts x 2 seeds
-    python benchmarks/tune_guiders.py --grid probe --prompts 3 --seeds 10
+    python benchmarks/tune_guiders.py                                # the "small" grid, 2 prompts per category x 1 seed
+    python benchmarks/tune_guiders.py --grid probe --per-category 3 --seeds 100 101
     python benchmarks/tune_guiders.py --guiders tfg ugd --budget-minutes 10 --json benchmarks/results/tune.json
 
 JSON (``--json``, default ``benchmarks/results/tune_guiders.json``) is rewritten after every
@@ -28,12 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import (ATTRIBUTES, Variant, _environment, _quiet_loading, _write_json,  # noqa: E402
-                                run_benchmark, sample_prompts, summarise)
+from benchmarks.quality import (SEED_BASES, Variant, _environment, _quiet_loading, _write_json,  # noqa: E402
+                                benchmark_prompts, run_benchmark, summarise)
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "tune_guiders.json"
-TUNING_PROMPT_SEED = 7
-TUNING_SEEDS = (10, 11)
+TUNING_SEEDS = (SEED_BASES["tuning"],)
 MODELS = ("clip_a", "clip_c", "clip_d", "sd")
 RECURRENT = {"scheduler": "ddim"}   # self-recurrence needs a scheduler whose step can be repeated
 
@@ -117,20 +116,19 @@ def variants_of(grid: Sequence[tuple[str, dict[str, Any]]], guiders: Sequence[st
 
 
 def rank(summary: dict[str, dict[str, Any]]) -> list[str]:
-    """Settings best first: all-three accuracy, then mean attribute accuracy, then speed."""
-    def key(name):
-        s = summary[name]
-        return (-s["accuracy"]["all"], -sum(s["accuracy"][a] for a in ATTRIBUTES), s["seconds_per_image"])
-    return sorted(summary, key=key)
+    """Settings best first: overall accuracy (mean of the categories), then speed."""
+    return sorted(summary, key=lambda name: (-summary[name]["overall"], summary[name]["seconds_per_image"]))
+
+
+def _categories(s: dict[str, Any]) -> str:
+    return " ".join(f"{c} {v['accuracy']:.0%}" for c, v in s["categories"].items())
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'setting':<72} {'colour':>7} {'shape':>7} {'bg':>7} {'all':>7} {'s/img':>7}"]
+    lines = [f"{'setting':<72} {'overall':>7} {'s/img':>7}  per category"]
     for name in rank(summary):
         s = summary[name]
-        acc = s["accuracy"]
-        lines.append(f"{name:<72} " + " ".join(f"{acc[a]:>7.1%}" for a in (*ATTRIBUTES, "all"))
-                     + f" {s['seconds_per_image']:>7.2f}")
+        lines.append(f"{name:<72} {s['overall']:>7.1%} {s['seconds_per_image']:>7.2f}  {_categories(s)}")
     return "\n".join(lines)
 
 
@@ -140,19 +138,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", choices=sorted(GRIDS), default="small", help="which grid of settings (default small)")
     p.add_argument("--guiders", nargs="+", default=None, metavar="NAME",
                    help="only these guiders' rows (clip: the unguided and today's rule)")
-    p.add_argument("--prompts", type=int, default=4, metavar="N", help="tuning prompts (default 4)")
-    p.add_argument("--prompt-seed", type=int, default=TUNING_PROMPT_SEED, metavar="N",
-                   help=f"seed of the tuning prompt sample (default {TUNING_PROMPT_SEED}; 0 is the benchmark's, refused)")
+    p.add_argument("--per-category", type=int, default=2, metavar="N", help="tuning prompts per category (default 2)")
+    p.add_argument("--categories", nargs="+", default=None, metavar="NAME", help="only these categories (default all)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS), metavar="S",
-                   help="generation seeds (default 10 11)")
+                   help=f"generation seeds (default {' '.join(map(str, TUNING_SEEDS))})")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the sd backend's)")
     p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
                    help="stop starting new settings after M minutes (the rows so far are kept)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default 1)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write results (default {DEFAULT_JSON})")
     args = p.parse_args(argv)
-    if args.prompt_seed == 0:
-        p.error("--prompt-seed 0 is the quality benchmark's prompt set; tune on another (the tuning set is 7)")
+    try:
+        args.prompts = benchmark_prompts("tuning", args.per_category, args.categories)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -170,14 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     _quiet_loading()
     torch.set_num_threads(args.threads)
-    prompts = sample_prompts(args.prompts, seed=args.prompt_seed)
+    prompts = args.prompts
     variants = variants_of(GRIDS[args.grid], args.guiders)
     command = "python benchmarks/tune_guiders.py " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))
-    print(f"{len(prompts)} tuning prompts (prompt seed {args.prompt_seed}) x seeds {args.seeds} x "
+    print(f"{len(prompts)} tuning prompts x seeds {args.seeds} x "
           f"{len(variants)} settings", flush=True)
     started, rows, complete = time.perf_counter(), [], True
-    data: dict[str, Any] = {"command": command.strip(), "prompt_seed": args.prompt_seed, "seeds": args.seeds,
-                            "prompts": [p["prompt"] for p in prompts], "environment": _environment(args.threads),
+    data: dict[str, Any] = {"command": command.strip(), "prompt_set": "tuning", "seeds": args.seeds,
+                            "prompts": [p.text for p in prompts], "environment": _environment(args.threads),
                             "note": "measured on the committed toy SD (toyworld/weights/sd); a retrained one changes it"}
     for variant in variants:
         if args.budget_minutes is not None and time.perf_counter() - started > 60 * args.budget_minutes:
@@ -190,9 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.extend(out["rows"])
         summary = summarise(rows)
         s = summary[variant.name]
-        print(f"{variant.name:<72} all {s['accuracy']['all']:.1%}  "
-              + " ".join(f"{a} {s['accuracy'][a]:.0%}" for a in ATTRIBUTES)
-              + f"  {s['seconds_per_image']:.2f} s/img", flush=True)
+        print(f"{variant.name:<72} overall {s['overall']:.1%}  {_categories(s)}  {s['seconds_per_image']:.2f} s/img",
+              flush=True)
         ranked = rank(summary)
         data.update(complete=False, summary=summary, ranking=ranked, rows=rows,
                     options={v.name: v.options for v in variants})
@@ -214,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(summary))
     if ranked:
-        print(f"\nbest: {ranked[0]} (all three right in {summary[ranked[0]]['accuracy']['all']:.1%}, "
+        print(f"\nbest: {ranked[0]} (overall {summary[ranked[0]]['overall']:.1%}, "
               f"{summary[ranked[0]]['seconds_per_image']:.2f} s/img)")
         print("best per guider: " + "; ".join(f"{g}: {n}" for g, n in best_per_guider.items()))
     print(f"JSON: {args.json}")

@@ -582,6 +582,9 @@ METRICS_FORMAT = "clipsteer-metrics/1"
 METRIC_BASE_COLUMNS = ("image", "prompt", "seed", "backend", "status", "error", "steered_by")
 
 
+TOY_JUDGE = "toy_judge"  # toy world v3's judging rule as a metric: 1 right, 0 wrong (shared/TOYWORLD.md)
+
+
 def metric_name(spec: str) -> tuple[str, str | None]:
     """``clip_score[:MODEL]`` or a reward ``NAME[:MODEL]`` -> (``"clip_score"`` or the reward's
     registered name, model or None); one-line error for anything else (a weight is refused)."""
@@ -591,6 +594,10 @@ def metric_name(spec: str) -> tuple[str, str | None]:
     name, _, model = spec.partition(":")
     if name.strip().lower() in ("clip_score", "clipscore"):
         return "clip_score", (model.strip() or None)
+    if name.strip().lower() == TOY_JUDGE:
+        if model.strip():
+            raise ValueError(f"metric {spec!r}: {TOY_JUDGE} takes no model; write {TOY_JUDGE}")
+        return TOY_JUDGE, None
     if "=" in spec:
         raise ValueError(f"metric {spec!r}: metrics take no weight; write NAME[:MODEL]")
     key, model, _ = parse_reward_spec(spec)
@@ -621,6 +628,8 @@ def _metric_scorer(spec: str, *, device, precision):
     from .score import DEFAULT_MODEL, get_score_model
 
     name, model = metric_name(spec)
+    if name == TOY_JUDGE:
+        return _toy_judge_scores
     if name == "clip_score":
         sm = get_score_model(model or DEFAULT_MODEL, device=device, precision=precision)
         return lambda images, captions: pair_scores(sm.cosine(images, captions), "torchmetrics")
@@ -628,6 +637,20 @@ def _metric_scorer(spec: str, *, device, precision):
 
     reward = cached_reward(f"{name}:{model}" if model else name, device=device, precision=precision)
     return lambda images, captions: reward.score_reference(images, captions)
+
+
+def _toy_judge_scores(images: Sequence[torch.Tensor], captions: Sequence[str]) -> torch.Tensor:
+    """1.0 where the toy world's rule reads the image right for its prompt, 0.0 where wrong, NaN where the
+    caption is not a toy-world prompt."""
+    from toyworld.prompts import is_world_prompt
+    from toyworld.rule import judge
+
+    out = torch.full((len(images),), float("nan"), dtype=torch.float64)
+    ok = [i for i, c in enumerate(captions) if c and is_world_prompt(c)]
+    if ok:
+        verdicts = judge([images[i].float() / 255.0 for i in ok], [captions[i] for i in ok])
+        out[ok] = torch.tensor(verdicts, dtype=torch.float64)
+    return out
 
 
 def evaluate_metrics(items: Sequence[Item], metrics: Sequence[str], *, batch_size: int = 16, device=None,
@@ -665,7 +688,7 @@ def evaluate_metrics(items: Sequence[Item], metrics: Sequence[str], *, batch_siz
                 chunk = ok[start:start + batch_size]
                 scores = scorer([images[i] for i in chunk], [items[i].prompt for i in chunk])
                 for i, value in zip(chunk, scores.tolist()):
-                    rows[i][spec] = float(value)
+                    rows[i][spec] = None if math.isnan(value) else float(value)
                 bar.update(len(chunk))
     for i, it in enumerate(items):
         rows[i]["held_out"] = {m: not is_steered(m, it) for m in metrics}
@@ -684,6 +707,13 @@ def summarize_metrics(rows: Sequence[dict], metrics: Sequence[str], *, held_out:
         if held_out:
             groups = [("held-out", [r for r in scored if r["held_out"][m]]),
                       ("steered", [r for r in scored if not r["held_out"][m]])]
+        if metric_name(m)[0] == TOY_JUDGE:  # per category, as GenEval reports
+            from toyworld.prompts import parse_prompt
+
+            by_cat: dict[str, list] = {}
+            for r in scored:
+                by_cat.setdefault(parse_prompt(r["prompt"]).category, []).append(r)
+            groups += [(c, by_cat[c]) for c in sorted(by_cat)]
         for group, rs in groups:
             out.append({"metric": m, "group": group, **describe([float(r[m]) for r in rs], "per_pair", confidence)})
     return out

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=[], metavar="MODEL", help="several models at once")
     p.add_argument("--metric", action="append", default=[], metavar="NAME[:MODEL]",
                    help="score with these metrics instead, one column each: clip_score[:CLIP], pickscore, hps, "
-                        "imagereward, aesthetic (each NAME[:MODEL], a Hub id, local folder or file); repeatable; "
+                        "imagereward, aesthetic (each NAME[:MODEL], a Hub id, local folder or file), or toy_judge "
+                        "(toy world v3's judging rule: 1 right, 0 wrong, reported per category); repeatable; "
                         "writes metrics.json / metrics.csv")
     p.add_argument("--held-out", action="store_true",
                    help="with --metric: report separately the images whose run a metric did not steer (read "

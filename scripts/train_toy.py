@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
+from toyworld.prompts import CATEGORIES  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "guided")
 # the model folders each group reads from --out (trained earlier in the same run, or already there)
@@ -74,32 +75,46 @@ def _train_clip_job(name: str, folder: str, n_steps: int, threads: int, resume: 
     return train_clip(name, folder, log=_log, steps=n_steps, eval_every=500, resume=resume)
 
 
-def measure_guided(out: Path, n: int = 64) -> dict:
-    """The ``sd`` samples of ``train_sd.eval_prompts`` through clipsteer's SD backend at the toy preset,
-    with its CLIP guidance and without (scale 0), one image per prompt with seed = its index."""
+def measure_guided(out: Path, per_category: int = 8) -> dict:
+    """The held-out prompts (``toyworld.evaluation.held_out_prompts``) through clipsteer's SD backend at the
+    toy preset, with its CLIP guidance and without (scale 0), one image per prompt with seed = its index;
+    judged by the rule per category."""
     from generators.run import generate
-    from toyworld.judge import accuracy, judge_batch
-    from toyworld.train_sd import eval_prompts
+    from toyworld.evaluation import held_out_prompts
+    from toyworld.rule import category_scores, judge
 
-    items = eval_prompts(n)
+    prompts = held_out_prompts(per_category)
     clips = [str(out / name) for name in ("clip_a", "clip_c", "clip_d")]
     rows = {}
     for label, extra in (("unguided", {"clip_guidance_scale": 0.0}), ("clip", {})):
         t0 = time.perf_counter()
         images, settings = [], {}
-        for seed, (prompt, *_) in enumerate(items):
-            run = generate(prompt, backend="sd", preset="toy", seed=seed, save=False, progress=False,
+        for seed, prompt in enumerate(prompts):
+            run = generate(prompt.text, backend="sd", preset="toy", seed=seed, save=False, progress=False,
                            sd_model=str(out / "sd"), clip=clips, eval_model="none", **extra)
             images.append(run.images)
             settings = run.metadata["backend_settings"]
-        judged = judge_batch(torch.cat(images))
-        acc = accuracy(judged, [c for _, c, _, _ in items], [s for _, _, s, _ in items], [b for _, _, _, b in items])
-        rows[label] = {"judge_accuracy": acc, "seconds": time.perf_counter() - t0,
+        scores = category_scores(prompts, judge(torch.cat(images), prompts))
+        rows[label] = {"judge_by_category": scores, "seconds": time.perf_counter() - t0,
                        "clip_guidance_scale": settings["clip_guidance_scale"] if label == "clip" else 0.0}
-        _log(f"[guided] {label}: {acc}")
-    return {"n_images": n, "seeds": f"0-{n - 1}", "steps": settings["steps"],
+        _log(f"[guided] {label}: {json.dumps(scores)}")
+    return {"n_images": len(prompts), "seeds": f"0-{len(prompts) - 1}", "steps": settings["steps"],
             "scheduler": settings["scheduler"], "cfg_scale": settings["cfg_scale"], "clips": ["clip_a", "clip_c", "clip_d"],
             "rows": rows, "train_seconds": 0.0}
+
+
+def _category_row(label: str, scores: dict, extra: str = "") -> str:
+    cells = " | ".join(_pct(scores[c]["accuracy"]) if isinstance(scores.get(c), dict) else _pct(scores[c])
+                       for c in CATEGORIES)
+    overall = scores.get("overall")
+    if overall is None:
+        overall = sum(scores[c] for c in CATEGORIES) / len(CATEGORIES)
+    return f"| {label} | {cells} | {_pct(overall)} |{extra}"
+
+
+def _category_header(first: str, extra: str = "") -> list[str]:
+    return [f"| {first} | " + " | ".join(CATEGORIES) + f" | overall |{extra}",
+            "| --- " * (len(CATEGORIES) + 2) + "|" + (" --- |" if extra else "")]
 
 
 def write_report(out: Path, metrics: dict) -> str:
@@ -108,7 +123,9 @@ def write_report(out: Path, metrics: dict) -> str:
         "",
         "Written by `scripts/train_toy.py` from its own measurements -- do not edit by hand.",
         "Retrain everything with `nice -n 10 python scripts/train_toy.py` "
-        "(or `--only clip|vqgan|sd|sd_turbo`, or one CLIP: `--only clip_c`).",
+        "(or `--only clip|vqgan|sd|sd_turbo|guided`, or one CLIP: `--only clip_c`; `--resume` continues a stopped run).",
+        "The world, its five prompt categories and the judging rule are `shared/TOYWORLD.md`'s (toy world v3); "
+        "accuracies below are by that rule, per category, overall = the mean of the five.",
         "",
     ]
     sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd", "sd_turbo") if (out / name).is_dir()}
@@ -120,134 +137,94 @@ def write_report(out: Path, metrics: dict) -> str:
     lines += ["## Training runs", "", "| group | finished (UTC) | wall time of the group | machine |", "| --- | --- | --- | --- |"]
     for group, r in runs.items():
         lines.append(f"| {group} | {r['finished']} | {r['wall_seconds']:.0f} s | {r['machine']} |")
-    if runs:
-        total = sum(r["wall_seconds"] for r in runs.values())
-        lines.append(f"| sum of the runs above | | {total:.0f} s ({total / 60:.1f} min) | |")
+    total = sum(r["wall_seconds"] for r in runs.values())
+    lines.append(f"| sum of the runs above | | {total:.0f} s ({total / 60:.1f} min) | |")
     lines += ["", "Times are wall-clock on a shared CPU machine (other jobs ran alongside, so they vary with load; "
               "the load average at start and end of each group is in `training_metrics.json`).", ""]
 
-    roles = {"clip_a": "guides, with C and D", "clip_b": "judges; never guides", "clip_c": "guides, with A and D", "clip_d": "guides, with A and C"}
-    for name in CLIPS:
-        m = metrics.get(name)
-        if not m:
-            continue
-        r = m["recipe"]
-        lines += [
-            f"## Toy CLIP {name[-1].upper()} (`{name}`, {roles[name]})",
-            "",
-            f"- transformers `CLIPModel`: vision ViT {r['image_size']}px / patch {r['patch_size']}, hidden {r['vision_hidden']}, "
-            f"{r['vision_layers']} layers; text hidden {r['text_hidden']}, {r['text_layers']} layers; projection {r['projection_dim']}; "
-            f"{m['params'] / 1e6:.2f} M parameters (stored fp16).",
-            f"- seed {m['seed']}, {m['steps']} steps x batch {m['batch_size']} (fresh world images, captions from all templates, "
-            f"guidance-style augmentations, {_pct(r['imperfect_prob'])} deliberately imperfect images).",
-            f"- training time: {m['train_seconds']:.0f} s",
-            "",
-            "Zero-shot accuracy on 512 held-out images (argmax over all 224 captions "
-            "\"a {colour} {shape} on a {background} background\"):",
-            "",
-            "| images | colour | shape | background | all three |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for split, acc in m["zero_shot"].items():
-            lines.append(f"| {split} | {_pct(acc['colour'])} | {_pct(acc['shape'])} | {_pct(acc['background'])} | {_pct(acc['all'])} |")
-        lines += ["", "(noisy: gaussian noise sigma 0.1; augmented: one random guidance-style augmentation per image.)", ""]
-
-    m = metrics.get("vqgan")
-    if m:
-        j = m["judge_on_reconstructions"]
-        lines += [
-            "## Toy VQGAN (`vqgan`)",
-            "",
-            f"- taming `Encoder`/`Decoder` + `VectorQuantizer2` (VQModel layout), {m['params'] / 1e6:.2f} M parameters, "
-            f"{m['n_embed']} codes; seed {m['seed']}, {m['steps']} steps x batch {m['batch_size']}, lr {m['lr']}.",
-            f"- training time: {m['train_seconds']:.0f} s",
-            f"- held-out reconstruction ({m['n_images']} images, [0,1] pixels): MSE {m['mse']:.5f}, PSNR {m['psnr_db']:.2f} dB "
-            f"(mean per image {m['psnr_db_mean_per_image']:.2f} dB)",
-            f"- codebook: {m['codes_used']}/{m['n_embed']} codes used on the held-out set, perplexity {m['perplexity']:.1f}; "
-            f"{m['code_restarts']} dead-code re-seeds during training",
-            f"- judge on reconstructions: colour {_pct(j['colour'])}, shape {_pct(j['shape'])}, background {_pct(j['background'])}",
-            "",
-        ]
-
-    m = metrics.get("sd")
-    if m:
-        v, u, s = m["vae"], m["unet"], m["samples"]
-        jv = v["judge_on_reconstructions"]
-        recipe = v.get("recipe", {})
-        lines += [
-            "## Toy Stable Diffusion (`sd`)",
-            "",
-            f"- vae: `AutoencoderKL` 64x64x3 -> {'x'.join(str(d) for d in v['latent_shape'][::-1])} latents, {v['params'] / 1e6:.2f} M parameters, seed {v['seed']}, {v['steps']} steps"
-            + (f" x batch {recipe['batch_size']}, lr {recipe['lr']}, KL weight {recipe['kl_weight']:g}, "
-               f"block channels {tuple(recipe['block_out_channels'])}, {recipe['norm_num_groups']} GroupNorm group(s)" if recipe else "")
-            + f", {v['train_seconds']:.0f} s; scaling_factor {v['scaling_factor']:.4f}; held-out PSNR {v['psnr_db']:.2f} dB "
-            f"(MSE {v['mse']:.5f})",
-            f"- unet: `UNet2DConditionModel`, {u['params'] / 1e6:.2f} M parameters, seed {u['seed']}, {u['steps']} steps"
-            + (f" x batch {u['batch_size']}" if "batch_size" in u else "")
-            + (f", lr {u['lr']}" if "lr" in u else "")
-            + f", {u['train_seconds']:.0f} s (frozen CLIP A text tower, 10% caption dropout, epsilon prediction, scaled_linear betas"
-            + (f", offset noise {u['offset_noise']:g}" if u.get("offset_noise") else "") + ")",
-            "",
-            f"Judge on VAE reconstructions of {v['n_images']} held-out world images (encode -> mode -> decode):",
-            "",
-            "| colour | shape | background | all three |",
-            "| --- | --- | --- | --- |",
-            f"| {_pct(jv['colour'])} | {_pct(jv['shape'])} | {_pct(jv['background'])} | {_pct(jv.get('all', float('nan')))} |",
-            "",
-            f"Samples: {s['n_images']} images through `StableDiffusionPipeline` ({s['scheduler']}, seed {s['seed']}) for the "
-            "prompts \"a {colour} {shape} on a {background} background\" of `train_sd.eval_prompts`; judge accuracy:",
-            "",
-            "| sampler | colour | shape | background | all three |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for r in [s, *m.get("more_samples", [])]:
-            j = r["judge_accuracy"]
-            lines.append(f"| {r['steps']} steps, CFG {r['guidance_scale']:g}{' (recorded default)' if r is s else ''} | "
-                         f"{_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | {_pct(j['all'])} |")
+    roles = {"clip_a": "guides, with C and D; its text tower conditions the toy SD", "clip_b": "judges; never guides",
+             "clip_c": "guides, with A and D", "clip_d": "guides, with A and C"}
+    clip_rows = [name for name in CLIPS if metrics.get(name, {}).get("hard_negatives")]
+    if clip_rows:
+        lines += ["## Toy CLIPs", ""]
+        for name in clip_rows:
+            m, r = metrics[name], metrics[name]["recipe"]
+            lines.append(
+                f"- `{name}` ({roles[name]}): transformers `CLIPModel`, vision ViT {r['image_size']}px / patch {r['patch_size']}, "
+                f"hidden {r['vision_hidden']}, {r['vision_layers']} layers; text hidden {r['text_hidden']}, {r['text_layers']} layers; "
+                f"{m['params'] / 1e6:.2f} M parameters (stored fp16); seed {m['seed']}, {m['steps']} steps x batch {m['batch_size']}, "
+                f"{r['negatives']} hard negatives per image; {m['train_seconds']:.0f} s.")
+        lines += ["", "Zero-shot accuracy among hard negatives: for 64 held-out scenes of each category, the share where the "
+                  "CLIP ranks the true prompt above every hard negative of it (`toyworld.negatives`: swapped colours, "
+                  "opposite or reversed relation, another count, one shape/colour/background changed, an object fewer "
+                  "or more) -- clean images, and with gaussian noise sigma 0.1:", ""]
+        lines += _category_header("CLIP (images)")
+        for name in clip_rows:
+            for split, acc in metrics[name]["hard_negatives"].items():
+                lines.append(_category_row(f"`{name}`{' (judge)' if name == 'clip_b' else ''} ({split})", acc))
+        lines += ["", "Single objects as in v2 (argmax over all 224 captions \"a {colour} {shape} on a {background} "
+                  "background\", 512 held-out v2 images), all three attributes right:", "",
+                  "| CLIP | clean | noisy | augmented |", "| --- | --- | --- | --- |"]
+        for name in clip_rows:
+            zs = metrics[name]["zero_shot"]
+            lines.append(f"| `{name}` | {_pct(zs['clean']['all'])} | {_pct(zs['noisy']['all'])} | {_pct(zs['augmented']['all'])} |")
         lines.append("")
 
+    recon = []
+    if metrics.get("vqgan", {}).get("judge_by_category"):
+        m = metrics["vqgan"]
+        lines += ["## Toy VQGAN (`vqgan`)", "",
+                  f"- taming `Encoder`/`Decoder` + `VectorQuantizer2` (VQModel layout), {m['params'] / 1e6:.2f} M parameters, "
+                  f"{m['n_embed']} codes; seed {m['seed']}, {m['steps']} steps x batch {m['batch_size']}, lr {m['lr']}; "
+                  f"{m['train_seconds']:.0f} s; held-out PSNR {m['psnr_db']:.2f} dB; {m['codes_used']}/{m['n_embed']} codes used.", ""]
+        recon.append(("VQGAN (encode -> quantise -> decode)", m["judge_by_category"]))
+    sd = metrics.get("sd", {})
+    if sd.get("vae", {}).get("judge_by_category"):
+        v, u = sd["vae"], sd["unet"]
+        lines += ["## Toy Stable Diffusion (`sd`)", "",
+                  f"- vae: `AutoencoderKL` 64x64x3 -> {'x'.join(str(d) for d in v['latent_shape'][::-1])} latents, "
+                  f"{v['params'] / 1e6:.2f} M parameters, seed {v['seed']}, {v['steps']} steps, {v['train_seconds']:.0f} s; "
+                  f"scaling_factor {v['scaling_factor']:.4f}; held-out PSNR {v['psnr_db']:.2f} dB",
+                  f"- unet: `UNet2DConditionModel`, {u['params'] / 1e6:.2f} M parameters, seed {u['seed']}, {u['steps']} steps "
+                  f"x batch {u['batch_size']}, lr {u['lr']}, {u['train_seconds']:.0f} s (frozen CLIP A text tower, 10% caption "
+                  f"dropout, epsilon prediction, scaled_linear betas, offset noise {u['offset_noise']:g}); data: v3 scenes "
+                  "of every category, half of the single-object ones captioned with a v2 template", ""]
+        recon.append(("SD VAE (encode -> mode -> decode)", v["judge_by_category"]))
+    if recon:
+        lines += ["### Reconstructions judged by the rule (64 held-out scenes per category)", ""]
+        lines += _category_header("autoencoder")
+        lines += [_category_row(label, scores) for label, scores in recon]
+        lines.append("")
+    if sd.get("samples", {}).get("judge_by_category"):
+        s0 = sd["samples"]
+        lines += [f"### Unguided samples (`StableDiffusionPipeline`, {s0['scheduler']}, seed {s0['seed']}; "
+                  f"{s0['n_images'] // len(CATEGORIES)} held-out prompts per category, one image each)", ""]
+        lines += _category_header("sampler")
+        for r in [s0, *sd.get("more_samples", [])]:
+            lines.append(_category_row(f"{r['steps']} steps, CFG {r['guidance_scale']:g}" + (" (default)" if r is s0 else ""),
+                                       r["judge_by_category"]))
+        lines.append("")
     g = metrics.get("sd_guided")
-    if g:
-        lines += [
-            "## Toy SD with and without CLIP guidance (clipsteer's SD backend)",
-            "",
-            f"The same {g['n_images']} prompts as above, one image each (seeds {g['seeds']}, one per prompt), through "
-            f"`generate(prompt, backend=\"sd\", preset=\"toy\")`: {g['scheduler']} {g['steps']} steps, CFG "
-            f"{g['cfg_scale']:g}; guided by the toy CLIPs {', '.join(g['clips'])} together. Judge accuracy:",
-            "",
-            "| sampling | colour | shape | background | all three | seconds (all images) |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
+    if g and "judge_by_category" in next(iter(g["rows"].values())):
+        lines += ["## Toy SD with and without CLIP guidance (clipsteer's SD backend)", "",
+                  f"{g['n_images']} held-out prompts, one image each (seeds {g['seeds']}), through "
+                  f"`generate(prompt, backend=\"sd\", preset=\"toy\")`: {g['scheduler']} {g['steps']} steps, CFG "
+                  f"{g['cfg_scale']:g}; guided by {', '.join(g['clips'])} together.", ""]
+        lines += _category_header("sampling", " seconds (all images) |")
         for label, r in g["rows"].items():
-            j = r["judge_accuracy"]
             name = "no CLIP guidance" if label == "unguided" else f"CLIP guidance, scale {r['clip_guidance_scale']:g}"
-            lines.append(f"| {name} | {_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | "
-                         f"{_pct(j['all'])} | {r['seconds']:.0f} |")
+            lines.append(_category_row(name, r["judge_by_category"], f" {r['seconds']:.0f} |"))
         lines.append("")
-
     m = metrics.get("sd_turbo")
-    if m:
+    if m and "judge_by_category" in next(iter(m["samples"].values())):
         t, st = m["teacher"], m["student"]
-        lines += [
-            "## Toy SD-Turbo (`sd_turbo`, few-step student of `sd`)",
-            "",
-            f"- teacher: the `{t['folder']}` pipeline, {t['scheduler']} {t['steps']} steps with CFG {t['guidance_scale']:g}, "
-            f"sampled from {t['n_pairs']} fixed-seed noises (prompts from every caption template), {t['seconds']:.0f} s",
-            f"- student: the teacher's UNet config, initialised from its weights ({st['params'] / 1e6:.2f} M parameters), seed {m['seed']}, "
-            f"{st['steps']} steps x batch {st['batch_size']}" + (f", lr {st['lr']:g}" if "lr" in st else "") + f", {st['seconds']:.0f} s: direct regression of its implied clean latent onto "
-            f"the teacher's output from the same noise, at the trailing timesteps {tuple(st['timesteps'])} "
-            f"(each point on the DDIM path through the pair; drawn with weights {tuple(st['timestep_weights'])})",
-            "- folder: the teacher's VAE, text encoder and tokenizer; `DDIMScheduler` with `timestep_spacing=\"trailing\"`; "
-            "sample with `num_inference_steps` 1-4 and `guidance_scale=0`",
-            "",
-            "Samples: the same 64 prompts and seed as `sd` above, no classifier-free guidance; judge accuracy:",
-            "",
-            "| steps | colour | shape | background | all three |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for k, r in m["samples"].items():
-            j = r["judge_accuracy"]
-            lines.append(f"| {k} | {_pct(j['colour'])} | {_pct(j['shape'])} | {_pct(j['background'])} | {_pct(j['all'])} |")
+        lines += ["## Toy SD-Turbo (`sd_turbo`, few-step student of `sd`)", "",
+                  f"- teacher: `{t['folder']}`, {t['scheduler']} {t['steps']} steps, CFG {t['guidance_scale']:g}, "
+                  f"{t['n_pairs']} fixed-seed noises, {t['seconds']:.0f} s; student: {st['steps']} steps x batch {st['batch_size']}, "
+                  f"regression of its implied clean latent onto the teacher's at trailing timesteps {tuple(st['timesteps'])}, "
+                  f"{st['seconds']:.0f} s; sample with `num_inference_steps` 1-4 and `guidance_scale=0`", ""]
+        lines += _category_header("steps")
+        lines += [_category_row(k, r["judge_by_category"]) for k, r in m["samples"].items()]
         lines.append("")
     text = "\n".join(lines)
     (out / "TRAINING.md").write_text(text)
@@ -261,9 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="weights folder (default: toyworld/weights)")
     ap.add_argument("--steps-scale", type=float, default=1.0,
                     help="multiply every step count (for quick experiments only; the committed weights use 1.0)")
-    ap.add_argument("--sd-unet-steps", type=int, default=2000, metavar="N",
-                    help="training steps of the toy SD's UNet (default 2000, the committed weights; 4000 gives a "
-                         "much stronger prior that leaves guidance little headroom: see the README's toy world)")
+    ap.add_argument("--sd-unet-steps", type=int, default=5000, metavar="N",
+                    help="training steps of the toy SD's UNet (default 5000, the committed weights)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared, busy machine one thread is several times "
                          "faster than oversubscribed cores; the thread count is recorded)")
@@ -274,7 +250,7 @@ def main(argv=None) -> int:
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
     if args.sd_unet_steps < 1:
-        ap.error(f"--sd-unet-steps is {args.sd_unet_steps}; give at least 1 (the committed weights use 2000)")
+        ap.error(f"--sd-unet-steps is {args.sd_unet_steps}; give at least 1 (the committed weights use 5000)")
     torch.set_num_threads(args.threads)
     only = args.only or list(GROUPS)
     clips = [c for c in CLIPS if "clip" in only or c in only]
@@ -317,35 +293,37 @@ def main(argv=None) -> int:
                 zs = m["zero_shot"]["clean"]
                 _log(f"== {name}: {m['train_seconds']:.0f} s; zero-shot clean colour {_pct(zs['colour'])} "
                      f"shape {_pct(zs['shape'])} background {_pct(zs['background'])}; "
-                     f"noisy {json.dumps(m['zero_shot']['noisy'])}; augmented {json.dumps(m['zero_shot']['augmented'])}")
+                     f"hard negatives {json.dumps(m['hard_negatives'])}")
         elif group == "vqgan":
             from toyworld.train_vqgan import train_vqgan
 
-            m = train_vqgan(out / "vqgan", steps=steps(1000), log=_log)
+            m = train_vqgan(out / "vqgan", steps=steps(2500), log=_log, resume=args.resume)
             metrics["vqgan"] = m
             _log(f"== vqgan: {m['train_seconds']:.0f} s; PSNR {m['psnr_db']:.2f} dB (MSE {m['mse']:.5f}); "
                  f"{m['codes_used']}/{m['n_embed']} codes used, perplexity {m['perplexity']:.1f}; "
-                 f"judge on reconstructions {json.dumps(m['judge_on_reconstructions'])}")
+                 f"judged by category {json.dumps(m['judge_by_category'])}")
         elif group == "sd":
             from toyworld.train_sd import train_sd
 
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1800), unet_steps=steps(args.sd_unet_steps), log=_log)
+            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1800), unet_steps=steps(args.sd_unet_steps), log=_log,
+                         resume=args.resume)
             metrics["sd"] = m
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
-                 f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_on_reconstructions'])}; "
-                 f"samples judged {json.dumps(m['samples']['judge_accuracy'])}")
+                 f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_by_category'])}; "
+                 f"samples judged {json.dumps(m['samples']['judge_by_category'])}")
         elif group == "guided":
             m = measure_guided(out)
             metrics["sd_guided"] = m
-            _log(f"== guided: {json.dumps({k: r['judge_accuracy'] for k, r in m['rows'].items()})}")
+            _log(f"== guided: {json.dumps({k: r['judge_by_category'] for k, r in m['rows'].items()})}")
         elif group == "sd_turbo":
             from toyworld.train_fewstep import train_fewstep
 
-            m = train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(2048), steps=steps(2400), log=_log)
+            m = train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(2048), steps=steps(2400), log=_log,
+                              resume=args.resume)
             metrics["sd_turbo"] = m
             _log(f"== sd_turbo: {m['train_seconds']:.0f} s (teacher samples {m['teacher']['seconds']:.0f} s, "
                  f"student {m['student']['seconds']:.0f} s); judged at 1/2/4 steps: "
-                 + "; ".join(f"{k}: {json.dumps(r['judge_accuracy'])}" for k, r in m["samples"].items()))
+                 + "; ".join(f"{k}: {json.dumps(r['judge_by_category'])}" for k, r in m["samples"].items()))
         run = {
             "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "wall_seconds": time.perf_counter() - t0,

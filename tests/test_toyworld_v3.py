@@ -283,3 +283,37 @@ def test_a_stopped_training_resumed_ends_with_the_same_weights(tmp_path, monkeyp
     b = load_file(str(tmp_path / "stopped" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "stopped" / ".training" / "vqgan.json").exists()  # cleared when done
+
+
+def test_evaluate_judges_a_folder_per_category_with_the_rule(tmp_path, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("clipsteer_evaluate_v3", root / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = evaluate
+    spec.loader.exec_module(evaluate)
+    rng = np.random.default_rng(8)
+    prompts = prompt_set("tuning", 2)
+    lines = []
+    for i, p in enumerate(prompts):
+        scene = scene_for(p, rng)
+        if i % 2:  # every second image is drawn for another prompt: wrong
+            scene = scene_for(hard_negatives(p, scene)[0], rng)
+        Image.fromarray(draw_scene(scene)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": p.text}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m.json"
+    assert evaluate.main([str(tmp_path), "--pairs", str(tmp_path / "pairs.jsonl"), "--metric", "toy_judge",
+                          "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    values = [r["toy_judge"] for r in data["rows"]]
+    assert values == [1.0, 0.0] * 5
+    groups = {s["group"]: s for s in data["summary"]}
+    assert set(groups) == {"all", *CATEGORIES} and groups["counting"]["mean"] == 0.5 and groups["all"]["n"] == 10
+    assert "counting" in capsys.readouterr().out
