@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         elif group == "sd":
             from toyworld.train_sd import train_sd
 
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(1800), unet_steps=steps(args.sd_unet_steps), log=_log,
+            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(3000), unet_steps=steps(args.sd_unet_steps), log=_log,
                          resume=args.resume)
             metrics["sd"] = m
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -331,25 +332,34 @@ def evaluate_pipeline(folder: str | Path, per_category: int = 16, steps: int = 3
             "guidance_scale": guidance_scale, "seed": seed, "judge_by_category": scores, "images": images}
 
 
-def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1800, unet_steps: int = 5000,
+VAE_RECIPE = dict(batch_size=8, lr=2e-3, kl_weight=1e-5)
+
+
+def vae_stage(out_dir: str | Path, vae_steps: int = 3000, log=print, resume: bool = False):
+    """The VAE of the pipeline in ``out_dir``: trained (checkpointing into ``out_dir/.training``) and kept in
+    ``out_dir/.training/vae`` until the pipeline is saved, so that a resumed run does not train it again.
+    It needs no text encoder, so it may run before CLIP A exists. Returns (vae, training seconds)."""
+    from diffusers import AutoencoderKL
+
+    done = Path(out_dir) / ".training" / "vae"
+    if resume and (done / "config.json").is_file():
+        log(f"[sd-vae] resumed: the VAE finished earlier ({done})")
+        return AutoencoderKL.from_pretrained(str(done)).eval(), json.loads((done / "train_seconds.json").read_text())
+    vae, seconds = train_vae(steps=vae_steps, log=log, checkpoints=done.parent, resume=resume, **VAE_RECIPE)
+    vae.save_pretrained(str(done), safe_serialization=True)
+    (done / "train_seconds.json").write_text(json.dumps(seconds))
+    return vae, seconds
+
+
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000, unet_steps: int = 5000,
              log=print, resume: bool = False) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate. With
     ``resume`` a stopped run continues where it stopped (a finished VAE is kept in ``out_dir/.training``)."""
-    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
     checkpoints = out_dir / ".training"
-    vae_recipe = dict(batch_size=8, lr=2e-3, kl_weight=1e-5)
-    done = checkpoints / "vae"
-    if resume and (done / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(str(done)).eval()
-        vae_time = json.loads((done / "train_seconds.json").read_text())
-        log(f"[sd-vae] resumed: the VAE finished earlier ({done})")
-    else:
-        vae, vae_time = train_vae(steps=vae_steps, log=log, checkpoints=checkpoints, resume=resume, **vae_recipe)
-        vae.save_pretrained(str(done), safe_serialization=True)
-        (done / "train_seconds.json").write_text(json.dumps(vae_time))
+    vae, vae_time = vae_stage(out_dir, vae_steps, log=log, resume=resume)
     vae_metrics = evaluate_vae(vae)
     log(f"[sd-vae] held-out PSNR {vae_metrics['psnr_db']:.2f} dB, judge on reconstructions "
         f"{vae_metrics['judge_on_reconstructions']}")
@@ -359,9 +369,7 @@ def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1800
     unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log,
                                           checkpoints=checkpoints, resume=resume, **unet_recipe)
     save_pipeline(vae, unet, text_encoder, tokenizer, scaling, out_dir)
-    import shutil
-
-    shutil.rmtree(done, ignore_errors=True)
+    shutil.rmtree(checkpoints / "vae", ignore_errors=True)
     sample_metrics = evaluate_pipeline(out_dir)
     sample_metrics.pop("images")
     log(f"[sd] samples, {sample_metrics['steps']} steps, CFG {sample_metrics['guidance_scale']}: {sample_metrics['judge_by_category']}")
@@ -376,7 +384,7 @@ def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 1800
         "vae": {**vae_metrics, "steps": vae_steps, "seed": VAE_SEED, "train_seconds": vae_time,
                 "params": sum(p.numel() for p in vae.parameters()), "scaling_factor": scaling,
                 "latent_shape": [VAE_CONFIG["latent_channels"], LATENT_SIZE, LATENT_SIZE],
-                "recipe": {**vae_recipe, "block_out_channels": list(VAE_CONFIG["block_out_channels"]),
+                "recipe": {**VAE_RECIPE, "block_out_channels": list(VAE_CONFIG["block_out_channels"]),
                            "norm_num_groups": VAE_CONFIG["norm_num_groups"]}},
         "unet": {"steps": unet_steps, "seed": SD_SEED, "train_seconds": unet_time,
                  "params": sum(p.numel() for p in unet.parameters()), **unet_recipe,
