@@ -36,10 +36,11 @@ import torch  # noqa: E402
 from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
 from toyworld.prompts import CATEGORIES  # noqa: E402
 
-GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "guided")
+GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "itm", "guided")
 # the model folders each group reads from --out (trained earlier in the same run, or already there)
 NEEDS = {"sd": ("clip_a",), "sd_turbo": ("sd",), "guided": ("sd", "clip_a", "clip_c", "clip_d")}
-GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",), "guided": ("sd_guided",)}
+GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
+                "guided": ("sd_guided",)}
 
 
 def _log(msg: str) -> None:
@@ -128,7 +129,7 @@ def write_report(out: Path, metrics: dict) -> str:
         "accuracies below are by that rule, per category, overall = the mean of the five.",
         "",
     ]
-    sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd", "sd_turbo") if (out / name).is_dir()}
+    sizes = {name: _folder_bytes(out / name) for name in (*CLIPS, "vqgan", "sd", "sd_turbo", "itm") if (out / name).is_dir()}
     lines += ["## Sizes on disk", "", "| model | size |", "| --- | --- |"]
     lines += [f"| `{name}` | {_mb(b)} |" for name, b in sizes.items()]
     lines += [f"| total | {_mb(sum(sizes.values()))} |", ""]
@@ -168,6 +169,19 @@ def write_report(out: Path, metrics: dict) -> str:
         for name in clip_rows:
             zs = metrics[name]["zero_shot"]
             lines.append(f"| `{name}` | {_pct(zs['clean']['all'])} | {_pct(zs['noisy']['all'])} | {_pct(zs['augmented']['all'])} |")
+        lines.append("")
+
+    m = metrics.get("itm")
+    if m:
+        r = m["recipe"]
+        lines += ["## Toy image-text matching model (`itm`, the compositional reward; never judges the benchmark)", "",
+                  f"- transformers `BlipForImageTextRetrieval`: ViT {r['image_size']}px / patch {r['patch_size']}, hidden "
+                  f"{r['hidden']}, {r['layers']} layers; text encoder {r['text_layers']} layers cross-attending to the "
+                  f"patches; {m['params'] / 1e6:.2f} M parameters (stored fp16); seed {m['seed']}, {m['steps']} steps x "
+                  f"batch {m['batch_size']}, {m['negatives']} hard negatives per image; {m['train_seconds']:.0f} s", "",
+                  "Ranking accuracy among hard negatives (as for the CLIPs above):", ""]
+        lines += _category_header("images")
+        lines += [_category_row(split, acc) for split, acc in m["hard_negatives"].items()]
         lines.append("")
 
     recon = []
@@ -311,6 +325,12 @@ def main(argv=None) -> int:
             _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
                  f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_by_category'])}; "
                  f"samples judged {json.dumps(m['samples']['judge_by_category'])}")
+        elif group == "itm":
+            from toyworld.train_itm import train_itm
+
+            m = train_itm(out / "itm", steps=steps(3000), log=_log, resume=args.resume)
+            metrics["itm"] = m
+            _log(f"== itm: {m['train_seconds']:.0f} s; hard negatives {json.dumps(m['hard_negatives'])}")
         elif group == "guided":
             m = measure_guided(out)
             metrics["sd_guided"] = m

@@ -42,3 +42,26 @@ def reconstruction_scores(reconstruct: Callable[[torch.Tensor], torch.Tensor], p
     scores = category_scores(prompts, judge(rec, prompts))
     scores["mse"] = float(((rec - x) ** 2).mean())
     return scores
+
+
+@torch.no_grad()
+def ranking_accuracy(score: Callable[[torch.Tensor, list[list[str]]], list[torch.Tensor]], per_category: int = 64,
+                     seed: int = HELD_OUT_SEED + 1, noise: float = 0.0) -> dict[str, float]:
+    """Per category, the share of held-out scenes for which ``score`` ranks the true prompt above every hard
+    negative of it (``negatives.hard_negatives``). ``score(images [N, 3, 64, 64] in [0, 1], texts per image)``
+    returns one score tensor per image (higher = better match)."""
+    from .negatives import hard_negatives
+
+    out = {}
+    gen = torch.Generator().manual_seed(seed)
+    for k, category in enumerate(CATEGORIES):
+        rng = np.random.default_rng([seed, k])
+        prompts = [random_prompt(category, rng) for _ in range(per_category)]
+        scenes = [scene_for(p, rng) for p in prompts]
+        x = torch.from_numpy(np.stack([draw_scene(sc) for sc in scenes])).permute(0, 3, 1, 2).float() / 255
+        if noise:
+            x = (x + noise * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        texts = [[p.text] + [q.text for q in hard_negatives(p, sc)] for p, sc in zip(prompts, scenes)]
+        scores = score(x, texts)
+        out[category] = sum(int(s.argmax() == 0) for s in scores) / per_category
+    return out

@@ -63,6 +63,14 @@ def template_mask(shape: str, box, height: int = RESOLUTION, width: int | None =
     raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
 
 
+def object_mask(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
+    """Boolean ``[H, W]``: the pixels of any of the scene's objects."""
+    m = np.zeros((resolution, resolution), dtype=bool)
+    for o in scene.objects:
+        m |= template_mask(o.shape, o.box, resolution)
+    return m
+
+
 def draw_scene(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
     """The scene as a uint8 ``[H, W, 3]`` image."""
     img = np.empty((resolution, resolution, 3), dtype=np.uint8)
@@ -199,5 +207,5 @@ def sample_scenes(n: int, generator=None, mix: dict[str, float] | None = None, r
     return SceneBatch(images, scenes, prompts, captions, specs)
 
 
-__all__ = ["CATEGORIES", "RELATIONS", "GAP", "Scene", "SceneObject", "SceneBatch", "template_mask", "draw_scene",
+__all__ = ["CATEGORIES", "RELATIONS", "GAP", "Scene", "SceneObject", "SceneBatch", "template_mask", "object_mask", "draw_scene",
            "relation_score", "relation_holds", "place_boxes", "scene_for", "sample_scenes", "TRAIN_MIX"]

@@ -72,3 +72,30 @@ def write_clip_tokenizer(folder: str | Path) -> Path:
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return folder
+
+
+def world_words() -> list[str]:
+    """Every word a toy-world caption uses (v2 templates and the v3 grammar), sorted."""
+    import re as _re
+
+    from .negatives import OPPOSITE
+    from .prompts import COUNT_WORDS, PLURALS
+    from .world import COLOURS, SHAPES, TEMPLATES
+
+    text = " ".join(TEMPLATES) + " " + " ".join(OPPOSITE) + " and an on a background"
+    words = set(_re.findall(r"[a-z]+", _re.sub(r"\{[a-z]+\}", " ", text)))
+    words |= set(COLOURS) | set(SHAPES) | set(PLURALS.values()) | set(COUNT_WORDS.values())
+    return sorted(words)
+
+
+def write_bert_tokenizer(folder: str | Path) -> Path:
+    """A word-level ``BertTokenizer`` of the toy world's words (``vocab.txt`` + config) in *folder*:
+    BERT's special tokens first, then every world word; anything else is ``[UNK]``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *world_words()]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 40,
+              "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder

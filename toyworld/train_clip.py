@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 from . import world
 from .negatives import hard_negatives
-from .prompts import CATEGORIES, Prompt, random_prompt
+from .prompts import Prompt
 from .rule import matches
-from .scenes import Scene, draw_scene, sample_scenes, scene_for, template_mask
+from .scenes import Scene, sample_scenes, template_mask
 from .tokenizer import write_clip_tokenizer
 from .train_state import Checkpointer
 
@@ -279,33 +279,26 @@ def match_matrix(specs: list, scenes: list[Scene]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_compositional(model, tokenizer, per_category: int = 64, seed: int = EVAL_SEED + 1,
-                           noise: float = 0.0) -> dict[str, float]:
-    """Zero-shot accuracy per category among hard negatives: for held-out scenes of each category, does
-    the model rank the true caption above every hard negative of it (``negatives.hard_negatives``)?"""
+def evaluate_compositional(model, tokenizer, per_category: int = 64, noise: float = 0.0) -> dict[str, float]:
+    """Zero-shot accuracy per category among hard negatives (``evaluation.ranking_accuracy``): cosine
+    similarity of the image with each caption."""
+    from .evaluation import ranking_accuracy
+
     model.eval()
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
     size = model.config.vision_config.image_size
-    out = {}
-    for category in CATEGORIES:
-        prompts = [random_prompt(category, rng) for _ in range(per_category)]
-        scenes = [scene_for(p, rng) for p in prompts]
-        x = torch.from_numpy(np.stack([draw_scene(sc) for sc in scenes])).permute(0, 3, 1, 2).float() / 255
-        if noise:
-            x = (x + noise * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+    def score(x: torch.Tensor, texts: list[list[str]]) -> list[torch.Tensor]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         img = model.get_image_features(pixel_values=normalise(x).to(next(model.parameters()).dtype))
         img = F.normalize(getattr(img, "pooler_output", img).float(), dim=-1)
-        right = 0
-        for i, (p, sc) in enumerate(zip(prompts, scenes)):
-            texts = [p.text] + [q.text for q in hard_negatives(p, sc)]
-            tok = tokenizer(texts, padding=True, return_tensors="pt")
+        out = []
+        for i, caps in enumerate(texts):
+            tok = tokenizer(caps, padding=True, return_tensors="pt")
             txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-            txt = F.normalize(getattr(txt, "pooler_output", txt).float(), dim=-1)
-            right += int((txt @ img[i]).argmax() == 0)
-        out[category] = right / per_category
-    return out
+            out.append(F.normalize(getattr(txt, "pooler_output", txt).float(), dim=-1) @ img[i])
+        return out
+
+    return ranking_accuracy(score, per_category, noise=noise)
 
 
 def _soft_clip_loss(logits_per_image: torch.Tensor, match: torch.Tensor) -> torch.Tensor:

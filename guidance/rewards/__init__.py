@@ -22,6 +22,7 @@ from .aesthetic import AestheticPredictor
 from .base import Reward, RewardLoadError, SharedResize, load_state_dict, resize_crop
 from .hps import HPSv2
 from .imagereward import ImageReward
+from .itm import ITMReward
 from .pickscore import CLIPReward, PickScore
 
 REWARDS: dict[str, type[Reward]] = {}
@@ -29,8 +30,9 @@ ALIASES = {"hpsv2": "hps", "hpsv2.1": "hps", "image_reward": "imagereward", "ima
            "laion_aesthetic": "aesthetic", "aesthetics": "aesthetic", "pick": "pickscore"}
 #: weight of each reward when ``=W`` is not given: ReNO's defaults (Eyring et al. 2024) for CLIP,
 #: PickScore, HPSv2.1 and ImageReward; the aesthetic weight is this project's choice (ReNO leaves
-#: it off by default): 0.1 makes one rating point weigh like 0.1 ImageReward standard deviations.
-DEFAULT_WEIGHTS = {"clip": 0.01, "pickscore": 0.05, "hps": 5.0, "imagereward": 1.0, "aesthetic": 0.1}
+#: it off by default): 0.1 makes one rating point weigh like 0.1 ImageReward standard deviations; the ITM
+#: log-odds (this project's addition) weigh 1.
+DEFAULT_WEIGHTS = {"clip": 0.01, "pickscore": 0.05, "hps": 5.0, "imagereward": 1.0, "aesthetic": 0.1, "itm": 1.0}
 
 
 def register_reward(name: str, cls: type[Reward], *, default_weight: float = 1.0) -> None:
@@ -43,7 +45,7 @@ def register_reward(name: str, cls: type[Reward], *, default_weight: float = 1.0
 
 
 for _name, _cls in (("clip", CLIPReward), ("pickscore", PickScore), ("hps", HPSv2), ("imagereward", ImageReward),
-                    ("aesthetic", AestheticPredictor)):
+                    ("aesthetic", AestheticPredictor), ("itm", ITMReward)):
     register_reward(_name, _cls)
 
 
@@ -109,5 +111,5 @@ def reward_metric(images, prompts=None, *, metric: str = "pickscore", reduction:
 
 __all__ = ["Reward", "RewardLoadError", "SharedResize", "REWARDS", "DEFAULT_WEIGHTS", "register_reward",
            "reward_class", "parse_reward_spec", "load_reward", "cached_reward", "reward_metric", "CLIPReward",
-           "PickScore", "HPSv2", "ImageReward", "AestheticPredictor", "load_state_dict", "resize_crop"]
+           "PickScore", "HPSv2", "ImageReward", "AestheticPredictor", "ITMReward", "load_state_dict", "resize_crop"]
 
