@@ -315,7 +315,11 @@ def test_train_toy_only_one_clip_trains_and_records_just_that_clip(tmp_path):
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
     assert list(metrics["runs"]) == ["clip_d"] and metrics["clip_d"]["steps"] == 1
     assert "clip_a" not in metrics and "clip_c" not in metrics
-    assert "## Toy CLIP D (`clip_d`" in (tmp_path / "TRAINING.md").read_text()
+    from toyworld.prompts import CATEGORIES
+
+    assert set(metrics["clip_d"]["hard_negatives"]["clean"]) == set(CATEGORIES)
+    report = (tmp_path / "TRAINING.md").read_text()
+    assert "## Toy CLIPs" in report and "- `clip_d` (guides" in report and "| `clip_d` (clean) |" in report
 
 
 def test_toy_sd_turbo_makes_a_64px_image_in_one_step_through_the_standard_pipeline():
@@ -367,9 +371,11 @@ def test_train_toy_only_sd_turbo_distils_from_the_sd_folder_and_records_it(tmp_p
     m = metrics["sd_turbo"]
     assert m["student"]["steps"] == 2 and m["teacher"]["n_pairs"] == 2  # 2400 and 2048, scaled by 0.001
     assert sorted(m["samples"]) == ["1", "2", "4"]
+    from toyworld.prompts import CATEGORIES
+
     for k, r in m["samples"].items():
-        assert r["steps"] == int(k) and r["guidance_scale"] == 0.0 and r["n_images"] == 64
-        assert set(r["judge_accuracy"]) == {"colour", "shape", "background", "all"}
+        assert r["steps"] == int(k) and r["guidance_scale"] == 0.0 and r["n_images"] == 16 * len(CATEGORIES)
+        assert set(r["judge_by_category"]) == {*CATEGORIES, "overall"}
     report = (tmp_path / "TRAINING.md").read_text()
     assert "## Toy SD-Turbo (`sd_turbo`" in report and "## Toy Stable Diffusion" not in report
 
@@ -393,7 +399,7 @@ def test_train_toy_sd_unet_steps_sets_the_toy_sd_unet_training_length(tmp_path):
                           capture_output=True, text=True, cwd=root, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
-    assert metrics["sd"]["unet"]["steps"] == 3 and metrics["sd"]["vae"]["steps"] == 2
+    assert metrics["sd"]["unet"]["steps"] == 3 and metrics["sd"]["vae"]["steps"] == 3
 
 
 def test_train_toy_refuses_an_out_folder_without_the_models_a_group_reads(tmp_path):

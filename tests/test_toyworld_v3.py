@@ -317,3 +317,38 @@ def test_evaluate_judges_a_folder_per_category_with_the_rule(tmp_path, capsys):
     groups = {s["group"]: s for s in data["summary"]}
     assert set(groups) == {"all", *CATEGORIES} and groups["counting"]["mean"] == 0.5 and groups["all"]["n"] == 10
     assert "counting" in capsys.readouterr().out
+
+
+def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_path):
+    """``train_toy.py --only itm``: a BlipForImageTextRetrieval folder with its processor; as the ``itm`` reward
+    its score is differentiable in the pixels and its reference (metric) form gives the same number on 8-bit
+    images."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from guidance.rewards import load_reward
+    from toyworld.paths import MODELS
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--only", "itm", "--steps-scale",
+                           "0.001", "--out", str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all((tmp_path / "itm" / f).is_file() for f in MODELS["itm"])
+    metrics = json.loads((tmp_path / "training_metrics.json").read_text())
+    assert metrics["itm"]["steps"] == 3 and set(metrics["itm"]["hard_negatives"]["clean"]) == set(CATEGORIES)
+    assert "## Toy image-text matching model (`itm`" in (tmp_path / "TRAINING.md").read_text()
+    reward = load_reward(f"itm:{tmp_path / 'itm'}")
+    p = prompt_set("tuning", 1)[4]
+    x = torch.from_numpy(draw_scene(scene_for(p, 0))).permute(2, 0, 1)[None].float() / 255
+    x.requires_grad_(True)
+    s = reward.score(x, p.text)
+    s.sum().backward()
+    assert s.shape == (1,) and x.grad.abs().sum() > 0
+    ref = reward.score_reference((x.detach() * 255).round().to(torch.uint8), [p.text])
+    assert ref.double() == pytest.approx(s.detach().double(), abs=1e-4)
+    from guidance.rewards import RewardLoadError
+
+    with pytest.raises(RewardLoadError, match="could not load the ITM model"):
+        load_reward(f"itm:{tmp_path}")

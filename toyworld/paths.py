@@ -16,7 +16,7 @@ MODELS: dict[str, tuple[str, ...]] = {
            "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
     "sd_turbo": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                  "tokenizer/vocab.json", "scheduler/scheduler_config.json"),
-    "itm": ("config.json", "model.safetensors", "vocab.txt", "preprocessor_config.json"),
+    "itm": ("config.json", "model.safetensors", "vocab.txt", "processor_config.json"),
 }
 RETRAIN = {**{name: "clip" for name in CLIPS}, "vqgan": "vqgan", "sd": "sd", "sd_turbo": "sd_turbo", "itm": "itm"}
 
