@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from toyworld import rule
 from toyworld.negatives import hard_negatives
 from toyworld.prompts import CATEGORIES, RELATIONS, Prompt, is_world_prompt, parse_prompt, prompt_set, random_prompt
-from toyworld.scenes import (GAP, Scene, SceneObject, draw_scene, place_boxes, relation_holds, relation_score,
+from toyworld.scenes import (GAP, Scene, SceneObject, draw_scene, relation_holds, relation_score,
                              sample_scenes, scene_for, template_mask)
 from toyworld.world import COLOURS, PALETTE, SHAPES
 

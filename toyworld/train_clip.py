@@ -87,10 +87,12 @@ RECIPES = {
         image_size=64, patch_size=8, vision_hidden=64, vision_layers=4, vision_heads=4,
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
+    # The judge: 8-px patches like A (with 16-px patches a 3-object scene falls into 16 tokens and the
+    # relations and colour binding stay near chance), wider and deeper than the guiding CLIPs.
     "clip_b": ClipRecipe(
         name="clip_b", seed=2002, steps=4000, batch_size=64, lr=1.5e-3,
-        image_size=64, patch_size=16, vision_hidden=64, vision_layers=3, vision_heads=4,
-        text_hidden=48, text_layers=3, text_heads=4, projection_dim=48,
+        image_size=64, patch_size=8, vision_hidden=96, vision_layers=4, vision_heads=4,
+        text_hidden=64, text_layers=4, text_heads=4, projection_dim=64,
     ),
     # Two more guiding CLIPs (the toy preset ensembles them with A; B stays the judge). Coarse 16-px
     # patches like B, but their own seeds and widths: an image optimised against A alone finds colour
@@ -491,7 +493,7 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             model.train()
             log(f"[{r.name}] step {step} hard-negative accuracy {acc}")
         ckpt.step_done(step, {"running": running})
-    train_time = time.perf_counter() - t0
+    train_time = ckpt.elapsed()  # over every resumed part of the run
     save_clip_folder(model, out_dir, r.image_size)
     ckpt.finish()
     # evaluate what was saved, loaded back through the public API

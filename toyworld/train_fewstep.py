@@ -111,7 +111,7 @@ def train_student(teacher_unet, text_encoder, tokenizer, zs, x0s, captions, step
         ckpt.step_done(step, {"ema": ema, "running": running})
     ckpt.finish()
     unet.load_state_dict(ema)
-    return unet.eval(), time.perf_counter() - t0
+    return unet.eval(), ckpt.elapsed()
 
 
 def save_turbo_pipeline(teacher, unet, folder: str | Path) -> None:

@@ -144,7 +144,7 @@ def train_itm(out_dir: str | Path, steps: int | None = None, log=print, resume: 
             log(f"[itm] step {step} ranking accuracy {evaluate(model, tokenizer, per_category=32)}")
             model.train()
         ckpt.step_done(step, {"running": running})
-    train_time = time.perf_counter() - t0
+    train_time = ckpt.elapsed()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(str(out_dir), safe_serialization=True)
     cfg = json.loads((out_dir / "config.json").read_text())

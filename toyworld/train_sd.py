@@ -132,7 +132,7 @@ def train_vae(steps: int = 1600, batch_size: int = 8, lr: float = 2e-3, kl_weigh
             log(f"[sd-vae] step {step}/{steps} rec {running:.4f} kl {kl.item():.2f} ({time.perf_counter() - t0:.0f}s)")
         ckpt.step_done(step, {"running": running})
     ckpt.finish()
-    return vae.eval(), time.perf_counter() - t0
+    return vae.eval(), ckpt.elapsed()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def train_unet(vae, text_encoder, tokenizer, steps: int = 1300, batch_size: int 
         ckpt.step_done(step, {"ema": ema, "running": running})
     ckpt.finish()
     unet.load_state_dict(ema)
-    return unet.eval(), scaling, time.perf_counter() - t0
+    return unet.eval(), scaling, ckpt.elapsed()
 
 
 # ---------------------------------------------------------------------------------------------

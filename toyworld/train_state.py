@@ -121,11 +121,15 @@ class Checkpointer:
         self.objects, self.np_rng, self.generators, self.log = objects or {}, np_rng, generators or {}, log
 
     def start(self) -> tuple[int, dict]:
+        import time
+
+        self._t0, self._before = time.perf_counter(), 0.0
         if not (self.resume and self.folder):
             return 0, {}
         state = load_state(self.folder, self.name)
         if state is None:
             return 0, {}
+        self._before = float(state.get("elapsed", 0.0))
         for k, obj in self.objects.items():
             obj.load_state_dict(state["objects"][k])
         restore_rng(state["rng"], self.np_rng, self.generators)
@@ -135,8 +139,14 @@ class Checkpointer:
     def step_done(self, step: int, extra: dict | None = None) -> None:
         if self.folder and self.every and (step + 1) % self.every == 0:
             save_state(self.folder, self.name, {
-                "step": step, "objects": {k: obj.state_dict() for k, obj in self.objects.items()},
+                "step": step, "elapsed": self.elapsed(), "objects": {k: obj.state_dict() for k, obj in self.objects.items()},
                 "rng": rng_state(self.np_rng, self.generators), "extra": extra or {}})
+
+    def elapsed(self) -> float:
+        """Seconds this loop has trained, over every resumed part of it."""
+        import time
+
+        return self._before + time.perf_counter() - self._t0
 
     def finish(self) -> None:
         if self.folder:

@@ -217,7 +217,7 @@ def train_vqgan(out_dir: str | Path, steps: int = 2500, batch_size: int = 8, lr:
             live = int((usage > 0.03).sum())
             log(f"[vqgan] step {step}/{steps} rec {running:.4f} vq {vq_loss.item():.4f} live codes {live} ({time.perf_counter() - t0:.0f}s)")
         ckpt.step_done(step, {"usage": usage, "recent": recent, "restarts": restarts, "running": running})
-    train_time = time.perf_counter() - t0
+    train_time = ckpt.elapsed()
     save_vqgan(model, out_dir)
     ckpt.finish()
     metrics = evaluate(load_vqgan(out_dir))
