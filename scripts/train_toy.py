@@ -38,9 +38,6 @@ from toyworld.prompts import CATEGORIES  # noqa: E402
 
 GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "itm", "guided")
 # the model folders each group reads from --out (trained earlier in the same run, or already there)
-NEEDS = {"sd": ("clip_a",), "sd_turbo": ("sd",), "guided": ("sd", "clip_a", "clip_c", "clip_d")}
-GROUP_MODELS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd",), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
-                "guided": ("sd_guided",)}
 
 
 def _log(msg: str) -> None:
@@ -67,13 +64,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def _train_clip_job(name: str, folder: str, n_steps: int, threads: int, resume: bool) -> dict:
-    torch.set_num_threads(threads)
-    from toyworld.train_clip import train_clip
-
-    return train_clip(name, folder, log=_log, steps=n_steps, eval_every=500, resume=resume)
 
 
 def measure_guided(out: Path, per_category: int = 8) -> dict:
@@ -245,6 +235,68 @@ def write_report(out: Path, metrics: dict) -> str:
     return text
 
 
+# One task per model (the sd group is two: its VAE needs no text encoder, so it trains while CLIP A does).
+# Tasks run side by side on --jobs processes (one torch thread each), the first ready task of PRIORITY first:
+# the chain clip_a -> sd -> sd_turbo -> guided is the longest, so its links start as soon as they can.
+TASK_DEPS = {"clip_a": (), "clip_b": (), "clip_c": (), "clip_d": (), "vqgan": (), "sd_vae": (), "itm": (),
+             "sd": ("clip_a", "sd_vae"), "sd_turbo": ("sd",), "guided": ("sd", "clip_a", "clip_c", "clip_d")}
+PRIORITY = ("clip_a", "sd_vae", "sd", "sd_turbo", "clip_b", "clip_c", "clip_d", "itm", "vqgan", "guided")
+GROUP_TASKS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd_vae", "sd"), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
+               "guided": ("guided",)}
+STEPS = {"vqgan": 2500, "sd_vae": 3000, "itm": 3000, "sd_turbo_pairs": 2048, "sd_turbo": 2400}
+
+
+def run_task(name: str, out: str, scale: float, unet_steps: int, threads: int, resume: bool) -> tuple[str, dict, float]:
+    """Train one task's model (in a worker process); returns (task, metrics to record, wall seconds)."""
+    torch.set_num_threads(threads)
+    out = Path(out)
+    t0 = time.perf_counter()
+
+    def steps(n: int) -> int:
+        return max(1, round(n * scale))
+
+    if name in CLIPS:
+        from toyworld.train_clip import RECIPES, train_clip
+
+        m = {name: train_clip(name, out / name, log=_log, steps=steps(RECIPES[name].steps), eval_every=500, resume=resume)}
+        _log(f"== {name}: {m[name]['train_seconds']:.0f} s; hard negatives {json.dumps(m[name]['hard_negatives'])}")
+    elif name == "vqgan":
+        from toyworld.train_vqgan import train_vqgan
+
+        m = {"vqgan": train_vqgan(out / "vqgan", steps=steps(STEPS["vqgan"]), log=_log, resume=resume)}
+        _log(f"== vqgan: PSNR {m['vqgan']['psnr_db']:.2f} dB; judged by category {json.dumps(m['vqgan']['judge_by_category'])}")
+    elif name == "sd_vae":
+        from toyworld.train_sd import vae_stage
+
+        vae_stage(out / "sd", steps(STEPS["sd_vae"]), log=_log, resume=resume)
+        m = {}
+    elif name == "sd":
+        from toyworld.train_sd import train_sd
+
+        # the VAE task of this run left the VAE in sd/.training/vae: train_sd picks it up
+        m = {"sd": train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(STEPS["sd_vae"]),
+                            unet_steps=steps(unet_steps), log=_log, resume=resume, vae_ready=True)}
+        _log(f"== sd: samples judged {json.dumps(m['sd']['samples']['judge_by_category'])}")
+    elif name == "sd_turbo":
+        from toyworld.train_fewstep import train_fewstep
+
+        m = {"sd_turbo": train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(STEPS["sd_turbo_pairs"]),
+                                       steps=steps(STEPS["sd_turbo"]), log=_log, resume=resume)}
+        _log("== sd_turbo: " + "; ".join(f"{k} steps {json.dumps(r['judge_by_category'])}"
+                                         for k, r in m["sd_turbo"]["samples"].items()))
+    elif name == "itm":
+        from toyworld.train_itm import train_itm
+
+        m = {"itm": train_itm(out / "itm", steps=steps(STEPS["itm"]), log=_log, resume=resume)}
+        _log(f"== itm: hard negatives {json.dumps(m['itm']['hard_negatives'])}")
+    elif name == "guided":
+        m = {"sd_guided": measure_guided(out)}
+        _log(f"== guided: {json.dumps({k: r['judge_by_category'] for k, r in m['sd_guided']['rows'].items()})}")
+    else:  # pragma: no cover - TASK_DEPS lists every task
+        raise KeyError(name)
+    return name, m, time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=GROUPS + CLIPS,
@@ -255,25 +307,30 @@ def main(argv=None) -> int:
     ap.add_argument("--sd-unet-steps", type=int, default=5000, metavar="N",
                     help="training steps of the toy SD's UNet (default 5000, the committed weights)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a shared, busy machine one thread is several times "
-                         "faster than oversubscribed cores; the thread count is recorded)")
+                    help="torch CPU threads per training process (default 1: with --jobs processes side by side one "
+                         "thread each is fastest; the thread count is recorded)")
+    ap.add_argument("--jobs", type=int, default=2, metavar="N",
+                    help="models trained side by side, one process each (default 2, one per core of the reference "
+                         "machine); the results do not depend on it")
     ap.add_argument("--resume", action="store_true",
-                    help="continue each group from its last checkpoint in --out (written every few hundred steps); "
+                    help="continue each model from its last checkpoint in --out (written every 200 steps); "
                          "a resumed run ends with the same weights as an uninterrupted one")
     ap.add_argument("--report-only", action="store_true",
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
     if args.sd_unet_steps < 1:
         ap.error(f"--sd-unet-steps is {args.sd_unet_steps}; give at least 1 (the committed weights use 5000)")
+    if args.jobs < 1:
+        ap.error(f"--jobs is {args.jobs}; give at least 1")
     torch.set_num_threads(args.threads)
     only = args.only or list(GROUPS)
-    clips = [c for c in CLIPS if "clip" in only or c in only]
-    groups = [g for g in GROUPS if g in only or (g == "clip" and clips)]
+    tasks = [t for g in GROUPS if g in only for t in GROUP_TASKS[g]]
+    tasks += [c for c in CLIPS if c in only and c not in tasks]
     out: Path = args.out
-    made = set(clips) | set(groups)
-    for group in groups:
-        missing = [name for name in NEEDS.get(group, ()) if name not in made and not (out / name).is_dir()]
+    for task in tasks:
+        missing = [d for d in TASK_DEPS[task] if d not in tasks and d != "sd_vae" and not (out / d).is_dir()]
         if missing:
+            group = next(g for g, ts in GROUP_TASKS.items() if task in ts)
             ap.error(f"--only {group} reads {', '.join(missing)} from {out}, which has none; copy the weights there "
                      f"first (cp -r toyworld/weights/. {out}) or train {', '.join(missing)} in the same run")
     out.mkdir(parents=True, exist_ok=True)
@@ -282,86 +339,36 @@ def main(argv=None) -> int:
     if args.report_only:
         _log(write_report(out, metrics))
         return 0
-    metrics.setdefault("runs", {})
-    machine = f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} (threads={torch.get_num_threads()})"
-    scale = args.steps_scale
+    machine = f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} (threads={args.threads}, jobs={args.jobs})"
+    _log(f"training {', '.join(tasks)} into {out} ({args.jobs} at a time)")
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    def steps(n: int) -> int:
-        return max(1, round(n * scale))
-
-    for group in groups:
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        if group == "clip":
-            from toyworld.train_clip import RECIPES
-
-            # the CLIPs are independent: train them side by side, one process (and thread) each
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(2, len(clips))) as pool:
-                jobs = {name: pool.apply_async(_train_clip_job, (name, str(out / name), steps(RECIPES[name].steps), args.threads, args.resume))
-                        for name in clips}
-                results = {name: job.get() for name, job in jobs.items()}
-            for name in clips:
-                m = results[name]
-                metrics[name] = m
-                zs = m["zero_shot"]["clean"]
-                _log(f"== {name}: {m['train_seconds']:.0f} s; zero-shot clean colour {_pct(zs['colour'])} "
-                     f"shape {_pct(zs['shape'])} background {_pct(zs['background'])}; "
-                     f"hard negatives {json.dumps(m['hard_negatives'])}")
-        elif group == "vqgan":
-            from toyworld.train_vqgan import train_vqgan
-
-            m = train_vqgan(out / "vqgan", steps=steps(2500), log=_log, resume=args.resume)
-            metrics["vqgan"] = m
-            _log(f"== vqgan: {m['train_seconds']:.0f} s; PSNR {m['psnr_db']:.2f} dB (MSE {m['mse']:.5f}); "
-                 f"{m['codes_used']}/{m['n_embed']} codes used, perplexity {m['perplexity']:.1f}; "
-                 f"judged by category {json.dumps(m['judge_by_category'])}")
-        elif group == "sd":
-            from toyworld.train_sd import train_sd
-
-            m = train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(3000), unet_steps=steps(args.sd_unet_steps), log=_log,
-                         resume=args.resume)
-            metrics["sd"] = m
-            _log(f"== sd: {m['train_seconds']:.0f} s (vae {m['vae']['train_seconds']:.0f} s, unet {m['unet']['train_seconds']:.0f} s); "
-                 f"vae PSNR {m['vae']['psnr_db']:.2f} dB, judge on reconstructions {json.dumps(m['vae']['judge_by_category'])}; "
-                 f"samples judged {json.dumps(m['samples']['judge_by_category'])}")
-        elif group == "itm":
-            from toyworld.train_itm import train_itm
-
-            m = train_itm(out / "itm", steps=steps(3000), log=_log, resume=args.resume)
-            metrics["itm"] = m
-            _log(f"== itm: {m['train_seconds']:.0f} s; hard negatives {json.dumps(m['hard_negatives'])}")
-        elif group == "guided":
-            m = measure_guided(out)
-            metrics["sd_guided"] = m
-            _log(f"== guided: {json.dumps({k: r['judge_by_category'] for k, r in m['rows'].items()})}")
-        elif group == "sd_turbo":
-            from toyworld.train_fewstep import train_fewstep
-
-            m = train_fewstep(out / "sd_turbo", teacher_folder=out / "sd", n_pairs=steps(2048), steps=steps(2400), log=_log,
-                              resume=args.resume)
-            metrics["sd_turbo"] = m
-            _log(f"== sd_turbo: {m['train_seconds']:.0f} s (teacher samples {m['teacher']['seconds']:.0f} s, "
-                 f"student {m['student']['seconds']:.0f} s); judged at 1/2/4 steps: "
-                 + "; ".join(f"{k}: {json.dumps(r['judge_by_category'])}" for k, r in m["samples"].items()))
-        run = {
-            "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "wall_seconds": time.perf_counter() - t0,
-            "machine": machine,
-            "loadavg_start": load0,
-            "loadavg_end": os.getloadavg(),
-            "steps_scale": scale,
-        }
-        # re-read before writing so that concurrent `--only` runs do not drop each other's figures
-        latest = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        # a part of the clip group retrained alone is recorded as its own run ("clip_c"), not as the group's
-        key = group if group != "clip" or list(clips) == list(CLIPS) else "+".join(clips)
-        latest.setdefault("runs", {})[key] = run
-        for name in (clips if group == "clip" else GROUP_MODELS[group]):
-            latest[name] = metrics[name]
-        metrics = latest
-        metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")
-        write_report(out, metrics)
+    pending, running, done = list(tasks), {}, set()
+    started = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            ready = [t for t in PRIORITY if t in pending and all(d in done or d not in tasks for d in TASK_DEPS[t])]
+            while ready and len(running) < args.jobs:
+                task = ready.pop(0)
+                pending.remove(task)
+                started[task] = (time.perf_counter(), os.getloadavg())
+                running[pool.submit(run_task, task, str(out), args.steps_scale, args.sd_unet_steps, args.threads,
+                                    args.resume)] = task
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                name, recorded, wall = future.result()  # a failed task stops the run with its error
+                done.add(name)
+                # re-read before writing so that concurrent `--only` runs do not drop each other's figures
+                latest = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+                latest.setdefault("runs", {})[name] = {
+                    "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "wall_seconds": wall,
+                    "machine": machine, "loadavg_start": started[name][1], "loadavg_end": os.getloadavg(),
+                    "steps_scale": args.steps_scale}
+                latest.update(recorded)
+                metrics = latest
+                metrics_path.write_text(json.dumps(metrics, indent=1, default=float) + "\n")
+                write_report(out, metrics)
     _log("")
     _log(write_report(out, metrics))
     return 0

@@ -352,14 +352,15 @@ def vae_stage(out_dir: str | Path, vae_steps: int = 3000, log=print, resume: boo
 
 
 def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000, unet_steps: int = 5000,
-             log=print, resume: bool = False) -> dict:
+             log=print, resume: bool = False, vae_ready: bool = False) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate. With
-    ``resume`` a stopped run continues where it stopped (a finished VAE is kept in ``out_dir/.training``)."""
+    ``resume`` a stopped run continues where it stopped (a finished VAE is kept in ``out_dir/.training``);
+    ``vae_ready``: :func:`vae_stage` has just trained the VAE (``train_toy.py`` runs it as its own task)."""
     from transformers import CLIPTokenizer
 
     out_dir = Path(out_dir)
     checkpoints = out_dir / ".training"
-    vae, vae_time = vae_stage(out_dir, vae_steps, log=log, resume=resume)
+    vae, vae_time = vae_stage(out_dir, vae_steps, log=log, resume=resume or vae_ready)
     vae_metrics = evaluate_vae(vae)
     log(f"[sd-vae] held-out PSNR {vae_metrics['psnr_db']:.2f} dB, judge on reconstructions "
         f"{vae_metrics['judge_on_reconstructions']}")
