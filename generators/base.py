@@ -34,7 +34,6 @@ from typing import Any, Callable, ClassVar
 import torch
 
 SEED_MAX = 2**64 - 1
-STREAMS = ("init", "objective")
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
@@ -195,4 +194,4 @@ def field_default(f) -> Any:
 
 
 __all__ = ["Generator", "GenerationResult", "StepInfo", "StepCallback", "option", "check_seed", "stream_seed",
-           "seed_generator", "SEED_MAX", "STREAMS", "field_default"]
+           "seed_generator", "SEED_MAX", "field_default"]

@@ -161,23 +161,23 @@ def test_generate_with_reward_and_evaluate_held_out(tmp_path, folders):
     from generators.run import generate
     from generators.cli import main as cli_main  # noqa: F401 - the CLI parses --reward (below)
     from scripts.evaluate import main as evaluate_main
-    from toyworld.paths import clip_b_dir, clip_c_dir
+    from toyworld.paths import weights_dir
 
     run = generate(CAPTION, backend="pixels", preset="toy", seed=0, iterations=3, out=str(tmp_path / "runs"),
-                   progress=False, rewards=[f"pickscore:{clip_c_dir()}=0.05"])
+                   progress=False, rewards=[f"pickscore:{weights_dir('clip_c')}=0.05"])
     meta = json.loads((run.path / "run.json").read_text())
     assert meta["steered_by"] == ["pickscore"] and len(meta["reward_scores"]["pickscore"]) == 3
     assert meta["rewards"][0]["weight"] == 0.05
     out = tmp_path / "m.json"
-    rc = evaluate_main([str(tmp_path / "runs"), "--metric", f"clip_score:{clip_b_dir()}", "--metric",
-                        f"pickscore:{clip_c_dir()}", "--held-out", "--json", str(out), "--no-progress"])
+    rc = evaluate_main([str(tmp_path / "runs"), "--metric", f"clip_score:{weights_dir('clip_b')}", "--metric",
+                        f"pickscore:{weights_dir('clip_c')}", "--held-out", "--json", str(out), "--no-progress"])
     assert rc == 0
     doc = json.loads(out.read_text())
     row = doc["rows"][0]
-    assert row[f"clip_score:{clip_b_dir()}"] == pytest.approx(run.clip_score, abs=1e-3)
+    assert row[f"clip_score:{weights_dir('clip_b')}"] == pytest.approx(run.clip_score, abs=1e-3)
     groups = {(s["metric"], s["group"]): s["n"] for s in doc["summary"]}
-    assert groups[(f"pickscore:{clip_c_dir()}", "steered")] == 1
-    assert groups[(f"clip_score:{clip_b_dir()}", "held-out")] == 1
+    assert groups[(f"pickscore:{weights_dir('clip_c')}", "steered")] == 1
+    assert groups[(f"clip_score:{weights_dir('clip_b')}", "held-out")] == 1
     assert evaluate_main([str(tmp_path / "runs"), "--metric", "pickscore=2", "--no-progress"]) == 2
 
 

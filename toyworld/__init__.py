@@ -15,7 +15,7 @@ from .world import (
     sample,
 )
 from .judge import Judgement, judge, judge_batch
-from .paths import ToyWeightsMissing, clip_a_dir, clip_b_dir, clip_c_dir, clip_d_dir, sd_dir, vqgan_dir, weights_dir
+from .paths import ToyWeightsMissing, weights_dir
 
 __all__ = [
     "COLOURS",
@@ -32,11 +32,5 @@ __all__ = [
     "judge",
     "judge_batch",
     "ToyWeightsMissing",
-    "clip_a_dir",
-    "clip_b_dir",
-    "clip_c_dir",
-    "clip_d_dir",
-    "sd_dir",
-    "vqgan_dir",
     "weights_dir",
 ]

@@ -43,39 +43,3 @@ def weights_dir(name: str, check: bool = True) -> Path:
                 f"recreate it with `python scripts/train_toy.py --only {RETRAIN[name]}`"
             )
     return folder
-
-
-def clip_a_dir() -> Path:
-    """Toy CLIP A: transformers ``CLIPModel`` folder with tokenizer and image processor."""
-    return weights_dir("clip_a")
-
-
-def clip_b_dir() -> Path:
-    """Toy CLIP B (a second, independently trained CLIP -- the judge's CLIP; it never guides)."""
-    return weights_dir("clip_b")
-
-
-def clip_c_dir() -> Path:
-    """Toy CLIP C: a second guiding CLIP (own seed and size), ensembled with A and D by the toy preset."""
-    return weights_dir("clip_c")
-
-
-def clip_d_dir() -> Path:
-    """Toy CLIP D: a third guiding CLIP (own seed and size), ensembled with A and C by the toy preset."""
-    return weights_dir("clip_d")
-
-
-def vqgan_dir() -> Path:
-    """Toy VQGAN: taming ``config.yaml`` + ``model.safetensors``."""
-    return weights_dir("vqgan")
-
-
-def sd_dir() -> Path:
-    """Toy Stable Diffusion: a diffusers ``StableDiffusionPipeline`` folder."""
-    return weights_dir("sd")
-
-
-def sd_turbo_dir() -> Path:
-    """Toy SD-Turbo: a few-step (1-4) student of the toy SD, a diffusers ``StableDiffusionPipeline``
-    folder with a trailing-timestep DDIM scheduler; sample it with ``guidance_scale=0``."""
-    return weights_dir("sd_turbo")

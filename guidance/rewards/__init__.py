@@ -101,15 +101,7 @@ def cached_reward(spec: str, *, device=None, precision=None) -> Reward:
                                                      precision=precision))
 
 
-def reward_metric(images, prompts=None, *, metric: str = "pickscore", reduction: str = "none", device=None,
-                  precision=None):
-    """Metric mode: reward scores with the reference preprocessing (``[N]`` float64 or their mean)."""
-    reward = cached_reward(metric, device=device, precision=precision)
-    scores = reward.score_reference(images, prompts)
-    return scores.mean() if reduction == "mean" else scores
-
-
 __all__ = ["Reward", "RewardLoadError", "SharedResize", "REWARDS", "DEFAULT_WEIGHTS", "register_reward",
-           "reward_class", "parse_reward_spec", "load_reward", "cached_reward", "reward_metric", "CLIPReward",
+           "reward_class", "parse_reward_spec", "load_reward", "cached_reward", "CLIPReward",
            "PickScore", "HPSv2", "ImageReward", "AestheticPredictor", "ITMReward", "load_state_dict", "resize_crop"]
 

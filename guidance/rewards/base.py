@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -347,8 +347,6 @@ def set_precision(module: torch.nn.Module, device, precision) -> tuple[torch.dev
     module.to(device=dev, dtype=dtype)
     return dev, dtype
 
-
-LoadFn = Callable[..., Reward]
 
 __all__ = ["Reward", "SharedResize", "RewardLoadError", "resize_crop", "load_state_dict", "hub_file", "find_weights",
            "check_local", "require", "set_precision", "INSTALL_HINT"]
