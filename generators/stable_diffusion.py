@@ -25,10 +25,11 @@ model outputs are refused).
 
 Speed: every weight is frozen, the CFG UNet output is reused, and by default
 (``guidance_gradient="x0"``) the gradient stops at the clean estimate, so a guided step costs
-one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"``
-backpropagates through the UNet as the diffusers community CLIP-guided pipeline does, but runs
-the text-conditional UNet pass once (with gradients) and reuses it for CFG, where that pipeline
-runs it twice.
+one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"`` and
+``"community"`` backpropagate through the UNet as the diffusers community CLIP-guided pipeline does, but
+run the text-conditional UNet pass once (with gradients) and reuse it for CFG, where that pipeline
+runs it twice. Guiders that differentiate the CFG-combined output (``--guidance-prediction cfg``, the
+default of dps, freedom, ugd and tfg, as their reference SD samplers) backpropagate through both CFG passes.
 
 Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
 arithmetic, the VAE weights and the guidance gradient stay float32. In half precision the guidance decode
