@@ -1,4 +1,4 @@
-"""Each guider's default settings, by profile (``--guider-defaults``): clipsteer's own, the reference's, the toy world's.
+"""Each guider's default settings by profile (``--guider-defaults``): clipsteer's own, the reference's, the toy's.
 
 A guider's settings (its strength ``clip_guidance_scale``, its gradient and step-size rules, TFG's
 schedules and smoothing, the sampler's eta) left unset (``None``) by the user, the config file and

@@ -268,7 +268,7 @@ class CLIPGuider(Guider):
             community = self.gradient == "community"
             grad, out, loss, _ = _full_gradient(self, step, blend=community and not step.sigma_frame)
             if community and step.sigma_frame:
-                # cond_fn: latents += sigma^2 * grads, grads = -scale * d loss / dx, x = z / sqrt(ab), sigma^2 = (1-ab)/ab
+                # cond_fn: latents += sigma^2 * grads, grads = -scale * dL/dx; x = z / sqrt(ab), sigma^2 = (1-ab)/ab
                 self._moves = {step.index: -self.strength(step.index) * (1 - ab) / ab.sqrt() * grad}
                 return out, torch.zeros_like(out), loss
         delta_eps = self.strength(step.index) * (1 - ab).sqrt() * grad   # Dhariwal & Nichol eq. 14
@@ -594,7 +594,8 @@ class TFGGuider(_BackwardOptions, Guider):
     def describe(self) -> dict[str, Any]:
         on = self.enabled
         return {**super().describe(), "backward_steps": self.backward_steps if on else 0,
-                "backward_lr": self.backward_lr if on else None, "smoothing": self.smoothing if on else None}
+                "backward_lr": self.backward_lr if on else None, "smoothing": self.smoothing if on else None,
+                "guidance_prediction": self.prediction if on else None}
 
 
 GUIDERS: dict[str, type[Guider]] = {"none": Guider, "clip": CLIPGuider, "dps": DPSGuider, "mpgd": MPGDGuider,
@@ -640,4 +641,5 @@ def setup_guider(guider: Guider, num_steps: int, tables) -> None:
 
 __all__ = ["Guider", "CLIPGuider", "DPSGuider", "MPGDGuider", "FreeDoMGuider", "UGDGuider", "TFGGuider",
            "GuidedStep", "Denoiser", "GUIDERS", "register_guider", "make_guider", "guided_steps",
-           "setup_guider", "guided_scheduler_step", "SCHEDULES", "PREDICTIONS", "STEP_RULES", "schedule_weights", "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]
+           "setup_guider", "guided_scheduler_step", "SCHEDULES", "PREDICTIONS", "STEP_RULES", "schedule_weights",
+           "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]

@@ -53,7 +53,8 @@ class NoiseSettings(OptimiseSettings):
     learning_rate: float = option(5.0, "optimiser learning rate (ReNO: 5 with SGD)", flag="--lr", above=0)
     optimizer: str = option("SGD", "torch optimiser (SGD runs with Nesterov momentum 0.9, as ReNO)",
                             aliases=["--optimiser"])
-    grad_clip: float | None = option(0.1, "clip the gradient norm of each image's noise to this value, as ReNO (none: no clipping)",
+    grad_clip: float | None = option(0.1, "clip the gradient norm of each image's noise to this value, as ReNO "
+                                          "(none: no clipping)",
                                      above=0)
     keep_best: bool = option(True, "return the best iterate by the objective, not the last one")
     sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise (SD 1.x/2.x, SDXL e.g. "
