@@ -197,6 +197,23 @@ def test_every_guider_at_scale_0_is_plain_diffusers(pipe, clip_loss, guider, sch
     torch.testing.assert_close(result.images, reference(pipe, 3, 3), rtol=0, atol=1e-6)
 
 
+def test_ddim_eta_reaches_the_scheduler_as_the_pipelines_eta(pipe, clip_loss):
+    """--ddim-eta 1 (the TFG-family papers' sampler) at scale 0 is the pipeline's own DDIM with eta 1."""
+    result = make(pipe, scheduler="ddim", clip_guidance_scale=0.0, ddim_eta=1.0).generate(clip_loss, seed=4)
+    from diffusers import DDIMScheduler
+
+    plain = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(plain.config)
+    try:
+        expected = pipe(PROMPT, num_inference_steps=3, eta=1.0, output_type="pt",
+                        generator=torch.Generator().manual_seed(4)).images
+    finally:
+        pipe.scheduler = plain
+    torch.testing.assert_close(result.images, expected, rtol=0, atol=1e-6)
+    deterministic = make(pipe, scheduler="ddim", clip_guidance_scale=0.0).generate(clip_loss, seed=4)
+    assert (deterministic.images - result.images).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("gradient", ["x0", "full"])
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++"])
 def test_ugd_with_recurrence_1_and_no_backward_steps_is_todays_rule(pipe, clip_loss, gradient, scheduler):
