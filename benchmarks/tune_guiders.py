@@ -35,6 +35,8 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "tune_guiders.json"
 TUNING_SEEDS = (SEED_BASES["tuning"],)
 MODELS = ("clip_a", "clip_c", "clip_d", "sd")
 RECURRENT = {"scheduler": "ddim"}   # self-recurrence needs a scheduler whose step can be repeated
+# the rows written before each guider had its own defaults (generators/guider_defaults.py) meant a constant mu
+CONSTANT_MU = {"backward_schedule": "constant"}
 
 # name -> list of (guider, options). "clip" at the preset's own settings is today's rule (the baseline).
 GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -45,7 +47,7 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         *[("mpgd", {"clip_guidance_scale": s}) for s in (1.0, 10.0, 100.0)],
         *[("freedom", {"clip_guidance_scale": s}) for s in (0.1, 0.5, 2.0)],
         *[("ugd", {"backward_steps": 2, "backward_lr": lr}) for lr in (1.0, 10.0, 100.0)],
-        *[("tfg", {"clip_guidance_scale": s, "backward_steps": 1, "backward_lr": lr})
+        *[("tfg", {"clip_guidance_scale": s, "backward_steps": 1, "backward_lr": lr, **CONSTANT_MU})
           for s, lr in ((1.0, 1.0), (10.0, 10.0))],
     ],
     # one or two settings per guider around the probe's best strengths (what fits ~10 CPU minutes)
@@ -57,15 +59,16 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("freedom", {"clip_guidance_scale": 0.5}),
         ("ugd", {"backward_steps": 2, "backward_lr": 1.0}),
         ("ugd", {"backward_steps": 2, "backward_lr": 1.0, "recurrence": 2, **RECURRENT}),
-        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 1.0}),
-        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 1.0, "recurrence": 2, **RECURRENT}),
+        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 1.0, **CONSTANT_MU}),
+        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 1.0, "recurrence": 2, **RECURRENT,
+                 **CONSTANT_MU}),
         ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 3.0, "smoothing": 0.1,
                  "backward_schedule": "increasing"}),
     ],
     # a second pass after comparing the size of each guider's change of x_{t-1} with the clip rule's
     # (rho ~1 matches it at the noisy steps; mu ~10 in the middle; mu grows late, hence decreasing)
     "calibrated": [
-        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 10.0}),
+        ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 10.0, **CONSTANT_MU}),
         ("tfg", {"clip_guidance_scale": 1.0, "backward_steps": 2, "backward_lr": 10.0,
                  "backward_schedule": "decreasing"}),
         ("tfg", {"clip_guidance_scale": 3.0, "backward_steps": 2, "backward_lr": 10.0, "smoothing": 0.1,

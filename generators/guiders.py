@@ -29,6 +29,11 @@ from .sd_guidance import clean_estimate, clip_gradient, output_correction
 HALF_LOSS_SCALE = 2.0 ** 10
 SCHEDULES = ("constant", "increasing", "decreasing")
 SMOOTHING_SCHEDULES = ("constant", "decreasing")
+# what a guider that backpropagates through the UNet differentiates: the CFG-combined output (the SD samplers of
+# Training-Free-Guidance, FreeDoM and Universal Guidance) or the text-conditional pass alone (the community pipeline)
+PREDICTIONS = ("cfg", "conditional")
+# how DPS/FreeDoM size their step on x_{t-1} (see DPSGuider)
+STEP_RULES = ("scale", "loss", "relative", "cfg")
 
 
 def guided_steps(num_steps: int, *, start: float = 0.0, end: float = 1.0, every: int = 1) -> list[int]:
@@ -42,14 +47,16 @@ def guided_steps(num_steps: int, *, start: float = 0.0, end: float = 1.0, every:
 class Denoiser:
     """The model as a guider sees it, at one timestep (all outputs float32, in the model's parametrisation).
 
-    ``__call__(z)``: the classifier-free-guided output, no gradients. ``conditional(z)``: the
-    text-conditional output, differentiable in ``z``. ``combine(z, cond)``: the CFG output given
-    an already computed conditional output (only the unconditional pass is run).
+    ``__call__(z)``: the classifier-free-guided output (differentiable in ``z`` under ``torch.enable_grad``).
+    ``conditional(z)``: the text-conditional output, differentiable in ``z``. ``combine(z, cond)``: the CFG
+    output given an already computed conditional output (only the unconditional pass is run).
+    ``unconditional(z)``: the unconditional output (``None``: the run has no classifier-free guidance).
     """
 
     guided: Callable[[torch.Tensor], torch.Tensor]
     conditional: Callable[[torch.Tensor], torch.Tensor]
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    unconditional: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.guided(z)
@@ -218,58 +225,83 @@ def smoothed_loss(objective, decode, x0: torch.Tensor, *, step: int, generator, 
 class CLIPGuider(Guider):
     """Classifier guidance with an objective's gradient (Dhariwal & Nichol 2021, eq. 14:
     ``eps' = eps + scale * sqrt(1 - ab) * grad_z loss``), the rule of the diffusers community CLIP-guided
-    pipeline and Disco Diffusion.
+    pipeline (``examples/community/clip_guided_stable_diffusion.py``, ``cond_fn``) and Disco Diffusion.
 
-    ``gradient="x0"``: the gradient is taken at the clean estimate with the model output held fixed
-    (no UNet backward; as MPGD, He et al. 2024). ``gradient="full"``: backpropagated through the UNet's
-    text-conditional pass, which is run once and reused for CFG.
+    ``gradient="community"``: the community pipeline's rule exactly: the gradient through the UNet pass
+    (``prediction``; the pipeline's is the text-conditional one), the loss scored on the blend
+    ``sqrt(1-ab) x0 + (1 - sqrt(1-ab)) z`` on VP schedulers (DDIM, PNDM, DPM++, UniPC), and on sigma
+    schedulers (LMS, Euler, Euler ancestral) on ``x0`` with the latents moved by ``-scale * sigma^2 *
+    grad_x loss`` and the model output left as it is (added to the sample the scheduler's step returns:
+    the same for eps-prediction models, whose sigma-frame steps are ``x + f(eps)``).
+    ``gradient="full"``: eq. 14 with the gradient of the unblended ``x0`` through the UNet, on every
+    scheduler. ``gradient="x0"`` (clipsteer's default, fast): the gradient is taken at the clean estimate
+    with the model output held fixed (no UNet backward; as MPGD, He et al. 2024).
     """
 
     name = "clip"
-    MODES = ("x0", "full")
+    MODES = ("x0", "full", "community")
 
-    def __init__(self, objective=None, *, gradient: str = "x0", **kwargs):
+    def __init__(self, objective=None, *, gradient: str = "x0", prediction: str = "conditional", **kwargs):
         super().__init__(objective, **kwargs)
         if gradient not in self.MODES:
-            raise ValueError(f"unknown guidance_gradient {gradient!r}; choose x0 or full")
-        self.gradient = gradient
+            raise ValueError(f"unknown guidance_gradient {gradient!r}; choose {', '.join(self.MODES)}")
+        _check_choice("guidance_prediction", prediction, PREDICTIONS)
+        self.gradient, self.prediction = gradient, prediction
+        self._moves: dict[int, torch.Tensor] = {}
 
     def model_output(self, step: GuidedStep):
         if not self.active(step.index):
             return step.model(step.z), None
-        full = self.gradient == "full"
-        keep: dict[str, torch.Tensor] = {}
+        out, correction, loss = self._forward(step)
+        return out + correction, loss
 
-        def conditional(z: torch.Tensor) -> torch.Tensor:
-            out = step.model.conditional(z)
-            keep["cond"] = out.detach()
-            return out
+    def _forward(self, step: GuidedStep):
+        """``(model output, its correction, LossOutput)`` at an active step; the community rule on a sigma
+        scheduler keeps its move of the latents for :meth:`sample_correction` (the correction is then 0)."""
+        ab = step.alpha_bar
+        if self.gradient == "x0":
+            out = step.model(step.z)
+            grad, loss = clip_gradient(step.z, out, ab, step.prediction_type, decode=step.decode,
+                                       loss_fn=self.objective, step=step.index, generator=step.generator,
+                                       loss_scale=self.loss_scale)
+        else:
+            community = self.gradient == "community"
+            grad, out, loss, _ = _full_gradient(self, step, blend=community and not step.sigma_frame)
+            if community and step.sigma_frame:
+                # cond_fn: latents += sigma^2 * grads, grads = -scale * dL/dx; x = z / sqrt(ab), sigma^2 = (1-ab)/ab
+                self._moves = {step.index: -self.strength(step.index) * (1 - ab) / ab.sqrt() * grad}
+                return out, torch.zeros_like(out), loss
+        delta_eps = self.strength(step.index) * (1 - ab).sqrt() * grad   # Dhariwal & Nichol eq. 14
+        return out, output_correction(delta_eps, ab, step.prediction_type), loss
 
-        out = None if full else step.model(step.z)
-        grad, loss = clip_gradient(step.z, out, step.alpha_bar, step.prediction_type, decode=step.decode,
-                                   loss_fn=self.objective, step=step.index, generator=step.generator,
-                                   model=conditional if full else None, loss_scale=self.loss_scale)
-        if full:
-            out = step.model.combine(step.z, keep["cond"])
-        delta_eps = self.strength(step.index) * (1 - step.alpha_bar).sqrt() * grad   # Dhariwal & Nichol eq. 14
-        return out + output_correction(delta_eps, step.alpha_bar, step.prediction_type), loss
+    def sample_correction(self, step: GuidedStep, sample: torch.Tensor) -> torch.Tensor:
+        move = self._moves.pop(step.index, None)
+        return sample if move is None else sample + move
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "guidance_gradient": self.gradient if self.enabled else None}
+        on = self.enabled
+        return {**super().describe(), "guidance_gradient": self.gradient if on else None,
+                "guidance_prediction": self.prediction if on and self.gradient != "x0" else None}
 
 
-def _full_gradient(guider: Guider, step: GuidedStep, noise: torch.Tensor | None = None):
-    """``grad_z`` of the objective (smoothed with *noise*) through the text-conditional UNet pass, the CFG
-    output built from that same pass, and the ``LossOutput`` (the clean estimate of the conditional
-    output is scored, as the ``clip`` guider's ``full`` mode does)."""
+def _full_gradient(guider: Guider, step: GuidedStep, noise: torch.Tensor | None = None, *, blend: bool = False):
+    """``grad_z`` of the objective (smoothed with *noise*) of the clean estimate of the differentiable prediction
+    (``guider.prediction``: ``cfg`` the CFG-combined output, as the SD samplers of Training-Free-Guidance,
+    FreeDoM and Universal Guidance; ``conditional`` the text-conditional pass, as the community pipeline);
+    with *blend* the loss is scored on ``sqrt(1-ab) x0 + (1 - sqrt(1-ab)) z`` (the community pipeline).
+    Returns ``(grad, CFG output, LossOutput, scored x0)``."""
+    ab = step.alpha_bar
     with torch.enable_grad():
         z = step.z.detach().requires_grad_(True)
-        cond = step.model.conditional(z)
-        x0 = clean_estimate(z, cond, step.alpha_bar, step.prediction_type)
-        loss = smoothed_loss(guider.objective, step.decode, x0, step=step.index, generator=step.generator,
+        cfg = guider.prediction == "cfg"
+        pred = step.model(z) if cfg else step.model.conditional(z)
+        x0 = clean_estimate(z, pred, ab, step.prediction_type)
+        scored = (1 - ab).sqrt() * x0 + (1 - (1 - ab).sqrt()) * z if blend else x0
+        loss = smoothed_loss(guider.objective, step.decode, scored, step=step.index, generator=step.generator,
                              noise=noise)
         grad = descend(loss.total, z, guider.loss_scale)
-    return grad, step.model.combine(step.z, cond.detach()), loss
+    out = pred.detach() if cfg else step.model.combine(step.z, pred.detach())
+    return grad, out, loss, x0.detach()
 
 
 def _clean_descent(guider: Guider, step: GuidedStep, x0: torch.Tensor, *, iterations: int, lr: Callable[[int], float],
@@ -295,53 +327,94 @@ def fold_clean_change(output: torch.Tensor, delta_x0: torch.Tensor, step: Guided
     return output + output_correction(-(ab / (1 - ab)).sqrt() * delta_x0, ab, step.prediction_type)
 
 
+def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).pow(2).mean(dim=1).sqrt()
+
+
 class DPSGuider(Guider):
     """Diffusion Posterior Sampling (Chung et al., ICLR 2023, Alg. 1 line 7): after the sampler's step,
     ``x_{t-1} = x'_{t-1} - zeta_t * grad_{x_t} L(D(x0_hat(x_t)))``, the gradient backpropagated through
-    the clean estimate *and* the UNet (the text-conditional pass, reused for CFG). ``zeta_t`` is the
-    scale times the strength schedule; the step is taken in VP coordinates (``z = sqrt(ab) x0 +
-    sqrt(1-ab) eps``) and converted to the scheduler's sample frame, so every scheduler can use it.
+    the clean estimate *and* the UNet (``prediction``: the CFG-combined output by default, as
+    Training-Free-Guidance's SD sampler; or the text-conditional pass). The step is taken in VP
+    coordinates (``z = sqrt(ab) x0 + sqrt(1-ab) eps``) and converted to the scheduler's sample frame, so
+    every scheduler can use it. ``zeta_t`` (``step_rule``), per image, with ``s_t`` the scale times the
+    strength schedule:
+
+    - ``scale``: ``s_t`` (Training-Free-Guidance ``methods/freedom.py``'s rule);
+    - ``loss``: ``s_t / |L|`` (the DPS paper's ``zeta' / ||y - A(x0)||``, TFG ``methods/dps.py`` L37);
+    - ``relative``: ``s_t ||m_t - z_t|| / ||grad||``, relative to the sampler's own update ``m_t - z_t``;
+    - ``cfg``: ``s_t rms(eps_cfg - eps_uncond) / rms(grad)`` (FreeDoM's SD sampler, its factor 0.2 = ``s_t``).
     """
 
     name = "dps"
+    default_step_rule: ClassVar[str] = "scale"
 
-    def __init__(self, objective=None, **kwargs):
+    def __init__(self, objective=None, *, step_rule: str | None = None, prediction: str = "cfg", **kwargs):
         super().__init__(objective, **kwargs)
-        self._grad: dict[int, torch.Tensor] = {}
+        step_rule = step_rule or self.default_step_rule
+        _check_choice("step_rule", step_rule, STEP_RULES)
+        _check_choice("guidance_prediction", prediction, PREDICTIONS)
+        self.step_rule, self.prediction = step_rule, prediction
+        self._pending: dict[int, tuple] = {}
 
     def model_output(self, step: GuidedStep):
         if not self.active(step.index):
             return step.model(step.z), None
-        grad, out, loss = _full_gradient(self, step)
-        self._grad = {step.index: grad}
+        grad, out, loss, _ = _full_gradient(self, step)
+        reference = None
+        if self.step_rule == "loss":
+            reference = loss.per_image.detach().abs()
+        elif self.step_rule == "cfg":
+            if step.model.unconditional is None:
+                raise ValueError("--step-rule cfg (FreeDoM's own step size) needs classifier-free guidance; use "
+                                 "--cfg-scale above 1 or another --step-rule")
+            with torch.no_grad():
+                uncond = step.model.unconditional(step.z)
+            ab, kind = step.alpha_bar, step.prediction_type
+            eps = [(step.z - ab.sqrt() * clean_estimate(step.z, o, ab, kind)) / (1 - ab).sqrt() for o in (out, uncond)]
+            reference = _rms(eps[0] - eps[1])
+        self._pending = {step.index: (grad, reference)}
         return out, loss
 
-    def step_size(self, step: GuidedStep, sample: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | float:
-        return self.strength(step.index)
+    def step_size(self, step: GuidedStep, sample: torch.Tensor, grad: torch.Tensor, reference=None):
+        """``zeta_t`` per image (see the class); *reference*: ``|L|`` (``loss``) or the CFG update's rms (``cfg``)."""
+        s = self.strength(step.index)
+        if self.step_rule == "scale":
+            return s
+        if self.step_rule == "loss":
+            return s / _per_image(reference.to(grad.dtype).clamp_min(1e-12), grad)
+        if self.step_rule == "relative":
+            update = (step.to_vp(sample) - step.z).flatten(1).norm(dim=1)
+            return s * _per_image(update / grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+        return s * _per_image(reference.to(grad.dtype) / _rms(grad).clamp_min(1e-12), grad)
 
     def sample_correction(self, step: GuidedStep, sample: torch.Tensor) -> torch.Tensor:
-        grad = self._grad.pop(step.index, None)
+        grad, reference = self._pending.pop(step.index, (None, None))
         if grad is None:
             return sample
-        return sample - step.to_sample(self.step_size(step, sample, grad) * grad)
+        return sample - step.to_sample(self.step_size(step, sample, grad, reference) * grad)
+
+    def describe(self) -> dict[str, Any]:
+        on = self.enabled
+        return {**super().describe(), "step_rule": self.step_rule if on else None,
+                "guidance_prediction": self.prediction if on else None}
 
 
 class FreeDoMGuider(DPSGuider):
     """FreeDoM (Yu et al., ICCV 2023, Alg. 1): ``x_{t-1} = m_t - rho_t * grad_{x_t} E(x0|t)``
     after the sampler's step (``m_t``), the energy gradient through the UNet as in DPS, plus time-travel
-    (self-recurrence, ``--recurrence``). ``rho_t`` is set per image relative to the sampler's own update,
-    ``rho_t = scale * w_t * ||m_t - x_t|| / ||grad||`` (in VP coordinates), so one scale (~0.05-1) fits
-    every step and objective.
+    (self-recurrence, ``--recurrence``). clipsteer's ``rho_t`` (``step_rule="relative"``) is set per image
+    relative to the sampler's own update, ``rho_t = scale * w_t * ||m_t - x_t|| / ||grad||`` (in VP
+    coordinates), so one scale (~0.05-1) fits every step and objective; FreeDoM's own SD code sizes it by the
+    CFG update instead (``step_rule="cfg"``, ``--guider-defaults paper``; see :class:`DPSGuider`).
     """
 
     name = "freedom"
-
-    def step_size(self, step: GuidedStep, sample: torch.Tensor, grad: torch.Tensor):
-        z_next = step.to_vp(sample)
-        dims = tuple(range(1, grad.dim()))
-        update = (z_next - step.z).flatten(1).norm(dim=1)
-        size = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-        return (self.strength(step.index) * update / size).view(-1, *([1] * len(dims)))
+    default_step_rule = "relative"
 
 
 class MPGDGuider(Guider):
@@ -406,34 +479,37 @@ class _BackwardOptions:
 
 class UGDGuider(_BackwardOptions, CLIPGuider):
     """Universal Guidance (Bansal et al., ICLR 2024, arXiv 2302.07121, Alg. 1): forward guidance (``eps' = eps +
-    s(t) sqrt(1-ab) grad_{z_t} L(D(x0_hat))``: exactly the ``clip`` guider's rule, with its
-    ``--guidance-gradient`` mode, ``full`` as in the paper), backward guidance (``Delta0 =
-    argmin_Delta L(D(x0_hat + Delta))`` by ``backward_steps`` gradient steps of size ``backward_lr``,
-    folded back as ``eps' -= sqrt(ab / (1-ab)) Delta0``) and self-recurrence (``--recurrence
-    K``: the loop re-noises ``x_{t-1}`` back to ``x_t`` and repeats the step). With recurrence 1 and no
-    backward steps it is the ``clip`` guider.
+    s(t) sqrt(1-ab) grad_{z_t} L(D(x0_hat))``: the ``clip`` guider's rule with its ``--guidance-gradient`` mode:
+    ``full`` is the paper's, through the UNet's CFG-combined output as its SD code; clipsteer's default is
+    ``x0``, the fast mode, a documented deviation), backward guidance (``Delta0 = argmin_Delta
+    L(D(x0_hat + Delta))`` by ``backward_steps`` gradient steps of size ``backward_lr`` from the *unguided*
+    ``x0_hat``, folded back as ``eps' -= sqrt(ab / (1-ab)) Delta0``; Training-Free-Guidance ``methods/ugd.py``
+    L30-50) and self-recurrence (``--recurrence K``: the loop re-noises ``x_{t-1}`` back to ``x_t`` and repeats
+    the step). With recurrence 1 and no backward steps it is the ``clip`` guider.
     """
 
     name = "ugd"
 
     def __init__(self, objective=None, *, backward_steps: int = 0, backward_lr: float = 0.1,
-                 backward_schedule: str = "constant", **kwargs):
-        super().__init__(objective, **kwargs)
+                 backward_schedule: str = "constant", prediction: str = "cfg", **kwargs):
+        super().__init__(objective, prediction=prediction, **kwargs)
         self._init_backward(backward_steps, backward_lr, backward_schedule)
 
     def model_output(self, step: GuidedStep):
         if not self.active(step.index):
             return step.model(step.z), None
         if self.scale != 0:
-            out, loss = super().model_output(step)
+            out, correction, loss = self._forward(step)
+            guided = out + correction
         else:
             out, loss = step.model(step.z), None
+            guided = out
         if self.backward_on:
-            x0 = clean_estimate(step.z, out, step.alpha_bar, step.prediction_type)
+            x0 = clean_estimate(step.z, out, step.alpha_bar, step.prediction_type)    # the unguided x0_hat
             delta, first = _clean_descent(self, step, x0, iterations=self.backward_steps,
                                           lr=lambda _: self.backward_rate(step.index))
-            out, loss = fold_clean_change(out, delta, step), loss if loss is not None else first
-        return out, loss
+            guided, loss = fold_clean_change(guided, delta, step), loss if loss is not None else first
+        return guided, loss
 
     def describe(self) -> dict[str, Any]:
         on = self.enabled
@@ -454,16 +530,20 @@ class TFGGuider(_BackwardOptions, Guider):
 
     where ``L~`` is the objective Monte-Carlo smoothed over ``smoothing_samples`` draws of Gaussian
     noise of std ``sigma_t`` added to the clean estimate (``smoothing`` times ``--smoothing-schedule``:
-    ``constant`` or ``decreasing`` = ``sqrt(1 - ab_t)``; 0: no smoothing).
+    ``constant`` or ``decreasing`` = ``sqrt(1 - ab_t)``; 0: no smoothing). ``Delta_t`` and ``Delta_0`` are
+    taken at one clean estimate, that of ``prediction`` (the CFG-combined output by default, as
+    Training-Free-Guidance's SD sampler; ``methods/tfg.py`` L102-123).
     """
 
     name = "tfg"
 
     def __init__(self, objective=None, *, backward_steps: int = 0, backward_lr: float = 0.1,
                  backward_schedule: str = "constant", smoothing: float = 0.0, smoothing_schedule: str = "constant",
-                 smoothing_samples: int = 1, **kwargs):
+                 smoothing_samples: int = 1, prediction: str = "cfg", **kwargs):
         super().__init__(objective, **kwargs)
         self._init_backward(backward_steps, backward_lr, backward_schedule)
+        _check_choice("guidance_prediction", prediction, PREDICTIONS)
+        self.prediction = prediction
         if not (math.isfinite(smoothing) and smoothing >= 0):
             raise ValueError(f"smoothing is {smoothing}; use 0 (none) or a positive noise std")
         _check_choice("smoothing_schedule", smoothing_schedule, SMOOTHING_SCHEDULES)
@@ -487,13 +567,13 @@ class TFGGuider(_BackwardOptions, Guider):
         noise, rho = self._noise(step), self.strength(step.index)
         delta_t, loss = None, None
         if rho != 0:
-            grad, out, loss = _full_gradient(self, step, noise)
+            grad, out, loss, x0 = _full_gradient(self, step, noise)     # Delta_0 starts from the x0 scored here
             delta_t = -rho * grad
         else:
             out = step.model(step.z)
+            x0 = clean_estimate(step.z, out, step.alpha_bar, step.prediction_type)
         delta_0 = None
         if self.backward_on:
-            x0 = clean_estimate(step.z, out, step.alpha_bar, step.prediction_type)
             delta_0, first = _clean_descent(self, step, x0, iterations=self.backward_steps,
                                             lr=lambda _: self.backward_rate(step.index), noise=noise)
             loss = loss if loss is not None else first
@@ -514,7 +594,8 @@ class TFGGuider(_BackwardOptions, Guider):
     def describe(self) -> dict[str, Any]:
         on = self.enabled
         return {**super().describe(), "backward_steps": self.backward_steps if on else 0,
-                "backward_lr": self.backward_lr if on else None, "smoothing": self.smoothing if on else None}
+                "backward_lr": self.backward_lr if on else None, "smoothing": self.smoothing if on else None,
+                "guidance_prediction": self.prediction if on else None}
 
 
 GUIDERS: dict[str, type[Guider]] = {"none": Guider, "clip": CLIPGuider, "dps": DPSGuider, "mpgd": MPGDGuider,
@@ -524,6 +605,19 @@ GUIDERS: dict[str, type[Guider]] = {"none": Guider, "clip": CLIPGuider, "dps": D
 def register_guider(name: str, cls: type[Guider]) -> None:
     """Make guider *cls* selectable as ``--guider name``."""
     GUIDERS[name] = cls
+
+
+def guided_scheduler_step(guider: Guider, step: GuidedStep, scheduler, sample: torch.Tensor, timestep, *,
+                          to_scheduler: Callable[[torch.Tensor], torch.Tensor] | None = None, **step_kwargs):
+    """One step of the sampling loop: ``guider.model_output`` -> ``scheduler.step`` (the output first converted by
+    *to_scheduler*: rectified flow's velocity) -> ``guider.sample_correction``. Returns ``(sample, clean
+    estimate of the corrected output, LossOutput or None)``."""
+    out, loss = guider.model_output(step)
+    x0 = clean_estimate(step.z, out, step.alpha_bar, step.prediction_type)
+    if to_scheduler is not None:
+        out = to_scheduler(out)
+    sample = scheduler.step(out, timestep, sample, **step_kwargs, return_dict=False)[0]
+    return guider.sample_correction(step, sample), x0, loss
 
 
 def make_guider(name: str, objective, **kwargs) -> Guider:
@@ -547,4 +641,5 @@ def setup_guider(guider: Guider, num_steps: int, tables) -> None:
 
 __all__ = ["Guider", "CLIPGuider", "DPSGuider", "MPGDGuider", "FreeDoMGuider", "UGDGuider", "TFGGuider",
            "GuidedStep", "Denoiser", "GUIDERS", "register_guider", "make_guider", "guided_steps",
-           "setup_guider", "SCHEDULES", "schedule_weights", "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]
+           "setup_guider", "guided_scheduler_step", "SCHEDULES", "PREDICTIONS", "STEP_RULES", "schedule_weights",
+           "smoothed_loss", "fold_clean_change", "HALF_LOSS_SCALE"]

@@ -6,7 +6,7 @@ decode -> images in ``[0, 1]``, differentiable end to end. VQGAN+CLIP's idea wit
 
 - ``method="gradient"`` (default; Eyring et al. 2024, "ReNO: Enhancing One-step Text-to-Image Models
   through Reward-based Noise Optimization"): the shared latent-optimisation loop on ``z`` with ReNO's
-  recipe -- SGD with Nesterov momentum 0.9, learning rate 5, gradient-norm clipping at 0.1, 50
+  recipe -- SGD with Nesterov momentum 0.9, learning rate 5, gradient-norm clipping at 0.1 per image, 50
   iterations, the best iterate kept by the objective, and the noise-norm regulariser
   ``reg_weight * (½‖z‖² − (d−1)·log‖z‖)`` (in float32), whose minimum is at ``‖z‖ = √(d−1)``, so the
   noise stays Gaussian-typical. Multi-step renderers can checkpoint the UNet calls (Tang et al. 2024,
@@ -53,7 +53,8 @@ class NoiseSettings(OptimiseSettings):
     learning_rate: float = option(5.0, "optimiser learning rate (ReNO: 5 with SGD)", flag="--lr", above=0)
     optimizer: str = option("SGD", "torch optimiser (SGD runs with Nesterov momentum 0.9, as ReNO)",
                             aliases=["--optimiser"])
-    grad_clip: float | None = option(0.1, "clip the gradient norm of the noise to this value (none: no clipping)",
+    grad_clip: float | None = option(0.1, "clip the gradient norm of each image's noise to this value, as ReNO "
+                                          "(none: no clipping)",
                                      above=0)
     keep_best: bool = option(True, "return the best iterate by the objective, not the last one")
     sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise (SD 1.x/2.x, SDXL e.g. "

@@ -40,7 +40,7 @@ class OptimiseSettings:
     optimizer: str = option("Adam", "torch optimiser: " + ", ".join(OPTIMIZER_NAMES), aliases=["--optimiser"])
     lr_schedule: str = option("constant", "learning-rate schedule: constant; cosine (to 10% of --lr); step (halve "
                                           "every third of the run); linear (to 10%)", choices=LR_SCHEDULES)
-    grad_clip: float | None = option(None, "clip the gradient norm of the latents to this value (none: no clipping)",
+    grad_clip: float | None = option(None, "clip the gradient norm of each image's latents to this value (none: no clipping)",
                                      above=0)
     keep_best: bool = option(False, "return each image's best iterate by the objective, not the last one")
     checkpoint_every: int = option(0, "write a resumable checkpoint (run folder: checkpoint.safetensors + .json) "
@@ -118,6 +118,23 @@ def _rebuild(template, tensors: list[torch.Tensor]):
     return tensors[0] if isinstance(template, torch.Tensor) else type(template)(tensors)
 
 
+def clip_grad_norm_per_image(params: list[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` for each image on its own: the gradient of image ``i`` (index ``i`` of
+    dim 0 of every tensor) is scaled by ``min(1, max_norm / (||g_i|| + 1e-6))``, so the images of a batch stay
+    independent, each clipped as ReNO clips its one image (ExplainableML/ReNO training/trainer.py L128)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    sizes = {g.shape[0] for g in grads}
+    if len(sizes) != 1:
+        raise ValueError(f"per-image gradient clipping needs every latent tensor batch-first with one batch size; "
+                         f"got first dimensions {sorted(sizes)}")
+    norms = torch.stack([g.detach().flatten(1).double().pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+
+
 def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optimizer: str = "Adam",
              lr: float = 0.1, schedule: str = "constant", steps: int = 100,
              project: Callable[[Any], None] | None = None,
@@ -132,7 +149,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
 
     Each step: ``render`` -> ``objective(images, step=, generator=)`` (``None``: no objective) plus
     ``regulariser(latents, step)`` (``[B]`` or ``{name: [B]}``) -> backward -> optional gradient-norm
-    clipping -> optimiser step -> lr schedule -> ``project(latents)`` (in place, no grad) -> callback.
+    clipping, per image (:func:`clip_grad_norm_per_image`) -> optimiser step -> lr schedule -> ``project(latents)`` (in place, no grad) -> callback.
     ``losses`` holds, per step, the mean over images of the per-image loss. With ``keep_best`` the
     returned latents are, per image, those that scored lowest (the loss of a step belongs to the
     latents it rendered, before that step's update) by the objective alone, without the regulariser; this
@@ -216,7 +233,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
                 if grad_clip is not None:
                     if grad_scaler is not None:
                         grad_scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    clip_grad_norm_per_image(params, grad_clip)
                 if grad_scaler is None:
                     opt.step()
                 else:
@@ -263,5 +280,5 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     return result
 
 
-__all__ = ["optimise", "OptimiseResult", "OptimiseSettings", "make_optimizer", "make_lr_schedule",
+__all__ = ["optimise", "clip_grad_norm_per_image", "OptimiseResult", "OptimiseSettings", "make_optimizer", "make_lr_schedule",
            "check_optimizer", "check_settings", "OPTIMIZERS", "OPTIMIZER_NAMES", "LR_SCHEDULES"]

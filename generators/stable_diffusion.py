@@ -25,10 +25,11 @@ model outputs are refused).
 
 Speed: every weight is frozen, the CFG UNet output is reused, and by default
 (``guidance_gradient="x0"``) the gradient stops at the clean estimate, so a guided step costs
-one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"``
-backpropagates through the UNet as the diffusers community CLIP-guided pipeline does, but runs
-the text-conditional UNet pass once (with gradients) and reuses it for CFG, where that pipeline
-runs it twice.
+one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"`` and
+``"community"`` backpropagate through the UNet as the diffusers community CLIP-guided pipeline does, but
+run the text-conditional UNet pass once (with gradients) and reuse it for CFG, where that pipeline
+runs it twice. Guiders that differentiate the CFG-combined output (``--guidance-prediction cfg``, the
+default of dps, freedom, ugd and tfg, as their reference SD samplers) backpropagate through both CFG passes.
 
 Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
 arithmetic, the VAE weights and the guidance gradient stay float32. In half precision the guidance decode
@@ -50,9 +51,11 @@ from .base import GenerationResult, Generator, StepCallback, StepInfo
 from guidance.errors import first_line, load_error, looks_like_path
 
 from .base import option, seed_generator
-from .guiders import GUIDERS, SCHEDULES, SMOOTHING_SCHEDULES, CLIPGuider, setup_guider
+from .guider_defaults import PROFILES, fill_guider_defaults, profile_summary
+from .guiders import (GUIDERS, PREDICTIONS, SCHEDULES, SMOOTHING_SCHEDULES, STEP_RULES, CLIPGuider,
+                      guided_scheduler_step, setup_guider)
 from .families import family_class, family_of, pipeline_class_of
-from .sd_guidance import check_scheduler, clean_estimate, flow_tables, noise_tables, renoise
+from .sd_guidance import check_scheduler, flow_tables, noise_tables, renoise
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
 SCHEDULERS = {
@@ -93,8 +96,13 @@ class Settings:
                             choices=SCHEDULER_CHOICES)
     guider: str = option("clip", "how the objective corrects each guided step: " + ", ".join(sorted(GUIDERS)),
                          flag="--guider", choices=sorted(GUIDERS))
-    clip_guidance_scale: float = option(100.0, "strength of the objective's gradient in each guided step (0: off)",
-                                        flag="--clip-guidance-scale")
+    guider_defaults: str = option("clipsteer", "where the guider's unset settings come from: clipsteer (the "
+                                               "project's own choices), toy (--preset toy's) or paper (each guider's "
+                                               "reference code, docs/guiders.md: " + profile_summary("paper") + ")",
+                                  choices=PROFILES)
+    clip_guidance_scale: float | None = option(None, "strength of the guider's correction at each guided step (0: "
+                                                     "off; default: the guider's own under --guider-defaults)",
+                                               flag="--clip-guidance-scale")
     cfg_scale: float = option(7.5, "classifier-free guidance scale (1 or less: no CFG; FLUX: not used)",
                               flag="--cfg-scale")
     flux_guidance: float = option(3.5, "FLUX.1-dev (guidance-distilled): the guidance value the transformer takes "
@@ -113,26 +121,34 @@ class Settings:
                                    maximum=1)
     guidance_end: float = option(1.0, "fraction of the schedule where guidance stops (0-1)", minimum=0, maximum=1)
     guidance_every: int = option(1, "guide every k-th step inside the window", minimum=1)
-    guidance_gradient: str = option("x0", "clip guider: x0: gradient through the clean-latent estimate with the UNet "
-                                          "output held fixed (fast); full: backprop through the UNet too (community "
-                                          "pipeline)", choices=GRADIENT_MODES)
-    guidance_schedule: str = option("constant", "guidance strength over the guided steps: constant, increasing "
-                                                "(alpha_t) or decreasing (1 - alpha_t), mean 1 (TFG's schedules)",
-                                    choices=SCHEDULES)
+    guidance_gradient: str | None = option(None, "clip/ugd: x0: gradient through the clean-latent estimate with the "
+                                                 "UNet output held fixed (fast); full: backprop through the UNet "
+                                                 "too; community: the community pipeline's rule exactly (blend, "
+                                                 "sigma^2 moves on LMS/Euler)", choices=GRADIENT_MODES)
+    guidance_prediction: str | None = option(None, "guiders that backprop through the UNet: cfg (the CFG-combined "
+                                                   "output, as TFG's, FreeDoM's and UGD's SD samplers) or "
+                                                   "conditional (the text-conditional pass only: cheaper; the "
+                                                   "community pipeline's)", choices=PREDICTIONS)
+    step_rule: str | None = option(None, "dps/freedom step size: scale, loss (scale/|L|: DPS paper), relative (to the "
+                                         "sampler's update: clipsteer's freedom) or cfg (FreeDoM's code: by the CFG "
+                                         "update)", choices=STEP_RULES)
+    guidance_schedule: str | None = option(None, "guidance strength over the guided steps: constant, increasing "
+                                                 "(alpha_t) or decreasing (1 - alpha_t), mean 1 (TFG's schedules)",
+                                           choices=SCHEDULES)
     recurrence: int = option(1, "self-recurrence: run each guided step K times, re-noising back in between "
                                 "(any guider; schedulers ddim, euler, euler_a)", minimum=1)
-    backward_steps: int = option(0, "ugd: backward-guidance steps on the clean estimate; tfg: its mu iterations "
-                                    "(0: none)", minimum=0)
-    backward_lr: float = option(0.1, "ugd/tfg: step size of the clean-estimate optimisation (tfg: mu)",
-                                requires="backward_steps")
-    backward_schedule: str = option("constant", "ugd/tfg: schedule of --backward-lr over the guided steps",
-                                    choices=SCHEDULES, requires="backward_steps")
-    smoothing: float = option(0.0, "tfg: std sigma of the Monte-Carlo smoothing noise on the clean estimate "
-                                   "(0: none)", minimum=0)
-    smoothing_schedule: str = option("constant", "tfg: constant or decreasing (sigma * sqrt(1 - ab_t))",
-                                     choices=SMOOTHING_SCHEDULES, requires="smoothing")
-    smoothing_samples: int = option(1, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1,
-                                    requires="smoothing")
+    backward_steps: int | None = option(None, "ugd: backward-guidance steps on the clean estimate; tfg: its mu "
+                                              "iterations (0: none)", minimum=0)
+    backward_lr: float | None = option(None, "ugd/tfg: step size of the clean-estimate optimisation (tfg: mu)")
+    backward_schedule: str | None = option(None, "ugd/tfg: schedule of --backward-lr over the guided steps",
+                                           choices=SCHEDULES)
+    smoothing: float | None = option(None, "tfg: std sigma of the Monte-Carlo smoothing noise on the clean estimate "
+                                           "(0: none)", minimum=0)
+    smoothing_schedule: str | None = option(None, "tfg: constant or decreasing (sigma * sqrt(1 - ab_t))",
+                                            choices=SMOOTHING_SCHEDULES)
+    smoothing_samples: int | None = option(None, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1)
+    ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
+                                          "the guider's, 1 for the TFG-family papers)", minimum=0)
     vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
                                    "for SDXL")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
@@ -145,15 +161,21 @@ class Settings:
     cpu_offload: bool = option(False, "keep models in CPU memory and move each to the GPU when it runs "
                                       "(the pipeline's enable_model_cpu_offload; CUDA only)")
 
+    def __post_init__(self):
+        """Settings left ``None`` take the guider's default under ``guider_defaults`` (generators.guider_defaults)."""
+        if self.guider in GUIDERS and self.guider_defaults in PROFILES:
+            fill_guider_defaults(self, guider=self.guider, profile=self.guider_defaults)
+
 
 def toy_preset() -> dict:
     """This backend's part of ``--preset toy``: the toy Stable Diffusion pipeline."""
     from .presets import toyworld_weights
 
-    # clip_guidance_scale chosen on the toy tuning prompts (quality.py --prompt-seed 7 --seed-base 10 --prompts 12
-    # --seeds 2, 24 images), all three right: scale 100 54.2%, 200 62.5%, 300 70.8%, 500 75.0%, 1000 58.3%;
-    # unguided 45.8%
-    return {"sd_model": str(toyworld_weights("sd", check=True)), "clip_guidance_scale": 500.0}
+    # every guider's strength comes from the "toy" guider defaults (generators.guider_defaults): the clip rule's
+    # 500 chosen on the toy tuning prompts (quality.py --prompt-seed 7 --seed-base 10 --prompts 12 --seeds 2, 24
+    # images), all three right: scale 100 54.2%, 200 62.5%, 300 70.8%, 500 75.0%, 1000 58.3%; unguided 45.8%;
+    # the other guiders' from benchmarks/tune_guiders.py --grid toy-v2
+    return {"sd_model": str(toyworld_weights("sd", check=True)), "guider_defaults": "toy"}
 
 
 class StableDiffusionGenerator(Generator):
@@ -345,7 +367,8 @@ class StableDiffusionGenerator(Generator):
         # passed only when set, so a user's guider with the older base signature still works
         base.update({k: v for k, v in (("recurrence", s.recurrence), ("schedule", s.guidance_schedule))
                      if v != {"recurrence": 1, "schedule": "constant"}[k]})
-        own = dict(gradient=s.guidance_gradient, backward_steps=s.backward_steps, backward_lr=s.backward_lr,
+        own = dict(gradient=s.guidance_gradient, prediction=s.guidance_prediction, step_rule=s.step_rule,
+                   backward_steps=s.backward_steps, backward_lr=s.backward_lr,
                    backward_schedule=s.backward_schedule, smoothing=s.smoothing,
                    smoothing_schedule=s.smoothing_schedule, smoothing_samples=s.smoothing_samples)
         accepted = {name for klass in getattr(GUIDERS.get(s.guider), "__mro__", ())     # subclasses pass **kwargs on
@@ -381,7 +404,11 @@ class StableDiffusionGenerator(Generator):
             out_uncond = run(z, c.uncond)
             return out_uncond + cfg_scale * (out_cond - out_uncond)
 
-        return Denoiser(guided=guided, conditional=conditional, combine=combine)
+        def unconditional(z):
+            return run(z, c.uncond)
+
+        return Denoiser(guided=guided, conditional=conditional, combine=combine,
+                        unconditional=unconditional if c.cfg else None)
 
     def _start_latents(self, timesteps, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Pure noise (``prepare_latents``) or, for img2img, the noised init image (the img2img pipeline's own)."""
@@ -419,7 +446,7 @@ class StableDiffusionGenerator(Generator):
         timesteps, begin = self._timesteps()
         latents = self._start_latents(timesteps, s.num_images, noise_gen)
         tables = self._tables(timesteps, begin, device)
-        step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, 0.0) if not family.flow else {}
+        step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, s.ddim_eta) if not family.flow else {}
         guider = self.make_guider(objective)
         n = len(timesteps)
         setup_guider(guider, n, tables)
@@ -445,12 +472,10 @@ class StableDiffusionGenerator(Generator):
                                       generator=objective_gen, next_alpha_bar=tables.next_alpha_bar(i),
                                       sigma_frame=tables.sigma_frame, repeat=r,
                                       next_sample_scale=tables.next_sample_scales[i] if family.flow else None)
-                    out, loss = guider.model_output(step)
-                    x0 = clean_estimate(z, out, step.alpha_bar, prediction)
-                    if family.flow:      # the corrected clean estimate as the velocity: v = (x_t - x0) / t
-                        out = (z * flow[0] - out) / flow[1]
-                    latents = scheduler.step(out, host_timesteps[i], latents, **step_kwargs, return_dict=False)[0]
-                    latents = guider.sample_correction(step, latents)
+                    # rectified flow: the corrected clean estimate goes to the scheduler as the velocity (x_t - x0) / t
+                    velocity = (lambda out, z=z, flow=flow: (z * flow[0] - out) / flow[1]) if family.flow else None
+                    latents, x0, loss = guided_scheduler_step(guider, step, scheduler, latents, host_timesteps[i],
+                                                              to_scheduler=velocity, **step_kwargs)
                 if loss is not None:
                     step_losses.append(loss.per_image.detach().mean())
                 done = i + 1
@@ -495,10 +520,17 @@ def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
 
 # -- loading -----------------------------------------------------------------------------------------
 def _check_settings(s: Settings, device: torch.device) -> None:
+    if s.guider not in GUIDERS:
+        raise ValueError(f"unknown guider {s.guider!r}; choose from {', '.join(sorted(GUIDERS))}")
     if s.scheduler not in SCHEDULER_CHOICES:
         raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)}, default or auto")
     if s.guidance_gradient not in GRADIENT_MODES:
-        raise ValueError(f"unknown guidance_gradient {s.guidance_gradient!r}; choose x0 or full")
+        raise ValueError(f"unknown guidance_gradient {s.guidance_gradient!r}; choose {', '.join(GRADIENT_MODES)}")
+    if s.guider_defaults not in PROFILES:
+        raise ValueError(f"unknown guider_defaults {s.guider_defaults!r}; choose {', '.join(PROFILES)}")
+    if s.guider in ("dps", "freedom") and s.step_rule == "cfg" and s.cfg_scale <= 1:
+        raise ValueError(f"--step-rule cfg (FreeDoM's own step size) needs classifier-free guidance, but --cfg-scale "
+                         f"is {s.cfg_scale:g}; use --cfg-scale above 1 or another --step-rule")
     if s.steps < 1:
         raise ValueError(f"steps is {s.steps}; use at least 1")
     if s.num_images < 1:
@@ -508,8 +540,6 @@ def _check_settings(s: Settings, device: torch.device) -> None:
                          "use 0 <= --guidance-start < --guidance-end <= 1")
     if s.guidance_every < 1:
         raise ValueError(f"guidance_every is {s.guidance_every}; use 1 (every step) or more")
-    if s.guider not in GUIDERS:
-        raise ValueError(f"unknown guider {s.guider!r}; choose from {', '.join(sorted(GUIDERS))}")
     if s.recurrence < 1:
         raise ValueError(f"recurrence is {s.recurrence}; use 1 (no self-recurrence) or more")
     if s.recurrence > 1 and s.scheduler not in ("default", "auto"):

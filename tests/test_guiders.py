@@ -78,6 +78,72 @@ def test_every_guider_is_registered_and_on_the_command_line():
     assert args["backward_lr"] == 0.5 and args["guidance_schedule"] == "increasing" and args["smoothing"] == 0.1
 
 
+def _resolved(**options) -> Settings:
+    from generators.options import backend_settings, resolve_options
+
+    backend, opts, _ = resolve_options("a red circle", backend="sd", **options)
+    return backend_settings(backend, opts)
+
+
+def _tuned_toy_settings() -> dict[str, dict]:
+    """Each guider's tuned setting: its row of the quality benchmark (benchmarks/quality.py VARIANTS, README's table)."""
+    from benchmarks.quality import VARIANTS
+
+    rows = {v.options["guider"]: dict(v.options) for v in VARIANTS if v.backend == "sd" and "guider" in v.options}
+    return {"clip": {"clip_guidance_scale": 500.0}, **rows}
+
+
+@pytest.mark.parametrize("guider", ALL_GUIDERS)
+def test_on_the_toy_preset_a_guider_alone_takes_its_own_tuned_strength(guider):
+    """Issue 30, item 8: --guider X alone runs X at X's tuned setting, never at the clip rule's scale."""
+    pytest.importorskip("toyworld")
+    try:
+        settings = _resolved(preset="toy", guider=guider)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    tuned = _tuned_toy_settings()[guider]
+    for key, value in tuned.items():
+        assert getattr(settings, key) == value, key
+    assert settings.guider_defaults == "toy"
+    explicit = _resolved(preset="toy", guider=guider, clip_guidance_scale=7.0, backward_steps=1)
+    assert explicit.clip_guidance_scale == 7.0 and explicit.backward_steps == 1
+
+
+def test_guider_defaults_fill_only_what_the_user_left_unset():
+    tfg = Settings(guider="tfg", guider_defaults="paper")
+    # Training-Free-Guidance scripts/style_transfer.sh and utils/configs.py
+    assert (tfg.clip_guidance_scale, tfg.backward_steps, tfg.backward_lr, tfg.smoothing, tfg.smoothing_samples) == \
+        (0.25, 4, 2.0, 0.1, 1)
+    assert (tfg.guidance_schedule, tfg.backward_schedule, tfg.smoothing_schedule, tfg.ddim_eta) == \
+        ("increasing", "increasing", "decreasing", 1.0)
+    assert Settings(guider="dps", guider_defaults="paper").step_rule == "loss"
+    assert Settings(guider="freedom", guider_defaults="paper").step_rule == "cfg"
+    assert Settings(guider="clip", guider_defaults="paper").guidance_gradient == "community"
+    assert Settings(guider="ugd", guider_defaults="paper").guidance_gradient == "full"
+    assert Settings(guider="tfg", guider_defaults="paper", backward_steps=1).backward_steps == 1
+    assert Settings(guider="tfg").clip_guidance_scale == 5.0 and Settings().clip_guidance_scale == 100.0
+    # an explicit strength of 0 is "off" for every guider, profiled backward steps included
+    assert Settings(guider="ugd", clip_guidance_scale=0.0).backward_steps == 0
+    assert Settings(guider="ugd", clip_guidance_scale=0.0, backward_steps=2).backward_steps == 2
+
+
+def test_guider_defaults_paper_is_on_the_command_line_and_in_help(capsys):
+    from generators.cli import parse_args
+
+    args = parse_args(["a red circle", "--backend", "sd", "--guider", "tfg", "--guider-defaults", "paper"])
+    assert args["guider_defaults"] == "paper"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--guider-defaults {clipsteer,paper,toy}" in text and "tfg: scale 0.25" in text
+
+
+def test_freedoms_own_step_rule_needs_cfg_before_loading():
+    with pytest.raises(ValueError, match="needs classifier-free guidance") as err:
+        StableDiffusionGenerator.check(Settings(guider="freedom", step_rule="cfg", cfg_scale=1.0), device="cpu")
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("scheduler", ["dpm++", "pndm", "lms", "unipc"])
 def test_recurrence_is_refused_for_schedulers_with_history_before_loading(scheduler):
     with pytest.raises(ValueError, match=rf"cannot repeat a step of scheduler {scheduler}.*ddim, euler, euler_a") as err:
@@ -131,10 +197,27 @@ def test_every_guider_at_scale_0_is_plain_diffusers(pipe, clip_loss, guider, sch
     torch.testing.assert_close(result.images, reference(pipe, 3, 3), rtol=0, atol=1e-6)
 
 
+def test_ddim_eta_reaches_the_scheduler_as_the_pipelines_eta(pipe, clip_loss):
+    """--ddim-eta 1 (the TFG-family papers' sampler) at scale 0 is the pipeline's own DDIM with eta 1."""
+    result = make(pipe, scheduler="ddim", clip_guidance_scale=0.0, ddim_eta=1.0).generate(clip_loss, seed=4)
+    from diffusers import DDIMScheduler
+
+    plain = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(plain.config)
+    try:
+        expected = pipe(PROMPT, num_inference_steps=3, eta=1.0, output_type="pt",
+                        generator=torch.Generator().manual_seed(4)).images
+    finally:
+        pipe.scheduler = plain
+    torch.testing.assert_close(result.images, expected, rtol=0, atol=1e-6)
+    deterministic = make(pipe, scheduler="ddim", clip_guidance_scale=0.0).generate(clip_loss, seed=4)
+    assert (deterministic.images - result.images).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("gradient", ["x0", "full"])
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpm++"])
 def test_ugd_with_recurrence_1_and_no_backward_steps_is_todays_rule(pipe, clip_loss, gradient, scheduler):
-    common = dict(scheduler=scheduler, guidance_gradient=gradient, guidance_start=0.3)
+    common = dict(scheduler=scheduler, guidance_gradient=gradient, guidance_start=0.3, guidance_prediction="cfg")
     clip = make(pipe, guider="clip", **common).generate(clip_loss, seed=1)
     ugd = make(pipe, guider="ugd", recurrence=1, backward_steps=0, **common).generate(clip_loss, seed=1)
     assert ugd.info["guided_steps"] == clip.info["guided_steps"] == [1, 2]

@@ -327,7 +327,8 @@ def test_bf16_unet_keeps_guidance_in_float32(clip_loss):
 
 
 def test_settings_follow_the_convention():
-    allowed = {int, float, str, bool, "int", "float", "str", "bool", "str | None", "list[str]"}
+    allowed = {int, float, str, bool, "int", "float", "str", "bool", "str | None", "list[str]",
+               "float | None", "int | None"}   # None: the guider's own default (generators.guider_defaults)
     for f in dataclasses.fields(Settings):
         assert f.metadata.get("help"), f.name
         assert f.type in allowed, (f.name, f.type)
@@ -355,7 +356,7 @@ def test_unsupported_schedulers_fail_at_set_up():
     ({"height": 100}, r"height 100 is not a positive multiple of 8"),
     ({"guidance_start": 0.8, "guidance_end": 0.2}, "guidance window"),
     ({"guidance_every": 0}, "guidance_every"),
-    ({"guidance_gradient": "exact"}, "choose x0 or full"),
+    ({"guidance_gradient": "exact"}, "choose x0, full, community"),
     ({"cpu_offload": True}, "--cpu-offload needs a CUDA device"),
     ({"steps": 0}, "steps is 0"),
 ])

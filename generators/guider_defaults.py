@@ -1,0 +1,118 @@
+"""Each guider's default settings by profile (``--guider-defaults``): clipsteer's own, the reference's, the toy's.
+
+A guider's settings (its strength ``clip_guidance_scale``, its gradient and step-size rules, TFG's
+schedules and smoothing, the sampler's eta) left unset (``None``) by the user, the config file and
+the preset are filled from the profile of the chosen guider, so ``--guider tfg`` alone runs TFG at
+TFG's own strength, never at the clip rule's (issue 30, item 8). An explicit value always wins; an
+explicit strength of 0 turns every guider off (its profiled backward steps too).
+
+Profiles:
+
+- ``clipsteer`` (default): the project's own choices. Strengths other than the clip rule's were
+  chosen on the toy world's tuning set (``benchmarks/tune_guiders.py --grid toy-v2``, the
+  settings in README's quality table) and have not been measured on a real Stable Diffusion.
+- ``toy`` (what ``--preset toy`` selects): ``clipsteer`` with the toy SD's clip-rule strength (500,
+  chosen on the tuning prompts, see ``generators.stable_diffusion.toy_preset``).
+- ``paper``: each guider's reference rule and the defaults of its reference code (cited per entry;
+  docs/guiders.md lists them with every deviation of the other profiles).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROFILES = ("clipsteer", "paper", "toy")
+
+# The value of every profiled setting when neither the profile nor the user gives one.
+BASE: dict[str, Any] = {
+    "clip_guidance_scale": 100.0, "guidance_gradient": "x0", "guidance_prediction": "cfg", "step_rule": "scale",
+    "guidance_schedule": "constant", "backward_steps": 0, "backward_lr": 0.1, "backward_schedule": "constant",
+    "smoothing": 0.0, "smoothing_schedule": "constant", "smoothing_samples": 1, "ddim_eta": 0.0,
+}
+
+# clipsteer's own defaults; strengths from README's quality table (benchmarks/quality.py VARIANTS), chosen by
+# `python benchmarks/tune_guiders.py --grid toy-v2` on the toy tuning set: dps 1, mpgd 50, freedom 0.5, ugd 2
+# backward steps at lr 1, tfg rho 5 with mu 10 decreasing over 2 iterations (68.8% all-three on the benchmark set).
+_CLIPSTEER: dict[str, dict[str, Any]] = {
+    "none": {"clip_guidance_scale": 0.0},
+    # the clip rule's fast mode (gradient stopped at the clean estimate); the community pipeline scores the
+    # conditional pass, so this guider does too
+    "clip": {"clip_guidance_scale": 100.0, "guidance_gradient": "x0", "guidance_prediction": "conditional"},
+    "dps": {"clip_guidance_scale": 1.0, "step_rule": "scale"},
+    "mpgd": {"clip_guidance_scale": 50.0},
+    "freedom": {"clip_guidance_scale": 0.5, "step_rule": "relative"},
+    "ugd": {"clip_guidance_scale": 100.0, "guidance_gradient": "x0", "backward_steps": 2, "backward_lr": 1.0},
+    "tfg": {"clip_guidance_scale": 5.0, "backward_steps": 2, "backward_lr": 10.0, "backward_schedule": "decreasing"},
+}
+
+# The toy SD takes the clip rule at 500 (the toy preset's tuned scale) where SD 1.5 takes 100; the UGD row of
+# README's table ran its forward guidance at that same 500.
+_TOY: dict[str, dict[str, Any]] = {
+    **_CLIPSTEER,
+    "clip": {**_CLIPSTEER["clip"], "clip_guidance_scale": 500.0},
+    "ugd": {**_CLIPSTEER["ugd"], "clip_guidance_scale": 500.0},
+}
+
+_PAPER: dict[str, dict[str, Any]] = {
+    "none": {"clip_guidance_scale": 0.0},
+    # diffusers examples/community/clip_guided_stable_diffusion.py: cond_fn (gradient through the conditional
+    # UNet pass, loss on the blend sqrt(1-ab) x0 + (1 - sqrt(1-ab)) x_t; sigma^2 * grad moves for LMS),
+    # __call__ defaults clip_guidance_scale=100, eta=0
+    "clip": {"clip_guidance_scale": 100.0, "guidance_gradient": "community", "guidance_prediction": "conditional"},
+    # Training-Free-Guidance methods/dps.py L34-37: the step divided by |log p| (the DPS paper's zeta_t = zeta' /
+    # ||y - A(x0)||); utils/configs.py: guidance_strength 1.0, eta 1.0 (DDPM-like ancestral DDIM)
+    "dps": {"clip_guidance_scale": 1.0, "step_rule": "loss", "ddim_eta": 1.0},
+    # Training-Free-Guidance methods/mpgd.py L36; utils/configs.py guidance_strength 1.0, eta 1.0
+    "mpgd": {"clip_guidance_scale": 1.0, "ddim_eta": 1.0},
+    # FreeDoM SD_style/ldm/models/diffusion/ddim.py L263: rho = 0.2 * rms(w (eps_c - eps_u)) / rms(grad), the DDPM
+    # posterior step (L266-270, DDIM eta 1). Its guidance window (steps 30-70 of 100) and time-travel (3 repeats in
+    # steps 30-60) are not profiled: --guidance-start 0.3 --guidance-end 0.7 --recurrence 3 --scheduler ddim
+    "freedom": {"clip_guidance_scale": 0.2, "step_rule": "cfg", "ddim_eta": 1.0},
+    # Universal-Guided-Diffusion stable-diffusion-guided/ldm/models/diffusion/ddim_with_grad.py L129-168: forward
+    # guidance through the CFG-combined UNet output; README's SD style transfer: --optim_forward_guidance_wt 6
+    # (its recurrence --optim_num_steps 6 is not profiled: --recurrence 6 --scheduler ddim); no backward guidance
+    # on SD, as Training-Free-Guidance's ugd.py with its default iter_steps 1
+    "ugd": {"clip_guidance_scale": 6.0, "guidance_gradient": "full", "backward_steps": 0},
+    # Training-Free-Guidance scripts/style_transfer.sh (its SD task): rho 0.25, mu 2, sigma 0.1, eps_bsz 1,
+    # iter_steps 4, eta 1.0; utils/configs.py: rho/mu schedules 'increase', sigma schedule 'decrease'
+    "tfg": {"clip_guidance_scale": 0.25, "backward_steps": 4, "backward_lr": 2.0, "smoothing": 0.1,
+            "smoothing_samples": 1, "guidance_schedule": "increasing", "backward_schedule": "increasing",
+            "smoothing_schedule": "decreasing", "ddim_eta": 1.0},
+}
+
+DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"clipsteer": _CLIPSTEER, "paper": _PAPER, "toy": _TOY}
+
+
+def guider_defaults(guider: str, profile: str = "clipsteer") -> dict[str, Any]:
+    """Every profiled setting of *guider* under *profile* (a guider the profile does not know gets ``BASE``)."""
+    if profile not in DEFAULTS:
+        raise ValueError(f"unknown guider_defaults {profile!r}; choose {', '.join(PROFILES)}")
+    return {**BASE, **DEFAULTS[profile].get(guider, {})}
+
+
+def profile_summary(profile: str) -> str:
+    """*profile*'s per-guider values in one line (``--help``): ``clip: scale 100, guidance-gradient community; ...``."""
+    parts = []
+    for guider, values in DEFAULTS[profile].items():
+        if guider == "none":
+            continue
+        shown = ", ".join(f"{'scale' if k == 'clip_guidance_scale' else k.replace('_', '-')} {v:g}"
+                          if isinstance(v, float) else f"{k.replace('_', '-')} {v}" for k, v in values.items())
+        parts.append(f"{guider}: {shown}")
+    return "; ".join(parts)
+
+
+def fill_guider_defaults(settings, *, guider: str, profile: str) -> None:
+    """Set every profiled field of *settings* that is ``None`` to *guider*'s default under *profile*.
+
+    A strength of 0 given by the user turns the guider off: its profile's backward steps (UGD, TFG) are then 0
+    too, unless the user asked for backward steps as well (backward guidance alone)."""
+    values = guider_defaults(guider, profile)
+    if getattr(settings, "clip_guidance_scale", None) == 0:
+        values["backward_steps"] = 0
+    for name, value in values.items():
+        if hasattr(settings, name) and getattr(settings, name) is None:
+            setattr(settings, name, value)
+
+
+__all__ = ["PROFILES", "BASE", "DEFAULTS", "guider_defaults", "fill_guider_defaults", "profile_summary"]
