@@ -297,6 +297,24 @@ def run_task(name: str, out: str, scale: float, unet_steps: int, threads: int, r
     return name, m, time.perf_counter() - t0
 
 
+def finished_tasks(tasks: list[str], out: Path, metrics: dict) -> set[str]:
+    """The tasks a ``--resume`` run keeps: their model folder in *out* is complete, no checkpoint of theirs is
+    pending and their measurements are recorded (the guided samples and the VAE stage go with the toy SD)."""
+    from toyworld.paths import MODELS
+
+    def complete(name: str) -> bool:
+        folder = out / name
+        return (name in metrics and all((folder / f).is_file() for f in MODELS[name])
+                and not any((folder / ".training").glob("*.json")))
+
+    done = {t for t in tasks if t in MODELS and complete(t)}
+    if "sd" in done or complete("sd"):
+        done |= {"sd_vae"} & set(tasks)
+    if "sd_guided" in metrics and "sd" in done:
+        done |= {"guided"} & set(tasks)
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=GROUPS + CLIPS,
@@ -313,8 +331,9 @@ def main(argv=None) -> int:
                     help="models trained side by side, one process each (default 2, one per core of the reference "
                          "machine); the results do not depend on it")
     ap.add_argument("--resume", action="store_true",
-                    help="continue each model from its last checkpoint in --out (written every 200 steps); "
-                         "a resumed run ends with the same weights as an uninterrupted one")
+                    help="keep the models --out already holds (trained and measured) and continue the others from "
+                         "their last checkpoint (written every 200 steps); a resumed run ends with the same weights "
+                         "as an uninterrupted one")
     ap.add_argument("--report-only", action="store_true",
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
@@ -343,7 +362,10 @@ def main(argv=None) -> int:
     _log(f"training {', '.join(tasks)} into {out} ({args.jobs} at a time)")
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pending, running, done = list(tasks), {}, set()
+    done = finished_tasks(tasks, out, metrics) if args.resume else set()
+    if done:
+        _log(f"--resume: keeping {', '.join(t for t in tasks if t in done)} (trained and measured in {out})")
+    pending, running = [t for t in tasks if t not in done], {}
     started = {}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         while pending or running:

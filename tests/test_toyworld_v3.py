@@ -352,3 +352,29 @@ def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_p
 
     with pytest.raises(RewardLoadError, match="could not load the ITM model"):
         load_reward(f"itm:{tmp_path}")
+
+
+def test_resume_keeps_finished_models_and_reruns_the_rest(tmp_path):
+    """``train_toy.py --resume`` keeps a model whose folder is complete and measured, and trains one with a
+    pending checkpoint or no record again."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from toyworld.paths import MODELS
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("clipsteer_train_toy_v3", root / "scripts" / "train_toy.py")
+    train_toy = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train_toy
+    spec.loader.exec_module(train_toy)
+    for name in ("clip_c", "clip_d", "sd"):
+        for f in MODELS[name]:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_text("x")
+    (tmp_path / "clip_d" / ".training").mkdir()
+    (tmp_path / "clip_d" / ".training" / "clip_d.json").write_text("{}")  # stopped part-way
+    metrics = {"clip_c": {}, "clip_d": {}, "sd": {}, "sd_guided": {}}
+    tasks = ["clip_a", "clip_c", "clip_d", "sd_vae", "sd", "guided", "itm"]
+    assert train_toy.finished_tasks(tasks, tmp_path, metrics) == {"clip_c", "sd_vae", "sd", "guided"}
+    assert train_toy.finished_tasks(tasks, tmp_path, {"clip_c": {}}) == {"clip_c"}  # sd not measured: retrained
