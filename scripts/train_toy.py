@@ -243,7 +243,8 @@ TASK_DEPS = {"clip_a": (), "clip_b": (), "clip_c": (), "clip_d": (), "vqgan": ()
 PRIORITY = ("clip_a", "sd_vae", "sd", "sd_turbo", "clip_b", "clip_c", "clip_d", "itm", "vqgan", "guided")
 GROUP_TASKS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd_vae", "sd"), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
                "guided": ("guided",)}
-STEPS = {"vqgan": 2500, "sd_vae": 3000, "itm": 3000, "sd_turbo_pairs": 2048, "sd_turbo": 2400}
+STEPS = {"vqgan": 2500, "sd_vae": 3000, "itm": 3000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
+         "sd_data": 20000}  # sd_data: scenes encoded once for the UNet's training set
 
 
 def run_task(name: str, out: str, scale: float, unet_steps: int, threads: int, resume: bool) -> tuple[str, dict, float]:
@@ -275,7 +276,8 @@ def run_task(name: str, out: str, scale: float, unet_steps: int, threads: int, r
 
         # the VAE task of this run left the VAE in sd/.training/vae: train_sd picks it up
         m = {"sd": train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(STEPS["sd_vae"]),
-                            unet_steps=steps(unet_steps), log=_log, resume=resume, vae_ready=True)}
+                            unet_steps=steps(unet_steps), log=_log, resume=resume, vae_ready=True,
+                            n_data=max(256, steps(STEPS["sd_data"])))}
         _log(f"== sd: samples judged {json.dumps(m['sd']['samples']['judge_by_category'])}")
     elif name == "sd_turbo":
         from toyworld.train_fewstep import train_fewstep

@@ -352,7 +352,7 @@ def vae_stage(out_dir: str | Path, vae_steps: int = 3000, log=print, resume: boo
 
 
 def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000, unet_steps: int = 5000,
-             log=print, resume: bool = False, vae_ready: bool = False) -> dict:
+             log=print, resume: bool = False, vae_ready: bool = False, n_data: int = 20000) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate. With
     ``resume`` a stopped run continues where it stopped (a finished VAE is kept in ``out_dir/.training``);
     ``vae_ready``: :func:`vae_stage` has just trained the VAE (``train_toy.py`` runs it as its own task)."""
@@ -367,7 +367,7 @@ def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_folder))
     text_encoder = text_encoder_from_clip(clip_folder)
     unet_recipe = dict(batch_size=48, lr=1e-3, offset_noise=OFFSET_NOISE)
-    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log,
+    unet, scaling, unet_time = train_unet(vae, text_encoder, tokenizer, steps=unet_steps, log=log, n_data=n_data,
                                           checkpoints=checkpoints, resume=resume, **unet_recipe)
     save_pipeline(vae, unet, text_encoder, tokenizer, scaling, out_dir)
     shutil.rmtree(checkpoints / "vae", ignore_errors=True)
@@ -387,7 +387,7 @@ def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000
                 "latent_shape": [VAE_CONFIG["latent_channels"], LATENT_SIZE, LATENT_SIZE],
                 "recipe": {**VAE_RECIPE, "block_out_channels": list(VAE_CONFIG["block_out_channels"]),
                            "norm_num_groups": VAE_CONFIG["norm_num_groups"]}},
-        "unet": {"steps": unet_steps, "seed": SD_SEED, "train_seconds": unet_time,
+        "unet": {"steps": unet_steps, "seed": SD_SEED, "train_seconds": unet_time, "n_data": n_data,
                  "params": sum(p.numel() for p in unet.parameters()), **unet_recipe,
                  "block_out_channels": list(UNET_CONFIG["block_out_channels"])},
         "samples": sample_metrics,
