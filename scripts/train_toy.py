@@ -362,26 +362,34 @@ def main(argv=None) -> int:
         return 0
     machine = f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} (threads={args.threads}, jobs={args.jobs})"
     _log(f"training {', '.join(tasks)} into {out} ({args.jobs} at a time)")
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     done = finished_tasks(tasks, out, metrics) if args.resume else set()
     if done:
         _log(f"--resume: keeping {', '.join(t for t in tasks if t in done)} (trained and measured in {out})")
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    # SIGTERM (a scheduler's stop, `timeout`, `kill`) ends the run like Ctrl-C: the pool's workers are terminated
+    # with it (not left training on their own) and every model resumes from its last checkpoint with --resume
+    signal.signal(signal.SIGTERM, stop)
     pending, running = [t for t in tasks if t not in done], {}
     started = {}
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:  # exit terminates workers
         while pending or running:
             ready = [t for t in PRIORITY if t in pending and all(d in done or d not in tasks for d in TASK_DEPS[t])]
             while ready and len(running) < args.jobs:
                 task = ready.pop(0)
                 pending.remove(task)
                 started[task] = (time.perf_counter(), os.getloadavg())
-                running[pool.submit(run_task, task, str(out), args.steps_scale, args.sd_unet_steps, args.threads,
-                                    args.resume)] = task
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = running.pop(future)
-                name, recorded, wall = future.result()  # a failed task stops the run with its error
+                running[task] = pool.apply_async(run_task, (task, str(out), args.steps_scale, args.sd_unet_steps,
+                                                            args.threads, args.resume))
+            finished = [t for t, job in running.items() if job.ready()]
+            if not finished:
+                time.sleep(1)
+                continue
+            for task in finished:
+                name, recorded, wall = running.pop(task).get()  # a failed task stops the run with its error
                 done.add(name)
                 # re-read before writing so that concurrent `--only` runs do not drop each other's figures
                 latest = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -398,5 +406,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        _log("stopped: every model keeps its last checkpoint (every 200 steps); "
+             "continue with the same command plus --resume")
+        return 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())
