@@ -79,15 +79,21 @@ class BatchResult:
 # Reading the input
 # ---------------------------------------------------------------------------------------------
 
+#: the most seeds one --seeds value may name (a batch of more is a mistake, or is split into several batches)
+MAX_SEEDS = 100_000
+
+
 def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
-    """``"0-3"`` (a range, both ends included), ``"0,2,5"`` (a list) or ``"7"`` -> seeds, in order."""
+    """``"0-3"`` (a range, both ends included), ``"0,2,5"`` (a list) or ``"7"`` -> seeds, in order; at most
+    :data:`MAX_SEEDS` of them, counted before any range is expanded (linear time in the seeds named)."""
     if isinstance(text, int) and not isinstance(text, bool):
         return [check_seed(text, name)]
     if isinstance(text, (list, tuple)):
         parts = [str(t) for t in text]
     else:
         parts = str(text).replace(" ", "").split(",")
-    seeds: list[int] = []
+    spans: list[tuple[int, int]] = []
+    count = 0
     for part in parts:
         low, dash, high = part.partition("-")
         try:
@@ -95,17 +101,27 @@ def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
                 first, last = check_seed(low, name), check_seed(high, name)
                 if last < first:
                     raise ValueError(f"{name} range {part!r} runs backwards; write it low-high, e.g. 0-3")
-                seeds += range(first, last + 1)
             else:
-                seeds.append(check_seed(part, name))
+                first = last = check_seed(part, name)
         except ValueError as err:
             if "backwards" in str(err):
                 raise
             raise ValueError(f"{name} {text!r} is not a seed list: give a range (0-3), a list (0,2,5) or one seed") \
                 from None
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise ValueError(f"{name} {text!r} names seed {repeated[0]} twice; each seed gives one run")
+        spans.append((first, last))
+        count += last - first + 1
+        if count > MAX_SEEDS:
+            shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+            raise ValueError(f"{name} {shown!r} names more than {MAX_SEEDS} seeds; give at most {MAX_SEEDS} "
+                             "(split a larger batch into several --seeds ranges, one batch each)")
+    seeds: list[int] = []
+    seen: set[int] = set()
+    for first, last in spans:
+        for seed in range(first, last + 1):
+            if seed in seen:
+                raise ValueError(f"{name} {text!r} names seed {seed} twice; each seed gives one run")
+            seen.add(seed)
+            seeds.append(seed)
     return seeds
 
 
@@ -481,4 +497,4 @@ def main(args: dict[str, Any]) -> int:
 
 
 __all__ = ["Row", "BatchResult", "Job", "parse_seeds", "read_prompts", "read_index", "merge_index", "plan",
-           "fingerprint", "run_batch", "export_runs", "main", "INDEX", "LAYOUTS"]
+           "fingerprint", "run_batch", "export_runs", "main", "INDEX", "LAYOUTS", "MAX_SEEDS"]

@@ -4,7 +4,7 @@
 :mod:`generators.run`). It merges option defaults, a preset, a config file and keyword arguments
 (:mod:`generators.options`), builds the objective from the guidance options (:mod:`guidance.build`)
 and the backend from its ``Settings``, runs it with a progress bar, scores the result with an
-evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C during the run keeps
+evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C (or SIGTERM) during the run keeps
 the current image: it is saved, marked ``interrupted``; so does setting the ``stop`` event (a web UI's
 Stop button, or any other thread).
 """
@@ -425,19 +425,26 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
 
 
 class _CtrlC:
-    """Ctrl-C handling for a whole run: the first press raises ``KeyboardInterrupt`` (the backend keeps
-    its current image); later presses are only remembered, so scoring and writing the run always finish
-    (people press it twice). Main thread only; elsewhere Python's default handling stays."""
+    """Ctrl-C (and SIGTERM: ``docker stop``, Slurm preemption, ``timeout``) handling for a whole run: the
+    first signal raises ``KeyboardInterrupt`` (the backend keeps its current image, and its checkpoint);
+    later ones are only remembered, so scoring and writing the run always finish (people press it twice).
+    Main thread only; elsewhere Python's default handling stays."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __enter__(self):
         import signal
         import threading
 
-        self.pressed, self.again, self._previous = False, False, None
-        # (a process started with SIGINT ignored, e.g. in the background of a script, keeps ignoring it)
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.pressed, self.again, self._previous = False, False, {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            # (a process started with the signal ignored, e.g. SIGINT in the background of a script, keeps
+            # ignoring it)
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -445,24 +452,24 @@ class _CtrlC:
             self.pressed = True
             raise KeyboardInterrupt
         self.again = True
-        print("\nCtrl-C again: finishing writing the run first", file=sys.stderr)
+        print("\nstopping again: finishing writing the run first", file=sys.stderr)
 
     def __exit__(self, *exc):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
 def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
     prep = prepare(backend, opts, provenance, t_start=t_start)
     folder = None
-    if save:
-        from .outputs import new_run_dir
-
-        folder = new_run_dir(opts.get("out") or "outputs", prep.label)
     with _CtrlC() as ctrl_c:
+        if save:
+            from .outputs import new_run_dir
+
+            folder = new_run_dir(opts.get("out") or "outputs", prep.label)
         try:
             result, progress = execute(prep, folder=folder, callback=callback)
         except BaseException:
