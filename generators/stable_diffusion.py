@@ -84,9 +84,10 @@ class Settings:
 
     sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusion model (SD 1.x/2.x, SDXL, SD3/3.5 "
                            "or FLUX.1, found from the model): Hub id, local diffusers folder, or one "
-                           ".safetensors/.ckpt file", flag="--sd")
+                           ".safetensors/.ckpt file", flag="--sd", path="model")
     sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
-                                         "holding its configs (needed offline)", flag="--sd-config")
+                                         "holding its configs (needed offline)", flag="--sd-config",
+                                         path="model")
     steps: int = option(30, "denoising steps", flag="--steps", minimum=1)
     scheduler: str = option("auto", "sampler ('default': the checkpoint's own; 'auto': dpm++ for SD 1.x/2.x and "
                                     "SDXL, the model's own flow-matching Euler for SD3/FLUX)", flag="--scheduler",
@@ -105,7 +106,8 @@ class Settings:
                                   flag="--negative-prompt")
     width: int = option(0, "image width in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
     height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
-    init_image: str | None = option(None, "start from this image (img2img) instead of pure noise")
+    init_image: str | None = option(None, "start from this image (img2img) instead of pure noise",
+                                    path="file")
     strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image (0-1]", above=0,
                              maximum=1, requires="init_image")
     num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
@@ -134,9 +136,9 @@ class Settings:
     smoothing_samples: int = option(1, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1,
                                     requires="smoothing")
     vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
-                                   "for SDXL")
+                                   "for SDXL", path="model")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
-                                        "guidance image (much cheaper than the full VAE)")
+                                        "guidance image (much cheaper than the full VAE)", path="model")
     channels_last: bool = option(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
                                        "decodes ~20% faster on CPU; --no-channels-last: contiguous)")
     vae_slicing: bool = option(False, "decode the batch one image at a time (less memory)")

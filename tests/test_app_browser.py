@@ -33,7 +33,8 @@ def _wait(condition, timeout: float, what: str):
 
 def test_start_preview_stop_gallery_reuse(tmp_path):
     out = tmp_path / "runs"
-    with ui_browser.serve(out, log=tmp_path / "app.log") as url, ui_browser.browser() as page:
+    with ui_browser.serve(out, log=tmp_path / "app.log", args=("--max-steps", str(LONG))) as url, \
+            ui_browser.browser() as page:
         outside = []
         page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
         page.goto(url)
