@@ -31,6 +31,7 @@ from guidance.runtime import set_compiled
 
 from . import get_generator_class
 from .base import GenerationResult, StepInfo, check_seed
+from .memory import check_fits
 from .options import backend_settings, resolve_options
 
 
@@ -276,6 +277,7 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     cls = get_generator_class(backend)
     settings = backend_settings(backend, opts)
     cls.check(settings, device)                 # every backend option checked before any model loads
+    check_fits(backend, settings, device, precision)   # and the size against the memory free, too
     _warn_about_unused_options(cls, backend, settings, schedule, provenance)
     objective_specs = clip_specs(opts) + [(r["spec"], r["weight"]) for r in reward_specs(opts)]
     if cls.needs_objective and not objective_specs:

@@ -17,6 +17,7 @@ import pytest
 
 from generators import batch
 from generators.batch import parse_seeds
+from generators.run import generate
 from test_reliability import models, opts  # noqa: F401  (fixtures: tiny models, run options)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +74,37 @@ def test_seed_ranges_parse_in_linear_time_with_a_cap():
             parse_seeds(text)                                         # never expanded: refused at once
         message = str(info.value)
         assert "\n" not in message and f"at most {getattr(batch, 'MAX_SEEDS', None)}" in message and "split" in message
+
+
+# -- 2. sizes that cannot fit are refused before any model loads ---------------------------------------------
+@pytest.mark.parametrize("backend", ["vqgan", "pixels", "sd"])
+def test_a_size_that_cannot_fit_is_refused_before_any_model_loads(backend, opts, models, monkeypatch):
+    import guidance.build
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the size was checked")
+
+    monkeypatch.setattr(guidance.build, "load_encoders", no_loading)
+    extra = {"sd_model": models["sd"], "steps": 2} if backend == "sd" else {}
+    with pytest.raises(ValueError) as info:
+        generate("a fox", seed=0, backend=backend, save=False, **{**opts, "size": (100000, 100000), **extra})
+    message = str(info.value)
+    assert "\n" not in message and "needs at least" in message and "the largest size that fits is about" in message
+    assert "--size " in message.split("use ", 1)[1]
+    assert not Path(opts["out"]).exists()
+
+
+def test_the_size_said_to_fit_does():
+    import torch
+
+    from generators.memory import check_fits, needed_bytes
+    from generators.vqgan import VQGANSettings
+
+    available = 3 * 10**9
+    big = VQGANSettings(width=4096, height=2048, num_images=2)
+    with pytest.raises(ValueError, match=r"about (\d+)x(\d+): use --size \1 \2; or --num-images 1; or --precision") as info:
+        check_fits("vqgan", big, torch.device("cpu"), available=available)
+    width, height = (int(v) for v in str(info.value).split("about ")[1].split(":")[0].split("x"))
+    assert width % 16 == 0 and height % 16 == 0 and abs(width / height - 2) < 0.1
+    assert 0.9 * available < needed_bytes("vqgan", width, height, 2) <= available     # fits, and little is left
+    check_fits("vqgan", VQGANSettings(width=width, height=height, num_images=2), torch.device("cpu"), available=available)
