@@ -46,7 +46,7 @@ PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
 # generate() arguments a row may give besides run and backend options
 ROW_ARGUMENTS = ("backend", "preset", "config")
 # options that do not change the images, left out of a job's fingerprint
-NOT_FINGERPRINTED = ("out", "progress", "threads", "device", "checkpoint_every", "seed")
+NOT_FINGERPRINTED = ("out", "progress", "threads", "device", "checkpoint_every", "seed", "record_paths")
 
 
 @dataclass

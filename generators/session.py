@@ -258,6 +258,7 @@ class _Prepared:
     generator: Any
     t_start: float
     t_loaded: float = 0.0
+    recorded: dict | None = None        # the options as run.json records them (generators.record)
 
 
 def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: float | None = None) -> _Prepared:
@@ -337,8 +338,11 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     if prep.generator.resumable and (folder is not None or resumed):
         from .checkpoint import Checkpointer, load_state
 
+        from .record import run_identity
+
         prep.generator.checkpoint = Checkpointer(folder, every=getattr(prep.settings, "checkpoint_every", 0),
-                                                 resume=load_state(resumed["folder"]) if resumed else None)
+                                                 resume=load_state(resumed["folder"]) if resumed else None,
+                                                 identity=run_identity(prep.backend, _recorded(prep, folder)))
     try:
         try:
             result = prep.generator.generate(prep.objective, seed=prep.seed, callback=progress)
@@ -351,6 +355,16 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     finally:
         progress.close()
     return result, progress
+
+
+def _recorded(prep: _Prepared, folder: Path | None) -> dict[str, Any]:
+    """The run's options as run.json records them (computed once: the checkpoint's digest is of these)."""
+    if prep.recorded is None:
+        from .record import recorded_options
+
+        prep.recorded = recorded_options(prep.opts, prep.provenance["sources"], folder,
+                                         str(prep.opts.get("record_paths") or "relative"))
+    return prep.recorded
 
 
 def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", folder: Path | None) -> Run:
@@ -369,8 +383,11 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
             score = {"clip_score": None, "error": f"{err.__class__.__name__}: {err}"}
     t_scored = time.perf_counter()
 
+    from .record import recorded_options, recorded_value
+
     names = ["image.png"] if images.shape[0] == 1 else [f"image-{i}.png" for i in range(images.shape[0])]
     settings = prep.settings
+    mode, sources = str(prep.opts.get("record_paths") or "relative"), prep.provenance["sources"]
     metadata: dict[str, Any] = {
         "prompt": prep.label,
         "seed": prep.seed,
@@ -380,11 +397,12 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "images": names,
         "interrupted": bool(result.interrupted),
         "stopped_at": result.stopped_at,
-        "eval_model": prep.eval_model,
+        "eval_model": recorded_options({"eval_model": prep.eval_model}, sources, folder, mode)["eval_model"],
         "clip_scores": score,
         "prompts": {str(k): v for k, v in prep.schedule.as_dict().items()},
-        "settings": {k: v for k, v in sorted(prep.opts.items())},
-        "backend_settings": asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
+        "settings": _recorded(prep, folder),
+        "backend_settings": recorded_options(asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
+                                             sources, folder, mode),
         "option_sources": {k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
         "preset": prep.provenance["preset"],
         "config": prep.provenance["config"],
@@ -408,6 +426,7 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         metadata["steered_by"] = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
                                   for r in rewards if r["weight"] != 0]
         metadata["reward_scores"] = progress.reward_log()
+    metadata = recorded_value(metadata, folder, mode)       # the config file, resumed_from, models in info...
     run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
               interrupted=bool(result.interrupted), frames=progress.frames)
     if folder is not None:

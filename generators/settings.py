@@ -76,6 +76,9 @@ class RunSettings:
                                      "different CLIP from the guiding one) or 'none'", group="output", metavar="MODEL",
                            path="model")
     progress: bool = option(True, "show a progress bar", group="output")
+    record_paths: str = option("relative", "how run.json and the PNGs record local paths: relative (to the run "
+                                           "folder; a preset's models by the preset's name) or absolute",
+                               group="output", choices=["relative", "absolute"])
     # runtime
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", group="runtime")
     precision: str = option("auto", "fp32, bf16 or fp16 (fp16 on GPUs only); auto is fp32. bf16/fp16: models hold "

@@ -108,3 +108,109 @@ def test_the_size_said_to_fit_does():
     assert width % 16 == 0 and height % 16 == 0 and abs(width / height - 2) < 0.1
     assert 0.9 * available < needed_bytes("vqgan", width, height, 2) <= available     # fits, and little is left
     check_fits("vqgan", VQGANSettings(width=width, height=height, num_images=2), torch.device("cpu"), available=available)
+
+
+# -- 4. resume continues only the run its checkpoint belongs to ------------------------------------------------
+def _stopped(prompt: str, opts: dict, steps: int = 2):
+    return generate(prompt, seed=3, callback=lambda info: info.step + 1 < steps, **{**opts, "iterations": 4})
+
+
+def test_a_checkpoint_copied_from_another_run_is_refused(opts):
+    from generators.checkpoint import CHECKPOINT_JSON, CHECKPOINT_TENSORS
+
+    red, blue = _stopped("a red circle", opts), _stopped("a blue square", opts)
+    for name in (CHECKPOINT_JSON, CHECKPOINT_TENSORS):                  # the other run's checkpoint, copied in
+        (blue.path / name).write_bytes((red.path / name).read_bytes())
+    before = _snapshot(Path(opts["out"]))
+    with pytest.raises(ValueError, match="its checkpoint belongs to another run") as info:
+        generate(resume=blue.path, progress=False)
+    assert "\n" not in str(info.value)
+    assert _snapshot(Path(opts["out"])) == before and len(list(Path(opts["out"]).iterdir())) == 2
+    assert generate(resume=red.path, progress=False).metadata["steps_done"] == 4     # its own run resumes
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda s: {**s, "step": "two"}, "step and total must be counts"),
+    (lambda s: {k: v for k, v in s.items() if k != "optimizer"}, "missing or unknown"),
+    (lambda s: {**s, "latents": {"tensor": "state.nowhere"}}, "do not match the tensors file"),
+    (lambda s: {**s, "optimizer": {"dict": [["state", {"dict": []}]]}}, "the optimiser state must hold"),
+    (lambda s: {**s, "losses": ["x"]}, "losses must be numbers"),
+    (lambda s: [], "no state mapping"),
+])
+def test_a_checkpoint_with_a_broken_state_is_refused_in_one_line(opts, damage, what):
+    from generators.checkpoint import CHECKPOINT_JSON
+
+    run = _stopped("a red circle", opts)
+    header = json.loads((run.path / CHECKPOINT_JSON).read_text())
+    fields = dict(header["state"]["dict"])                           # the state as written: [[key, value], ...]
+    damaged = damage(fields)
+    header["state"] = {"dict": [[k, v] for k, v in damaged.items()]} if isinstance(damaged, dict) else damaged
+    (run.path / CHECKPOINT_JSON).write_text(json.dumps(header))
+    before = _snapshot(Path(opts["out"]))
+    with pytest.raises(ValueError, match="holds a broken state") as info:
+        generate(resume=run.path, progress=False)
+    assert what in str(info.value) and "\n" not in str(info.value)
+    assert _snapshot(Path(opts["out"])) == before
+
+
+# -- 6. metadata paths: relative to the run folder, the preset by name ------------------------------------------
+def test_recorded_paths_are_relative_and_a_moved_clone_resumes(tmp_path):
+    import shutil
+
+    from generators.outputs import PNG_KEY, read_png_text
+    from tiny import save_tiny_clip, save_tiny_vqgan
+
+    clone = tmp_path / "clone"
+    vqgan = save_tiny_vqgan(clone / "models" / "vqgan", fmt="safetensors")
+    clip = save_tiny_clip(clone / "models" / "clip", seed=0, image_size=32)
+    image = clone / "pics" / "start.png"
+    image.parent.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+    opts = dict(vqgan=str(vqgan), clip=[f"{clip}=1"], eval_model="none", size=(32, 32), cutouts=2,
+                augmentations=["none"], out=str(clone / "outputs"), progress=False, init_image=str(image))
+    full = generate("a red circle", seed=3, **{**opts, "iterations": 4})
+    part = _stopped("a red circle", opts)
+    for run in (full, part):
+        text = (run.path / "run.json").read_text() + read_png_text(run.image_path)[PNG_KEY]
+        assert str(tmp_path) not in text                              # no folder of the user's
+    meta = json.loads((part.path / "run.json").read_text())
+    assert meta["settings"]["vqgan"] == "../../models/vqgan" and meta["settings"]["clip"] == ["../../models/clip=1"]
+    assert meta["settings"]["init_image"] == "../../pics/start.png" and meta["settings"]["out"] == ".."
+    assert meta["backend_settings"]["vqgan"] == "../../models/vqgan"
+
+    moved = tmp_path / "moved"
+    shutil.move(clone, moved)                                         # the whole clone moves: the old paths are gone
+    resumed = generate(resume=moved / "outputs" / part.path.name, progress=False)
+    assert resumed.metadata["steps_done"] == 4 and resumed.path.parent == moved / "outputs"
+    import torch
+
+    assert torch.equal(resumed.images, full.images)                   # the uninterrupted run, bit for bit
+
+    absolute = generate("a red circle", seed=3, **{**opts, "out": str(moved / "outputs"), "vqgan": str(moved / "models" / "vqgan"),
+                                                   "clip": [str(moved / "models" / "clip")], "init_image": str(moved / "pics" / "start.png"),
+                                                   "iterations": 1, "record_paths": "absolute"})
+    assert absolute.metadata["settings"]["vqgan"] == str(moved / "models" / "vqgan")
+
+
+def test_the_toy_preset_is_recorded_by_name(tmp_path):
+    from generators.outputs import PNG_KEY, read_png_text
+
+    run = generate("a red circle", backend="pixels", preset="toy", seed=1, iterations=1, progress=False,
+                   out=str(tmp_path))
+    text = (run.path / "run.json").read_text() + read_png_text(run.image_path)[PNG_KEY]
+    assert str(ROOT) not in text and str(tmp_path) not in text
+    meta = json.loads((run.path / "run.json").read_text())
+    assert meta["settings"]["clip"] == ["preset toy: clip_a", "preset toy: clip_c", "preset toy: clip_d"]
+    assert meta["eval_model"] == meta["settings"]["eval_model"] == "preset toy: clip_b"
+    # evaluate.py --held-out still knows which CLIPs steered the run (by the preset, now in this clone)
+    from generators.presets import toyworld_weights
+    from test_evaluate import evaluate_script
+
+    table = tmp_path / "m.json"
+    steering, judge = toyworld_weights("clip_a"), toyworld_weights("clip_b")
+    assert evaluate_script.main([str(tmp_path), "--metric", f"clip_score:{steering}", "--metric", f"clip_score:{judge}",
+                                 "--held-out", "--json", str(table), "--no-progress"]) == 0
+    groups = {(s["metric"], s["group"]): s["n"] for s in json.loads(table.read_text())["summary"]}
+    assert groups[(f"clip_score:{steering}", "steered")] == 1 and groups[(f"clip_score:{judge}", "held-out")] == 1

@@ -245,8 +245,8 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             if not folder:
                 return [gr.skip()] * len(form_outputs) + ["select a run in the gallery first"]
             try:
-                metadata = read_metadata(policy.run_folder(folder))
-                values = values_from_run(metadata)
+                folder = policy.run_folder(folder)
+                values = values_from_run(read_metadata(folder), folder)
             except USER_ERRORS as err:
                 return [gr.skip()] * len(form_outputs) + [f"error: {err}"]
             values["out"] = out
