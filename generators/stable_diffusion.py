@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from .base import GenerationResult, Generator, StepCallback, StepInfo
-from guidance.errors import first_line, load_error, looks_like_path
+from guidance.errors import first_line, load_error, looks_like_path, readable_weights
 
 from .base import option, seed_generator
 from .guiders import GUIDERS, SCHEDULES, SMOOTHING_SCHEDULES, CLIPGuider, setup_guider
@@ -579,7 +579,13 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
                   vae: str | None = None):
     """The diffusers pipeline of a Hub id, a diffusers folder or a single checkpoint file, its class (SD 1.x/2.x,
     SDXL, SD3, FLUX) found from the model (:func:`~generators.families.pipeline_class_of`); safety checker never
-    loaded; ``.ckpt`` files are read with ``weights_only=True``; *vae*: a replacement ``AutoencoderKL``."""
+    loaded; ``.ckpt`` files are read with ``weights_only=True`` (a pickle holding more is refused in one line);
+    *vae*: a replacement ``AutoencoderKL``."""
+    with readable_weights("Stable Diffusion model", spec):
+        return _load_pipeline(spec, dtype=dtype, config=config, vae=vae)
+
+
+def _load_pipeline(spec: str, *, dtype: torch.dtype, config: str | None, vae: str | None):
     import diffusers
 
     path = check_model_path(spec)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import load_error, looks_like_path
+from .errors import load_error, looks_like_path, readable_weights
 from .runtime import autocast, resolve_device, resolve_dtype
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -230,9 +230,10 @@ def load_encoder(spec: str, *, device=None, precision=None) -> Encoder:
     """Load one CLIP encoder by Hub id, local folder, or ``"open_clip:ARCH/PRETRAINED"``."""
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
-    if spec.startswith("open_clip:"):
-        return OpenCLIPEncoder.from_spec(spec, device=dev, dtype=dtype)
-    return HFCLIPEncoder.from_pretrained(spec, device=dev, dtype=dtype)
+    with readable_weights("CLIP", spec):
+        if spec.startswith("open_clip:"):
+            return OpenCLIPEncoder.from_spec(spec, device=dev, dtype=dtype)
+        return HFCLIPEncoder.from_pretrained(spec, device=dev, dtype=dtype)
 
 
 def parse_encoder_spec(spec: str) -> tuple[str, float]:

@@ -214,3 +214,59 @@ def test_the_toy_preset_is_recorded_by_name(tmp_path):
                                  "--held-out", "--json", str(table), "--no-progress"]) == 0
     groups = {(s["metric"], s["group"]): s["n"] for s in json.loads(table.read_text())["summary"]}
     assert groups[(f"clip_score:{steering}", "steered")] == 1 and groups[(f"clip_score:{judge}", "held-out")] == 1
+
+
+# -- 5. unreadable or unsafe weights: one line naming the fix, never torch's weights_only advice -----------------
+@pytest.fixture(scope="module")
+def bad_weights(models, tmp_path_factory):
+    import argparse
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("bad_weights")
+    truncated = root / "clip_truncated"
+    shutil.copytree(models["clip_a"], truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    pickled = root / "clip_pickled"
+    shutil.copytree(models["clip_a"], pickled)
+    state = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    payload = argparse.Namespace(note="an object: torch.load(weights_only=True) refuses it")
+    torch.save({**state, "extra": payload}, pickled / "pytorch_model.bin")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": payload}, root / "model.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": payload}, root / "clip.pt")
+    return {"truncated": str(truncated), "pickled": str(pickled), "ckpt": str(root / "model.ckpt"),
+            "pt": str(root / "clip.pt")}
+
+
+@pytest.mark.parametrize("case, argv, expected", [
+    ("truncated", ["--backend", "pixels", "--iterations", "1", "--clip", "{truncated}"],
+     "has a truncated or corrupt safetensors file"),
+    ("bin", ["--backend", "pixels", "--iterations", "1", "--clip", "{pickled}"], "its weights are a pickle"),
+    ("open_clip", ["--backend", "pixels", "--iterations", "1", "--clip", "open_clip:ViT-B-32/{pt}"],
+     "its weights are a pickle"),
+    ("sd", ["--backend", "sd", "--sd", "{ckpt}", "--clip", "none", "--steps", "1"], "its weights are a pickle"),
+])
+def test_unreadable_or_unsafe_weights_give_one_line(case, argv, expected, bad_weights, tmp_path, capsys):
+    from generators import cli
+
+    out = tmp_path / "out"
+    argv = ["a red circle", *[a.format(**bad_weights) for a in argv], "--eval-model", "none", "--size", "32", "32",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "weights_only" not in err[0], err
+    assert not out.exists()
+
+
+def test_evaluate_says_one_line_for_a_truncated_clip(bad_weights, opts, tmp_path, capsys):
+    from test_evaluate import evaluate_script
+
+    run = generate("a red circle", seed=0, **opts)
+    assert evaluate_script.main([str(run.path), "--model", bad_weights["truncated"], "--json", str(tmp_path / "t.json"),
+                                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truncated or corrupt safetensors file" in err[0] and "download it again" in err[0]
