@@ -59,6 +59,7 @@ class Row:
     seeds: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    source: str = ""              # where it came from, for messages: "prompts.csv row 2"
 
 
 @dataclass
@@ -136,9 +137,14 @@ def read_prompts(path: str | Path) -> list[Row]:
     empty file or a table without a prompt column. Columns that are not options are kept in ``record`` only
     (with a warning)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"prompts file {str(path)!r} is a folder; give a text, CSV or JSONL file of prompts")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist; give a text, CSV or JSONL file of prompts")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     suffix = path.suffix.lower()
     where = f"prompts file {str(path)!r}"
     if suffix in (".csv", ".tsv"):
@@ -188,7 +194,8 @@ def read_prompts(path: str | Path) -> list[Row]:
     rows, unknown = [], set()
     for i, (record, prompt_key) in enumerate(records):
         prompt = record[prompt_key]
-        row = Row(i, prompt.strip() if isinstance(prompt, str) else prompt, record=dict(record))
+        row = Row(i, prompt.strip() if isinstance(prompt, str) else prompt, record=dict(record),
+                  source=f"{path.name} row {i}")
         for key, value in record.items():
             norm = key.strip().lower().lstrip("-").replace("-", "_")
             if key == prompt_key or value in ("", None):
@@ -303,6 +310,7 @@ def _run_job(job: Job, out: Path, previous: dict | None, progress: bool, device:
             and previous.get("folder") and (out / previous["folder"] / CHECKPOINT_JSON).is_file():
         resume = out / previous["folder"]          # continue it: the same image as an uninterrupted run
     try:
+        _check_row(job.row)
         if resume is not None:
             run = generate(resume=resume, out=str(out), progress=progress, **extra)
         else:
@@ -320,6 +328,16 @@ def _run_job(job: Job, out: Path, previous: dict | None, progress: bool, device:
             "backend": run.metadata.get("backend"), "seconds": round(time.time() - started, 3),
             "resumed_from": str(resume.relative_to(out).as_posix()) if resume is not None else None,
             "time": time.time()}
+
+
+def _check_row(row: Row) -> None:
+    """The row's own options typed and checked, a bad one named by its file and row (not "arguments")."""
+    from .options import coerce, option_specs
+
+    specs = option_specs()
+    for name, value in row.options.items():
+        if name in specs:
+            coerce(specs[name], value, row.source or f"row {row.index}")
 
 
 def run_batch(prompts_file: str | Path, *, seeds: Any = None, out: str | Path = "outputs", export: str | None = None,

@@ -270,13 +270,17 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed)
     device = resolve_device(opts.get("device"))
     precision = opts.get("precision") or "auto"
+    cls = get_generator_class(backend)
+    settings = backend_settings(backend, opts)
     schedule = build_schedule(opts)
+    own = getattr(settings, "prompt", None)
+    if schedule is None and isinstance(own, str) and own.strip():
+        # the backend's own conditioning text (sd: --sd-prompt) is what the run is of: it is scored against it
+        schedule = build_schedule({**opts, "prompt": own})
     if schedule is None:
         raise ValueError("nothing to steer towards: give a text prompt, --story, --image-prompt or --noise-prompt")
     formats = _animation_formats(opts)
     save_every = int(opts.get("save_every") or 0)
-    cls = get_generator_class(backend)
-    settings = backend_settings(backend, opts)
     cls.check(settings, device)                 # every backend option checked before any model loads
     check_fits(backend, settings, device, precision)   # and the size against the memory free, too
     _warn_about_unused_options(cls, backend, settings, schedule, provenance)

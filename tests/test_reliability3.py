@@ -270,3 +270,44 @@ def test_evaluate_says_one_line_for_a_truncated_clip(bad_weights, opts, tmp_path
                                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "truncated or corrupt safetensors file" in err[0] and "download it again" in err[0]
+
+
+# -- 7. the nits ------------------------------------------------------------------------------------------------
+def test_prompts_and_config_files_name_the_problem(tmp_path):
+    from generators.batch import read_prompts
+    from generators.options import load_config
+
+    with pytest.raises(ValueError, match="is a folder; give a text, CSV or JSONL file"):
+        read_prompts(tmp_path)                                       # was: "does not exist"
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts file '.*prompts\.txt' is not UTF-8 text .*save it as UTF-8"):
+        read_prompts(latin)
+    config = tmp_path / "run.yaml"
+    config.write_bytes("prompt: un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"config file '.*run\.yaml' is not UTF-8 text"):
+        load_config(config)
+    (tmp_path / "run.ini").write_text("iterations = 7\n")
+    with pytest.raises(ValueError, match=r"must end in \.yaml, \.yml, \.toml or \.json"):
+        load_config(tmp_path / "run.ini")
+    (tmp_path / "run.json").write_text('{"iterations": 7}')
+    assert load_config(tmp_path / "run.json") == {"iterations": 7}
+
+
+def test_a_long_prompt_is_warned_about_once(models, tmp_path, capsys):
+    from generators import cli
+
+    long_prompt = " ".join(["a very long prompt about a red circle"] * 12)
+    argv = [long_prompt, "--backend", "pixels", "--clip", models["clip_a"], "--clip", models["clip_b"],
+            "--eval-model", models["clip_b"], "--size", "32", "32", "--iterations", "1", "--cutouts", "2",
+            "--augment", "none", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "tokens, longer than" in line or "sequence length" in line]
+    assert len(lines) == 1 and len(lines[0]) < 200, err               # two guiding CLIPs and the judge: one line
+
+
+def test_sd_prompt_alone_is_enough_without_clip_guidance(models):
+    run = generate(backend="sd", sd_model=models["sd"], sd_prompt="a red circle", clip_guidance_scale=0.0, steps=2,
+                   clip=[models["clip_a"]], eval_model="none", save=False, progress=False)
+    assert run.metadata["prompt"] == "a red circle" and run.images.shape[0] == 1

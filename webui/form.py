@@ -91,7 +91,7 @@ def form_groups() -> list[tuple[str, str, list[FormField]]]:
         FormField("preset", "preset", "choice", RUN_GROUP[0], f"named option defaults ({presets})",
                   choices=[NO_PRESET, *preset_names()]),
         FormField("config", "config", "text", RUN_GROUP[0],
-                  "YAML or TOML file of options on the server; its options fill the form"),
+                  "YAML, TOML or JSON file of options on the server (from a folder it allows); its options fill the form"),
     ]
     groups = [(RUN_GROUP[0], RUN_GROUP[1], first)]
     for title, description, specs in option_groups(option_specs()):
