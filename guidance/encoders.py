@@ -92,7 +92,7 @@ class Encoder(nn.Module):
             if n > self.context_length:
                 shown = text if len(text) <= 60 else text[:57] + "..."
                 warnings.warn(f"prompt {shown!r} is {n} tokens, longer than CLIP's {self.context_length}-token "
-                              "context; CLIP reads only its start", stacklevel=1)
+                              "context; it is truncated", stacklevel=1)
 
 
 def features(output) -> torch.Tensor:

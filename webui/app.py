@@ -168,7 +168,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             """Backend, preset or config file changed: their options fill the form; what to draw is kept."""
             current = dict(zip(order, args))
             try:
-                policy.check_config((current["config"] or "").strip())
+                policy.check_config(str(current["config"] or "").strip())
                 values = form_values(current["backend"], None if current["preset"] == "none" else current["preset"],
                                      current["config"] or None)
             except USER_ERRORS as err:
