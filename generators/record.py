@@ -55,12 +55,13 @@ def recorded_options(opts: Mapping[str, Any], sources: Mapping[str, str], folder
     return out
 
 
-def recorded_value(value: Any, folder: Path | None, mode: str = "relative") -> Any:
-    """Any other metadata with the local paths in it recorded (strings that are existing absolute paths)."""
+def recorded_value(value: Any, folder: Path | None, mode: str = "relative", *, keep: tuple[str, ...] = ()) -> Any:
+    """Any other metadata with the local paths in it recorded (strings that are existing absolute paths);
+    the top-level keys in *keep* (the settings, recorded by :func:`recorded_options`) as they are."""
     if folder is None:
         return value
     if isinstance(value, dict):
-        return {k: recorded_value(v, folder, mode) for k, v in value.items()}
+        return {k: v if k in keep else recorded_value(v, folder, mode) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [recorded_value(v, folder, mode) for v in value]
     if isinstance(value, str) and os.path.isabs(value) and os.path.exists(value):

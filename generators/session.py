@@ -430,7 +430,8 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         metadata["steered_by"] = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
                                   for r in rewards if r["weight"] != 0]
         metadata["reward_scores"] = progress.reward_log()
-    metadata = recorded_value(metadata, folder, mode)       # the config file, resumed_from, models in info...
+    # the config file, resumed_from, models in info...; the settings as the checkpoint's digest has them
+    metadata = recorded_value(metadata, folder, mode, keep=("settings",))
     run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
               interrupted=bool(result.interrupted), frames=progress.frames)
     if folder is not None:

@@ -9,7 +9,8 @@ the server before anything is read or loaded:
   ``--allow-files`` (none by default), checked on the resolved path before the file is opened, so a
   refusal says nothing of whether the file exists or what it holds;
 - models come only from the defaults, the presets and ``--allow-models`` (Hub ids, names or folders);
-- sizes and step counts are capped (``--max-size``, ``--max-steps``);
+- sizes and step counts are capped (``--max-size``, ``--max-steps``), and cutouts and images per run
+  (:data:`BATCH_CAPS`);
 - the gallery's Resume / Reuse act only on run folders directly under the output folder.
 
 Also the server's start-up checks: :func:`check_host` (an address of this machine; a warning when it
@@ -33,6 +34,8 @@ STEP_OPTIONS = ("iterations", "steps", "render_steps", "reapply_steps", "budget"
 SIZE_OPTIONS = ("width", "height")
 DEFAULT_MAX_SIZE = 1024
 DEFAULT_MAX_STEPS = 1000
+#: batch-like options and the most a caller may ask for (each multiplies a step's memory)
+BATCH_CAPS = {"cutouts": 128, "num_images": 8}
 
 
 def _resolved(path: str | Path) -> Path:
@@ -74,7 +77,7 @@ def _server_models() -> tuple[set[str], set[Path]]:
                         folders.add(_resolved(path))
     from guidance.build import DEFAULT_EVAL, DEFAULT_EVAL_ALT
 
-    ids.update({DEFAULT_EVAL, DEFAULT_EVAL_ALT})
+    ids.update({DEFAULT_EVAL, DEFAULT_EVAL_ALT})       # what eval_model "auto" picks
     return ids, folders
 
 
@@ -157,6 +160,10 @@ class ServerPolicy:
             if isinstance(merged.get(name), int) and merged[name] > self.max_steps:
                 raise ValueError(f"{name.replace('_', '-')} {merged[name]} is more than this server allows "
                                  f"(--max-steps {self.max_steps}); give at most {self.max_steps}")
+        for name, cap in BATCH_CAPS.items():
+            if isinstance(merged.get(name), int) and merged[name] > cap:
+                raise ValueError(f"{name.replace('_', '-')} {merged[name]} is more than the web UI allows; give at "
+                                 f"most {cap} (the command line has no such cap)")
         options["out"] = str(self.out)
         return options
 
