@@ -118,7 +118,7 @@ def test_the_http_api_refuses_what_the_server_does_not_allow(server):
         "Hub model": (dict(eval_model="some-org/any-model"), "error: eval-model: 'some-org/any-model' is not a model"),
         "size": (dict(width=4096), "error: width 4096 is larger than this server allows (--max-size 256)"),
         "steps": (dict(iterations=100000), "error: iterations 100000 is more than this server allows (--max-steps 50)"),
-        "cutouts": (dict(cutouts=100000), "error: cutouts 100000 is more than the web UI allows; give at most 128"),
+        "cutouts": (dict(cutouts=100000, iterations=2), "error: cutouts 100000 is more than the web UI allows; give at most 128"),
     }
     for what, (changes, expected) in attempts.items():
         stream = api.call("start_run", _form(**changes))
