@@ -46,7 +46,7 @@ PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
 # generate() arguments a row may give besides run and backend options
 ROW_ARGUMENTS = ("backend", "preset", "config")
 # options that do not change the images, left out of a job's fingerprint
-NOT_FINGERPRINTED = ("out", "progress", "threads", "device", "checkpoint_every", "seed")
+NOT_FINGERPRINTED = ("out", "progress", "threads", "device", "checkpoint_every", "seed", "record_paths")
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Row:
     seeds: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    source: str = ""              # where it came from, for messages: "prompts.csv row 2"
 
 
 @dataclass
@@ -79,15 +80,21 @@ class BatchResult:
 # Reading the input
 # ---------------------------------------------------------------------------------------------
 
+#: the most seeds one --seeds value may name (a batch of more is a mistake, or is split into several batches)
+MAX_SEEDS = 100_000
+
+
 def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
-    """``"0-3"`` (a range, both ends included), ``"0,2,5"`` (a list) or ``"7"`` -> seeds, in order."""
+    """``"0-3"`` (a range, both ends included), ``"0,2,5"`` (a list) or ``"7"`` -> seeds, in order; at most
+    :data:`MAX_SEEDS` of them, counted before any range is expanded (linear time in the seeds named)."""
     if isinstance(text, int) and not isinstance(text, bool):
         return [check_seed(text, name)]
     if isinstance(text, (list, tuple)):
         parts = [str(t) for t in text]
     else:
         parts = str(text).replace(" ", "").split(",")
-    seeds: list[int] = []
+    spans: list[tuple[int, int]] = []
+    count = 0
     for part in parts:
         low, dash, high = part.partition("-")
         try:
@@ -95,17 +102,27 @@ def parse_seeds(text: Any, name: str = "--seeds") -> list[int]:
                 first, last = check_seed(low, name), check_seed(high, name)
                 if last < first:
                     raise ValueError(f"{name} range {part!r} runs backwards; write it low-high, e.g. 0-3")
-                seeds += range(first, last + 1)
             else:
-                seeds.append(check_seed(part, name))
+                first = last = check_seed(part, name)
         except ValueError as err:
             if "backwards" in str(err):
                 raise
             raise ValueError(f"{name} {text!r} is not a seed list: give a range (0-3), a list (0,2,5) or one seed") \
                 from None
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise ValueError(f"{name} {text!r} names seed {repeated[0]} twice; each seed gives one run")
+        spans.append((first, last))
+        count += last - first + 1
+        if count > MAX_SEEDS:
+            shown = str(text) if len(str(text)) <= 40 else str(text)[:37] + "..."
+            raise ValueError(f"{name} {shown!r} names more than {MAX_SEEDS} seeds; give at most {MAX_SEEDS} "
+                             "(split a larger batch into several --seeds ranges, one batch each)")
+    seeds: list[int] = []
+    seen: set[int] = set()
+    for first, last in spans:
+        for seed in range(first, last + 1):
+            if seed in seen:
+                raise ValueError(f"{name} {text!r} names seed {seed} twice; each seed gives one run")
+            seen.add(seed)
+            seeds.append(seed)
     return seeds
 
 
@@ -120,9 +137,14 @@ def read_prompts(path: str | Path) -> list[Row]:
     empty file or a table without a prompt column. Columns that are not options are kept in ``record`` only
     (with a warning)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"prompts file {str(path)!r} is a folder; give a text, CSV or JSONL file of prompts")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist; give a text, CSV or JSONL file of prompts")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     suffix = path.suffix.lower()
     where = f"prompts file {str(path)!r}"
     if suffix in (".csv", ".tsv"):
@@ -172,7 +194,8 @@ def read_prompts(path: str | Path) -> list[Row]:
     rows, unknown = [], set()
     for i, (record, prompt_key) in enumerate(records):
         prompt = record[prompt_key]
-        row = Row(i, prompt.strip() if isinstance(prompt, str) else prompt, record=dict(record))
+        row = Row(i, prompt.strip() if isinstance(prompt, str) else prompt, record=dict(record),
+                  source=f"{path.name} row {i}")
         for key, value in record.items():
             norm = key.strip().lower().lstrip("-").replace("-", "_")
             if key == prompt_key or value in ("", None):
@@ -287,6 +310,7 @@ def _run_job(job: Job, out: Path, previous: dict | None, progress: bool, device:
             and previous.get("folder") and (out / previous["folder"] / CHECKPOINT_JSON).is_file():
         resume = out / previous["folder"]          # continue it: the same image as an uninterrupted run
     try:
+        _check_row(job.row)
         if resume is not None:
             run = generate(resume=resume, out=str(out), progress=progress, **extra)
         else:
@@ -304,6 +328,16 @@ def _run_job(job: Job, out: Path, previous: dict | None, progress: bool, device:
             "backend": run.metadata.get("backend"), "seconds": round(time.time() - started, 3),
             "resumed_from": str(resume.relative_to(out).as_posix()) if resume is not None else None,
             "time": time.time()}
+
+
+def _check_row(row: Row) -> None:
+    """The row's own options typed and checked, a bad one named by its file and row (not "arguments")."""
+    from .options import coerce, option_specs
+
+    specs = option_specs()
+    for name, value in row.options.items():
+        if name in specs:
+            coerce(specs[name], value, row.source or f"row {row.index}")
 
 
 def run_batch(prompts_file: str | Path, *, seeds: Any = None, out: str | Path = "outputs", export: str | None = None,
@@ -481,4 +515,4 @@ def main(args: dict[str, Any]) -> int:
 
 
 __all__ = ["Row", "BatchResult", "Job", "parse_seeds", "read_prompts", "read_index", "merge_index", "plan",
-           "fingerprint", "run_batch", "export_runs", "main", "INDEX", "LAYOUTS"]
+           "fingerprint", "run_batch", "export_runs", "main", "INDEX", "LAYOUTS", "MAX_SEEDS"]

@@ -29,7 +29,7 @@ CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT = "clipsteer-checkpoint/1"
 # Options that --resume may change; every other option is the run's own.
-RESUME_OPTIONS = ("iterations", "out", "progress", "threads", "device", "checkpoint_every")
+RESUME_OPTIONS = ("iterations", "out", "progress", "threads", "device", "checkpoint_every", "record_paths")
 
 
 def _split(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
@@ -108,9 +108,10 @@ def snapshot(step: int, total: int, latents: list[torch.Tensor], optimizer: torc
                      best_step=None if best_step is None else best_step.clone())
 
 
-def save_state(folder: str | Path, state: LoopState) -> Path:
+def save_state(folder: str | Path, state: LoopState, identity: str | None = None) -> Path:
     """Write ``checkpoint.safetensors`` + ``checkpoint.json`` in *folder*, each replaced atomically; a shared
-    random token ties the pair, so a crash between the two replacements is detected on loading."""
+    random token ties the pair, so a crash between the two replacements is detected on loading. *identity*
+    (:func:`generators.record.run_identity`) ties the checkpoint to its run."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -119,8 +120,8 @@ def save_state(folder: str | Path, state: LoopState) -> Path:
     token = secrets.token_hex(8)
     tmp_t, tmp_j = folder / (CHECKPOINT_TENSORS + ".tmp"), folder / (CHECKPOINT_JSON + ".tmp")
     save_file(tensors, str(tmp_t), metadata={"format": FORMAT, "token": token})
-    tmp_j.write_text(json.dumps({"format": FORMAT, "token": token, "step": state.step, "state": tree}),
-                     encoding="utf-8")
+    tmp_j.write_text(json.dumps({"format": FORMAT, "token": token, "run": identity, "step": state.step,
+                                 "state": tree}), encoding="utf-8")
     os.replace(tmp_t, folder / CHECKPOINT_TENSORS)
     os.replace(tmp_j, folder / CHECKPOINT_JSON)
     return folder / CHECKPOINT_JSON
@@ -160,17 +161,67 @@ def load_state(folder: str | Path) -> LoopState:
     if token != header.get("token"):
         raise ValueError(f"{CHECKPOINT_JSON} and {CHECKPOINT_TENSORS} in {str(folder)!r} are from different "
                          "saves (the run stopped while writing them); it cannot be resumed")
-    return LoopState(**_join(header["state"], tensors))
+    return _loop_state(header.get("state"), tensors, folder / CHECKPOINT_JSON)
+
+
+def _loop_state(tree: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> LoopState:
+    """The :class:`LoopState` of a checkpoint's ``state``, its structure checked first: a one-line error
+    naming what is wrong, never a ``KeyError``/``TypeError`` from deep in the optimiser."""
+    from dataclasses import fields
+
+    def broken(what: str) -> ValueError:
+        return ValueError(f"{str(path)!r} holds a broken state ({what}); it cannot be resumed: start the run again "
+                          "(same --seed) or resume another run folder")
+
+    try:
+        state = _join(tree, tensors) if isinstance(tree, dict) else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        raise broken("its entries do not match the tensors file") from None
+    if not isinstance(state, dict):
+        raise broken("no state mapping")
+    expected = {f.name for f in fields(LoopState)}
+    if set(state) != expected:
+        raise broken(f"fields {sorted(set(state) ^ expected)} missing or unknown")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def tensors_list(v):
+        return isinstance(v, list) and bool(v) and all(isinstance(t, torch.Tensor) for t in v)
+
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    checks = [
+        (is_int(state["step"]) and is_int(state["total"]) and 0 <= state["step"], "step and total must be counts"),
+        (tensors_list(state["latents"]), "latents must be a list of tensors"),
+        (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict) and isinstance(groups, list)
+         and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups),
+         "the optimiser state must hold state and param_groups"),
+        (state["lr_schedule"] is None or isinstance(state["lr_schedule"], dict), "the lr schedule must be a mapping"),
+        (state["generator"] is None or (isinstance(state["generator"], torch.Tensor)
+                                        and state["generator"].dtype == torch.uint8), "the RNG state must be bytes"),
+        (isinstance(state["losses"], list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   for x in state["losses"]), "losses must be numbers"),
+        (state["best"] is None or tensors_list(state["best"]), "best must be a list of tensors"),
+        (all(state[k] is None or isinstance(state[k], torch.Tensor) for k in ("best_loss", "best_step")),
+         "best_loss and best_step must be tensors"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise broken(what)
+    return LoopState(**state)
 
 
 class Checkpointer:
     """What the session hands the shared loop: where to write (``folder``; ``None``: nowhere), how often
     (``every`` steps; 0: only when the run ends early) and the state to start from (``resume``)."""
 
-    def __init__(self, folder: str | Path | None, *, every: int = 0, resume: LoopState | None = None):
+    def __init__(self, folder: str | Path | None, *, every: int = 0, resume: LoopState | None = None,
+                 identity: str | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.every = int(every or 0)
         self.resume = resume
+        self.identity = identity
         self.saved: Path | None = None
 
     def due(self, steps_done: int, total: int) -> bool:
@@ -178,7 +229,7 @@ class Checkpointer:
 
     def save(self, state: LoopState) -> None:
         if self.folder is not None:
-            self.saved = save_state(self.folder, state)
+            self.saved = save_state(self.folder, state, self.identity)
 
 
 def restore(state: LoopState, latents: list[torch.Tensor], optimizer: torch.optim.Optimizer, lr_schedule,
@@ -210,6 +261,7 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
     from . import get_generator_class
     from .options import resolve_options
     from .outputs import SIDECAR
+    from .record import read_back
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -229,15 +281,19 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
         raise ValueError(f"--resume: the {backend} backend cannot resume a run (diffusion sampling keeps no "
                          "checkpoint); run it again with the same --seed, which gives the same image")
     done = load_state(folder).step            # the whole checkpoint is read once now, before any model loads
+    _check_identity(folder, backend, meta)
     extra = sorted(k for k, v in given.items() if v is not None and k not in RESUME_OPTIONS)
     if extra:
         raise ValueError(f"--resume continues a run with its own options; {', '.join(extra)} cannot be changed "
                          f"(allowed: {', '.join(RESUME_OPTIONS)})")
-    recorded = {k: v for k, v in meta["settings"].items() if v is not None}
+    sources = meta.get("option_sources") if isinstance(meta.get("option_sources"), dict) else {}
+    back = read_back(meta["settings"], sources, folder)
+    preset = meta.get("preset") if set(back) != set(meta["settings"]) else None   # it gives its models again
+    recorded = {k: v for k, v in back.items() if v is not None}
     prompt = recorded.pop("prompt", None)
     changes = {k: v for k, v in given.items() if v is not None}
     changes.setdefault("out", str(folder.parent))        # by default the new run goes beside the old one
-    backend, opts, provenance = resolve_options(prompt, backend=backend, config=recorded, **changes)
+    backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=recorded, **changes)
     iterations = opts.get("iterations")
     if isinstance(iterations, int) and iterations < done:
         raise ValueError(f"--resume: the run already did {done} steps; give --iterations {done} or more")
@@ -247,6 +303,24 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
                          f"made for {before} steps; only a constant schedule can be extended")
     provenance["resumed_from"] = {"folder": str(folder), "step": done}
     return backend, opts, provenance
+
+
+def _check_identity(folder: Path, backend: str, meta: Mapping[str, Any]) -> None:
+    """The checkpoint in *folder* must be the one its run wrote: the digest stored with it is the digest of
+    the run.json beside it (a checkpoint copied from another run, or a run.json edited, is refused)."""
+    import warnings
+
+    from .record import run_identity
+
+    stored = read_header(folder).get("run")
+    if stored is None:
+        warnings.warn(f"the checkpoint in {str(folder)!r} predates run digests, so whether it belongs to this "
+                      "run cannot be checked; resuming it as it is", stacklevel=3)
+        return
+    if stored != run_identity(backend, meta["settings"]):
+        raise ValueError(f"--resume {str(folder)!r}: its checkpoint belongs to another run (it was written for other "
+                         "options or another prompt than this folder's run.json); resume the run folder that wrote "
+                         "it, or start this run again")
 
 
 __all__ = ["CHECKPOINT_TENSORS", "CHECKPOINT_JSON", "RESUME_OPTIONS", "LoopState", "Checkpointer", "snapshot",

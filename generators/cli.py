@@ -107,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--preset", choices=preset_names(), default=argparse.SUPPRESS,
                       help=f"named option defaults ({presets})")
     main.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                      help="YAML or TOML file of options (keys are option names, e.g. iterations: 200)")
+                      help="YAML, TOML or JSON file of options (keys are option names, e.g. iterations: 200)")
     main.add_argument("--resume", metavar="RUN_FOLDER", default=argparse.SUPPRESS,
                       help="continue a run from its checkpoint (vqgan, pixels, noise), with its own options, in a "
                            "new run folder (under --out, default beside it); only --iterations, --out, "
-                           "--checkpoint-every, --threads, --device and --progress may change")
+                           "--checkpoint-every, --threads, --device, --record-paths and --progress may change")
     main.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=argparse.SUPPRESS,
                       help="image size in pixels (sets width and height)")
     _add_batch_options(parser)

@@ -59,9 +59,10 @@ class NoiseSettings(OptimiseSettings):
     keep_best: bool = option(True, "return the best iterate by the objective, not the last one")
     sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise (SD 1.x/2.x, SDXL e.g. "
                            "SDXL-Turbo, SD3, FLUX.1 e.g. schnell): Hub id, local diffusers folder, or one "
-                           ".safetensors/.ckpt file", flag="--sd")
+                           ".safetensors/.ckpt file", flag="--sd", path="model")
     sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
-                                         "holding its configs (needed offline)", flag="--sd-config")
+                                         "holding its configs (needed offline)", flag="--sd-config",
+                                         path="model")
     render_steps: int = option(1, "sampling steps from the noise to the image (1 for turbo models)", minimum=1)
     scheduler: str = option("default", "sampler of the renderer ('default' or 'auto': the checkpoint's own)",
                             flag="--scheduler", choices=SCHEDULER_CHOICES)
@@ -87,7 +88,7 @@ class NoiseSettings(OptimiseSettings):
     eta: float = option(1.0, "DDIM's eta with --step-noises (1: the fully stochastic sampler, as DNO)", minimum=0,
                         requires="step_noises")
     reapply_model: str | None = option(None, "render the best noise once more with this pipeline (ReNO's "
-                                             "multi-apply)", metavar="MODEL")
+                                             "multi-apply)", metavar="MODEL", path="model")
     reapply_steps: int = option(4, "sampling steps of --reapply-model", minimum=1)
     width: int = option(0, "image width in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
     height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)

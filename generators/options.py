@@ -209,11 +209,17 @@ def coerce(spec: OptionSpec, value: Any, source: str = "") -> Any:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML or TOML file (flat keys; tables named after a group or backend are merged)."""
+    """Options from a YAML, TOML or JSON file (flat keys; tables named after a group or backend are merged)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a folder; give a YAML, TOML or JSON file of options")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist; check the path given to --config")
     suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if suffix == ".toml":
         try:
             import tomllib
@@ -224,19 +230,19 @@ def load_config(path: str | Path) -> dict[str, Any]:
                 raise ValueError("reading a TOML config needs Python 3.11+ or the tomli package "
                                  "(pip install tomli); or write the config as YAML") from None
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     elif suffix in (".yaml", ".yml", ".json"):
         import yaml
 
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.safe_load(text)          # JSON is YAML
         except yaml.YAMLError as err:
             first = first_line(err)
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {first}") from None
     else:
-        raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
+        raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -53,7 +53,8 @@ class PixelsSettings(OptimiseSettings):
     height: int = option(256, "image height in pixels", minimum=8)
     num_images: int = option(1, "images optimised together as one batch, each from its own random start",
                              minimum=1)
-    init_image: str | None = option(None, "start from this image instead of a random latent", metavar="PATH")
+    init_image: str | None = option(None, "start from this image instead of a random latent", metavar="PATH",
+                                    path="file")
 
 
 def toy_preset() -> dict:

@@ -4,7 +4,7 @@
 :mod:`generators.run`). It merges option defaults, a preset, a config file and keyword arguments
 (:mod:`generators.options`), builds the objective from the guidance options (:mod:`guidance.build`)
 and the backend from its ``Settings``, runs it with a progress bar, scores the result with an
-evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C during the run keeps
+evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C (or SIGTERM) during the run keeps
 the current image: it is saved, marked ``interrupted``; so does setting the ``stop`` event (a web UI's
 Stop button, or any other thread).
 """
@@ -31,6 +31,7 @@ from guidance.runtime import set_compiled
 
 from . import get_generator_class
 from .base import GenerationResult, StepInfo, check_seed
+from .memory import check_fits
 from .options import backend_settings, resolve_options
 
 
@@ -257,6 +258,7 @@ class _Prepared:
     generator: Any
     t_start: float
     t_loaded: float = 0.0
+    recorded: dict | None = None        # the options as run.json records them (generators.record)
 
 
 def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: float | None = None) -> _Prepared:
@@ -268,14 +270,19 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed)
     device = resolve_device(opts.get("device"))
     precision = opts.get("precision") or "auto"
+    cls = get_generator_class(backend)
+    settings = backend_settings(backend, opts)
     schedule = build_schedule(opts)
+    own = getattr(settings, "prompt", None)
+    if schedule is None and isinstance(own, str) and own.strip():
+        # the backend's own conditioning text (sd: --sd-prompt) is what the run is of: it is scored against it
+        schedule = build_schedule({**opts, "prompt": own})
     if schedule is None:
         raise ValueError("nothing to steer towards: give a text prompt, --story, --image-prompt or --noise-prompt")
     formats = _animation_formats(opts)
     save_every = int(opts.get("save_every") or 0)
-    cls = get_generator_class(backend)
-    settings = backend_settings(backend, opts)
     cls.check(settings, device)                 # every backend option checked before any model loads
+    check_fits(backend, settings, device, precision)   # and the size against the memory free, too
     _warn_about_unused_options(cls, backend, settings, schedule, provenance)
     objective_specs = clip_specs(opts) + [(r["spec"], r["weight"]) for r in reward_specs(opts)]
     if cls.needs_objective and not objective_specs:
@@ -335,8 +342,11 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     if prep.generator.resumable and (folder is not None or resumed):
         from .checkpoint import Checkpointer, load_state
 
+        from .record import run_identity
+
         prep.generator.checkpoint = Checkpointer(folder, every=getattr(prep.settings, "checkpoint_every", 0),
-                                                 resume=load_state(resumed["folder"]) if resumed else None)
+                                                 resume=load_state(resumed["folder"]) if resumed else None,
+                                                 identity=run_identity(prep.backend, _recorded(prep, folder)))
     try:
         try:
             result = prep.generator.generate(prep.objective, seed=prep.seed, callback=progress)
@@ -349,6 +359,16 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     finally:
         progress.close()
     return result, progress
+
+
+def _recorded(prep: _Prepared, folder: Path | None) -> dict[str, Any]:
+    """The run's options as run.json records them (computed once: the checkpoint's digest is of these)."""
+    if prep.recorded is None:
+        from .record import recorded_options
+
+        prep.recorded = recorded_options(prep.opts, prep.provenance["sources"], folder,
+                                         str(prep.opts.get("record_paths") or "relative"))
+    return prep.recorded
 
 
 def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", folder: Path | None) -> Run:
@@ -367,8 +387,11 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
             score = {"clip_score": None, "error": f"{err.__class__.__name__}: {err}"}
     t_scored = time.perf_counter()
 
+    from .record import recorded_options, recorded_value
+
     names = ["image.png"] if images.shape[0] == 1 else [f"image-{i}.png" for i in range(images.shape[0])]
     settings = prep.settings
+    mode, sources = str(prep.opts.get("record_paths") or "relative"), prep.provenance["sources"]
     metadata: dict[str, Any] = {
         "prompt": prep.label,
         "seed": prep.seed,
@@ -378,11 +401,12 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "images": names,
         "interrupted": bool(result.interrupted),
         "stopped_at": result.stopped_at,
-        "eval_model": prep.eval_model,
+        "eval_model": recorded_options({"eval_model": prep.eval_model}, sources, folder, mode)["eval_model"],
         "clip_scores": score,
         "prompts": {str(k): v for k, v in prep.schedule.as_dict().items()},
-        "settings": {k: v for k, v in sorted(prep.opts.items())},
-        "backend_settings": asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
+        "settings": _recorded(prep, folder),
+        "backend_settings": recorded_options(asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
+                                             sources, folder, mode),
         "option_sources": {k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
         "preset": prep.provenance["preset"],
         "config": prep.provenance["config"],
@@ -406,6 +430,8 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         metadata["steered_by"] = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
                                   for r in rewards if r["weight"] != 0]
         metadata["reward_scores"] = progress.reward_log()
+    # the config file, resumed_from, models in info...; the settings as the checkpoint's digest has them
+    metadata = recorded_value(metadata, folder, mode, keep=("settings",))
     run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
               interrupted=bool(result.interrupted), frames=progress.frames)
     if folder is not None:
@@ -425,19 +451,26 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
 
 
 class _CtrlC:
-    """Ctrl-C handling for a whole run: the first press raises ``KeyboardInterrupt`` (the backend keeps
-    its current image); later presses are only remembered, so scoring and writing the run always finish
-    (people press it twice). Main thread only; elsewhere Python's default handling stays."""
+    """Ctrl-C (and SIGTERM: ``docker stop``, Slurm preemption, ``timeout``) handling for a whole run: the
+    first signal raises ``KeyboardInterrupt`` (the backend keeps its current image, and its checkpoint);
+    later ones are only remembered, so scoring and writing the run always finish (people press it twice).
+    Main thread only; elsewhere Python's default handling stays."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __enter__(self):
         import signal
         import threading
 
-        self.pressed, self.again, self._previous = False, False, None
-        # (a process started with SIGINT ignored, e.g. in the background of a script, keeps ignoring it)
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.pressed, self.again, self._previous = False, False, {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            # (a process started with the signal ignored, e.g. SIGINT in the background of a script, keeps
+            # ignoring it)
+            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -445,24 +478,24 @@ class _CtrlC:
             self.pressed = True
             raise KeyboardInterrupt
         self.again = True
-        print("\nCtrl-C again: finishing writing the run first", file=sys.stderr)
+        print("\nstopping again: finishing writing the run first", file=sys.stderr)
 
     def __exit__(self, *exc):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
 def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
     prep = prepare(backend, opts, provenance, t_start=t_start)
     folder = None
-    if save:
-        from .outputs import new_run_dir
-
-        folder = new_run_dir(opts.get("out") or "outputs", prep.label)
     with _CtrlC() as ctrl_c:
+        if save:
+            from .outputs import new_run_dir
+
+            folder = new_run_dir(opts.get("out") or "outputs", prep.label)
         try:
             result, progress = execute(prep, folder=folder, callback=callback)
         except BaseException:

@@ -33,19 +33,19 @@ class RunSettings:
         None, "prompt schedule ('story mode'): '0=a forest; 100=a city|night:0.5' switches prompts at those steps",
         group="prompts", metavar="SCHEDULE", text_only=True, mapping_ok=True)
     image_prompts: list[str] = option(list, "image prompt PATH[:WEIGHT] (repeatable)", group="prompts",
-                                      flag="--image-prompt", metavar="PATH[:W]")
+                                      flag="--image-prompt", metavar="PATH[:W]", path="file")
     noise_prompts: list[str] = option(list, "noise prompt SEED[:WEIGHT]: a random CLIP target (repeatable)",
                                       group="prompts", flag="--noise-prompt", metavar="SEED[:W]")
     # guidance
     clip: list[str] = option(
         lambda: [DEFAULT_CLIP], "guiding CLIP: Hub id, local folder, open_clip:ARCH/TAG, open_clip:ARCH/CHECKPOINT_FILE, "
         "open_clip:hf-hub:ORG/REPO or open_clip:local-dir:FOLDER; MODEL=WEIGHT to weight it; one per flag, repeat "
-        "for an ensemble; 'none' for no CLIP guidance", group="guidance", metavar="MODEL[=W]")
+        "for an ensemble; 'none' for no CLIP guidance", group="guidance", metavar="MODEL[=W]", path="model")
     rewards: list[str] = option(
         list, "reward model to steer by as well, NAME[:MODEL][=WEIGHT]: clip, pickscore, hps (HPSv2.1; hps:v2), "
         "imagereward, aesthetic; MODEL a Hub id, local folder or file; WEIGHT multiplies -score (default: ReNO's "
         "weights, see README); one per flag, repeatable", group="guidance", flag="--reward",
-        metavar="NAME[:MODEL][=W]")
+        metavar="NAME[:MODEL][=W]", path="model")
     reward_checkpointing: bool = option(False, "recompute the reward models' image towers in the backward pass "
                                                "(gradient checkpointing: less memory, slower)", group="guidance")
     cutouts: int = option(32, "cutouts per image per step", group="guidance", metavar="N", minimum=1)
@@ -73,8 +73,12 @@ class RunSettings:
                             choices=["none", "gif", "mp4", "both"])
     fps: float = option(10.0, "animation frames per second", group="output", above=0)
     eval_model: str = option("auto", "CLIP that scores the final image: a model name or folder, 'auto' (a "
-                                     "different CLIP from the guiding one) or 'none'", group="output", metavar="MODEL")
+                                     "different CLIP from the guiding one) or 'none'", group="output", metavar="MODEL",
+                           path="model")
     progress: bool = option(True, "show a progress bar", group="output")
+    record_paths: str = option("relative", "how run.json and the PNGs record local paths: relative (to the run "
+                                           "folder; a preset's models by the preset's name) or absolute",
+                               group="output", choices=["relative", "absolute"])
     # runtime
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", group="runtime")
     precision: str = option("auto", "fp32, bf16 or fp16 (fp16 on GPUs only); auto is fp32. bf16/fp16: models hold "

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from .base import GenerationResult, Generator, StepCallback, StepInfo
-from guidance.errors import first_line, load_error, looks_like_path
+from guidance.errors import first_line, load_error, looks_like_path, readable_weights
 
 from .base import option, seed_generator
 from .guider_defaults import PROFILES, fill_guider_defaults, profile_summary
@@ -87,9 +87,10 @@ class Settings:
 
     sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusion model (SD 1.x/2.x, SDXL, SD3/3.5 "
                            "or FLUX.1, found from the model): Hub id, local diffusers folder, or one "
-                           ".safetensors/.ckpt file", flag="--sd")
+                           ".safetensors/.ckpt file", flag="--sd", path="model")
     sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
-                                         "holding its configs (needed offline)", flag="--sd-config")
+                                         "holding its configs (needed offline)", flag="--sd-config",
+                                         path="model")
     steps: int = option(30, "denoising steps", flag="--steps", minimum=1)
     scheduler: str = option("auto", "sampler ('default': the checkpoint's own; 'auto': dpm++ for SD 1.x/2.x and "
                                     "SDXL, the model's own flow-matching Euler for SD3/FLUX)", flag="--scheduler",
@@ -113,7 +114,8 @@ class Settings:
                                   flag="--negative-prompt")
     width: int = option(0, "image width in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
     height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
-    init_image: str | None = option(None, "start from this image (img2img) instead of pure noise")
+    init_image: str | None = option(None, "start from this image (img2img) instead of pure noise",
+                                    path="file")
     strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image (0-1]", above=0,
                              maximum=1, requires="init_image")
     num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
@@ -150,9 +152,9 @@ class Settings:
     ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
                                           "the guider's, 1 for the TFG-family papers)", minimum=0)
     vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
-                                   "for SDXL")
+                                   "for SDXL", path="model")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
-                                        "guidance image (much cheaper than the full VAE)")
+                                        "guidance image (much cheaper than the full VAE)", path="model")
     channels_last: bool = option(True, "run the VAE decoders in channels-last memory format (the SD 1.5 VAE "
                                        "decodes ~20% faster on CPU; --no-channels-last: contiguous)")
     vae_slicing: bool = option(False, "decode the batch one image at a time (less memory)")
@@ -607,7 +609,13 @@ def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str 
                   vae: str | None = None):
     """The diffusers pipeline of a Hub id, a diffusers folder or a single checkpoint file, its class (SD 1.x/2.x,
     SDXL, SD3, FLUX) found from the model (:func:`~generators.families.pipeline_class_of`); safety checker never
-    loaded; ``.ckpt`` files are read with ``weights_only=True``; *vae*: a replacement ``AutoencoderKL``."""
+    loaded; ``.ckpt`` files are read with ``weights_only=True`` (a pickle holding more is refused in one line);
+    *vae*: a replacement ``AutoencoderKL``."""
+    with readable_weights("Stable Diffusion model", spec):
+        return _load_pipeline(spec, dtype=dtype, config=config, vae=vae)
+
+
+def _load_pipeline(spec: str, *, dtype: torch.dtype, config: str | None, vae: str | None):
     import diffusers
 
     path = check_model_path(spec)

@@ -66,7 +66,7 @@ class VQGANSettings(OptimiseSettings):
     vqgan: str = option("imagenet_f16_16384", f"VQGAN: a known name ({', '.join(KNOWN_MODELS)}; downloaded once "
                         "from the Hugging Face Hub), a folder holding a taming config.yaml + model.safetensors or "
                         "last.ckpt, or a .ckpt/.safetensors file with its YAML beside it", flag="--vqgan",
-                        metavar="NAME_OR_PATH")
+                        metavar="NAME_OR_PATH", path="model")
     vqgan_config: str | None = option(None, "taming config YAML for --vqgan when it is not beside the checkpoint",
                                       metavar="YAML")
     width: int = option(256, "image width in pixels (VQGAN: a multiple of its downsampling factor, e.g. 16)")
@@ -74,7 +74,7 @@ class VQGANSettings(OptimiseSettings):
     num_images: int = option(1, "images optimised together as one batch, each from its own random start",
                              minimum=1)
     init_image: str | None = option(None, "start from this image (encoded by the VQGAN) instead of random codes",
-                                    metavar="PATH")
+                                    metavar="PATH", path="file")
     init_weight: float = option(0.0, "weight of an MSE pull of the latent back towards its starting point (keeps "
                                      "the init image's layout); 0 disables", minimum=0)
     init_weight_decay: bool = option(False, "let --init-weight fall linearly to zero over the run")

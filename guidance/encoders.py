@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import load_error, looks_like_path
+from .errors import load_error, looks_like_path, readable_weights
 from .runtime import autocast, resolve_device, resolve_dtype
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -86,11 +86,13 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
     def _warn_truncated(self, texts: Sequence[str], lengths: Sequence[int]) -> None:
+        """One warning per long prompt, whichever and however many CLIPs read it: the message names neither
+        the CLIP nor the whole prompt, and is issued from one place, so Python's warning filter says it once."""
         for text, n in zip(texts, lengths):
             if n > self.context_length:
-                warnings.warn(
-                    f"prompt {text!r} is {n} tokens, longer than the {self.context_length}-token context "
-                    f"of {self.name}; it was truncated", stacklevel=4)
+                shown = text if len(text) <= 60 else text[:57] + "..."
+                warnings.warn(f"prompt {shown!r} is {n} tokens, longer than CLIP's {self.context_length}-token "
+                              "context; it is truncated", stacklevel=1)
 
 
 def features(output) -> torch.Tensor:
@@ -120,7 +122,7 @@ class HFCLIPEncoder(Encoder):
         return features(self.model.get_image_features(pixel_values=pixels))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        full = self.tokenizer(texts, truncation=False)["input_ids"]
+        full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]   # we warn, once
         self._warn_truncated(texts, [len(ids) for ids in full])
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length,
                                return_tensors="pt")
@@ -230,9 +232,10 @@ def load_encoder(spec: str, *, device=None, precision=None) -> Encoder:
     """Load one CLIP encoder by Hub id, local folder, or ``"open_clip:ARCH/PRETRAINED"``."""
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
-    if spec.startswith("open_clip:"):
-        return OpenCLIPEncoder.from_spec(spec, device=dev, dtype=dtype)
-    return HFCLIPEncoder.from_pretrained(spec, device=dev, dtype=dtype)
+    with readable_weights("CLIP", spec):
+        if spec.startswith("open_clip:"):
+            return OpenCLIPEncoder.from_spec(spec, device=dev, dtype=dtype)
+        return HFCLIPEncoder.from_pretrained(spec, device=dev, dtype=dtype)
 
 
 def parse_encoder_spec(spec: str) -> tuple[str, float]:

@@ -129,12 +129,15 @@ def read_run(folder: Path, root: Path) -> list[Item]:
     return items
 
 
-def steered_by(record: dict) -> list[str]:
+def steered_by(record: dict, settings: dict | None = None) -> list[str]:
     """What steered a clipsteer run, from its run.json: ``clip:MODEL`` for each guiding CLIP and the
-    name of each reward with a non-zero weight (``steered_by``). Empty for other sidecars."""
+    name of each reward with a non-zero weight (``steered_by``). Empty for other sidecars. *settings*:
+    the record's settings with their paths made usable again (run.json records them relative to the run
+    folder; ``generators.record.resolved_settings``), else the record's own."""
     from .encoders import parse_encoder_spec
 
-    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    if settings is None:
+        settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
     clips = [c for c in (settings.get("clip") or []) if isinstance(c, str) and c.strip().lower() not in ("none", "off")]
     out = [f"clip:{parse_encoder_spec(c)[0]}" for c in clips]
     out += [str(r) for r in (record.get("steered_by") or []) if isinstance(r, str)]

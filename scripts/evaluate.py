@@ -17,6 +17,7 @@ resumes: images already in the table for the same model, definition and prefix a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -103,6 +104,25 @@ def main(argv=None) -> int:
     return _finish(rows, (json_path, csv_path), args.strict)
 
 
+def _resolve_steered_by(items) -> None:
+    """What steered each run, with the models its run.json records relative to its folder (or by its
+    preset's name) resolved, so --held-out compares them with the metrics' models."""
+    from generators.outputs import SIDECAR
+    from generators.record import resolved_settings
+    from guidance.evaluation import steered_by
+
+    for item in items:
+        sidecar = item.path.parent / SIDECAR if item.path is not None else None
+        if "steered_by" not in item.extra or sidecar is None or not sidecar.is_file():
+            continue
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(meta, dict):
+            item.extra["steered_by"] = steered_by(meta, resolved_settings(meta, sidecar.parent))
+
+
 def _items_and_tables(args, stem: str):
     """The pairs to score and the table paths (``<folder>/<stem>.json``/``.csv`` by default), checked to be
     writable before any scoring, so scores are never lost to a read-only folder."""
@@ -111,6 +131,7 @@ def _items_and_tables(args, stem: str):
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty; give the caption to score against")
     items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
+    _resolve_steered_by(items)
     json_path = Path(args.json) if args.json else None
     csv_path = Path(args.csv) if args.csv else None
     if json_path is None and csv_path is None and Path(args.path).is_dir():

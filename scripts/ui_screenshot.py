@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     if why is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp, ui_browser.serve("outputs", cwd=tmp) as url, \
+    with tempfile.TemporaryDirectory() as tmp, \
+            ui_browser.serve("outputs", cwd=tmp, args=("--max-steps", str(args.iterations))) as url, \
             ui_browser.browser(1400, 900) as page:
         page.goto(url)
         page.wait_for_selector("#start")

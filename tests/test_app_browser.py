@@ -33,7 +33,8 @@ def _wait(condition, timeout: float, what: str):
 
 def test_start_preview_stop_gallery_reuse(tmp_path):
     out = tmp_path / "runs"
-    with ui_browser.serve(out, log=tmp_path / "app.log") as url, ui_browser.browser() as page:
+    with ui_browser.serve(out, log=tmp_path / "app.log", args=("--max-steps", str(LONG))) as url, \
+            ui_browser.browser() as page:
         outside = []
         page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(url) else None)
         page.goto(url)
@@ -101,6 +102,6 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         page.click("#stop")
         _wait(lambda: "interrupted; saved" in page.inner_text("#status"), 60, "the resumed run to be saved")
         resumed = [m for m in (json.loads(p.read_text()) for p in out.glob("*/run.json")) if m.get("resumed_from")]
-        assert [m["resumed_from"]["folder"] for m in resumed] == [str(runs[0])]
+        assert [m["resumed_from"]["folder"] for m in resumed] == [f"../{runs[0].name}"]   # relative to the run
         assert resumed[0]["prompt"] == PROMPT and resumed[0]["steps_done"] > meta["steps_done"]
         assert outside == []                                              # the page fetched nothing from elsewhere

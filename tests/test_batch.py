@@ -77,7 +77,7 @@ def test_batch_skips_finished_runs_and_records_a_failing_row(tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = _cli(capsys, "--prompts-file", prompts, "--seeds", "0-1", "--out", out, *TOY)
     assert code == 1                                                 # a row failed; the others finished
-    assert "row 2 seed 0: ValueError: option --lr (from arguments) is -1.0; it must be greater than 0" in err
+    assert "row 2 seed 0: ValueError: option --lr (from prompts.csv row 2) is -1.0; it must be greater than 0" in err
     assert "6 of 8 run(s) done (0 skipped as finished, 6 new), 2 failed" in stdout
     assert "column(s) note are not options; used only in --export geneval" in err
     entries = [json.loads(line) for line in (out / INDEX).read_text().splitlines()]

@@ -52,7 +52,8 @@ def test_run_folder_png_metadata_and_sidecar(opts):
     assert sidecar["prompt"] == "a red circle:1|blurry:-0.5" and sidecar["seed"] == 7
     assert sidecar["backend"] == "vqgan" and sidecar["image"] == "image.png"
     assert sidecar["clip_score"] == pytest.approx(run.clip_score)
-    assert sidecar["eval_model"] == opts["eval_model"]
+    # models are recorded relative to the run folder (and read back by --resume, the UI and evaluate.py)
+    assert sidecar["eval_model"] == os.path.relpath(opts["eval_model"], run.path)
     assert len(sidecar["losses"]) == 4 and sidecar["steps_done"] == 4 and not sidecar["interrupted"]
     assert sidecar["settings"]["iterations"] == 4 and sidecar["backend_settings"]["width"] == 32
     assert sidecar["versions"]["torch"] == torch.__version__
@@ -62,7 +63,7 @@ def test_run_folder_png_metadata_and_sidecar(opts):
     assert text["prompt"] == "a red circle:1|blurry:-0.5" and text["seed"] == "7" and text["backend"] == "vqgan"
     embedded = read_metadata(run.image_path)
     assert embedded["settings"] == sidecar["settings"] and embedded["seed"] == 7
-    assert run.metadata["settings"]["clip"] == [opts["clip"][0]]
+    assert run.metadata["settings"]["clip"] == [os.path.relpath(opts["clip"][0], run.path)]
 
 
 def test_threads_option_is_restored(opts):
@@ -133,7 +134,7 @@ def test_config_file_applies_and_arguments_override(opts, tmp_path):
     opts.pop("cutouts")
     run = generate("a red circle", config=toml, **opts)
     assert run.metadata["steps_done"] == 2 and run.seed == 4 and run.metadata["settings"]["cutouts"] == 3
-    assert run.metadata["option_sources"]["iterations"] == str(toml)
+    assert run.metadata["option_sources"]["iterations"] == os.path.relpath(toml, run.path)   # recorded relative
 
 
 def test_preset_config_cli_precedence(opts, tmp_path, monkeypatch, capsys):
@@ -234,7 +235,7 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ValueError, match="not valid TOML"):
         load_config(tmp_path / "b.toml")
     (tmp_path / "c.ini").write_text("x=1")
-    with pytest.raises(ValueError, match=r"\.yaml, \.yml or \.toml"):
+    with pytest.raises(ValueError, match=r"\.yaml, \.yml, \.toml or \.json"):
         load_config(tmp_path / "c.ini")
 
 
@@ -324,6 +325,6 @@ def test_toy_preset_runs_offline(tmp_path):
     run = generate("a yellow triangle on a purple background", preset="toy", seed=0, iterations=3,
                    out=str(tmp_path), progress=False)
     assert run.images.shape == (1, 3, 64, 64) and run.image_path.is_file()
-    assert run.metadata["eval_model"] == str(paths.weights_dir("clip_b"))
+    assert run.metadata["eval_model"] == "preset toy: clip_b"          # the preset's model, by name
     assert isinstance(run.clip_score, float) and run.metadata["preset"] == "toy"
     assert run.metadata["settings"]["min_fraction"] == 0.6

@@ -28,6 +28,7 @@ from .form import (
 )
 from .gallery import RunEntry, list_runs
 from .jobs import USER_ERRORS, Job, Step, eta
+from .policy import ServerPolicy
 
 CSS = """
 #preview img, #gallery img { image-rendering: pixelated; }
@@ -97,9 +98,13 @@ def _summary(run) -> str:
     return f"{'interrupted; saved' if run.interrupted else 'saved'} `{where}`  \nseed {run.seed}; CLIP score {score}"
 
 
-def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset: str | None = "toy") -> gr.Blocks:
-    """The Blocks app; runs write to *out*, whose run folders the gallery lists."""
-    out = str(out)
+def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset: str | None = "toy",
+              policy: ServerPolicy | None = None) -> gr.Blocks:
+    """The Blocks app; runs write to *out*, whose run folders the gallery lists. *policy* (default: files
+    from nowhere, models from the presets, the default caps) decides what a caller may set: every run's
+    options are checked on the server, whatever the page sent (:mod:`webui.policy`)."""
+    policy = policy if policy is not None else ServerPolicy(Path(out))
+    out = str(policy.out)
     backend = backend or DEFAULT_BACKEND
     groups = form_groups()
     initial = form_values(backend, preset)
@@ -163,6 +168,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             """Backend, preset or config file changed: their options fill the form; what to draw is kept."""
             current = dict(zip(order, args))
             try:
+                policy.check_config(str(current["config"] or "").strip())
                 values = form_values(current["backend"], None if current["preset"] == "none" else current["preset"],
                                      current["config"] or None)
             except USER_ERRORS as err:
@@ -198,18 +204,25 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
         def start_run(request: gr.Request, *args):
             values = dict(zip(order, args[:-1]))
             try:
-                options = run_options(values)
-            except USER_ERRORS as err:
+                policy.check_config(str(values.get("config") or "").strip())   # before the file is read
+                options = policy.check_run(run_options(values))
+                every = int(args[-1] or 0)
+            except (*USER_ERRORS, TypeError) as err:
                 yield {status: f"error: {err}"}
                 return
-            yield from stream(Job(options, preview_every=int(args[-1] or 0)), request.session_hash)
+            yield from stream(Job(options, preview_every=every), request.session_hash)
 
         def resume_run(request: gr.Request, folder: str | None, every):
             """Continue the selected run from its checkpoint, in a new run folder under --out."""
             if not folder:
                 yield {status: "select a run in the gallery first"}
                 return
-            yield from stream(Job({"resume": folder, "out": out}, preview_every=int(every or 0)), request.session_hash)
+            try:
+                folder, every = policy.run_folder(folder), int(every or 0)
+            except (*USER_ERRORS, TypeError) as err:
+                yield {status: f"error: {err}"}
+                return
+            yield from stream(Job({"resume": str(folder), "out": out}, preview_every=every), request.session_hash)
 
         def stop_run(request: gr.Request) -> None:
             # the status line is the run's stream's alone: it says "stopping" at the next step, then the
@@ -221,8 +234,8 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
         def select_run(folders: list[str], evt: gr.SelectData):
             if evt.index is None or evt.index >= len(folders):
                 return gr.skip(), gr.skip(), None
-            folder = Path(folders[evt.index])
             try:
+                folder = policy.run_folder(folders[evt.index])
                 entry = RunEntry(folder, read_metadata(folder))
             except USER_ERRORS as err:
                 return f"error: {err}", None, None
@@ -232,8 +245,8 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
             if not folder:
                 return [gr.skip()] * len(form_outputs) + ["select a run in the gallery first"]
             try:
-                metadata = read_metadata(folder)
-                values = values_from_run(metadata)
+                folder = policy.run_folder(folder)
+                values = values_from_run(read_metadata(folder), folder)
             except USER_ERRORS as err:
                 return [gr.skip()] * len(form_outputs) + [f"error: {err}"]
             values["out"] = out
@@ -259,12 +272,13 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
 
 
 def launch(demo: gr.Blocks, *, out: str | Path, host: str = "127.0.0.1", port: int | None = None,
-           share: bool = False, block: bool = True):
-    """Serve *demo* (gradio's own analytics off, server-side rendering off, files only from *out*)."""
+           share: bool = False, block: bool = True, auth: list[tuple[str, str]] | None = None):
+    """Serve *demo* (gradio's own analytics off, server-side rendering off, files only from *out*; with
+    *auth*, a login of one of those (user, password) pairs first)."""
     Path(out).mkdir(parents=True, exist_ok=True)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(Path(out).resolve())],
                        ssr_mode=False, mcp_server=False, show_error=True, prevent_thread_lock=not block, css=CSS,
-                       quiet=not block)
+                       quiet=not block, auth=auth)
 
 
 __all__ = ["CSS", "build_app", "launch"]

@@ -91,7 +91,7 @@ def form_groups() -> list[tuple[str, str, list[FormField]]]:
         FormField("preset", "preset", "choice", RUN_GROUP[0], f"named option defaults ({presets})",
                   choices=[NO_PRESET, *preset_names()]),
         FormField("config", "config", "text", RUN_GROUP[0],
-                  "YAML or TOML file of options on the server; its options fill the form"),
+                  "YAML, TOML or JSON file of options on the server (from a folder it allows); its options fill the form"),
     ]
     groups = [(RUN_GROUP[0], RUN_GROUP[1], first)]
     for title, description, specs in option_groups(option_specs()):
@@ -169,10 +169,15 @@ def form_values(backend: str | None = None, preset: str | None = None, config: s
     return values
 
 
-def values_from_run(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Widget values that start the run recorded in *metadata* (a ``run.json``) again: its backend,
-    preset and every setting it ran with (those that came from a config file included)."""
-    return form_values(metadata.get("backend"), metadata.get("preset"), None, metadata.get("settings") or {})
+def values_from_run(metadata: Mapping[str, Any], folder: str | None = None) -> dict[str, Any]:
+    """Widget values that start the run recorded in *metadata* (a ``run.json``, of run *folder*) again: its
+    backend, preset and every setting it ran with (those that came from a config file included; paths
+    recorded relative to the run folder resolved against *folder*; a preset's models from the preset)."""
+    from generators.record import read_back
+
+    sources = metadata.get("option_sources") if isinstance(metadata.get("option_sources"), Mapping) else {}
+    settings = read_back(metadata.get("settings") or {}, sources, folder)
+    return form_values(metadata.get("backend"), metadata.get("preset"), None, settings)
 
 
 def run_options(values: Mapping[str, Any]) -> dict[str, Any]:
