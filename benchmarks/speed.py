@@ -416,7 +416,7 @@ def run_case(args) -> None:
     else:
         result = CASES[args.case](args, device)
         result["precision"] = args.precision or "fp32"
-    result.update(peak_memory_mb(device))
+    result.update(peak_memory_mb(device), threads=torch.get_num_threads())
     print(json.dumps(result))
 
 
