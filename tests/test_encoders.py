@@ -125,3 +125,21 @@ def test_half_precision_clip_on_the_cpu_runs_eager_attention(tmp_path):
     images = torch.rand(4, 3, 32, 32)
     cos = torch.nn.functional.cosine_similarity(half.encode_image(images), full.encode_image(images))
     assert (cos > 0.99).all()
+
+
+def test_open_clip_vit_uses_it_with_the_same_outputs():
+    open_clip = pytest.importorskip("open_clip")
+    from guidance import OpenCLIPEncoder
+    from guidance.patch_embedding import MatmulPatchEmbedding
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8,
+                                                               image_size=32),
+                                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.encode_image(pixels)
+    enc = OpenCLIPEncoder(model, None, name="open_clip:tiny")
+    assert isinstance(enc.model.visual.conv1, MatmulPatchEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(enc._image_features(pixels), expected, rtol=0, atol=1e-5)
