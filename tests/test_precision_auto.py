@@ -100,3 +100,12 @@ def test_every_model_of_a_run_gets_the_one_choice(models, precision):
     encoders = [m for m in prep.objective.modules() if isinstance(m, Encoder)]
     expected = choose_precision(precision, "cpu").dtype
     assert prep.generator.dtype == expected and encoders and all(e.dtype == expected for e in encoders)
+
+
+def test_the_toy_preset_runs_fp32_unless_asked():
+    """The toy models are too small for bf16 to pay (``--preset toy`` sets fp32; an explicit option wins)."""
+    from generators.options import resolve_options
+
+    for extra, expected in (({}, "fp32"), ({"precision": "bf16"}, "bf16"), ({"precision": "auto"}, "auto")):
+        _, opts, _ = resolve_options("a red circle", preset="toy", backend="vqgan", **extra)
+        assert opts["precision"] == expected
