@@ -69,7 +69,7 @@ class Encoder(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable image embeddings ``[B, D]`` (float32) for images in ``[0,1]``; a half-precision
-        encoder runs under autocast (normalisations and softmax in float32)."""
+        encoder runs under autocast (on CUDA, normalisations and softmax in float32)."""
         with autocast(self.device, self.dtype):
             return self._image_features(self.preprocess(images)).float()
 

@@ -5,9 +5,13 @@ Nothing here runs at import time: devices are probed only when a function is cal
 Mixed precision (``--precision bf16|fp16``): the CLIP towers, the UNet and the text encoders hold their
 weights in the half dtype, and the hot loops run the CLIP image towers and the decoders (VQGAN, Stable
 Diffusion VAE, tiny VAE) under :func:`autocast` in that dtype, so matrix products and convolutions run in
-half precision while autocast keeps reductions and normalisations in float32. The optimised latents, the
+half precision while autocast keeps reductions and normalisations in float32 on CUDA (CPU autocast runs them
+in the half dtype, accumulating in float32). The optimised latents, the
 optimiser state, the scheduler arithmetic and every loss stay float32 (the master copy). fp16 needs loss
 scaling: the latent optimiser uses ``torch.amp.GradScaler``, the diffusion guiders a fixed 2**10 scale.
+The casts a step makes are deliberate: the decoded image comes back to float32 for the cutouts and
+augmentations (torchvision's ``roi_align`` has no CPU bf16 kernel, and kornia's augmentations ran no faster in
+bf16), and the cutout batch is cast once into the tower's dtype; inside the tower nothing changes dtype.
 
 ``--precision auto`` (the default): :func:`choose_precision` picks, per device, the fastest precision that keeps
 quality, from what torch reports about the device (:func:`device_capabilities`; the rule itself,
