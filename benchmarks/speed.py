@@ -18,11 +18,21 @@ throughout. ``--precision bf16|fp16`` applies to ``clipsteer`` and ``compiled``.
 
     python benchmarks/speed.py --cases vqgan sd --impls interleaved --sizes 128   # the compile row
 
+``precision``: fp32, bf16 and what ``--precision auto`` chooses on this device (printed with the reason; fp16 on
+a GPU without bf16), each a full set-up (models in that precision) in one process, their steps taken in turn
+round after round so a busy machine's load hits all alike; each row has its ``speedup_vs_fp32``, and the
+``auto`` row is the row of the precision auto chose. Cases ``vqgan``, ``sd`` (guided, full VAE) and ``noise``
+(the noise backend, one render step, on the same SD architecture).
+
+    python benchmarks/speed.py --cases vqgan --impls precision --sizes 128 --json precision.json
+
 Cases:
 - ``clip-loss``: one CLIPLoss forward+backward on one image, ViT-B/32, 32 cutouts, Af Pe Ji Er.
 - ``vqgan``: one VQGAN+CLIP iteration, taming f16-16384 + ViT-B/32, 32 cutouts, Adam.
 - ``sd``: one CLIP-guided and one plain Stable Diffusion step (SD 1.5 UNet/VAE, ViT-B/32
   guide, 4 cutouts), with the full VAE or the tiny autoencoder decoding the guidance image.
+- ``noise`` (impl ``precision`` only): one noise-backend iteration (SD 1.5 architecture, one DDIM render step,
+  ViT-B/32 guide, 4 cutouts).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -296,9 +307,101 @@ def case_sd(args, device) -> dict:
     return out
 
 
-CASES = {"clip-loss": case_clip_loss, "vqgan": case_vqgan, "sd": case_sd}
-DEFAULT_CUTN = {"clip-loss": 32, "vqgan": 32, "sd": 4}
-IMPLS = ("clipsteer", "compiled", "interleaved", "baseline")
+# -- precision rows -----------------------------------------------------------------------------
+def _precisions(device):
+    """The precisions to time: fp32, bf16 and auto's choice, each once; and auto's choice."""
+    from guidance.runtime import choose_precision
+
+    auto = choose_precision("auto", device)
+    names = ["fp32", "bf16"] + ([auto.precision] if auto.precision not in ("fp32", "bf16") else [])
+    return names, auto
+
+
+def _steps_of(generator, objective, steps: int, device) -> Callable[[], list[float]]:
+    """A call running *generator* for *steps* steps and returning the times of all steps but the first."""
+    def run() -> list[float]:
+        from common import sync
+
+        stamps: list[float] = []
+
+        def callback(info):
+            sync(device)
+            stamps.append(time.perf_counter())
+        generator.generate(objective, seed=0, callback=callback)
+        return _step_times(stamps, 0)
+    return run
+
+
+def _vqgan_runner(args, device, precision: str, steps: int, model):
+    from generators.vqgan import VQGANGenerator, VQGANSettings
+    from guidance import CLIPLoss, Cutouts
+
+    encoder = _clip(device, precision)
+    settings = VQGANSettings(width=args.size, height=args.size, iterations=steps, learning_rate=0.1, optimizer="Adam")
+    gen = VQGANGenerator(settings, device=device, precision=precision, model=model)
+    return _steps_of(gen, CLIPLoss(encoder, PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS)), steps, device)
+
+
+def _sd_runner(args, device, precision: str, steps: int, backend: str):
+    from generators.noise import NoiseGenerator
+    from generators.stable_diffusion import StableDiffusionGenerator
+    from guidance import CLIPLoss, Cutouts, resolve_dtype
+
+    pipe = _sd15_pipeline(resolve_dtype(precision, device), device)
+    loss_fn = CLIPLoss(_clip(device, precision), PROMPT, cutouts=Cutouts(args.cutn, augmentations=AUGS))
+    if backend == "sd":
+        settings = StableDiffusionGenerator.Settings(
+            sd_model="(random SD 1.5 architecture)", width=args.size, height=args.size, steps=steps,
+            scheduler="pndm", cfg_scale=7.5, prompt=PROMPT, clip_guidance_scale=100.0)
+        gen = StableDiffusionGenerator(settings, device=device, precision=precision, pipeline=pipe)
+    else:
+        settings = NoiseGenerator.Settings(sd_model="(random SD 1.5 architecture)", width=args.size,
+                                           height=args.size, iterations=steps, render_steps=1, scheduler="ddim",
+                                           keep_best=False)
+        gen = NoiseGenerator(settings, device=device, precision=precision, pipeline=pipe)
+    return _steps_of(gen, loss_fn, steps, device)
+
+
+def _clip(device, precision: str):
+    from guidance import load_encoder
+
+    return load_encoder(str(clip_folder("ViT-B/32", CACHE / "clip-vit-b-32")), device=device, precision=precision)
+
+
+def case_precision(args, device) -> dict:
+    """``--impls precision``: every precision's set-up built once, then ``--repeats`` rounds in which each
+    runs 1 + ``--warmup`` steps (the first, which sets up the run, is not timed)."""
+    names, auto = _precisions(device)
+    print(f"{auto} on {device}", file=sys.stderr)
+    steps = 2 + args.warmup
+    if args.case == "vqgan":
+        from generators.taming_checkpoint import TamingConfig, build_first_stage
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = build_first_stage(TamingConfig.from_dict(taming_config(), source="taming imagenet f16 16384"))
+        runners = {name: _vqgan_runner(args, device, name, steps, model) for name in names}
+    else:
+        runners = {name: _sd_runner(args, device, name, steps, args.case) for name in names}
+    for run in runners.values():                    # one untimed round: first calls allocate and warm caches
+        run()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            times[name] += run()
+    rows = {name: summary(t) for name, t in times.items()}
+    for row in rows.values():
+        row["speedup_vs_fp32"] = rows["fp32"]["median_s"] / row["median_s"]
+    rows["auto"] = {**rows[auto.precision], "chose": auto.precision}
+    return {"case": args.case, "impl": "precision", "size": args.size, "cutn": args.cutn, "auto": auto.as_dict(),
+            "clip": "ViT-B/32 (random weights)", "median_s": rows["auto"]["median_s"],
+            "auto_speedup_vs_fp32": rows["auto"]["speedup_vs_fp32"], "rows": rows}
+
+
+CASES = {"clip-loss": case_clip_loss, "vqgan": case_vqgan, "sd": case_sd, "noise": case_precision}
+DEFAULT_CUTN = {"clip-loss": 32, "vqgan": 32, "sd": 4, "noise": 4}
+IMPLS = ("clipsteer", "compiled", "interleaved", "baseline", "precision")
+PRECISION_CASES = ("vqgan", "sd", "noise")
 
 
 def run_case(args) -> None:
@@ -308,18 +411,24 @@ def run_case(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    result = CASES[args.case](args, device)
-    result.update(peak_memory_mb(device))
-    result["precision"] = args.precision or "fp32"
+    if args.impl == "precision":
+        result = case_precision(args, device)
+    else:
+        result = CASES[args.case](args, device)
+        result["precision"] = args.precision or "fp32"
+    result.update(peak_memory_mb(device), threads=torch.get_num_threads())
     print(json.dumps(result))
 
 
 def main(argv=None) -> None:
+    from guidance import resolve_device
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["clip-loss", "vqgan"], help="cases to run (default: %(default)s)")
     parser.add_argument("--impls", nargs="+", default=["clipsteer", "baseline"],
                         help="implementations to compare: clipsteer, compiled (clipsteer with --compile), interleaved "
-                             "(compiled and eager steps alternating in one run), baseline")
+                             "(compiled and eager steps alternating in one run), baseline, precision (fp32, bf16 "
+                             "and auto in turn in one run)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128], help="image sizes (square)")
     parser.add_argument("--cutn", type=int, default=None,
                         help="cutouts per iteration (default: 32 for clip-loss and vqgan, 4 for sd)")
@@ -346,10 +455,12 @@ def main(argv=None) -> None:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
         for size in args.sizes:
             for impl in args.impls:
+                if (impl == "precision" and case not in PRECISION_CASES) or (case == "noise" and impl != "precision"):
+                    continue                # clip-loss has no precision rows; the noise case has only those
                 cmd = ["--case", case, "--impl", impl, "--size", str(size), "--cutn", str(args.cutn or DEFAULT_CUTN[case]),
                        "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--device", args.device]
                 cmd += ["--threads", str(args.threads)] if args.threads else []
-                if args.precision and impl != "baseline":
+                if args.precision and impl not in ("baseline", "precision"):
                     cmd += ["--precision", args.precision]
                 res = run_isolated(Path(__file__), cmd)
                 print(json.dumps(res), file=sys.stderr)
@@ -361,8 +472,13 @@ def main(argv=None) -> None:
                 rows["clipsteer"]["speedup_vs_baseline"] = rows["baseline"]["median_s"] / rows["clipsteer"]["median_s"]
             if "clipsteer" in rows and "median_s" in rows.get("compiled", {}) and "median_s" in rows["clipsteer"]:
                 rows["compiled"]["compile_speedup"] = rows["clipsteer"]["median_s"] / rows["compiled"]["median_s"]
-    report = {"environment": environment(torch.device(args.device if args.device != "auto" else "cpu")),
-              "results": results}
+    device = resolve_device(args.device)
+    report = {"environment": environment(device), "results": results}
+    if "precision" in args.impls:
+        from guidance.runtime import choose_precision
+
+        report["auto"] = choose_precision("auto", device).as_dict()
+        print(f"{choose_precision('auto', device)} on {device}", file=sys.stderr)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -259,17 +259,20 @@ class _Prepared:
     t_start: float
     t_loaded: float = 0.0
     recorded: dict | None = None        # the options as run.json records them (generators.record)
+    precision: Any = None      # guidance.runtime.PrecisionChoice
 
 
 def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: float | None = None) -> _Prepared:
     """Check every option, then load the models: objective, backend. Nothing is written yet."""
     from guidance import resolve_device
+    from guidance.runtime import choose_precision
 
     t_start = time.perf_counter() if t_start is None else t_start
     seed = opts.get("seed")
     opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed)
     device = resolve_device(opts.get("device"))
-    precision = opts.get("precision") or "auto"
+    choice = choose_precision(opts.get("precision") or "auto", device)     # one choice for every model of the run
+    precision = choice.precision
     cls = get_generator_class(backend)
     settings = backend_settings(backend, opts)
     schedule = build_schedule(opts)
@@ -291,7 +294,8 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     prepared = _Prepared(backend=backend, opts=opts, provenance=provenance, seed=seed, device=device,
                          schedule=schedule, label=_prompt_label(opts, schedule), eval_model=eval_model_for(opts),
                          formats=formats, save_every=save_every, settings=settings, objective=None, generator=None,
-                         t_start=t_start)
+                         t_start=t_start, precision=choice)
+    _announce(choice)
     # Models load here: the objective first (its encoders are cached across runs), then the backend.
     objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
     prepared.objective = objective if objective is not None else ConditioningOnly(schedule)
@@ -302,6 +306,16 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
         prepared.save_every = max(1, int(total) // 30)
     prepared.t_loaded = time.perf_counter()
     return prepared
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(choice) -> None:
+    """Say once per process what ``--precision auto`` chose on this device and why."""
+    if choice.asked == "auto" and str(choice) not in _ANNOUNCED:
+        _ANNOUNCED.add(str(choice))
+        print(str(choice), file=sys.stderr)
 
 
 def compile_targets(objective, generator) -> list[torch.nn.Module]:
@@ -412,6 +426,7 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "config": prep.provenance["config"],
         "device": str(prep.device),
         "precision": str(prep.generator.dtype).replace("torch.", ""),
+        "precision_choice": prep.precision.as_dict() if prep.precision is not None else None,
         "steps_done": steps_done,
         "info": result.info,
         "versions": _versions(),

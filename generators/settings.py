@@ -81,9 +81,11 @@ class RunSettings:
                                group="output", choices=["relative", "absolute"])
     # runtime
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", group="runtime")
-    precision: str = option("auto", "fp32, bf16 or fp16 (fp16 on GPUs only); auto is fp32. bf16/fp16: models hold "
-                                    "half weights and the CLIP towers and decoders run under autocast; latents, "
-                                    "optimiser and losses stay fp32", group="runtime")
+    precision: str = option("auto", "auto, fp32, bf16 or fp16 (fp16 on GPUs only). auto: bf16 on GPUs and CPUs that "
+                                    "run it natively (CPU: AMX or AVX-512 BF16), fp16 on older GPUs and Apple MPS, "
+                                    "else fp32; printed once and recorded in run.json. bf16/fp16: models hold half "
+                                    "weights and the hot loop runs in half precision; latents, optimiser and "
+                                    "losses stay fp32", group="runtime")
     compile: bool = option(False, "torch.compile the CLIP image towers and the decoder of the hot loop (the first "
                                   "steps compile; pays on long runs, mostly on GPUs)", group="runtime")
     threads: int | None = option(None, "CPU threads torch may use (default: torch's own choice); 1 is fastest for "

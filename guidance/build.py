@@ -155,7 +155,7 @@ def build_objective(opts: Mapping[str, Any], schedule, *, seed: int, device, pre
         names.append("clip_loss")
     for r in rewards:
         model = cached_reward(f"{r['name']}:{r['model']}" if r["model"] else r["name"], device=device,
-                              precision=None if precision == "auto" else precision)
+                              precision=precision)
         model.set_prompts(schedule)
         model.resize = resize
         model.gradient_checkpointing = bool(opts.get("reward_checkpointing"))

@@ -2,8 +2,8 @@
 
 Tolerances: bf16 keeps 8 bits of mantissa (relative error 2**-8 = 0.4% per rounding); through the tiny
 decoders and CLIP towers the loss stays within 2% of float32, the images within 0.05 (of [0, 1]; guided
-Stable Diffusion, whose UNet runs in bf16 too: 0.01 on average, 0.1 at most) and the gradient to the
-latents keeps its direction (cosine above 0.97). Compiled modules must match eager ones to
+Stable Diffusion and the noise backend's renderer, whose UNets run in bf16 too: 0.01 on average, 0.1 at most)
+and the gradient to the latents keeps its direction (cosine above 0.97; CLIP embeddings: 0.99). Compiled modules must match eager ones to
 float32 round-off (1e-5).
 """
 
@@ -27,9 +27,11 @@ PROMPT = "a red circle"
 
 
 def half_encoder(encoder, dtype=torch.bfloat16):
-    """The encoder as ``load_encoder(precision=...)`` builds it: half weights, float32 mean/std."""
+    """The encoder as ``load_encoder(precision=...)`` builds it on the CPU: half weights, float32 mean/std,
+    eager attention."""
     enc = copy.deepcopy(encoder)
     enc.model.to(dtype)
+    enc.model.set_attn_implementation("eager")
     return enc
 
 
@@ -120,6 +122,63 @@ def test_bf16_guidance_decode_autocasts_and_the_gradient_keeps_its_direction(enc
                                             loss_fn=clip_loss(enc), step=0, generator=torch.Generator().manual_seed(2))
         assert seen == [None if precision == "fp32" else torch.bfloat16]
     assert grads["bf16"].dtype == torch.float32 and torch.isfinite(grads["bf16"]).all()
+    assert cosine(grads["bf16"], grads["fp32"]) > 0.97
+
+
+def test_bf16_noise_render_matches_fp32_and_the_gradient_keeps_its_direction(encoder):
+    """The noise backend's renderer (bf16 UNet, VAE decode under autocast) against float32, through the CLIP
+    loss, from the same starting noise."""
+    from generators.noise import NoiseGenerator, NoiseSettings
+
+    out = {}
+    for precision in ("fp32", "bf16"):
+        gen = NoiseGenerator(NoiseSettings(render_steps=2, scheduler="ddim"), device="cpu", precision=precision,
+                             pipeline=tiny_sd_pipeline())
+        conditioning, _ = gen._embeddings(gen.pipe, clip_loss(encoder), 1)
+        render = gen.make_renderer(gen.pipe, gen.scheduler, conditioning, 2, seed=0)
+        z = torch.randn(gen.latent_shape(), generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        images = render(z)
+        enc = encoder if precision == "fp32" else half_encoder(encoder)
+        loss = clip_loss(enc)(images, generator=torch.Generator().manual_seed(1)).total
+        loss.backward()
+        out[precision] = images.detach(), loss.detach(), z.grad
+    (im32, loss32, grad32), (im16, loss16, grad16) = out["fp32"], out["bf16"]
+    assert im16.dtype == torch.float32 and grad16.dtype == torch.float32
+    diff = (im16 - im32).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.1, (float(diff.mean()), float(diff.max()))
+    torch.testing.assert_close(loss16, loss32, rtol=0.02, atol=0)
+    assert cosine(grad16, grad32) > 0.97
+
+
+def test_bf16_clip_as_loaded_matches_fp32_on_vit_b32_shapes(tmp_path):
+    """What ``load_encoder(precision="bf16")`` builds (matrix-product patch embedding, eager attention, bf16
+    weights) on ViT-B/32's shapes (32-pixel patches of 224², 12 heads of 64; two layers, random weights):
+    embeddings and the input gradient of a spherical loss close to float32's."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from guidance import load_encoder, spherical_distance
+    from tiny import clip_tokenizer_dir
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                         num_hidden_layers=1, vocab_size=49408, max_position_embeddings=77,
+                                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+                        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                           num_hidden_layers=2, image_size=224, patch_size=32),
+                        projection_dim=512)
+    CLIPModel(config).save_pretrained(tmp_path)
+    for f in clip_tokenizer_dir().iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    images = torch.rand(4, 3, 224, 224)
+    target = torch.randn(1, 512)
+    grads, embeddings = {}, {}
+    for precision in ("fp32", "bf16"):
+        enc = load_encoder(str(tmp_path), device="cpu", precision=precision)
+        x = images.clone().requires_grad_(True)
+        emb = enc.encode_image(x)
+        spherical_distance(emb, target).sum().backward()
+        grads[precision], embeddings[precision] = x.grad, emb.detach()
+    assert torch.nn.functional.cosine_similarity(embeddings["bf16"], embeddings["fp32"]).min() > 0.99
     assert cosine(grads["bf16"], grads["fp32"]) > 0.97
 
 
