@@ -153,6 +153,10 @@ def run_caption(record: dict) -> tuple[str | None, str] | None:
     except (TypeError, ValueError):
         return None
     last = max(int(record.get("steps_done") or 0) - 1, 0)
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    every = settings.get("change_prompt_every")
+    if isinstance(every, int) and every > 0:      # a '^' story loops: its period is phrases x every
+        last %= every * len(entries)
     active = entries[max(k for k in entries if k <= last)] if any(k <= last for k in entries) else []
     texts = [p.get("value") for p in active if isinstance(p, dict) and p.get("kind") == "text"
              and isinstance(p.get("weight"), (int, float)) and p["weight"] > 0 and p.get("value")]
