@@ -177,3 +177,90 @@ def test_caret_story_from_the_command_line_and_its_scoring_caption(models, tmp_p
                    iterations=5, cutouts=2, augmentations=["none"], seed=0, save=False, progress=False)
     assert list(run.metadata["prompts"]) == ["0", "2"]
     assert run_caption(run.metadata) == ("a red circle", "")     # step 4 of a 2-phrase, every-2 story: phrase 0
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/evaluate.py: GenEval's layout, extra columns, --group-by
+# ---------------------------------------------------------------------------------------------
+
+def _evaluate_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("clipsteer_evaluate_eco", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_scores_every_sample_of_a_geneval_export(models, tmp_path, capsys):
+    import json
+
+    from guidance.score import clip_score
+
+    rows = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a red circle"},
+            {"tag": "colors", "include": [{"class": "cross", "count": 1, "color": "green"}], "prompt": "a green cross"}]
+    prompts = tmp_path / "geneval.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["--prompts-file", str(prompts), "--seeds", "0,1", "--out", str(tmp_path / "out"), "--export",
+                     "geneval", "--vqgan", models["vqgan"], "--clip", models["clip"], "--eval-model", "none",
+                     "--size", "32", "32", "--iterations", "2", "--cutouts", "2", "-q"]) == 0
+    export = tmp_path / "out-geneval"
+    assert _evaluate_script().main([str(export), "--model", models["clip"], "--group-by", "tag", "--no-progress"]) == 0
+    doc = json.loads((export / "clip_scores.json").read_text())
+    scored = {(r["image"], r["prompt"], r["tag"]) for r in doc["rows"] if r["status"] == "ok"}
+    assert scored == {(f"{i:05d}/samples/{n:04d}.png", row["prompt"], row["tag"]) for i, row in enumerate(rows)
+                      for n in range(2)}
+    first = doc["rows"][0]
+    assert first["include"] == rows[0]["include"]                          # GenEval's own keys kept
+    assert first["score"] == pytest.approx(float(clip_score(export / first["image"], first["prompt"],
+                                                            model=models["clip"], reduction="none")[0]), abs=1e-4)
+    groups = {s["group"]: s["n"] for s in doc["summary"] if "group" in s}
+    assert groups == {"single_object": 2, "colors": 2}
+    assert "tag=colors" in capsys.readouterr().out
+
+
+def test_evaluate_keeps_pairs_columns_and_groups_by_category(models, tmp_path, capsys):
+    import csv
+    import json
+    import math
+    import statistics
+
+    from PIL import Image
+
+    categories = ["Colors", "Colors", "Colors", "Counting", "Counting"]
+    with open(tmp_path / "drawbench.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "Prompt", "Category"])
+        for i, cat in enumerate(categories):
+            arr = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+            Image.fromarray(arr.numpy()).save(tmp_path / f"{i}.png")
+            writer.writerow([f"{i}.png", f"a picture number {i}", cat])
+    script = _evaluate_script()
+    args = [str(tmp_path), "--pairs", str(tmp_path / "drawbench.csv"), "--model", models["clip"], "--no-progress",
+            "--definition", "per_pair", "--json", str(tmp_path / "t.json"), "--csv", str(tmp_path / "t.csv")]
+    assert script.main(args + ["--group-by", "Category"]) == 0
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert [r["Category"] for r in doc["rows"]] == categories
+    with open(tmp_path / "t.csv", newline="") as fh:
+        assert [r["Category"] for r in csv.DictReader(fh)] == categories
+    colors = [r["score"] for r in doc["rows"] if r["Category"] == "Colors"]
+    line = next(s for s in doc["summary"] if s.get("group") == "Colors")
+    half = 4.302652729911275 * statistics.stdev(colors) / math.sqrt(3)          # Student t, 2 df, 95%
+    assert (line["n"], line["prompt"]) == (3, "Category=Colors")
+    assert line["mean"] == pytest.approx(statistics.fmean(colors))
+    assert (line["ci_low"], line["ci_high"]) == pytest.approx((statistics.fmean(colors) - half,
+                                                                statistics.fmean(colors) + half))
+    assert next(s for s in doc["summary"] if s.get("group") == "Counting")["n"] == 2
+    assert "Category=Counting" in capsys.readouterr().out
+    # the same groups with --metric; a column no row has is a one-line error before any scoring
+    assert script.main(args[:3] + ["--no-progress", "--metric", f"clip_score:{models['clip']}", "--group-by", "Category",
+                                   "--json", str(tmp_path / "m.json")]) == 0
+    groups = {s["group"]: s["n"] for s in json.loads((tmp_path / "m.json").read_text())["summary"]}
+    assert groups == {"all": 5, "Colors": 3, "Counting": 2}
+    capsys.readouterr()
+    assert script.main(args + ["--group-by", "category_typo"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "evaluate.py: error: --group-by category_typo: no such column; the rows have Category, backend, definition, "
+        "error, image, model, prefix, prompt, score, seed, status, steered_by"]
