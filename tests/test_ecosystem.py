@@ -264,3 +264,29 @@ def test_evaluate_keeps_pairs_columns_and_groups_by_category(models, tmp_path, c
     assert capsys.readouterr().err.splitlines() == [
         "evaluate.py: error: --group-by category_typo: no such column; the rows have Category, backend, definition, "
         "error, image, model, prefix, prompt, score, seed, status, steered_by"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GIF through diffusers' export_to_gif
+# ---------------------------------------------------------------------------------------------
+
+def test_gif_through_diffusers_keeps_the_frames_and_holds_the_last_one(tmp_path):
+    from PIL import Image
+
+    from generators.outputs import save_gif
+
+    frames = [Image.new("RGB", (16, 12), (40 * i, 255 - 40 * i, 90)) for i in range(4)]
+    path = save_gif(frames, tmp_path / "a.gif", fps=5)
+    with Image.open(path) as im:
+        durations, pixels = [], []
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+            pixels.append(np.asarray(im.convert("RGB")))
+        assert im.info.get("loop") == 0
+    assert durations == [200, 200, 200, 1000]              # 5 fps; the last frame shown for a second
+    assert all(np.array_equal(p, np.asarray(f)) for p, f in zip(pixels, frames))
+    with pytest.raises(FileExistsError):
+        save_gif(frames[:1], path)
+    with Image.open(path) as im:
+        assert im.n_frames == 4                             # the refused call left the file alone
