@@ -33,8 +33,11 @@ def _sd(models, **options):
 
 def test_the_diffusers_call_equals_the_clipsteer_call(models):
     ours = _sd(models, seed=3, steps=2, cfg_scale=3.0, num_images=2, negative_prompt="blue")
-    theirs = _sd(models, generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=3.0,
-                 num_images_per_prompt=2, negative_prompt="blue", output_type="pil")
+    diffusers_names = dict(generator=torch.Generator().manual_seed(3), num_inference_steps=2, guidance_scale=3.0,
+                           num_images_per_prompt=2, negative_prompt="blue")
+    assert torch.equal(_sd(models, **diffusers_names).images, ours.images)
+    diffusers_names["generator"] = torch.Generator().manual_seed(3)
+    theirs = _sd(models, **diffusers_names, output_type="pil")
     assert ours.images.shape[0] == 2 and isinstance(theirs.images, list) and len(theirs.images) == 2
     theirs.images[0].save  # a PIL image, as diffusers' pipe(...).images[0]
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours.pil_images, theirs.images))
