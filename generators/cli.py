@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Any
 
 from . import DEFAULT_BACKEND, backend_names
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     specs = option_specs(errors=errors)
     notes = "".join(f"\nnote: the {name} backend's options are not listed: it failed to import ({err})\n"
                     for name, err in sorted(errors.items()))
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="generate.py",
         description="CLIP-guided text-to-image generation (backends: " + ", ".join(backend_names()) + "). Every option can "
                     "also come from --config FILE (YAML/TOML, keys = option names) or --preset NAME; the "
@@ -114,12 +113,58 @@ def build_parser() -> argparse.ArgumentParser:
                            "--checkpoint-every, --threads, --device, --record-paths and --progress may change")
     main.add_argument("--size", nargs=2, type=int, metavar=("W", "H"), default=argparse.SUPPRESS,
                       help="image size in pixels (sets width and height)")
+    main.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                      help="also show the libraries' messages and progress bars (transformers' \"Loading weights\", "
+                           "diffusers' warnings); -vv: debug messages")
+    main.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                      help="errors only: no progress bar, no warnings")
     _add_batch_options(parser)
     for title, description, group_specs in option_groups(specs):
         group = parser.add_argument_group(title, description)
         for spec in group_specs:
             _add(group, spec)
+    _add_diffusers_names(parser, specs)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: an unknown flag is named with the closest option(s), not the usage."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [f for f in unknown.group(1).split() if f.startswith("-")]
+            known = [f for action in self._actions for f in action.option_strings if f.startswith("--")]
+            if flags:
+                flag = flags[0].partition("=")[0]
+                ratios = {f: difflib.SequenceMatcher(None, flag, f).ratio() for f in known}
+                best = max(ratios.values(), default=0.0)
+                close = [f for f in sorted(ratios, key=ratios.get, reverse=True)     # the closest, and any as close
+                         if ratios[f] >= max(0.6, best - 0.03)][:3]
+                hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help for the options"
+                message = f"unknown option {flag}{hint}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_diffusers_names(parser: argparse.ArgumentParser, specs) -> None:
+    """diffusers' argument names as flags (``--num-inference-steps``...): passed on under that name, and
+    mapped to the chosen backend's option by :data:`generators.options.DIFFUSERS_NAMES`."""
+    from .options import DIFFUSERS_NAMES, diffusers_target
+
+    taken = {f for action in parser._actions for f in action.option_strings}
+    group = parser.add_argument_group("diffusers names", "diffusers' argument names, for the option each backend "
+                                                         "has: " + "; ".join(f"{k}: {' / '.join(v)}"
+                                                                             for k, v in DIFFUSERS_NAMES.items()))
+    for name in DIFFUSERS_NAMES:
+        flag, target = "--" + name.replace("_", "-"), diffusers_target(name, specs)
+        if flag in taken or target is None:
+            continue
+        group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
+                           type=_value_type(specs[target].kind, specs[target].optional),
+                           help=f"= --{' / --'.join(t.replace('_', '-') for t in DIFFUSERS_NAMES[name])}")
 
 
 def _add_batch_options(parser: argparse.ArgumentParser) -> None:
@@ -210,13 +255,19 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     return args
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=file or sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .logs import verbosity
+
     args = parse_args(argv)
-    warnings.showwarning = _show_warning
+    level = -1 if args.pop("quiet", False) else args.pop("verbose", 0)
+    args.pop("verbose", None)
+    if level < 0:
+        args.setdefault("progress", False)
+    with verbosity(level):
+        return _main(args)
+
+
+def _main(args: dict[str, Any]) -> int:
     if "prompts_file" in args:
         from .batch import main as batch_main
 

@@ -257,11 +257,54 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+# diffusers' argument names, each accepted for the first of its options that the backend has
+# (``num_inference_steps``: the sd backend's steps, the noise backend's render steps, the optimising
+# backends' iterations; ``guidance_scale`` is the CFG scale, never --clip-guidance-scale).
+DIFFUSERS_NAMES: dict[str, tuple[str, ...]] = {
+    "num_inference_steps": ("steps", "render_steps", "iterations"),
+    "guidance_scale": ("cfg_scale",),
+    "num_images_per_prompt": ("num_images",),
+    "negative_prompt": ("negative_prompt",),
+}
+
+
+def diffusers_target(name: str, specs: Mapping[str, OptionSpec]) -> str | None:
+    """The option that diffusers' argument *name* means for the backend(s) of *specs* (None: none)."""
+    return next((c for c in DIFFUSERS_NAMES.get(name, ()) if c in specs), None)
+
+
+def seed_of_generator(generator: Any) -> int:
+    """The seed of a diffusers-style ``generator=`` argument: a fresh CPU ``torch.Generator`` (or a list of
+    one) gives its ``initial_seed()``; anything clipsteer cannot reproduce from a seed is a one-line error."""
+    import torch
+
+    fix = "pass seed=N (or generator=torch.Generator().manual_seed(N))"
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != 1:
+            raise ValueError(f"generator: a list of {len(generator)} generators cannot be honoured (clipsteer "
+                             f"draws a batch from one seed); {fix}")
+        generator = generator[0]
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator; got {type(generator).__name__}; {fix}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator on {generator.device} draws other numbers than clipsteer's CPU generator "
+                         f"of the same seed; {fix}")
+    seed = generator.initial_seed()
+    if not torch.equal(generator.get_state(), torch.Generator().manual_seed(seed).get_state()):
+        raise ValueError(f"generator has drawn numbers since it was seeded with {seed}; clipsteer starts from the "
+                         f"seed itself, so {fix}")
+    return seed
+
+
 def _alias_map(specs: Mapping[str, OptionSpec]) -> dict[str, str]:
     out: dict[str, str] = {}
     for spec in specs.values():
         for alias in spec.names:
             out.setdefault(alias, spec.name)
+    for name in DIFFUSERS_NAMES:
+        target = diffusers_target(name, specs)
+        if target is not None:
+            out.setdefault(name, target)
     out.setdefault("size", "size")
     return out
 
@@ -271,9 +314,13 @@ def _normalise(options: Mapping[str, Any], specs: Mapping[str, OptionSpec], sour
     """Map spellings to option names, expand ``size``, coerce types; unknown keys raise when *strict*."""
     aliases = _alias_map(specs)
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in options.items():
         norm = str(key).strip().lstrip("-").replace("-", "_")
         name = aliases.get(norm)
+        if name is not None and value is not None and spelled.setdefault(name, str(key)) != str(key):
+            raise ValueError(f"option {name} is given twice (from {source}), as {spelled[name]!r} and {key!r}; "
+                             "give it once")
         if name is None:
             if strict:
                 close = difflib.get_close_matches(norm, list(aliases), n=1)
@@ -298,6 +345,12 @@ def resolve_options(prompt: str | None = None, *, backend: str | None = None, pr
     from .presets import get_preset
 
     explicit = dict(options)
+    if explicit.get("generator") is not None:            # diffusers' generator=: its seed
+        seed = seed_of_generator(explicit.pop("generator"))
+        if explicit.get("seed") is not None and explicit["seed"] != seed:
+            raise ValueError(f"seed={explicit['seed']!r} and generator (seeded with {seed}) disagree; give one of them")
+        explicit["seed"] = seed
+    explicit.pop("generator", None)
     if prompt is not None:
         explicit["prompt"] = prompt
     if isinstance(config, Mapping):
@@ -359,4 +412,5 @@ def backend_settings(backend: str, opts: Mapping[str, Any]):
     return cls.settings_from(values)
 
 
-__all__ = ["OptionSpec", "option_specs", "option_groups", "field_kind", "coerce", "load_config", "resolve_options", "backend_settings"]
+__all__ = ["OptionSpec", "option_specs", "option_groups", "field_kind", "coerce", "load_config", "resolve_options",
+           "backend_settings", "DIFFUSERS_NAMES", "diffusers_target", "seed_of_generator"]

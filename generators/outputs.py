@@ -1,6 +1,6 @@
 """Where runs go: a new folder per run, PNGs with their settings inside, a JSON sidecar,
-intermediate frames and an animation (GIF through Pillow, MP4 through imageio-ffmpeg's
-bundled ffmpeg).
+intermediate frames and an animation (GIF through diffusers' ``export_to_gif``, MP4 through
+imageio-ffmpeg's bundled ffmpeg).
 
 Nothing here overwrites a file: run folders are made with an exclusive ``mkdir`` (a numeric
 suffix is added when the name is taken) and files are opened in exclusive-create mode.
@@ -139,20 +139,31 @@ def frame_name(step: int) -> str:
 
 
 def save_gif(frames: Sequence, path: str | Path, *, fps: float = 10.0, overwrite: bool = False) -> Path:
-    """An animated GIF of PIL frames (looping; the last frame held for a second)."""
+    """An animated, looping GIF of PIL frames through diffusers' ``export_to_gif`` (``1000 // fps`` ms a
+    frame; *fps* capped at 50, as players show shorter frames at 100 ms). The last frame is held for about a
+    second: it is repeated, and Pillow stores repeated frames as one longer frame."""
+    from diffusers.utils import export_to_gif
+
     if not frames:
         raise ValueError("no frames to animate; use --save-every N to keep frames during the run")
     path = Path(path)
-    duration = max(20, int(round(1000 / max(fps, 0.1))))
-    durations = [duration] * (len(frames) - 1) + [max(duration, 1000)]
-    with open(path, "wb" if overwrite else "xb") as fh:
-        frames[0].save(fh, format="GIF", save_all=True, append_images=list(frames[1:]), duration=durations,
-                       loop=0, optimize=False)
+    fps = min(float(fps), 50.0)
+    frames = list(frames) + [frames[-1]] * max(0, math.ceil(fps) - 1)
+    open(path, "wb" if overwrite else "xb").close()      # never replaces a file unless asked
+    try:
+        export_to_gif(frames, str(path), fps=fps)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return path
 
 
 def save_mp4(frames: Sequence, path: str | Path, *, fps: float = 10.0, overwrite: bool = False) -> Path:
-    """An H.264 MP4 of PIL frames through imageio-ffmpeg's bundled ffmpeg (no system ffmpeg needed)."""
+    """An H.264 MP4 of PIL frames through imageio-ffmpeg's bundled ffmpeg (no system ffmpeg needed).
+
+    Not diffusers' ``export_to_video``: it needs the ``imageio`` package (clipsteer needs only
+    imageio-ffmpeg), and without it falls back, with a warning, to OpenCV, which clipsteer does not install.
+    """
     if not frames:
         raise ValueError("no frames to animate; use --save-every N to keep frames during the run")
     try:

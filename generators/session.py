@@ -31,6 +31,7 @@ from guidance.runtime import set_compiled
 
 from . import get_generator_class
 from .base import GenerationResult, StepInfo, check_seed
+from .logs import quiet_libraries
 from .memory import check_fits
 from .options import backend_settings, resolve_options
 
@@ -40,9 +41,11 @@ class Run:
     """What :func:`generate` returns: the images, where they were saved and what produced them.
 
     ``path`` is the run folder (``None`` with ``save=False``); ``image_paths`` the PNGs in it.
+    ``images`` is a ``[B,3,H,W]`` tensor in ``[0,1]``, or with ``generate(..., output_type="pil")`` a list of
+    PIL images as diffusers returns them; ``pil_images`` is that list either way.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | list
     metadata: dict[str, Any]
     path: Path | None = None
     image_paths: list[Path] = field(default_factory=list)
@@ -54,7 +57,7 @@ class Run:
     def pil_images(self) -> list:
         from .outputs import to_pil
 
-        return to_pil(self.images)
+        return list(self.images) if isinstance(self.images, list) else to_pil(self.images)
 
     @property
     def image(self):
@@ -174,9 +177,16 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         stop: a ``threading.Event`` (anything with ``is_set()``); once it is set, the run ends at its
             next step exactly as Ctrl-C ends it: the current image is kept and saved, marked ``interrupted``.
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
-            (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...).
+            (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...), or diffusers' name of one
+            (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``num_images_per_prompt``,
+            ``generator``: see :data:`generators.options.DIFFUSERS_NAMES`); ``output_type="pil"`` makes
+            ``run.images`` a list of PIL images (default ``"pt"``: a tensor).
     """
     t_start = time.perf_counter()
+    output_type = options.pop("output_type", "pt")
+    if output_type not in ("pt", "pil"):
+        raise ValueError(f"output_type {output_type!r}: use 'pt' (run.images a [B,3,H,W] tensor, the default) "
+                         "or 'pil' (a list of PIL images)")
     if stop is not None:
         callback = _stop_when_set(stop, callback)
     if resume is not None:
@@ -193,8 +203,11 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        with _library_progress_bars(bool(opts.get("progress", True))):
-            return _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+        with quiet_libraries(bars=not opts.get("progress", True)):   # progress=False hides theirs too
+            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+        if output_type == "pil":
+            run.images = run.pil_images
+        return run
     finally:
         torch.set_num_threads(before)
 
@@ -207,36 +220,6 @@ def _stop_when_set(stop, callback: Callable | None) -> Callable:
             raise KeyboardInterrupt
         return keep_going
     return step
-
-
-class _library_progress_bars:
-    """With ``progress=False``, transformers', diffusers' and the Hub's own bars ("Loading weights") are
-    hidden too for the run, and restored afterwards."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.restore: list = []
-
-    def __enter__(self):
-        if self.enabled:
-            return self
-        import diffusers.utils.logging as diffusers_logging
-        import huggingface_hub.utils as hub_utils
-        import transformers.utils.logging as transformers_logging
-
-        for module in (transformers_logging, diffusers_logging):
-            if module.is_progress_bar_enabled():
-                module.disable_progress_bar()
-                self.restore.append(module.enable_progress_bar)
-        if not hub_utils.are_progress_bars_disabled():
-            hub_utils.disable_progress_bars()
-            self.restore.append(hub_utils.enable_progress_bars)
-        return self
-
-    def __exit__(self, *exc):
-        for undo in self.restore:
-            undo()
-        return False
 
 
 @dataclass

@@ -32,6 +32,10 @@ class RunSettings:
     story: str | None = option(
         None, "prompt schedule ('story mode'): '0=a forest; 100=a city|night:0.5' switches prompts at those steps",
         group="prompts", metavar="SCHEDULE", text_only=True, mapping_ok=True)
+    change_prompt_every: int = option(
+        0, "VQGAN-CLIP's story syntax: with '^' in the prompt ('a sunflower|photo:-1 ^ a rose'), move to the next "
+        "'^'-separated phrase every N steps, back to the first after the last", group="prompts", metavar="N",
+        minimum=0)
     image_prompts: list[str] = option(list, "image prompt PATH[:WEIGHT] (repeatable)", group="prompts",
                                       flag="--image-prompt", metavar="PATH[:W]", path="file")
     noise_prompts: list[str] = option(list, "noise prompt SEED[:WEIGHT]: a random CLIP target (repeatable)",

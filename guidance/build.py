@@ -53,6 +53,11 @@ def build_schedule(opts: Mapping[str, Any]):
     extra += parse_prompts(list(opts.get("noise_prompts") or []), kind="noise")
     prompt, story = opts.get("prompt"), opts.get("story")
     entries = story_entries(story) if story else {}
+    if isinstance(prompt, str) and "^" in prompt:
+        return caret_story(prompt, int(opts.get("change_prompt_every") or 0), extra, story)
+    if opts.get("change_prompt_every"):
+        raise ValueError("--change-prompt-every goes with '^'-separated story phrases in the prompt "
+                         "('a sunflower ^ a rose'); without '^' drop it")
     if prompt:
         if 0 in entries:
             raise ValueError("both a prompt and a story entry for step 0 were given; drop one of them "
@@ -70,6 +75,22 @@ def build_schedule(opts: Mapping[str, Any]):
         if not prompts:
             raise ValueError(f"story step {step} has no prompts")
     return PromptSchedule(entries)
+
+
+def caret_story(prompt: str, every: int, extra: list, story=None):
+    """VQGAN-CLIP's story syntax as nerdyrodent's ``generate.py`` reads it (``-p "a|b:-1 ^ c" -cpe N``):
+    phrase k applies from step k*N, and after the last phrase the story starts again (a periodic
+    :class:`PromptSchedule`); image and noise prompts apply throughout."""
+    from .prompts import PromptSchedule, parse_prompts
+
+    if story:
+        raise ValueError("give the story once: '^' phrases in the prompt (with --change-prompt-every) or --story")
+    if every < 1:
+        raise ValueError("'^' separates VQGAN-CLIP story phrases: add --change-prompt-every N to switch phrase "
+                         "every N steps, or write the story as --story '0=a sunflower; 100=a rose'")
+    phrases = [parse_prompts(phrase) for phrase in prompt.split("^")]
+    return PromptSchedule({k * every: prompts + extra for k, prompts in enumerate(phrases)},
+                          period=len(phrases) * every)
 
 
 def clip_specs(opts: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -197,5 +218,5 @@ def score_images(images: torch.Tensor, schedule, *, model: str, step: int, devic
 
 
 __all__ = ["DEFAULT_CLIP", "DEFAULT_EVAL", "DEFAULT_EVAL_ALT", "NONE_WORDS", "is_none_word", "build_schedule",
-           "story_entries", "clip_specs", "augmentation_list", "load_encoders", "build_cutouts", "build_objective", "reward_specs",
+           "story_entries", "caret_story", "clip_specs", "augmentation_list", "load_encoders", "build_cutouts", "build_objective", "reward_specs",
            "eval_model_for", "score_images", "scoring_caption"]

@@ -1,8 +1,11 @@
 """Batch CLIP-score evaluation: find image-caption pairs, score them, tabulate and summarise.
 
 Used by ``scripts/evaluate.py``. Pairs come from run folders written by ``scripts/generate.py``
-(their ``run.json`` sidecar: ``prompt`` + ``image``), a CSV/JSONL file of ``image,prompt`` rows,
-or one caption for every image. Bad inputs (missing or corrupt files, bad rows) become error rows
+(their ``run.json`` sidecar: ``prompt`` + ``image``), GenEval's folder layout (``NNNNN/metadata.jsonl``
++ ``NNNNN/samples/*.png``, as ``generate.py --export geneval`` writes it), a CSV/JSONL file of
+``image,prompt`` rows, or one caption for every image. The other columns of a pairs file or of
+GenEval's metadata (DrawBench's ``category``, GenEval's ``tag``) stay in the output rows, and the
+summaries can be grouped by any column (``group_by``). Bad inputs (missing or corrupt files, bad rows) become error rows
 that are listed, never a stop. Work splits over processes with accelerate
 (``split_between_processes`` + ``gather_object``); only the main process writes.
 """
@@ -44,6 +47,7 @@ class Item:
     prompt: str | None
     error: str | None = None         # set when the pair cannot be scored
     extra: dict = field(default_factory=dict)  # seed, backend from run.json
+    columns: dict = field(default_factory=dict)  # the pairs file's / GenEval metadata's other columns
 
     @property
     def key(self) -> tuple[str, str]:
@@ -156,6 +160,10 @@ def run_caption(record: dict) -> tuple[str | None, str] | None:
     except (TypeError, ValueError):
         return None
     last = max(int(record.get("steps_done") or 0) - 1, 0)
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    every = settings.get("change_prompt_every")
+    if isinstance(every, int) and every > 0:      # a '^' story loops: its period is phrases x every
+        last %= every * len(entries)
     active = entries[max(k for k in entries if k <= last)] if any(k <= last for k in entries) else []
     texts = [p.get("value") for p in active if isinstance(p, dict) and p.get("kind") == "text"
              and isinstance(p.get("weight"), (int, float)) and p["weight"] > 0 and p.get("value")]
@@ -215,7 +223,8 @@ def read_pairs(pairs_file: Path, root: Path) -> list[Item]:
                 rows.append((n, f"has {len(reader.fieldnames)} columns in the header but a different number here "
                                 "(quote prompts that contain commas)"))
             else:
-                rows.append((n, {"image": row[img_col], "prompt": row[prompt_col]}))
+                rows.append((n, {"image": row[img_col], "prompt": row[prompt_col],
+                                 **{k: v for k, v in row.items() if k not in (img_col, prompt_col)}}))
     items: list[Item] = []
     seen: set[tuple[str, str]] = set()
     for n, row in rows:
@@ -236,10 +245,38 @@ def read_pairs(pairs_file: Path, root: Path) -> list[Item]:
         if not isinstance(prompt, str) or not prompt.strip():
             items.append(Item(img, path, None, f"{where} has no prompt for {img!r}"))
             continue
-        item = Item(img, path, prompt)
+        item = Item(img, path, prompt, columns={k: v for k, v in row.items() if k not in ("image", "prompt", "caption")})
         if item.key not in seen:
             seen.add(item.key)
             items.append(item)
+    return items
+
+
+GENEVAL_METADATA = "metadata.jsonl"
+
+
+def read_geneval(folders: Iterable[Path], root: Path) -> list[Item]:
+    """Pairs from GenEval's layout: in each prompt folder, ``metadata.jsonl`` (one JSON object with ``prompt``
+    and the benchmark's other keys, e.g. ``tag``) and the images ``samples/*.png`` scored against that prompt."""
+    items: list[Item] = []
+    for folder in folders:
+        name = _rel(folder / GENEVAL_METADATA, root)
+        try:
+            lines = [ln for ln in (folder / GENEVAL_METADATA).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            record = json.loads(lines[0]) if lines else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            items.append(Item(name, None, None, f"{name} is not valid JSON ({err.__class__.__name__}); fix or remove it"))
+            continue
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            items.append(Item(name, None, None, f"{name} has no \"prompt\"; GenEval's metadata.jsonl holds one "
+                                                "object with the prompt"))
+            continue
+        columns = {k: v for k, v in record.items() if k != "prompt"}
+        samples = list_images(folder / "samples") if (folder / "samples").is_dir() else []
+        if not samples:
+            items.append(Item(name, None, prompt, f"{_rel(folder, root)} has no samples/*.png to score"))
+        items += [Item(_rel(p, root), p, prompt, columns=columns) for p in samples]
     return items
 
 
@@ -274,10 +311,16 @@ def collect_items(path, *, prompt: str | None = None, pairs=None) -> tuple[list[
     else:
         sidecars = sorted(p for p in root.rglob(SIDECAR) if not any(
             part.startswith(".") for part in p.relative_to(root).parts[:-1]))
-        if not sidecars:
-            raise ValueError(f"no {SIDECAR} under {str(root)!r}: pass --pairs FILE (CSV/JSONL of image,prompt) "
-                             "or --prompt TEXT to score these images")
-        items = [it for sc in sidecars for it in read_run(sc.parent, root)]
+        geneval = [root] if (root / GENEVAL_METADATA).is_file() else \
+            sorted(p.parent for p in root.glob(f"*/{GENEVAL_METADATA}"))
+        if sidecars:
+            items = [it for sc in sidecars for it in read_run(sc.parent, root)]
+        elif geneval:
+            items = read_geneval(geneval, root)
+        else:
+            raise ValueError(f"no {SIDECAR} (run folders) or */{GENEVAL_METADATA} (GenEval layout) under "
+                             f"{str(root)!r}: pass --pairs FILE (CSV/JSONL of image,prompt) or --prompt TEXT to score "
+                             "these images")
     if not items:
         raise ValueError(f"{str(root)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to score")
     return items, root
@@ -298,9 +341,37 @@ def _load(item: Item):
 
 def _row(item: Item, model: str, definition: str, prefix: str, score=None, error=None) -> dict:
     status = "ok" if error is None else ("not scorable" if error.startswith("not scorable") else "error")
-    return {"image": item.image, "prompt": item.prompt or "", "model": model, "definition": definition,
-            "prefix": prefix, "score": score, "status": status,
-            "error": error or "", "seed": item.extra.get("seed", ""), "backend": item.extra.get("backend", "")}
+    row = {"image": item.image, "prompt": item.prompt or "", "model": model, "definition": definition,
+           "prefix": prefix, "score": score, "status": status,
+           "error": error or "", "seed": item.extra.get("seed", ""), "backend": item.extra.get("backend", "")}
+    return _with_columns(row, item)
+
+
+def _with_columns(row: dict, item: Item) -> dict:
+    """*row* with the item's extra columns after its own (a column named like one of the row's own is left out)."""
+    return {**row, **{k: v for k, v in item.columns.items() if k not in row}}
+
+
+def extra_columns(rows: Sequence[dict], base: Sequence[str]) -> list[str]:
+    """The columns of *rows* beyond *base*, in first-seen order (the pairs file's or GenEval's own)."""
+    return list(dict.fromkeys(k for r in rows for k in r if k not in base and k != "held_out"))
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, str) else ("" if value is None else json.dumps(value, ensure_ascii=False))
+
+
+def group_value(row: dict, column: str) -> str:
+    """The group a row falls in for *column* (lists and objects as JSON; ``(none)`` where it has no value)."""
+    value = _cell(row.get(column))
+    return value if value.strip() else "(none)"
+
+
+def check_group_by(rows: Sequence[dict], column: str | None) -> None:
+    """A one-line error unless some row has *column*."""
+    if column is not None and not any(column in r for r in rows):
+        found = sorted({k for r in rows for k in r if k != "held_out"})
+        raise ValueError(f"--group-by {column}: no such column; the rows have {', '.join(found)}")
 
 
 def score_batches(model: ScoreModel, batches: Sequence[Sequence[Item]], *, definition: str = "torchmetrics",
@@ -450,20 +521,22 @@ def describe(scores: Sequence[float], definition: str = "torchmetrics", confiden
     return {"n": n, "mean": mean, "std": std, "ci_low": clamp(raw - half), "ci_high": clamp(raw + half)}
 
 
-def summarize(rows: Sequence[dict], confidence: float = 0.95) -> list[dict]:
-    """Per model and definition: one line per prompt and one ``"(all)"`` line, plus error counts."""
+def summarize(rows: Sequence[dict], confidence: float = 0.95, group_by: str | None = None) -> list[dict]:
+    """Per model and definition: one line per prompt (with *group_by*: per value of that column, labelled
+    ``COLUMN=VALUE``, also under ``group_by``/``group``) and one ``"(all)"`` line, plus error counts."""
+    check_group_by(rows, group_by)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["definition"], r.get("prefix", "")), []).append(r)
     out = []
     for (model, definition, prefix), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        prompts: dict[str, list[float]] = {}
-        for r in ok:
-            prompts.setdefault(r["prompt"], []).append(float(r["score"]))
-        for prompt, scores in prompts.items():
-            out.append({"model": model, "definition": definition, "prefix": prefix, "prompt": prompt,
-                        **describe(scores, definition, confidence), "errors": 0})
+        for value, group in grouped(ok, group_by or "prompt"):
+            label = value if group_by is None else {"prompt": f"{group_by}={value}", "group_by": group_by,
+                                                    "group": value}
+            out.append({"model": model, "definition": definition, "prefix": prefix,
+                        **({"prompt": label} if group_by is None else label),
+                        **describe([float(r["score"]) for r in group], definition, confidence), "errors": 0})
         out.append({"model": model, "definition": definition, "prefix": prefix, "prompt": "(all)",
                     **describe([float(r["score"]) for r in ok], definition, confidence),
                     "errors": len(rs) - len(ok)})
@@ -479,8 +552,9 @@ def format_summary(summary: Sequence[dict], rows: Sequence[dict] = (), max_error
     for (model, definition, prefix), ss in by_model.items():
         lines.append(f"model {model} | {definition}: {DEFINITION_TEXT[definition]}"
                      + (f" | prefix {prefix!r}" if prefix else ""))
-        width = min(48, max(len("prompt"), *(len(s["prompt"]) for s in ss)))
-        lines.append(f"  {'prompt':<{width}}  {'n':>6}  {'mean':>9}  {'std':>8}  95% CI")
+        head = "group" if any("group_by" in s for s in ss) else "prompt"
+        width = min(48, max(len(head), *(len(s["prompt"]) for s in ss)))
+        lines.append(f"  {head:<{width}}  {'n':>6}  {'mean':>9}  {'std':>8}  95% CI")
         for s in ss:
             p = s["prompt"] if len(s["prompt"]) <= width else s["prompt"][:width - 1] + "…"
             fmt = (lambda v: "   -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
@@ -516,7 +590,7 @@ def load_table(path: Path) -> list[dict]:
             return list(data.get("rows", []))
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) != COLUMNS:
+            if tuple(reader.fieldnames or ())[:len(COLUMNS)] != COLUMNS:
                 raise ValueError
             rows = []
             for r in reader:
@@ -563,10 +637,12 @@ def write_table(rows: Sequence[dict], summary: Sequence[dict], *, json_path: Pat
         import io
 
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        extra = extra_columns(rows, COLUMNS)
+        writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, *extra], extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "score": "" if r["score"] is None else repr(float(r["score"]))})
+            writer.writerow({**r, **{k: _cell(r.get(k)) for k in extra},
+                             "score": "" if r["score"] is None else repr(float(r["score"]))})
         _atomic_write(Path(csv_path), buf.getvalue())
 
 
@@ -671,10 +747,10 @@ def evaluate_metrics(items: Sequence[Item], metrics: Sequence[str], *, batch_siz
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1; got {batch_size}")
     device = None if device == "auto" else device
-    rows = [{"image": it.image, "prompt": it.prompt or "", "seed": it.extra.get("seed", ""),
-             "backend": it.extra.get("backend", ""), "status": "ok" if it.error is None else "error",
-             "error": it.error or "", "steered_by": " ".join(it.extra.get("steered_by") or []),
-             **{m: None for m in metrics}} for it in items]
+    rows = [_with_columns({"image": it.image, "prompt": it.prompt or "", "seed": it.extra.get("seed", ""),
+                           "backend": it.extra.get("backend", ""), "status": "ok" if it.error is None else "error",
+                           "error": it.error or "", "steered_by": " ".join(it.extra.get("steered_by") or []),
+                           **{m: None for m in metrics}}, it) for it in items]
     todo = [i for i, it in enumerate(items) if it.error is None]
     images: dict[int, torch.Tensor] = {}
     for i in todo:
@@ -698,11 +774,22 @@ def evaluate_metrics(items: Sequence[Item], metrics: Sequence[str], *, batch_siz
     return rows
 
 
+def grouped(rows: Sequence[dict], column: str, key=None) -> list[tuple[str, list[dict]]]:
+    """*rows* split by their value of *column* (or by ``key(row)``), in first-seen order."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(key(r) if key is not None else group_value(r, column), []).append(r)
+    return list(out.items())
+
+
 def summarize_metrics(rows: Sequence[dict], metrics: Sequence[str], *, held_out: bool = False,
-                      confidence: float = 0.95) -> list[dict]:
+                      confidence: float = 0.95, group_by: str | None = None) -> list[dict]:
     """Per metric (plain means; no clamping): n, mean, std and CI over all scored images, or with
     *held_out* split into the images whose run that metric did not steer (``held-out``) and those it
-    did (``steered``), as ReNO reports held-out rewards to expose reward hacking."""
+    did (``steered``), as ReNO reports held-out rewards to expose reward hacking; then one group per
+    value of column *group_by* (e.g. DrawBench's ``category``, GenEval's ``tag``), and for ``toy_judge``
+    one per toy-world category."""
+    check_group_by(rows, group_by)
     out = []
     for m in metrics:
         scored = [r for r in rows if r["status"] == "ok" and r.get(m) is not None]
@@ -710,13 +797,12 @@ def summarize_metrics(rows: Sequence[dict], metrics: Sequence[str], *, held_out:
         if held_out:
             groups = [("held-out", [r for r in scored if r["held_out"][m]]),
                       ("steered", [r for r in scored if not r["held_out"][m]])]
-        if metric_name(m)[0] == TOY_JUDGE:  # per category, as GenEval reports
+        if group_by is not None:
+            groups += grouped(scored, group_by)
+        elif metric_name(m)[0] == TOY_JUDGE:  # per category, as GenEval reports
             from toyworld.prompts import parse_prompt
 
-            by_cat: dict[str, list] = {}
-            for r in scored:
-                by_cat.setdefault(parse_prompt(r["prompt"]).category, []).append(r)
-            groups += [(c, by_cat[c]) for c in sorted(by_cat)]
+            groups += sorted(grouped(scored, "", key=lambda r: parse_prompt(r["prompt"]).category))
         for group, rs in groups:
             out.append({"metric": m, "group": group, **describe([float(r[m]) for r in rs], "per_pair", confidence)})
     return out
@@ -725,10 +811,12 @@ def summarize_metrics(rows: Sequence[dict], metrics: Sequence[str], *, held_out:
 def format_metric_summary(summary: Sequence[dict], rows: Sequence[dict] = ()) -> str:
     fmt = (lambda v: "   -" if v is None else f"{v:.4f}")
     width = max([len("metric")] + [len(s["metric"]) for s in summary])
-    lines = [f"  {'metric':<{width}}  {'images':<9}  {'n':>5}  {'mean':>9}  {'std':>8}  95% CI"]
+    gw = min(40, max([9] + [len(s["group"]) for s in summary]))
+    lines = [f"  {'metric':<{width}}  {'images':<{gw}}  {'n':>5}  {'mean':>9}  {'std':>8}  95% CI"]
     for s in summary:
         ci = f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]" if s["ci_low"] is not None else "-"
-        lines.append(f"  {s['metric']:<{width}}  {s['group']:<9}  {s['n']:>5}  {fmt(s['mean']):>9}  "
+        group = s["group"] if len(s["group"]) <= gw else s["group"][:gw - 1] + "…"
+        lines.append(f"  {s['metric']:<{width}}  {group:<{gw}}  {s['n']:>5}  {fmt(s['mean']):>9}  "
                      f"{fmt(s['std']):>8}  {ci}")
     bad = [r for r in rows if r["status"] != "ok"]
     if bad:
@@ -749,8 +837,10 @@ def write_metric_table(rows: Sequence[dict], summary: Sequence[dict], metrics: S
 
         buf = io.StringIO()
         columns = [*METRIC_BASE_COLUMNS, *metrics]
+        columns += extra_columns(rows, columns)
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, **{m: "" if r.get(m) is None else repr(float(r[m])) for m in metrics}})
+            writer.writerow({**r, **{k: _cell(r.get(k)) for k in columns[len(METRIC_BASE_COLUMNS) + len(metrics):]},
+                             **{m: "" if r.get(m) is None else repr(float(r[m])) for m in metrics}})
         _atomic_write(Path(csv_path), buf.getvalue())

@@ -132,10 +132,11 @@ class PromptSchedule:
     """Prompt sets that change during a run: ``{0: "a forest", 100: "a city"}``.
 
     ``at(step)`` returns the set whose start step is the largest one ``<= step``
-    (VQGAN-CLIP's "story mode").
+    (VQGAN-CLIP's "story mode"). With a *period*, the schedule repeats: step ``s`` reads the set of
+    ``s % period`` (nerdyrodent's ``--change_prompt_every`` loops back to the first phrase).
     """
 
-    def __init__(self, schedule: PromptSpec | Mapping[int, PromptSpec]):
+    def __init__(self, schedule: PromptSpec | Mapping[int, PromptSpec], period: int | None = None):
         if isinstance(schedule, Mapping):
             entries = {int(k): parse_prompts(v) for k, v in schedule.items()}
         else:
@@ -149,9 +150,14 @@ class PromptSchedule:
                 raise ValueError(f"prompt schedule step {start} is negative")
             if not prompts:
                 raise ValueError(f"prompt schedule step {start} has no prompts")
+        if period is not None and not max(entries) < period:
+            raise ValueError(f"prompt schedule period {period} must be after its last start step {max(entries)}")
         self.entries: dict[int, list[Prompt]] = dict(sorted(entries.items()))
+        self.period = period
 
     def at(self, step: int) -> list[Prompt]:
+        if self.period:
+            step %= self.period
         current = self.entries[0]
         for start, prompts in self.entries.items():
             if start <= step:

@@ -3,14 +3,17 @@
 
     scripts/evaluate.py outputs/                       # a folder of run folders (each with run.json)
     scripts/evaluate.py outputs/run-0001               # one run folder
+    scripts/evaluate.py outputs-geneval/ --group-by tag   # GenEval's layout (generate.py --export geneval)
     scripts/evaluate.py images/ --pairs pairs.csv      # a folder + CSV/JSONL of image,prompt rows
+    scripts/evaluate.py images/ --pairs drawbench.csv --group-by category   # n, mean, 95% CI per category
     scripts/evaluate.py images/ --prompt "a red fox"   # every image in a folder against one caption
     scripts/evaluate.py fox.png --prompt "a red fox"   # one image
     accelerate launch --multi_gpu --num_processes 4 scripts/evaluate.py outputs/   # split over 4 GPUs
     torchrun --nproc_per_node 2 scripts/evaluate.py outputs/ --device cpu          # or CPU processes
 
 Writes a per-image table (``--json`` / ``--csv``; for a folder by default ``clip_scores.json`` and
-``clip_scores.csv`` in it) and prints n, mean, std and 95% CI per prompt and overall. Rerunning
+``clip_scores.csv`` in it; the pairs' other columns kept) and prints n, mean, std and 95% CI per prompt
+(or per ``--group-by`` column value) and overall. Rerunning
 resumes: images already in the table for the same model, definition and prefix are kept, not redone.
 """
 
@@ -25,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from guidance.evaluation import (DEFINITION_TEXT, check_writable, collect_items, evaluate,  # noqa: E402
-                                 format_summary, load_table, merge_rows, process_state, summarize, write_table)
+from guidance.evaluation import (COLUMNS, DEFINITION_TEXT, METRIC_BASE_COLUMNS, check_group_by,  # noqa: E402
+                                 check_writable, collect_items, evaluate, format_summary, load_table, merge_rows,
+                                 process_state, summarize, write_table)
 from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS  # noqa: E402
 
 EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.items())
@@ -36,7 +40,8 @@ EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.i
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0], epilog=EPILOG)
-    p.add_argument("path", help="an image, a run folder, a folder of run folders, or a folder of images")
+    p.add_argument("path", help="an image, a run folder, a folder of run folders, a GenEval folder "
+                   "(NNNNN/metadata.jsonl + samples/) or a folder of images")
     p.add_argument("--prompt", help="caption for every image (overrides run.json prompts)")
     p.add_argument("--pairs", metavar="FILE", help="CSV (header image,prompt) or JSONL of image/prompt pairs; "
                    "image paths relative to PATH")
@@ -51,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", action="store_true",
                    help="with --metric: report separately the images whose run a metric did not steer (read "
                         "from run.json), to expose reward hacking")
+    p.add_argument("--group-by", metavar="COLUMN",
+                   help="report n, mean and 95%% CI per value of this column (a pairs file's column such as "
+                        "DrawBench's category, GenEval's tag, or seed/backend) instead of per prompt")
     p.add_argument("--definition", default="torchmetrics", choices=DEFINITIONS,
                    help="which CLIP score (default torchmetrics, as torchmetrics 1.9 computes it)")
     p.add_argument("--prefix", default="", help="text put before every caption ('A photo depicts ' for Hessel et al.)")
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
     if not main_proc:
         return 0
     rows = merge_rows(rows, old)
-    summary = summarize(rows)
+    summary = summarize(rows, group_by=args.group_by)
     write_table(rows, summary, json_path=json_path, csv_path=csv_path,
                 meta={"definition": args.definition, "definition_text": DEFINITION_TEXT[args.definition],
                       "models": models, "prefix": args.prefix, "image_backend": args.image_backend,
@@ -132,6 +140,7 @@ def _items_and_tables(args, stem: str):
         raise ValueError("--prompt is empty; give the caption to score against")
     items, root = collect_items(args.path, prompt=args.prompt, pairs=args.pairs)
     _resolve_steered_by(items)
+    check_group_by([{**dict.fromkeys((*COLUMNS, *METRIC_BASE_COLUMNS)), **it.columns} for it in items], args.group_by)
     json_path = Path(args.json) if args.json else None
     csv_path = Path(args.csv) if args.csv else None
     if json_path is None and csv_path is None and Path(args.path).is_dir():
@@ -168,7 +177,7 @@ def _main_metrics(args, main_proc: bool) -> int:
         return 2
     if not main_proc:
         return 0
-    summary = summarize_metrics(rows, metrics, held_out=args.held_out)
+    summary = summarize_metrics(rows, metrics, held_out=args.held_out, group_by=args.group_by)
     write_metric_table(rows, summary, metrics, json_path=json_path, csv_path=csv_path,
                        meta={"held_out": args.held_out, "precision": args.precision})
     print(format_metric_summary(summary, rows))

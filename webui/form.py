@@ -19,6 +19,7 @@ from typing import Any
 
 from generators import DEFAULT_BACKEND, backend_names
 from generators.options import (
+    DIFFUSERS_NAMES,
     OptionSpec,
     coerce,
     option_groups,
@@ -30,8 +31,10 @@ from generators.presets import DESCRIPTIONS, preset_names
 NONE = NO_PRESET = "none"
 RUN_GROUP = ("run", "backend, preset and config file")
 #: command-line options with no form field: a batch (--prompts-file and its companions) is a command-line
-#: workflow, and --resume is the gallery's Resume button
-CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume")
+#: workflow, and --resume is the gallery's Resume button; -q/-v are the terminal's, and diffusers' names
+#: (--num-inference-steps...) are spellings of fields the form has
+CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume", "quiet", "verbose",
+            *(name for name, targets in DIFFUSERS_NAMES.items() if name not in targets))
 #: option fields whose value a change of backend or preset keeps (what to draw, not how)
 KEPT_ON_SWITCH = frozenset({"prompt", "story", "image_prompts", "noise_prompts", "seed", "out"})
 
