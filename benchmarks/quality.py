@@ -369,19 +369,24 @@ PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (
                (230, 171, 2), (102, 0, 51)]
 
 
-def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1000, 500)):
-    """Overall accuracy (the mean of the five categories) against seconds per image (log scale), one point
-    per variant with its 95% interval as a vertical bar. PIL only."""
+def _canvas(size):
+    """A white PIL image of *size*, its drawing context and the default font at 13 px."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height = size
-    left, right, top, bottom = 70, 400, 40, 60
     image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
     try:
         font = ImageFont.load_default(size=13)
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
+    return image, ImageDraw.Draw(image), font
+
+
+def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1000, 500)):
+    """Overall accuracy (the mean of the five categories) against seconds per image (log scale), one point
+    per variant with its 95% interval as a vertical bar. PIL only."""
+    width, height = size
+    left, right, top, bottom = 70, 400, 40, 60
+    image, draw, font = _canvas(size)
     points = [(name, s) for name, s in summary.items() if s.get("seconds_per_image")]
     secs = [s["seconds_per_image"] for _, s in points] or [1.0]
     lo_t, hi_t = math.log10(min(secs) / 1.5), math.log10(max(secs) * 1.5)
@@ -441,18 +446,11 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
 def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1100, 460)):
     """Per-category accuracy of each variant as grouped bars (one group per category, then overall), with
     the 95% intervals as whiskers. PIL only."""
-    from PIL import Image, ImageDraw, ImageFont
-
     from toyworld.prompts import CATEGORIES
 
     width, height = size
     left, right, top, bottom = 60, 330, 40, 50
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
+    image, draw, font = _canvas(size)
     groups = [*CATEGORIES, "overall"]
     names = list(summary)
     plot_w, plot_h = width - left - right, height - top - bottom
