@@ -319,6 +319,7 @@ def test_evaluate_judges_a_folder_per_category_with_the_rule(tmp_path, capsys):
     assert "counting" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains, then measures on 640 held-out scenes: about a minute on an idle 2-core machine
 def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_path):
     """``train_toy.py --only itm``: a BlipForImageTextRetrieval folder with its processor; as the ``itm`` reward
     its score is differentiable in the pixels and its reference (metric) form gives the same number on 8-bit
