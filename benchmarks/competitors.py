@@ -222,7 +222,7 @@ def _sd_worker(args) -> None:
             sync(device)
             walls[n] = time.perf_counter() - start
     else:
-        from generators.stable_diffusion import StableDiffusionGenerator
+        from generators.diffusion.sampling import StableDiffusionGenerator
         from guidance import CLIPLoss, Cutouts, load_encoder
 
         encoder = load_encoder(str(clip_dir), device=device, precision=args.precision)

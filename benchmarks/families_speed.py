@@ -114,7 +114,7 @@ def pipeline(family: str, dtype: torch.dtype):
 
 def random_conditioning(gen, family: str, batch: int, device):
     """Random stand-ins, of the real shapes, for what the text encoders would give (``Family.encode``)."""
-    from generators.families import _conditioning
+    from generators.diffusion.families import _conditioning
 
     g = torch.Generator().manual_seed(1)
     spec = FAMILIES[family]
@@ -151,7 +151,7 @@ def tiny_vae_folder(latent_channels: int) -> Path:
 
 
 def run_family(args) -> dict:
-    from generators.stable_diffusion import Settings, StableDiffusionGenerator
+    from generators.diffusion.sampling import Settings, StableDiffusionGenerator
     from guidance import CLIPLoss, Cutouts, load_encoder, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)

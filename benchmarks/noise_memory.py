@@ -72,7 +72,7 @@ def _sd21_models(size: int):
 def one(args) -> dict:
     import torch
 
-    from generators.noise import NoiseGenerator, NoiseSettings
+    from generators.diffusion.noise import NoiseGenerator, NoiseSettings
     from guidance import LossOutput, Objective
 
     class MeanColour(Objective):

@@ -10,7 +10,7 @@ interval, against seconds per image at one thread. Two prompt sets are kept apar
   (``--set KEY=VALUE`` tries an option on every variant that has it).
 
 Every variant below generates one image per (prompt, seed) through the public API
-(``generators.run.generate(..., preset="toy")``: CLIPs ``clip_a``, ``clip_c``, ``clip_d`` guide). Each image
+(``generators.runs.generate(..., preset="toy")``: CLIPs ``clip_a``, ``clip_c``, ``clip_d`` guide). Each image
 is judged by the rule against its prompt and scored by the *judging* toy CLIP ``clip_b`` (torchmetrics
 definition ``100*cos``). The same seeds are used for every variant, so SD with and without guidance
 start from the same noise.
@@ -174,7 +174,7 @@ def variant_options(variant: Variant, *, iterations: int | None, steps: int | No
     from generators import get_generator_class
 
     opts = dict(variant.options)
-    from generators.settings import RUN_NAMES
+    from generators.runs.settings import RUN_NAMES
 
     owned = {f.name for f in fields(get_generator_class(variant.backend).Settings)}
     opts.update({k: v for k, v in (extra or {}).items() if k in owned or k in RUN_NAMES})
@@ -202,7 +202,7 @@ def run_benchmark(prompts: Sequence, seeds: Sequence[int], variants: Sequence[Va
     """
     import torch
 
-    from generators.run import generate
+    from generators.runs import generate
     from guidance.score import clip_score
     from toyworld.rule import matches, read_images
 

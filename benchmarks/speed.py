@@ -133,7 +133,7 @@ def _step_times(stamps: list[float], skip: int) -> list[float]:
 
 
 def _vqgan_parts(args, device):
-    from generators.taming_checkpoint import TamingConfig, build_first_stage
+    from generators.vqgan.taming import TamingConfig, build_first_stage
     from guidance import load_encoder
 
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def _vqgan_parts(args, device):
 
 def _baseline_vqgan(model, encoder, args, device) -> list[float]:
     """VQGAN+CLIP as the classic notebook loop writes it, per cutout, fp32."""
-    from generators.vqgan import clamp_with_grad, straight_through_quantize
+    from generators.vqgan.backend import clamp_with_grad, straight_through_quantize
 
     model = model.to(device)
     codebook = model.codebook.detach()
@@ -166,7 +166,7 @@ def _baseline_vqgan(model, encoder, args, device) -> list[float]:
 
 
 def case_vqgan(args, device) -> dict:
-    from generators.vqgan import VQGANGenerator, VQGANSettings
+    from generators.vqgan.backend import VQGANGenerator, VQGANSettings
     from guidance import CLIPLoss, Cutouts
 
     model, encoder = _vqgan_parts(args, device)
@@ -262,7 +262,7 @@ def _taesd_folder() -> Path:
 
 
 def case_sd(args, device) -> dict:
-    from generators.stable_diffusion import StableDiffusionGenerator
+    from generators.diffusion.sampling import StableDiffusionGenerator
     from guidance import CLIPLoss, Cutouts, load_encoder, resolve_dtype
 
     dtype = resolve_dtype(args.precision, device)
@@ -333,7 +333,7 @@ def _steps_of(generator, objective, steps: int, device) -> Callable[[], list[flo
 
 
 def _vqgan_runner(args, device, precision: str, steps: int, model):
-    from generators.vqgan import VQGANGenerator, VQGANSettings
+    from generators.vqgan.backend import VQGANGenerator, VQGANSettings
     from guidance import CLIPLoss, Cutouts
 
     encoder = _clip(device, precision)
@@ -343,8 +343,8 @@ def _vqgan_runner(args, device, precision: str, steps: int, model):
 
 
 def _sd_runner(args, device, precision: str, steps: int, backend: str):
-    from generators.noise import NoiseGenerator
-    from generators.stable_diffusion import StableDiffusionGenerator
+    from generators.diffusion.noise import NoiseGenerator
+    from generators.diffusion.sampling import StableDiffusionGenerator
     from guidance import CLIPLoss, Cutouts, resolve_dtype
 
     pipe = _sd15_pipeline(resolve_dtype(precision, device), device)
@@ -375,7 +375,7 @@ def case_precision(args, device) -> dict:
     print(f"{auto} on {device}", file=sys.stderr)
     steps = 2 + args.warmup
     if args.case == "vqgan":
-        from generators.taming_checkpoint import TamingConfig, build_first_stage
+        from generators.vqgan.taming import TamingConfig, build_first_stage
 
         torch.manual_seed(0)
         with torch.device(device):

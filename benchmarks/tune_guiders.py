@@ -35,7 +35,7 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "tune_guiders.json"
 TUNING_SEEDS = (SEED_BASES["tuning"],)
 MODELS = ("clip_a", "clip_c", "clip_d", "sd")
 RECURRENT = {"scheduler": "ddim"}   # self-recurrence needs a scheduler whose step can be repeated
-# the rows written before each guider had its own defaults (generators/guider_defaults.py) meant a constant mu
+# the rows written before each guider had its own defaults (generators/diffusion/guiders/defaults.py) meant a constant mu
 CONSTANT_MU = {"backward_schedule": "constant"}
 
 # name -> list of (guider, options). "clip" at the preset's own settings is today's rule (the baseline).

@@ -12,10 +12,10 @@ from .base import GenerationResult, Generator, StepCallback, StepInfo
 
 # The one place that names the built-in backends.
 _REGISTRY: dict[str, str | type] = {
-    "vqgan": "generators.vqgan:VQGANGenerator",
-    "sd": "generators.stable_diffusion:StableDiffusionGenerator",
+    "vqgan": "generators.vqgan.backend:VQGANGenerator",
+    "sd": "generators.diffusion.sampling:StableDiffusionGenerator",
     "pixels": "generators.pixels:PixelsGenerator",
-    "noise": "generators.noise:NoiseGenerator",
+    "noise": "generators.diffusion.noise:NoiseGenerator",
 }
 DEFAULT_BACKEND = "vqgan"
 

@@ -3,7 +3,7 @@
 A backend is a :class:`Generator` subclass with a ``Settings`` dataclass whose fields are declared
 with :func:`option` (its help becomes a ``--flag``, a config-file key and a UI field; a field of
 the same name in several backends is one shared option, e.g. ``width``). It registers with
-``generators.register("name", Class)`` and runs through ``generators.run.generate``.
+``generators.register("name", Class)`` and runs through ``generators.runs.generate``.
 
 The contract, tested for every registered backend by one parametrised test:
 
@@ -21,7 +21,7 @@ The contract, tested for every registered backend by one parametrised test:
   (``"objective"``: cutouts and augmentations) is seeded with ``sha256(f"{seed}/{stream}")`` mod
   2**63, so streams never collide and never overflow. Seeds are whole numbers in ``[0, 2**64 - 1]``.
 - Presets: ``presets = {"toy": callable}`` on the class gives this backend's own part of a named
-  preset (model paths, tuned steps); the shared part lives in :mod:`generators.presets`.
+  preset (model paths, tuned steps); the shared part lives in :mod:`generators.runs.presets`.
 """
 
 from __future__ import annotations

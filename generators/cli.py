@@ -1,5 +1,5 @@
-"""The command line of ``scripts/generate.py``: options built from :class:`generators.run.RunSettings`
-and every backend's ``Settings`` dataclass, handed to :func:`generators.run.generate`.
+"""The command line of ``scripts/generate.py``: options built from :class:`generators.runs.RunSettings`
+and every backend's ``Settings`` dataclass, handed to :func:`generators.runs.generate`.
 
 Only options given on the command line are passed on (argparse defaults are suppressed), so
 a preset and a config file can supply the rest: preset < config file < command line.
@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from . import DEFAULT_BACKEND, backend_names
-from .options import option_groups
-from .run import OptionSpec, generate, option_specs
+from .runs.options import option_groups
+from .runs import OptionSpec, generate, option_specs
 
 EXAMPLES = """\
 examples:
@@ -26,7 +26,7 @@ examples:
   generate.py --prompts-file prompts.txt --seeds 0-3 --preset toy --out outputs/bench   (a batch; rerun to resume)
   accelerate launch --multi_gpu --num_processes 4 scripts/generate.py --prompts-file geneval.jsonl --seeds 0-3 \
       --export geneval                           (4 processes; GenEval's folder layout in outputs-geneval/)
-  python -m generators.taming_checkpoint convert last.ckpt my_vqgan/   (pickle-free copy of a checkpoint)
+  python -m generators.vqgan.taming convert last.ckpt my_vqgan/   (pickle-free copy of a checkpoint)
 """
 
 
@@ -87,7 +87,7 @@ def _add(group, spec: OptionSpec) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: run options by group, then each backend's options (shared ones once)."""
-    from .presets import DESCRIPTIONS, preset_names
+    from .runs.presets import DESCRIPTIONS, preset_names
 
     errors: dict[str, str] = {}
     specs = option_specs(errors=errors)
@@ -151,8 +151,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_diffusers_names(parser: argparse.ArgumentParser, specs) -> None:
     """diffusers' argument names as flags (``--num-inference-steps``...): passed on under that name, and
-    mapped to the chosen backend's option by :data:`generators.options.DIFFUSERS_NAMES`."""
-    from .options import DIFFUSERS_NAMES, diffusers_target
+    mapped to the chosen backend's option by :data:`generators.runs.options.DIFFUSERS_NAMES`."""
+    from .runs.options import DIFFUSERS_NAMES, diffusers_target
 
     taken = {f for action in parser._actions for f in action.option_strings}
     group = parser.add_argument_group("diffusers names", "diffusers' argument names, for the option each backend "
@@ -168,8 +168,8 @@ def _add_diffusers_names(parser: argparse.ArgumentParser, specs) -> None:
 
 
 def _add_batch_options(parser: argparse.ArgumentParser) -> None:
-    """--prompts-file and its companions (:mod:`generators.batch`)."""
-    from .batch import LAYOUTS
+    """--prompts-file and its companions (:mod:`generators.runs.batch`)."""
+    from .runs.batch import LAYOUTS
 
     group = parser.add_argument_group("batch", "many prompts x seeds, one run folder each and an index "
                                                "(runs.jsonl); run again to skip finished runs; shards over "
@@ -256,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logs import verbosity
+    from .runs.logs import verbosity
 
     args = parse_args(argv)
     level = -1 if args.pop("quiet", False) else args.pop("verbose", 0)
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: dict[str, Any]) -> int:
     if "prompts_file" in args:
-        from .batch import main as batch_main
+        from .runs.batch import main as batch_main
 
         return batch_main(args)
     stray = [f"--{k.replace('_', '-')}" for k in ("seeds", "export", "export_dir") if k in args]

@@ -18,7 +18,7 @@ import torch
 from .base import StepCallback, StepInfo, option
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpointer
+    from .runs.checkpoint import Checkpointer
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
@@ -155,7 +155,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     latents it rendered, before that step's update) by the objective alone, without the regulariser; this
     needs every latent to have the batch first.
     ``decode(latents)`` renders images for the callback (default: ``render`` without gradients).
-    ``checkpoint`` (:class:`generators.checkpoint.Checkpointer`) starts from a saved state and saves the
+    ``checkpoint`` (:class:`generators.runs.checkpoint.Checkpointer`) starts from a saved state and saves the
     state after each step it is due, and when the run ends early (Ctrl-C: the latents of the last whole step).
     ``grad_scaler`` (fp16): the loss is scaled for the backward and a step whose gradient overflowed is
     skipped; the optimiser is then the fused one where torch has it, which reads the overflow flag on the
@@ -178,7 +178,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
     best_step: torch.Tensor | None = None
     start, last_whole = 0, None
     if checkpoint is not None and checkpoint.resume is not None:
-        from .checkpoint import restore
+        from .runs.checkpoint import restore
 
         state = last_whole = checkpoint.resume
         restore(state, tensors, opt, lr_schedule, generator)
@@ -190,7 +190,7 @@ def optimise(latents, render: Callable[[Any], torch.Tensor], objective, *, optim
             best_loss, best_step = state.best_loss.to(device), state.best_step.to(device)
 
     def whole_step(step: int):
-        from .checkpoint import snapshot
+        from .runs.checkpoint import snapshot
 
         return snapshot(step, steps, tensors, opt, lr_schedule, generator, losses, best, best_loss, best_step)
 

@@ -85,7 +85,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def read_run(folder: Path, root: Path) -> list[Item]:
     """Pairs from one run folder's ``run.json`` (``prompt`` + ``image``/``images``, as
-    ``generators.run`` writes it; read defensively: per-image records or a list of records are
+    ``generators.runs`` writes it; read defensively: per-image records or a list of records are
     accepted too). Weighted prompts are scored against :func:`caption_of` them."""
     sidecar = folder / SIDECAR
     name = _rel(sidecar, root)
@@ -137,7 +137,7 @@ def steered_by(record: dict, settings: dict | None = None) -> list[str]:
     """What steered a clipsteer run, from its run.json: ``clip:MODEL`` for each guiding CLIP and the
     name of each reward with a non-zero weight (``steered_by``). Empty for other sidecars. *settings*:
     the record's settings with their paths made usable again (run.json records them relative to the run
-    folder; ``generators.record.resolved_settings``), else the record's own."""
+    folder; ``generators.runs.record.resolved_settings``), else the record's own."""
     from .encoders import parse_encoder_spec
 
     if settings is None:

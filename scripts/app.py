@@ -25,7 +25,7 @@ from webui.policy import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, ServerPolicy, chec
 
 def main(argv=None) -> int:
     from generators import backend_names
-    from generators.presets import preset_names
+    from generators.runs.presets import preset_names
 
     parser = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only; "

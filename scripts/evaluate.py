@@ -115,8 +115,8 @@ def main(argv=None) -> int:
 def _resolve_steered_by(items) -> None:
     """What steered each run, with the models its run.json records relative to its folder (or by its
     preset's name) resolved, so --held-out compares them with the metrics' models."""
-    from generators.outputs import SIDECAR
-    from generators.record import resolved_settings
+    from generators.runs.outputs import SIDECAR
+    from generators.runs.record import resolved_settings
     from guidance.evaluation import steered_by
 
     for item in items:

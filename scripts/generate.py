@@ -4,7 +4,7 @@
     python scripts/generate.py "a lighthouse at dusk:1|fog:0.5" --backend vqgan --size 256 256 --iterations 300 --seed 7
     python scripts/generate.py "a yellow triangle on a purple background" --preset toy
 
-A thin wrapper over :func:`generators.run.generate`; ``--help`` lists every option.
+A thin wrapper over :func:`generators.runs.generate`; ``--help`` lists every option.
 """
 
 import sys

@@ -4,7 +4,7 @@
     python scripts/make_figures.py                  # writes docs/images/*.png (refuses to replace them)
     python scripts/make_figures.py --overwrite      # regenerate the committed figures
 
-Every image comes from ``generators.run.generate(prompt, backend=..., preset="toy", seed=0)``, the
+Every image comes from ``generators.runs.generate(prompt, backend=..., preset="toy", seed=0)``, the
 API behind ``scripts/generate.py``; the equivalent command line of each is printed. Figures:
 
 * ``toy_grid.png``: rows VQGAN+CLIP, Stable Diffusion without CLIP guidance, Stable Diffusion with
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
-    from generators.run import generate
+    from generators.runs import generate
 
     hf_logging.disable_progress_bar()  # no per-model loading bars between the printed commands
     diffusers_logging.disable_progress_bar()
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _preset_iterations() -> int:
-    from generators.presets import get_preset
+    from generators.runs.presets import get_preset
 
     return int(get_preset("toy", backend="vqgan").get("iterations", 100))
 

@@ -70,7 +70,7 @@ def measure_guided(out: Path, per_category: int = 8) -> dict:
     """The held-out prompts (``toyworld.evaluation.held_out_prompts``) through clipsteer's SD backend at the
     toy preset, with its CLIP guidance and without (scale 0), one image per prompt with seed = its index;
     judged by the rule per category."""
-    from generators.run import generate
+    from generators.runs import generate
     from toyworld.evaluation import held_out_prompts
     from toyworld.rule import category_scores, judge
 

@@ -3,7 +3,7 @@
 losses are per-image means; a callback's early stop sets ``stopped_at`` (``interrupted`` is Ctrl-C
 only); the same seed gives the same image; every backend's run folder has the same metadata keys.
 A backend written in a user's own file registers with ``generators.register`` and runs through
-``generators.run.generate`` with a preset.
+``generators.runs.generate`` with a preset.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 import generators
 from generators.base import GenerationResult, seed_generator, stream_seed
-from generators.run import generate
+from generators.runs import generate
 from guidance import LossOutput, Objective
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan
 
@@ -184,7 +184,7 @@ def test_a_backend_in_a_users_own_file_runs_through_the_public_api(tmp_path):
         sys.path.insert(0, {str(tmp_path)!r})
         import my_backend  # registers "flat"
         from generators import cli
-        from generators.run import generate
+        from generators.runs import generate
         assert "--shade" in cli.build_parser().format_help()
         run = generate("a red circle on a blue background", backend="flat", preset="toy", shade=0.25, seed=1,
                        out={str(tmp_path / 'out')!r}, progress=False)

@@ -1,4 +1,4 @@
-"""Batch generation (generators/batch.py): prompts file x seeds, the index, skipping finished runs, failing
+"""Batch generation (generators/runs/batch.py): prompts file x seeds, the index, skipping finished runs, failing
 rows, exports, bad input, and two accelerate processes equal to one."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from generators import cli
-from generators.batch import INDEX, parse_seeds, read_index, read_prompts
-from generators.run import generate
+from generators.runs.batch import INDEX, parse_seeds, read_index, read_prompts
+from generators.runs import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "generate.py"

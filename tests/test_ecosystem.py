@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from generators import cli
-from generators.run import build_schedule, generate, resolve_options
+from generators.runs import build_schedule, generate, resolve_options
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan
 
 
@@ -112,7 +112,7 @@ def test_an_unknown_flag_is_one_line_naming_the_closest_options(argv, line, caps
 def test_default_run_hides_the_libraries_loading_bars_and_v_shows_them(models, tmp_path, capfd):
     import transformers.utils.logging as transformers_logging
 
-    from generators.run import clear_caches
+    from generators.runs import clear_caches
 
     argv = ["a red circle", "--vqgan", models["vqgan"], "--clip", models["clip"], "--eval-model", "none",
             "--size", "32", "32", "--iterations", "2", "--cutouts", "2", "--seed", "1", "--out", str(tmp_path)]
@@ -128,11 +128,11 @@ def test_default_run_hides_the_libraries_loading_bars_and_v_shows_them(models, t
 
 
 def test_verbosity_hides_third_party_warnings_unless_v(capsys):
-    from generators.logs import LOGGER, verbosity
+    from generators.runs.logs import LOGGER, verbosity
 
     def emit():
         warnings.warn_explicit("library says", FutureWarning, "/x/site-packages/lib/mod.py", 1, registry={})
-        warnings.warn_explicit("clipsteer says", UserWarning, "/x/generators/session.py", 1, registry={})
+        warnings.warn_explicit("clipsteer says", UserWarning, "/x/generators/runs/session.py", 1, registry={})
         LOGGER.info("details")
 
     for level, expected in ((-1, []), (0, ["warning: clipsteer says"]),
@@ -276,7 +276,7 @@ def test_evaluate_keeps_pairs_columns_and_groups_by_category(models, tmp_path, c
 def test_gif_through_diffusers_keeps_the_frames_and_holds_the_last_one(tmp_path):
     from PIL import Image
 
-    from generators.outputs import save_gif
+    from generators.runs.outputs import save_gif
 
     frames = [Image.new("RGB", (16, 12), (40 * i, 255 - 40 * i, 90)) for i in range(4)]
     path = save_gif(frames, tmp_path / "a.gif", fps=5)

@@ -54,7 +54,7 @@ def _png(path: Path, seed: int, size=(40, 36)) -> Path:
 
 
 def _run_folder(root: Path, name: str, prompt: str, seed: int, n_images: int = 1) -> Path:
-    """A run folder as generators.run writes it: PNGs + run.json with prompt/image/images/seed/backend."""
+    """A run folder as generators.runs writes it: PNGs + run.json with prompt/image/images/seed/backend."""
     folder = root / name
     names = ["image.png"] if n_images == 1 else [f"image-{i}.png" for i in range(n_images)]
     for i, n in enumerate(names):

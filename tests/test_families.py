@@ -12,10 +12,10 @@ from test_stable_diffusion import guided_and_plain_losses
 from tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 from generators import get_generator
-from generators.families import FAMILIES, family_of, pipeline_class_of
-from generators.noise import NoiseGenerator, NoiseSettings
-from generators.sd_guidance import clean_estimate, flow_tables, renoise
-from generators.stable_diffusion import Settings, StableDiffusionGenerator
+from generators.diffusion.families import FAMILIES, family_of, pipeline_class_of
+from generators.diffusion.noise import NoiseGenerator, NoiseSettings
+from generators.diffusion.tables import clean_estimate, flow_tables, renoise
+from generators.diffusion.sampling import Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts
 
 PROMPT = "a red circle"

@@ -1,4 +1,4 @@
-"""The run API (generators.run.generate) and the CLI (scripts/generate.py) on tiny local models."""
+"""The run API (generators.runs.generate) and the CLI (scripts/generate.py) on tiny local models."""
 
 import json
 import os
@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
-from generators import cli, presets
-from generators.outputs import read_metadata, read_png_text
-from generators.run import build_schedule, eval_model_for, generate, load_config, resolve_options
+from generators import cli
+from generators.runs import presets
+from generators.runs.outputs import read_metadata, read_png_text
+from generators.runs import build_schedule, eval_model_for, generate, load_config, resolve_options
 from tiny import save_tiny_clip, save_tiny_vqgan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +280,7 @@ def test_backend_options_are_generic(monkeypatch, opts):
 
     import generators
     from generators.base import GenerationResult, Generator
-    from generators.run import backend_settings, option_specs
+    from generators.runs import backend_settings, option_specs
 
     @dataclasses.dataclass
     class FakeSettings:

@@ -1,7 +1,7 @@
 """Every guidance rule against a line-by-line transcription of its reference code (issue 30).
 
 One guided step of clipsteer's guider (``model_output`` -> the diffusers scheduler's ``step`` ->
-``sample_correction``, the sampling loop's own :func:`generators.guiders.guided_scheduler_step`) is
+``sample_correction``, the sampling loop's own :func:`generators.diffusion.guiders.guided_scheduler_step`) is
 compared with the reference rule written out below from the reference code, in float64, on a toy
 deterministic eps-model with a conditional and an unconditional branch and real diffusers schedulers
 with Stable Diffusion's betas, with and without classifier-free guidance. The measure is the
@@ -33,8 +33,8 @@ import math
 import pytest
 import torch
 
-from generators.guiders import Denoiser, GuidedStep, guided_scheduler_step, make_guider, setup_guider
-from generators.sd_guidance import noise_tables
+from generators.diffusion.guiders import Denoiser, GuidedStep, guided_scheduler_step, make_guider, setup_guider
+from generators.diffusion.tables import noise_tables
 from guidance.objective import LossOutput, Objective
 
 DT = torch.float64
@@ -410,7 +410,7 @@ def reno_latents(latent, render, iterations, lr, clip, reg_weight):
 
 
 def test_noise_optimisation_clips_each_image_as_reno():
-    from generators.noise import noise_norm_regulariser
+    from generators.diffusion.noise import noise_norm_regulariser
     from generators.optimise import optimise
 
     g = torch.Generator().manual_seed(3)

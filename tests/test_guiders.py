@@ -11,9 +11,9 @@ import importlib.util
 import pytest
 import torch
 
-from generators.guiders import (GUIDERS, Denoiser, GuidedStep, UGDGuider, schedule_weights, smoothed_loss)
-from generators.sd_guidance import clean_estimate, noise_tables, renoise
-from generators.stable_diffusion import (RECURRENT_SCHEDULERS, SCHEDULERS, Settings, StableDiffusionGenerator)
+from generators.diffusion.guiders import (GUIDERS, Denoiser, GuidedStep, UGDGuider, schedule_weights, smoothed_loss)
+from generators.diffusion.tables import clean_estimate, noise_tables, renoise
+from generators.diffusion.sampling import (RECURRENT_SCHEDULERS, SCHEDULERS, Settings, StableDiffusionGenerator)
 from guidance import CLIPLoss, Cutouts
 from guidance.objective import LossOutput, Objective
 from tiny import tiny_sd_pipeline
@@ -79,7 +79,7 @@ def test_every_guider_is_registered_and_on_the_command_line():
 
 
 def _resolved(**options) -> Settings:
-    from generators.options import backend_settings, resolve_options
+    from generators.runs.options import backend_settings, resolve_options
 
     backend, opts, _ = resolve_options("a red circle", backend="sd", **options)
     return backend_settings(backend, opts)
@@ -171,7 +171,7 @@ def test_bad_guider_options_give_one_line_errors(pipe, clip_loss, options, messa
 
 
 def test_a_users_guider_with_the_older_setup_signature_still_runs(pipe, clip_loss):
-    from generators.guiders import CLIPGuider, register_guider
+    from generators.diffusion.guiders import CLIPGuider, register_guider
 
     class Older(CLIPGuider):
         name = "older"
@@ -411,7 +411,7 @@ TOY_STEERING = {
 
 def _toy_right(**options) -> int:
     """How many asked attributes the pixel judge reads, over the toy prompts and two seeds."""
-    from generators.run import generate
+    from generators.runs import generate
     from toyworld.judge import judge
 
     right = 0

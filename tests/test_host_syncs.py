@@ -24,10 +24,10 @@ from collections import Counter
 import pytest
 import torch
 
-from generators.session import _Progress
-from generators.stable_diffusion import Settings, StableDiffusionGenerator
-from generators.taming_checkpoint import TamingConfig, build_first_stage
-from generators.vqgan import VQGANGenerator, VQGANSettings
+from generators.runs.session import _Progress
+from generators.diffusion.sampling import Settings, StableDiffusionGenerator
+from generators.vqgan.taming import TamingConfig, build_first_stage
+from generators.vqgan.backend import VQGANGenerator, VQGANSettings
 from guidance import CLIPLoss, Cutouts
 from tiny import tiny_sd_pipeline, tiny_vqgan_config
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from generators.noise import NoiseGenerator, NoiseSettings, noise_norm_regulariser
+from generators.diffusion.noise import NoiseGenerator, NoiseSettings, noise_norm_regulariser
 from generators.optimise import optimise
 from guidance import LossOutput, Objective
 from tiny import tiny_sd_pipeline

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generators.outputs import (animation_formats, new_run_dir, read_metadata, read_png_text, save_animation,
+from generators.runs.outputs import (animation_formats, new_run_dir, read_metadata, read_png_text, save_animation,
                                 save_gif, save_mp4, save_png, slugify, to_jsonable, to_pil, write_json)
 
 

@@ -62,7 +62,7 @@ def models(tmp_path_factory):
 
 
 def _run(models, tmp_path, precision, **extra):
-    from generators.run import generate
+    from generators.runs import generate
 
     return generate("a red circle", seed=0, vqgan=models["vqgan"], clip=[models["clip"]], eval_model="none",
                     size=(32, 32), iterations=2, cutouts=2, min_fraction=0.6, augmentations=["none"],
@@ -71,7 +71,7 @@ def _run(models, tmp_path, precision, **extra):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_run_json_records_the_precision_used_and_why(models, tmp_path, precision, capsys, monkeypatch):
-    from generators import session
+    from generators.runs import session
 
     monkeypatch.setattr(session, "_ANNOUNCED", set())
     run = _run(models, tmp_path, precision)
@@ -89,8 +89,8 @@ def test_run_json_records_the_precision_used_and_why(models, tmp_path, precision
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_every_model_of_a_run_gets_the_one_choice(models, precision):
-    from generators.options import resolve_options
-    from generators.session import prepare
+    from generators.runs.options import resolve_options
+    from generators.runs.session import prepare
     from guidance import Encoder
 
     backend, opts, provenance = resolve_options("a red circle", backend="vqgan", vqgan=models["vqgan"],
@@ -104,7 +104,7 @@ def test_every_model_of_a_run_gets_the_one_choice(models, precision):
 
 def test_the_toy_preset_runs_fp32_unless_asked():
     """The toy models are too small for bf16 to pay (``--preset toy`` sets fp32; an explicit option wins)."""
-    from generators.options import resolve_options
+    from generators.runs.options import resolve_options
 
     for extra, expected in (({}, "fp32"), ({"precision": "bf16"}, "bf16"), ({"precision": "auto"}, "auto")):
         _, opts, _ = resolve_options("a red circle", preset="toy", backend="vqgan", **extra)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from generators.optimise import optimise
-from generators.sd_guidance import clip_gradient
-from generators.stable_diffusion import Settings, StableDiffusionGenerator, decoder_dtype
-from generators.taming_checkpoint import TamingConfig, build_first_stage
-from generators.vqgan import VQGANGenerator, VQGANSettings
+from generators.diffusion.tables import clip_gradient
+from generators.diffusion.sampling import Settings, StableDiffusionGenerator, decoder_dtype
+from generators.vqgan.taming import TamingConfig, build_first_stage
+from generators.vqgan.backend import VQGANGenerator, VQGANSettings
 from guidance import CLIPLoss, Cutouts
 from guidance.runtime import set_compiled
 from tiny import tiny_encoder, tiny_sd_pipeline, tiny_taesd, tiny_vqgan_config
@@ -128,7 +128,7 @@ def test_bf16_guidance_decode_autocasts_and_the_gradient_keeps_its_direction(enc
 def test_bf16_noise_render_matches_fp32_and_the_gradient_keeps_its_direction(encoder):
     """The noise backend's renderer (bf16 UNet, VAE decode under autocast) against float32, through the CLIP
     loss, from the same starting noise."""
-    from generators.noise import NoiseGenerator, NoiseSettings
+    from generators.diffusion.noise import NoiseGenerator, NoiseSettings
 
     out = {}
     for precision in ("fp32", "bf16"):
@@ -262,8 +262,8 @@ def test_compile_matches_eager_inductor(monkeypatch, vqgan_model):
 def test_compile_option_reaches_the_models_and_is_undone():
     """``compile=True`` (``--compile``) compiles the guiding CLIP's image tower and the VQGAN decoder; the
     next run without it gets the same cached models back uncompiled (as the session prepares a run)."""
-    from generators.options import resolve_options
-    from generators.session import prepare
+    from generators.runs.options import resolve_options
+    from generators.runs.session import prepare
 
     def prepared(**extra):
         backend, opts, provenance = resolve_options(PROMPT, preset="toy", backend="vqgan", eval_model="none",

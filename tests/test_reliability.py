@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from generators import cli
-from generators.outputs import read_metadata, read_png_text
-from generators.run import generate
+from generators.runs.outputs import read_metadata, read_png_text
+from generators.runs import generate
 from guidance import CLIPLoss, clip_score, parse_prompts, read_image
 from test_evaluate import evaluate_script  # scripts/evaluate.py loaded as a module
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan, tiny_encoder
@@ -108,7 +108,7 @@ def test_sd_without_clip_is_conditioned_on_the_prompt(models, tmp_path):
 
 # -- 4. --range-weight acts -----------------------------------------------------------------------------------------
 def test_range_weight_changes_a_run_whose_decoder_overshoots(models):
-    from generators.vqgan import VQGANGenerator, VQGANSettings, load_vqgan
+    from generators.vqgan.backend import VQGANGenerator, VQGANSettings, load_vqgan
     from guidance import Cutouts
 
     import copy
@@ -157,7 +157,7 @@ def test_evaluate_a_run_folder_with_a_prompt_skips_frames_and_animation(opts, mo
 
 # -- 7. a second Ctrl-C never loses the image --------------------------------------------------------------------------------
 def test_a_second_ctrl_c_while_saving_keeps_the_image(opts, monkeypatch):
-    from generators import outputs
+    from generators.runs import outputs
 
     def press_ctrl_c(info):
         if info.step == 1:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from generators import batch
-from generators.batch import parse_seeds
-from generators.run import generate
+from generators.runs import batch
+from generators.runs.batch import parse_seeds
+from generators.runs import generate
 from test_reliability import models, opts  # noqa: F401  (fixtures: tiny models, run options)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +97,8 @@ def test_a_size_that_cannot_fit_is_refused_before_any_model_loads(backend, opts,
 def test_the_size_said_to_fit_does():
     import torch
 
-    from generators.memory import check_fits, needed_bytes
-    from generators.vqgan import VQGANSettings
+    from generators.runs.memory import check_fits, needed_bytes
+    from generators.vqgan.backend import VQGANSettings
 
     available = 3 * 10**9
     big = VQGANSettings(width=4096, height=2048, num_images=2)
@@ -116,7 +116,7 @@ def _stopped(prompt: str, opts: dict, steps: int = 2):
 
 
 def test_a_checkpoint_copied_from_another_run_is_refused(opts):
-    from generators.checkpoint import CHECKPOINT_JSON, CHECKPOINT_TENSORS
+    from generators.runs.checkpoint import CHECKPOINT_JSON, CHECKPOINT_TENSORS
 
     red, blue = _stopped("a red circle", opts), _stopped("a blue square", opts)
     for name in (CHECKPOINT_JSON, CHECKPOINT_TENSORS):                  # the other run's checkpoint, copied in
@@ -138,7 +138,7 @@ def test_a_checkpoint_copied_from_another_run_is_refused(opts):
     (lambda s: [], "no state mapping"),
 ])
 def test_a_checkpoint_with_a_broken_state_is_refused_in_one_line(opts, damage, what):
-    from generators.checkpoint import CHECKPOINT_JSON
+    from generators.runs.checkpoint import CHECKPOINT_JSON
 
     run = _stopped("a red circle", opts)
     header = json.loads((run.path / CHECKPOINT_JSON).read_text())
@@ -157,7 +157,7 @@ def test_a_checkpoint_with_a_broken_state_is_refused_in_one_line(opts, damage, w
 def test_recorded_paths_are_relative_and_a_moved_clone_resumes(tmp_path):
     import shutil
 
-    from generators.outputs import PNG_KEY, read_png_text
+    from generators.runs.outputs import PNG_KEY, read_png_text
     from tiny import save_tiny_clip, save_tiny_vqgan
 
     clone = tmp_path / "clone"
@@ -195,7 +195,7 @@ def test_recorded_paths_are_relative_and_a_moved_clone_resumes(tmp_path):
 
 
 def test_the_toy_preset_is_recorded_by_name(tmp_path):
-    from generators.outputs import PNG_KEY, read_png_text
+    from generators.runs.outputs import PNG_KEY, read_png_text
 
     run = generate("a red circle", backend="pixels", preset="toy", seed=1, iterations=1, progress=False,
                    out=str(tmp_path))
@@ -205,7 +205,7 @@ def test_the_toy_preset_is_recorded_by_name(tmp_path):
     assert meta["settings"]["clip"] == ["preset toy: clip_a", "preset toy: clip_c", "preset toy: clip_d"]
     assert meta["eval_model"] == meta["settings"]["eval_model"] == "preset toy: clip_b"
     # evaluate.py --held-out still knows which CLIPs steered the run (by the preset, now in this clone)
-    from generators.presets import toyworld_weights
+    from generators.runs.presets import toyworld_weights
     from test_evaluate import evaluate_script
 
     table = tmp_path / "m.json"
@@ -274,8 +274,8 @@ def test_evaluate_says_one_line_for_a_truncated_clip(bad_weights, opts, tmp_path
 
 # -- 7. the nits ------------------------------------------------------------------------------------------------
 def test_prompts_and_config_files_name_the_problem(tmp_path):
-    from generators.batch import read_prompts
-    from generators.options import load_config
+    from generators.runs.batch import read_prompts
+    from generators.runs.options import load_config
 
     with pytest.raises(ValueError, match="is a folder; give a text, CSV or JSONL file"):
         read_prompts(tmp_path)                                       # was: "does not exist"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from generators import cli
-from generators.checkpoint import CHECKPOINT_JSON, CHECKPOINT_TENSORS, load_state
-from generators.run import generate
+from generators.runs.checkpoint import CHECKPOINT_JSON, CHECKPOINT_TENSORS, load_state
+from generators.runs import generate
 
 # Cosine schedule and best-iterate tracking: the optimiser, the schedule, the best state and the
 # cutouts' random generator must all come back for the images to match.

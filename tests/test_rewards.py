@@ -158,7 +158,7 @@ def test_build_objective_unchanged_without_rewards_and_weighted_with(folders):
 def test_generate_with_reward_and_evaluate_held_out(tmp_path, folders):
     """The toy preset steered by a reward (a toy CLIP standing in as PickScore), then judged by metrics
     with --held-out: per-step reward scores in run.json, one column per metric."""
-    from generators.run import generate
+    from generators.runs import generate
     from generators.cli import main as cli_main  # noqa: F401 - the CLI parses --reward (below)
     from scripts.evaluate import main as evaluate_main
     from toyworld.paths import weights_dir
@@ -183,7 +183,7 @@ def test_generate_with_reward_and_evaluate_held_out(tmp_path, folders):
 
 def test_cli_reward_flag_keeps_the_prompt():
     from generators.cli import _one_value_per_flag
-    from generators.options import option_specs
+    from generators.runs.options import option_specs
 
     argv = _one_value_per_flag(["--reward", "pickscore=0.05", "hps", "castle"], option_specs())
     assert argv == ["--reward", "pickscore=0.05", "--reward", "hps", "castle"]

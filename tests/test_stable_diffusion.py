@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from generators import get_generator
-from generators.guiders import guided_steps
-from generators.sd_guidance import (clean_estimate, clip_gradient, noise_tables, output_correction)
-from generators.stable_diffusion import SCHEDULERS, Settings, StableDiffusionGenerator
+from generators.diffusion.guiders import guided_steps
+from generators.diffusion.tables import (clean_estimate, clip_gradient, noise_tables, output_correction)
+from generators.diffusion.sampling import SCHEDULERS, Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts, image_prompts, parse_prompts
 from tiny import save_tiny_sd, tiny_sd_components, tiny_sd_pipeline, tiny_taesd
 
@@ -328,7 +328,7 @@ def test_bf16_unet_keeps_guidance_in_float32(clip_loss):
 
 def test_settings_follow_the_convention():
     allowed = {int, float, str, bool, "int", "float", "str", "bool", "str | None", "list[str]",
-               "float | None", "int | None"}   # None: the guider's own default (generators.guider_defaults)
+               "float | None", "int | None"}   # None: the guider's own default (generators.diffusion.guiders.defaults)
     for f in dataclasses.fields(Settings):
         assert f.metadata.get("help"), f.name
         assert f.type in allowed, (f.name, f.type)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generators.run import generate
+from generators.runs import generate
 from toyworld import paths
 from toyworld.judge import judge
 

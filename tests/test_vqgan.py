@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from generators.taming_checkpoint import (FirstStage, TamingConfig, build_first_stage, convert_to_safetensors,
+from generators.vqgan.taming import (FirstStage, TamingConfig, build_first_stage, convert_to_safetensors,
                                           inspect_checkpoint, load_first_stage, load_state_dict)
-from generators.vqgan import (VQGANGenerator, VQGANSettings, check_size, clamp_with_grad, load_vqgan,
+from generators.vqgan.backend import (VQGANGenerator, VQGANSettings, check_size, clamp_with_grad, load_vqgan,
                               make_lr_schedule, make_optimizer, noise_images, resolve_vqgan,
                               straight_through_quantize)
 from guidance import CLIPLoss, Cutouts
@@ -159,7 +159,7 @@ def test_safetensors_conversion_round_trips_and_refuses_overwrite(tmp_path, vq_d
 
 
 def test_convert_cli(tmp_path, vq_dir, capsys):
-    from generators.taming_checkpoint import main
+    from generators.vqgan.taming import main
 
     assert main(["convert", str(vq_dir / "last.ckpt"), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()

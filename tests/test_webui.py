@@ -14,8 +14,8 @@ import torch
 import generators
 from generators.base import GenerationResult, Generator, option
 from generators.cli import build_parser, parse_args
-from generators.outputs import read_metadata
-from generators.session import generate
+from generators.runs.outputs import read_metadata
+from generators.runs.session import generate
 from webui.form import (
     CLI_ONLY,
     form_fields,

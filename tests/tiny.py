@@ -141,7 +141,7 @@ def tiny_vqgan_config(gumbel: bool = False, n_embed: int = 64, embed_dim: int = 
 
 def tiny_vqgan_state(seed: int = 0, gumbel: bool = False) -> dict:
     """Random first-stage weights (codebook spread like a trained one) plus ``loss.*`` keys."""
-    from generators.taming_checkpoint import TamingConfig, build_first_stage
+    from generators.vqgan.taming import TamingConfig, build_first_stage
 
     torch.manual_seed(seed)
     model = build_first_stage(TamingConfig.from_dict(tiny_vqgan_config(gumbel)))

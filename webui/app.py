@@ -15,7 +15,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: 
 import gradio as gr
 
 from generators import DEFAULT_BACKEND
-from generators.outputs import read_metadata
+from generators.runs.outputs import read_metadata
 
 from .form import (
     KEPT_ON_SWITCH,

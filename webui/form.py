@@ -1,8 +1,8 @@
 """The web UI's form <-> ``generate()`` options, built from the same option metadata as the command line.
 
-Every field of :class:`generators.settings.RunSettings` and of each backend's ``Settings`` (declared
+Every field of :class:`generators.runs.settings.RunSettings` and of each backend's ``Settings`` (declared
 with :func:`generators.base.option`) becomes one :class:`FormField`, grouped as ``--help`` groups them
-(:func:`generators.options.option_groups`); ``backend``, ``preset`` and ``config`` come first, as on
+(:func:`generators.runs.options.option_groups`); ``backend``, ``preset`` and ``config`` come first, as on
 the command line. A new backend option therefore appears in the form with no UI edit.
 
 The form shows the merged defaults of the chosen backend and preset (:func:`form_values`); a run
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from generators import DEFAULT_BACKEND, backend_names
-from generators.options import (
+from generators.runs.options import (
     DIFFUSERS_NAMES,
     OptionSpec,
     coerce,
@@ -26,7 +26,7 @@ from generators.options import (
     option_specs,
     resolve_options,
 )
-from generators.presets import DESCRIPTIONS, preset_names
+from generators.runs.presets import DESCRIPTIONS, preset_names
 
 NONE = NO_PRESET = "none"
 RUN_GROUP = ("run", "backend, preset and config file")
@@ -176,7 +176,7 @@ def values_from_run(metadata: Mapping[str, Any], folder: str | None = None) -> d
     """Widget values that start the run recorded in *metadata* (a ``run.json``, of run *folder*) again: its
     backend, preset and every setting it ran with (those that came from a config file included; paths
     recorded relative to the run folder resolved against *folder*; a preset's models from the preset)."""
-    from generators.record import read_back
+    from generators.runs.record import read_back
 
     sources = metadata.get("option_sources") if isinstance(metadata.get("option_sources"), Mapping) else {}
     settings = read_back(metadata.get("settings") or {}, sources, folder)

@@ -1,6 +1,6 @@
 """The run folders in an output folder, newest first, as the web UI's gallery lists them.
 
-A run folder is one with a ``run.json`` (:mod:`generators.outputs`); a folder whose ``run.json`` cannot
+A run folder is one with a ``run.json`` (:mod:`generators.runs.outputs`); a folder whose ``run.json`` cannot
 be read is left out, never changed. Nothing here imports gradio.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from generators.outputs import SIDECAR
+from generators.runs.outputs import SIDECAR
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One run of :func:`generators.session.generate` in a worker thread, reporting its steps as it goes.
+"""One run of :func:`generators.runs.session.generate` in a worker thread, reporting its steps as it goes.
 
 The web UI holds no generation logic: a :class:`Job` calls the Python API with a step callback that
 keeps the loss and its parts and, every ``preview_every`` steps, the current image; :meth:`Job.stop`
@@ -39,7 +39,7 @@ class Job:
     options: dict[str, Any]
     preview_every: int = 1
     steps: list[Step] = field(default_factory=list)
-    run: Any = None                     # the generators.session.Run once finished
+    run: Any = None                     # the generators.runs.session.Run once finished
     error: str | None = None            # the one-line error, as the CLI prints it
     warnings: list = field(default_factory=list)   # warnings.WarningMessage of the run, as they come
     started: float = 0.0
@@ -77,7 +77,7 @@ class Job:
         return self.run is not None or self.error is not None
 
     def _step(self, info) -> None:
-        from generators.outputs import to_pil
+        from generators.runs.outputs import to_pil
 
         now = time.perf_counter()
         if self._first is None:
@@ -93,7 +93,7 @@ class Job:
         self._events.put(Step(info.step, info.total, loss, parts, now - self._first, image))
 
     def _work(self) -> None:
-        from generators.session import generate
+        from generators.runs.session import generate
 
         try:
             # the run's warnings, as the CLI prints them (one job runs at a time, so one catcher at a time)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from generators.paths import FILE, local_path, path_options, references, values
+from generators.runs.paths import FILE, local_path, path_options, references, values
 
 #: options that count steps, capped by --max-steps
 STEP_OPTIONS = ("iterations", "steps", "render_steps", "reapply_steps", "budget", "backward_steps")
@@ -49,8 +49,8 @@ def _inside(path: Path, folders) -> bool:
 def _server_models() -> tuple[set[str], set[Path]]:
     """Model references the server itself would use: every model option's default and every preset's."""
     from generators import backend_names, get_generator_class
-    from generators.options import option_specs
-    from generators.presets import get_preset, preset_names
+    from generators.runs.options import option_specs
+    from generators.runs.presets import get_preset, preset_names
 
     kinds = path_options()
     specs = option_specs()
@@ -128,7 +128,7 @@ class ServerPolicy:
     def check_run(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """*options* (``generate()`` keywords from the form) checked; returned with ``out`` set to the
         server's folder. One-line ``ValueError`` for anything the server does not allow."""
-        from generators.options import resolve_options
+        from generators.runs.options import resolve_options
 
         options = dict(options)
         if options.get("resume") is not None:

@@ -12,7 +12,7 @@ Profiles:
   chosen on the toy world's tuning set (``benchmarks/tune_guiders.py --grid toy-v2``, the
   settings in README's quality table) and have not been measured on a real Stable Diffusion.
 - ``toy`` (what ``--preset toy`` selects): ``clipsteer`` with the toy SD's clip-rule strength (500,
-  chosen on the tuning prompts, see ``generators.stable_diffusion.toy_preset``).
+  chosen on the tuning prompts, see ``generators.diffusion.sampling.toy_preset``).
 - ``paper``: each guider's reference rule and the defaults of its reference code (cited per entry;
   docs/guiders.md lists them with every deviation of the other profiles).
 """

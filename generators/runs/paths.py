@@ -6,7 +6,7 @@ model: a Hub id, a known name or a local folder/file; one declared with ``path="
 ``PATH:WEIGHT``, ``NAME:MODEL=WEIGHT``, ``open_clip:ARCH/FILE``); :func:`reference` finds it and
 :func:`local_path` its local path, if it has one. The web UI's server checks these against its
 allow-lists (:mod:`webui.policy`); a run records them relative to its run folder
-(:mod:`generators.record`).
+(:mod:`generators.runs.record`).
 """
 
 from __future__ import annotations

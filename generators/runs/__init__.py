@@ -1,12 +1,12 @@
 """The Python API behind ``scripts/generate.py``: options in, a saved run out.
 
->>> from generators.run import generate                                  # doctest: +SKIP
+>>> from generators.runs import generate                                  # doctest: +SKIP
 >>> run = generate("a red fox", backend="vqgan", preset="toy", seed=3, iterations=50)
 >>> run.image.show(); run.path, run.clip_score
 
-This module gathers the public names; the work is done in :mod:`generators.session` (prepare ->
-execute -> record), :mod:`generators.options` (option reflection, coercion, config files,
-precedence), :mod:`generators.settings` (the run's own options) and :mod:`guidance.build`
+This module gathers the public names; the work is done in :mod:`generators.runs.session` (prepare ->
+execute -> record), :mod:`generators.runs.options` (option reflection, coercion, config files,
+precedence), :mod:`generators.runs.settings` (the run's own options) and :mod:`guidance.build`
 (objective and scores from options).
 """
 

@@ -1,7 +1,7 @@
 """The options every run has, whatever the backend: prompts, guidance, output, runtime.
 
 Each field becomes a ``--flag`` of ``scripts/generate.py``, a config-file key and a web-UI field
-(see :mod:`generators.options`); backends add their own ``Settings`` the same way.
+(see :mod:`generators.runs.options`); backends add their own ``Settings`` the same way.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from guidance.build import DEFAULT_CLIP
 
-from .base import option
+from ..base import option
 
 # Option groups, in --help order.
 GROUPS = {

@@ -11,7 +11,7 @@ runs the denoiser (UNet or transformer), and turns final latents into the VAE's 
 
 Guiders see every family in the variance-preserving (VP) frame ``z = sqrt(ab) x0 + sqrt(1-ab) eps``:
 
-- DDPM families (SD, SDXL) predict eps / v / x0 and their schedulers give ``ab`` (:mod:`generators.sd_guidance`);
+- DDPM families (SD, SDXL) predict eps / v / x0 and their schedulers give ``ab`` (:mod:`generators.diffusion.tables`);
 - rectified-flow families (SD3, FLUX) sample ``x_t = (1-t) x0 + t eps`` (``t`` the
   ``FlowMatchEulerDiscreteScheduler`` sigma) and predict the velocity ``v = eps - x0``; the clean
   estimate is ``x0 = x_t - t v``. Their VP view is ``z = x_t / r_t`` with ``r_t = sqrt((1-t)^2 + t^2)``

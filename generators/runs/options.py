@@ -1,6 +1,6 @@
 """Options of a run: reflected from the settings dataclasses, coerced, read from config files, merged.
 
-Every option is a field of :class:`generators.settings.RunSettings` or of a backend's ``Settings``
+Every option is a field of :class:`generators.runs.settings.RunSettings` or of a backend's ``Settings``
 (declared with :func:`generators.base.option`). :func:`option_specs` reflects them into
 :class:`OptionSpec` objects, from which the command line, config files and the web UI are built;
 :func:`resolve_options` merges defaults < preset < config file < explicit options, coercing and
@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 from guidance.errors import first_line
 
-from . import DEFAULT_BACKEND, backend_names, get_generator_class
-from .base import field_default
+from .. import DEFAULT_BACKEND, backend_names, get_generator_class
+from ..base import field_default
 from .settings import GROUPS, RUN_NAMES, RunSettings
 
 

@@ -33,10 +33,10 @@ import torch
 
 from guidance.runtime import autocast
 
-from .base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
-from .optimise import OptimiseSettings, check_settings, optimise
+from ..base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
+from ..optimise import OptimiseSettings, check_settings, optimise
 from .families import family_of
-from .stable_diffusion import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, _build_scheduler, _to_dtype,
+from .sampling import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, _build_scheduler, _to_dtype,
                                cached_pipeline, check_model_path, decoder_dtype)
 
 METHODS = ("gradient", "best-of-n", "zero-order")
@@ -98,7 +98,7 @@ class NoiseSettings(OptimiseSettings):
 
 def toy_preset() -> dict:
     """This backend's part of ``--preset toy``: the toy few-step model when it exists, else the toy SD."""
-    from .presets import toyworld_weights
+    from ..runs.presets import toyworld_weights
 
     turbo = toyworld_weights("sd_turbo", check=False) if _has_toy("sd_turbo") else None
     if turbo is not None:
@@ -235,7 +235,7 @@ class NoiseGenerator(Generator):
 
     # -- the renderer -------------------------------------------------------------------------------
     def _embeddings(self, pipe, objective, batch: int):
-        """The renderer's conditioning (a :class:`~generators.families.Conditioning`) and the prompt."""
+        """The renderer's conditioning (a :class:`~generators.diffusion.families.Conditioning`) and the prompt."""
         s, family = self.settings, family_of(pipe)
         prompt = objective.conditioning_text(0) if objective is not None else ""
         with torch.no_grad():

@@ -73,7 +73,7 @@ def preset_names() -> list[str]:
 def get_preset(name: str, *, backend: str | None = None) -> dict[str, Any]:
     """The options of preset *name* for *backend*: the shared part, then the backend's own
     (``Generator.presets[name]``), as a fresh dict with paths resolved now."""
-    from . import DEFAULT_BACKEND, get_generator_class
+    from .. import DEFAULT_BACKEND, get_generator_class
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")

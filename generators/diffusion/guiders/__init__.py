@@ -3,13 +3,13 @@
 The sampling loop of every diffusion backend is: prepare -> for each step: model output ->
 ``guider.model_output(step)`` (the guider's correction) -> ``scheduler.step``. A :class:`Guider`
 owns its step window (``start`` / ``end`` / ``every``), its strength and the correction; it reads
-noise levels from the run's :class:`~generators.sd_guidance.NoiseTables` (built once), never from
+noise levels from the run's :class:`~generators.diffusion.tables.NoiseTables` (built once), never from
 the scheduler's step-index state, so it may evaluate the same step twice.
 
 A guider may also correct the sample that ``scheduler.step`` returns (:meth:`Guider.sample_correction`,
 for rules stated on ``x_{t-1}``: DPS, FreeDoM, MPGD, TFG) and ask the loop to repeat a step
 (:meth:`Guider.repeats`: self-recurrence; the loop re-noises ``x_{t-1}`` back to ``x_t`` with
-:func:`~generators.sd_guidance.renoise` and restores the scheduler's step state).
+:func:`~generators.diffusion.tables.renoise` and restores the scheduler's step state).
 
 Guiders here: ``clip`` (today's rule), ``dps``, ``mpgd``, ``freedom``, ``ugd``, ``tfg`` (see each
 class for its paper and equation). A new guider is one class here (or in a user's file) plus
@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from .sd_guidance import clean_estimate, clip_gradient, output_correction
+from ..tables import clean_estimate, clip_gradient, output_correction
 
 HALF_LOSS_SCALE = 2.0 ** 10
 SCHEDULES = ("constant", "increasing", "decreasing")

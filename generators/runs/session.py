@@ -1,10 +1,10 @@
 """A run session: options in -> prepare (objective, backend, run folder) -> execute -> record.
 
 :func:`generate` is the Python API behind ``scripts/generate.py`` (re-exported by
-:mod:`generators.run`). It merges option defaults, a preset, a config file and keyword arguments
-(:mod:`generators.options`), builds the objective from the guidance options (:mod:`guidance.build`)
+:mod:`generators.runs`). It merges option defaults, a preset, a config file and keyword arguments
+(:mod:`generators.runs.options`), builds the objective from the guidance options (:mod:`guidance.build`)
 and the backend from its ``Settings``, runs it with a progress bar, scores the result with an
-evaluation CLIP and writes a new run folder (:mod:`generators.outputs`). Ctrl-C (or SIGTERM) during the run keeps
+evaluation CLIP and writes a new run folder (:mod:`generators.runs.outputs`). Ctrl-C (or SIGTERM) during the run keeps
 the current image: it is saved, marked ``interrupted``; so does setting the ``stop`` event (a web UI's
 Stop button, or any other thread).
 """
@@ -29,8 +29,8 @@ from guidance.errors import first_line
 from guidance.objective import ConditioningOnly
 from guidance.runtime import set_compiled
 
-from . import get_generator_class
-from .base import GenerationResult, StepInfo, check_seed
+from .. import get_generator_class
+from ..base import GenerationResult, StepInfo, check_seed
 from .logs import quiet_libraries
 from .memory import check_fits
 from .options import backend_settings, resolve_options
@@ -171,7 +171,7 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         config: a YAML/TOML file (or a dict) of options; keyword options override it.
         save: write the run folder under ``out`` (default ``outputs/``).
         callback: called with each :class:`StepInfo`; return ``False`` to stop early.
-        resume: a run folder with a checkpoint (:mod:`generators.checkpoint`): continue that run, with its
+        resume: a run folder with a checkpoint (:mod:`generators.runs.checkpoint`): continue that run, with its
             own options, in a new run folder (under ``out``, default: beside it); only ``iterations``,
             ``out``, ``progress``, ``threads``, ``device`` and ``checkpoint_every`` may be given.
         stop: a ``threading.Event`` (anything with ``is_set()``); once it is set, the run ends at its
@@ -179,7 +179,7 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
             (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...), or diffusers' name of one
             (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``num_images_per_prompt``,
-            ``generator``: see :data:`generators.options.DIFFUSERS_NAMES`); ``output_type="pil"`` makes
+            ``generator``: see :data:`generators.runs.options.DIFFUSERS_NAMES`); ``output_type="pil"`` makes
             ``run.images`` a list of PIL images (default ``"pt"``: a tensor).
     """
     t_start = time.perf_counter()
@@ -241,7 +241,7 @@ class _Prepared:
     generator: Any
     t_start: float
     t_loaded: float = 0.0
-    recorded: dict | None = None        # the options as run.json records them (generators.record)
+    recorded: dict | None = None        # the options as run.json records them (generators.runs.record)
     precision: Any = None      # guidance.runtime.PrecisionChoice
 
 

@@ -111,7 +111,7 @@ def snapshot(step: int, total: int, latents: list[torch.Tensor], optimizer: torc
 def save_state(folder: str | Path, state: LoopState, identity: str | None = None) -> Path:
     """Write ``checkpoint.safetensors`` + ``checkpoint.json`` in *folder*, each replaced atomically; a shared
     random token ties the pair, so a crash between the two replacements is detected on loading. *identity*
-    (:func:`generators.record.run_identity`) ties the checkpoint to its run."""
+    (:func:`generators.runs.record.run_identity`) ties the checkpoint to its run."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -258,7 +258,7 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
     """(backend, options, provenance) that continue the run in *folder*: its own recorded options, with only
     :data:`RESUME_OPTIONS` changeable (*given*); one-line errors, before any model loads, for a folder that
     is not a run, a backend that cannot resume, a missing checkpoint or options that would change the run."""
-    from . import get_generator_class
+    from .. import get_generator_class
     from .options import resolve_options
     from .outputs import SIDECAR
     from .record import read_back

@@ -3,7 +3,7 @@
     generate.py --prompts-file prompts.txt --seeds 0-3 --preset toy --out outputs/bench
     accelerate launch --multi_gpu --num_processes 4 scripts/generate.py --prompts-file prompts.csv --seeds 0-3 ...
 
-:func:`run_batch` calls the Python API (:func:`generators.session.generate`) once per prompt x seed. The
+:func:`run_batch` calls the Python API (:func:`generators.runs.session.generate`) once per prompt x seed. The
 prompts file is text (one prompt a line), CSV/TSV (a ``prompt`` column, optional per-row options such as
 ``seed``/``seeds``, ``backend`` or any option name) or JSONL (objects with ``prompt``; other keys are kept,
 e.g. GenEval's ``tag`` and ``include``). Row *r* (0-based, blank lines not counted) with seed *s* is one job.
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import check_seed
+from ..base import check_seed
 
 INDEX = "runs.jsonl"
 SHARD_GLOB = "runs.rank-*.jsonl"
@@ -343,7 +343,7 @@ def _check_row(row: Row) -> None:
 def run_batch(prompts_file: str | Path, *, seeds: Any = None, out: str | Path = "outputs", export: str | None = None,
               export_dir: str | Path | None = None, **options) -> BatchResult:
     """Run every prompt of *prompts_file* with every seed (see the module docstring); ``options`` are
-    :func:`generators.session.generate` options for every run (``backend=``, ``preset=``, ``iterations=``...).
+    :func:`generators.runs.session.generate` options for every run (``backend=``, ``preset=``, ``iterations=``...).
     Shards over the processes of ``accelerate launch``; returns the counts and (main process) the index."""
     from guidance.evaluation import process_state
 

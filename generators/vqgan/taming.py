@@ -14,7 +14,7 @@ The model is assembled from taming's building blocks (``Encoder``/``Decoder`` an
 only; ``target:`` class paths are never imported, and plain-VQ vs Gumbel is decided by the
 weights' key names (``quantize.embedding.weight`` vs ``quantize.embed.weight``).
 
-``python -m generators.taming_checkpoint convert last.ckpt out_folder`` converts from the shell.
+``python -m generators.vqgan.taming convert last.ckpt out_folder`` converts from the shell.
 """
 
 from __future__ import annotations
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m generators.taming_checkpoint",
+        prog="python -m generators.vqgan.taming",
         description="Convert a taming-transformers VQGAN .ckpt to safetensors, without running its pickle.")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="write model.safetensors (+ config.yaml) from a .ckpt")

@@ -1,7 +1,7 @@
 """Diffusion models through diffusers (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1), with an objective steering every
 guided denoising step.
 
-Each model family is an adapter of :mod:`generators.families` (conditioning, starting latents,
+Each model family is an adapter of :mod:`generators.diffusion.families` (conditioning, starting latents,
 timesteps, the denoiser call and the VAE's input, all with the diffusers pipeline's own methods); the
 loop below is the same for every family. Rectified-flow families (SD3, FLUX) are handed to the guiders
 in the variance-preserving frame with their clean estimate as a ``"sample"`` prediction, and the
@@ -10,16 +10,16 @@ corrected clean estimate goes back to ``FlowMatchEulerDiscreteScheduler`` as a v
 At a guided step the clean latent is predicted from the current latent and the (CFG) model
 output at the scheduler's own noise level, decoded by the VAE (or a tiny ``AutoencoderTiny``)
 with gradients, scored by the ``CLIPLoss``, and the gradient is turned into a correction of the
-model output that the scheduler's ``step`` consumes (see :mod:`generators.sd_guidance`). So the
+model output that the scheduler's ``step`` consumes (see :mod:`generators.diffusion.tables`). So the
 same code serves DDIM, PNDM, DPM-Solver++, Euler, Euler ancestral, LMS and UniPC, for eps-,
 v- and x0-prediction checkpoints, and with ``clip_guidance_scale=0`` the loop is exactly
 ``StableDiffusionPipeline.__call__``.
 
-The correction itself belongs to a guider (``--guider``, :mod:`generators.guiders`: ``clip``, ``dps``,
+The correction itself belongs to a guider (``--guider``, :mod:`generators.diffusion.guiders`: ``clip``, ``dps``,
 ``mpgd``, ``freedom``, ``ugd``, ``tfg``). The loop per step: ``guider.model_output(step)`` ->
 ``scheduler.step`` -> ``guider.sample_correction``; with self-recurrence (``--recurrence K``) it then
 restores the scheduler's step state, re-noises the sample back to the step's noise level
-(:func:`~generators.sd_guidance.renoise`, the run's noise tables, the objective's random stream) and
+(:func:`~generators.diffusion.tables.renoise`, the run's noise tables, the objective's random stream) and
 runs the step again, K times in all (DDIM, Euler, Euler ancestral; schedulers that keep a history of
 model outputs are refused).
 
@@ -47,15 +47,15 @@ from pathlib import Path
 
 import torch
 
-from .base import GenerationResult, Generator, StepCallback, StepInfo
+from ..base import GenerationResult, Generator, StepCallback, StepInfo
 from guidance.errors import first_line, load_error, looks_like_path, readable_weights
 
-from .base import option, seed_generator
-from .guider_defaults import PROFILES, fill_guider_defaults, profile_summary
+from ..base import option, seed_generator
+from .guiders.defaults import PROFILES, fill_guider_defaults, profile_summary
 from .guiders import (GUIDERS, PREDICTIONS, SCHEDULES, SMOOTHING_SCHEDULES, STEP_RULES, CLIPGuider,
                       guided_scheduler_step, setup_guider)
 from .families import family_class, family_of, pipeline_class_of
-from .sd_guidance import check_scheduler, flow_tables, noise_tables, renoise
+from .tables import check_scheduler, flow_tables, noise_tables, renoise
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
 SCHEDULERS = {
@@ -164,16 +164,16 @@ class Settings:
                                       "(the pipeline's enable_model_cpu_offload; CUDA only)")
 
     def __post_init__(self):
-        """Settings left ``None`` take the guider's default under ``guider_defaults`` (generators.guider_defaults)."""
+        """Settings left ``None`` take the guider's default under ``guider_defaults`` (generators.diffusion.guiders.defaults)."""
         if self.guider in GUIDERS and self.guider_defaults in PROFILES:
             fill_guider_defaults(self, guider=self.guider, profile=self.guider_defaults)
 
 
 def toy_preset() -> dict:
     """This backend's part of ``--preset toy``: the toy Stable Diffusion pipeline."""
-    from .presets import toyworld_weights
+    from ..runs.presets import toyworld_weights
 
-    # every guider's strength comes from the "toy" guider defaults (generators.guider_defaults): the clip rule's
+    # every guider's strength comes from the "toy" guider defaults (generators.diffusion.guiders.defaults): the clip rule's
     # 500 chosen on the toy tuning prompts (quality.py --prompt-seed 7 --seed-base 10 --prompts 12 --seeds 2, 24
     # images), all three right: scale 100 54.2%, 200 62.5%, 300 70.8%, 500 75.0%, 1000 58.3%; unguided 45.8%;
     # the other guiders' from benchmarks/tune_guiders.py --grid toy-v2
@@ -255,7 +255,7 @@ class StableDiffusionGenerator(Generator):
         return _build_scheduler("dpm++" if name == "auto" else name, default.config)
 
     def _tables(self, timesteps, begin: int, device):
-        """The run's noise tables (:func:`~generators.sd_guidance.noise_tables`; rectified flow: ``flow_tables``)."""
+        """The run's noise tables (:func:`~generators.diffusion.tables.noise_tables`; rectified flow: ``flow_tables``)."""
         if self.family.flow:
             return flow_tables(self.pipe.scheduler, timesteps, device)
         return noise_tables(self.pipe.scheduler, timesteps, device, begin_index=begin)
@@ -608,7 +608,7 @@ def check_model_path(spec: str) -> Path:
 def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None,
                   vae: str | None = None):
     """The diffusers pipeline of a Hub id, a diffusers folder or a single checkpoint file, its class (SD 1.x/2.x,
-    SDXL, SD3, FLUX) found from the model (:func:`~generators.families.pipeline_class_of`); safety checker never
+    SDXL, SD3, FLUX) found from the model (:func:`~generators.diffusion.families.pipeline_class_of`); safety checker never
     loaded; ``.ckpt`` files are read with ``weights_only=True`` (a pickle holding more is refused in one line);
     *vae*: a replacement ``AutoencoderKL``."""
     with readable_weights("Stable Diffusion model", spec):

@@ -7,7 +7,7 @@ taming-transformers VQGAN, and moved by a torch optimiser down the gradient of a
 ``guidance.CLIPLoss``; after every step ``z`` is clamped into the codebook's per-dimension
 range. Models load from a name in :data:`KNOWN_MODELS` (fetched once from the Hugging Face
 Hub), a local folder, or explicit config + checkpoint paths; checkpoints are read without
-running their pickles (see :mod:`generators.taming_checkpoint`).
+running their pickles (see :mod:`generators.vqgan.taming`).
 
 Sizes must be multiples of the model's downsampling factor (16 for the f16 models): other
 sizes raise a ``ValueError`` that names the nearest valid ones, rather than being rounded
@@ -26,10 +26,10 @@ import torch
 from guidance.errors import first_line
 from guidance.losses import clamp_with_grad  # noqa: F401  (re-exported)
 
-from .base import GenerationResult, Generator, StepCallback, option, seed_generator
-from .optimise import (LR_SCHEDULES, OPTIMIZERS, OptimiseSettings, check_settings, make_lr_schedule,
+from ..base import GenerationResult, Generator, StepCallback, option, seed_generator
+from ..optimise import (LR_SCHEDULES, OPTIMIZERS, OptimiseSettings, check_settings, make_lr_schedule,
                        make_optimizer, optimise)
-from .taming_checkpoint import FirstStage, TamingConfig, build_first_stage, load_state_dict
+from .taming import FirstStage, TamingConfig, build_first_stage, load_state_dict
 
 # name -> (Hub repo, config file, weights file). Each was checked to exist and to hold a
 # taming-format config + Lightning checkpoint; see the report of issue 3 for the sources.
@@ -144,7 +144,7 @@ def resolve_vqgan(spec: str | os.PathLike, *, config: str | os.PathLike | None =
         if path.suffix in (".yaml", ".yml"):
             raise ValueError(f"--vqgan {spec_str!r} is a config file; pass the checkpoint (or its folder) as "
                              "--vqgan and the YAML as --vqgan-config")
-        from .taming_checkpoint import _config_beside
+        from .taming import _config_beside
 
         cfg = Path(config) if config else _config_beside(path)
         if cfg is None:
@@ -170,7 +170,7 @@ def load_vqgan(spec: str | os.PathLike, *, config: str | os.PathLike | None = No
 def toy_preset() -> dict:
     """This backend's part of ``--preset toy``: the toy VQGAN and the settings tuned for it on the toy
     world's tuning prompts (benchmarks/quality.py --prompt-seed 7)."""
-    from .presets import toyworld_weights
+    from ..runs.presets import toyworld_weights
 
     return {"vqgan": str(toyworld_weights("vqgan", check=True)), "iterations": 100, "learning_rate": 0.3}
 
@@ -196,7 +196,7 @@ def check_size(width: int, height: int, factor: int) -> None:
 def straight_through_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Nearest code vectors in the forward pass, identity gradient to ``z`` (van den Oord et al.
     2017, VQ-VAE's straight-through estimator). ``z`` is ``[B, D, H, W]``, codebook ``[N, D]``."""
-    from .taming_checkpoint import nearest_code
+    from .taming import nearest_code
 
     with torch.no_grad():
         index = nearest_code(z, codebook)

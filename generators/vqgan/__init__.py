@@ -1,0 +1,1 @@
+"""The VQGAN backend and the safe loading of taming-transformers checkpoints."""
