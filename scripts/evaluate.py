@@ -28,9 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from guidance.evaluation import (COLUMNS, DEFINITION_TEXT, METRIC_BASE_COLUMNS, check_group_by,  # noqa: E402
-                                 check_writable, collect_items, evaluate, format_summary, load_table, merge_rows,
-                                 process_state, summarize, write_table)
+from guidance.evaluation.metrics import METRIC_BASE_COLUMNS  # noqa: E402
+from guidance.evaluation.pairs import collect_items  # noqa: E402
+from guidance.evaluation.report import (COLUMNS, DEFINITION_TEXT, check_group_by, check_writable,  # noqa: E402
+                                        format_summary, load_table, summarize, write_table)
+from guidance.evaluation.scoring import evaluate, merge_rows, process_state  # noqa: E402
 from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS  # noqa: E402
 
 EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.items())
@@ -117,7 +119,7 @@ def _resolve_steered_by(items) -> None:
     preset's name) resolved, so --held-out compares them with the metrics' models."""
     from generators.runs.outputs import SIDECAR
     from generators.runs.record import resolved_settings
-    from guidance.evaluation import steered_by
+    from guidance.evaluation.pairs import steered_by
 
     for item in items:
         sidecar = item.path.parent / SIDECAR if item.path is not None else None
@@ -162,7 +164,7 @@ def _finish(rows, paths, strict: bool) -> int:
 
 def _main_metrics(args, main_proc: bool) -> int:
     """--metric: one column per metric (CLIP score and reward models), --held-out split."""
-    from guidance.evaluation import evaluate_metrics, format_metric_summary, summarize_metrics, write_metric_table
+    from guidance.evaluation.metrics import evaluate_metrics, format_metric_summary, summarize_metrics, write_metric_table
 
     try:
         if args.model or args.models:

@@ -155,7 +155,7 @@ def test_exports_geneval_and_flat(tmp_path, capsys):
     assert [(c["image"], c["prompt"]) for c in captions] == [
         ("00000-0000.png", "a red circle"), ("00000-0001.png", "a red circle"), ("00001-0000.png", "a green cross"),
         ("00001-0001.png", "a green cross")]
-    from guidance.evaluation import collect_items
+    from guidance.evaluation.pairs import collect_items
 
     items, _ = collect_items(flat, pairs=flat / "captions.csv")         # what scripts/evaluate.py reads
     assert [(it.key, it.error) for it in items] == [((c["image"], c["prompt"]), None) for c in captions]

@@ -173,7 +173,7 @@ def test_caret_story_misuse_is_a_one_line_error(opts, match):
 
 
 def test_caret_story_from_the_command_line_and_its_scoring_caption(models, tmp_path):
-    from guidance.evaluation import run_caption
+    from guidance.evaluation.pairs import run_caption
 
     args = cli.parse_args(["a red circle ^ a blue square", "--change-prompt-every", "2"])
     run = generate(**args, vqgan=models["vqgan"], clip=[models["clip"]], eval_model="none", size=(32, 32),

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guidance.evaluation import caption_of, describe, t_quantile
+from guidance.evaluation.pairs import caption_of
+from guidance.evaluation.report import describe, t_quantile
 from guidance.score import ScoreModel, clip_score
 from tiny import save_tiny_clip
 

@@ -345,7 +345,7 @@ def run_batch(prompts_file: str | Path, *, seeds: Any = None, out: str | Path = 
     """Run every prompt of *prompts_file* with every seed (see the module docstring); ``options`` are
     :func:`generators.runs.session.generate` options for every run (``backend=``, ``preset=``, ``iterations=``...).
     Shards over the processes of ``accelerate launch``; returns the counts and (main process) the index."""
-    from guidance.evaluation import process_state
+    from guidance.evaluation.scoring import process_state
 
     if options.get("resume") is not None:
         raise ValueError("--resume continues one run; a batch resumes by itself when run again")
@@ -446,7 +446,7 @@ def export_runs(entries: list[dict], rows: list[Row], out: Path, destination: Pa
     again adds what is new: an image already there is left alone when identical, and refused (before
     anything is copied) when different; the listing files (``metadata.jsonl``, ``captions.csv``) are
     rewritten from the index."""
-    from guidance.evaluation import caption_of
+    from guidance.evaluation.pairs import caption_of
 
     by_row: dict[int, list[dict]] = {}
     for entry in entries:
