@@ -72,7 +72,8 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None, grou
     """A settings field whose metadata becomes the CLI option, the config key and the UI field.
 
     ``default`` may be a value or a factory (``list``, a lambda) for mutable defaults. ``minimum`` /
-    ``maximum`` (inclusive) and ``above`` (exclusive) bound numbers; numbers must be finite.
+    ``maximum`` (inclusive) and ``above`` (exclusive) bound numbers; numbers must be finite. ``choices`` may be
+    a function returning them (a registry's names, read when the command line and the web form are built).
     """
     meta = dict(meta, help=help)
     for key, value in (("flag", flag), ("group", group), ("metavar", metavar), ("minimum", minimum),
@@ -80,7 +81,7 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None, grou
         if value is not None:
             meta[key] = value
     if choices:
-        meta["choices"] = list(choices)
+        meta["choices"] = choices if callable(choices) else list(choices)
     if aliases:
         meta["aliases"] = list(aliases)
     if positional:
@@ -145,7 +146,7 @@ class Generator(ABC):
                  precision: str | torch.dtype | None = None):
         from guidance import resolve_device, resolve_dtype
 
-        self.settings = settings if settings is not None else self.Settings()
+        self.settings = settings if settings is not None else self.settings_class()()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(precision, self.device)
 
@@ -180,8 +181,23 @@ class Generator(ABC):
     @classmethod
     def settings_from(cls, options: dict[str, Any]) -> Any:
         """Build ``Settings`` from a dict, ignoring keys other backends own; unknown types are not coerced."""
-        names = {f.name for f in fields(cls.Settings)}
-        return cls.Settings(**{k: v for k, v in options.items() if k in names and v is not None})
+        settings_cls = cls.settings_class()
+        names = {f.name for f in fields(settings_cls)}
+        return settings_cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+    @classmethod
+    def settings_class(cls) -> type:
+        """The dataclass of this backend's options (``Settings``; a backend whose options grow with a registry,
+        as the sd backend's with the guiders', returns it with those fields added)."""
+        return cls.Settings
+
+
+def field_choices(f) -> list | None:
+    """A settings field's choices (from its registry now, where they are a function), or ``None``."""
+    choices = f.metadata.get("choices")
+    if not choices:
+        return None
+    return list(choices() if callable(choices) else choices)
 
 
 def field_default(f) -> Any:
@@ -194,4 +210,4 @@ def field_default(f) -> Any:
 
 
 __all__ = ["Generator", "GenerationResult", "StepInfo", "StepCallback", "option", "check_seed", "stream_seed",
-           "seed_generator", "SEED_MAX", "field_default"]
+           "seed_generator", "SEED_MAX", "field_default", "field_choices"]

@@ -77,9 +77,9 @@ def _add(group, spec: OptionSpec) -> None:
         kwargs.update(action="append", metavar=meta.get("metavar", "VALUE"))
     else:
         kwargs["type"] = _value_type(spec.kind, spec.optional)
-        if meta.get("choices"):
-            kwargs["choices"] = list(meta["choices"]) + ([None] if spec.optional else [])
-            kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
+        if spec.choices:
+            kwargs["choices"] = spec.choices + ([None] if spec.optional else [])
+            kwargs["metavar"] = "{" + ",".join(map(str, spec.choices)) + "}"
         elif meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
     group.add_argument(*flags, **kwargs)

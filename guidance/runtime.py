@@ -122,7 +122,7 @@ def auto_precision(caps: Capabilities) -> PrecisionChoice:
 
     - CUDA: bf16 where the GPU runs it natively (Ampere and newer: fp32's range, no loss scaling), else fp16,
       as diffusers users pass ``torch_dtype=torch.float16`` (a VAE with ``force_upcast`` decodes in fp32,
-      see ``generators.diffusion.sampling.decoder_dtype``; the latent optimiser scales its loss).
+      see ``generators.diffusion.pipeline.decoder_dtype``; the latent optimiser scales its loss).
     - CPU: bf16 where the CPU has native bf16 instructions (AMX or AVX-512 BF16, what oneDNN uses for bf16
       matrix products and convolutions); elsewhere bf16 is emulated and slower than fp32, so fp32.
     - MPS: fp16 where autocast runs on MPS, else fp32.

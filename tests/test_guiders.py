@@ -13,7 +13,8 @@ import torch
 
 from generators.diffusion.guiders import (GUIDERS, Denoiser, GuidedStep, UGDGuider, schedule_weights, smoothed_loss)
 from generators.diffusion.tables import clean_estimate, noise_tables, renoise
-from generators.diffusion.sampling import (RECURRENT_SCHEDULERS, SCHEDULERS, Settings, StableDiffusionGenerator)
+from generators.diffusion.pipeline import SCHEDULERS
+from generators.diffusion.sampling import RECURRENT_SCHEDULERS, Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts
 from guidance.objective import LossOutput, Objective
 from tiny import tiny_sd_pipeline

@@ -16,7 +16,8 @@ import torch
 
 from generators.optimise import optimise
 from generators.diffusion.tables import clip_gradient
-from generators.diffusion.sampling import Settings, StableDiffusionGenerator, decoder_dtype
+from generators.diffusion.pipeline import decoder_dtype
+from generators.diffusion.sampling import Settings, StableDiffusionGenerator
 from generators.vqgan.taming import TamingConfig, build_first_stage
 from generators.vqgan.backend import VQGANGenerator, VQGANSettings
 from guidance import CLIPLoss, Cutouts

@@ -11,7 +11,8 @@ import torch
 from generators import get_generator
 from generators.diffusion.guiders import guided_steps
 from generators.diffusion.tables import (clean_estimate, clip_gradient, noise_tables, output_correction)
-from generators.diffusion.sampling import SCHEDULERS, Settings, StableDiffusionGenerator
+from generators.diffusion.pipeline import SCHEDULERS
+from generators.diffusion.sampling import Settings, StableDiffusionGenerator
 from guidance import CLIPLoss, Cutouts, image_prompts, parse_prompts
 from tiny import save_tiny_sd, tiny_sd_components, tiny_sd_pipeline, tiny_taesd
 

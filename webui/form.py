@@ -62,10 +62,9 @@ class FormField:
 
 
 def _widget(spec: OptionSpec) -> str:
-    meta = spec.field.metadata
     if spec.kind == "bool":
         return "bool"
-    if meta.get("choices"):
+    if spec.choices:
         return "choice"
     if spec.kind == "list":
         return "lines"
@@ -79,7 +78,7 @@ def _widget(spec: OptionSpec) -> str:
 def _field(spec: OptionSpec, group: str) -> FormField:
     meta = spec.field.metadata
     label = spec.flag.lstrip("-")
-    choices = list(meta["choices"]) if meta.get("choices") else None
+    choices = spec.choices
     if choices and spec.optional and NONE not in choices:
         choices.insert(0, NONE)            # as on the command line: 'none' leaves it unset
     return FormField(name=spec.name, label=label, widget=_widget(spec), group=group, help=str(meta.get("help", "")),

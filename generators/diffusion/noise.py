@@ -31,13 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-from guidance.runtime import autocast
-
 from ..base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
 from ..optimise import OptimiseSettings, check_settings, optimise
 from .families import family_of
-from .sampling import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, _build_scheduler, _to_dtype,
-                               cached_pipeline, check_model_path, decoder_dtype)
+from .pipeline import (FLOW_SCHEDULER, SCHEDULER_CHOICES, cached_pipeline, cfg_combine, check_model_path,
+                       check_scheduler_name, choose_scheduler, image_size, prepare_models, vae_decode)
 
 METHODS = ("gradient", "best-of-n", "zero-order")
 # Schedulers the renderer differentiates through: single-step updates whose state set_timesteps resets.
@@ -154,8 +152,7 @@ class NoiseGenerator(Generator):
             raise ValueError(f"--search-first is for the gradient method; --method {s.method} spends --budget instead")
         if s.budget is not None and s.budget < 1:
             raise ValueError(f"budget is {s.budget}; give at least 1 renderer call")
-        if s.scheduler not in SCHEDULER_CHOICES:
-            raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)}, default or auto")
+        check_scheduler_name(s.scheduler)
         if s.step_noises and s.scheduler != "ddim":
             raise ValueError(f"--step-noises needs the DDIM sampler, whose step takes its noise as an input; "
                              f"add --scheduler ddim (not {s.scheduler})")
@@ -175,7 +172,7 @@ class NoiseGenerator(Generator):
         self.family = family_of(self.pipe)
         self.scheduler = self._scheduler(self.pipe, s.scheduler)
         self._prepare_models(self.pipe)
-        self.width, self.height = self._size()
+        self.width, self.height = image_size(self.family, s.width, s.height)
         self.reapply = None
         if s.reapply_model or reapply_pipeline is not None:
             self.reapply = reapply_pipeline if reapply_pipeline is not None else cached_pipeline(
@@ -186,37 +183,16 @@ class NoiseGenerator(Generator):
     # -- set-up ------------------------------------------------------------------------------------
     @staticmethod
     def _scheduler(pipe, name: str, differentiable: bool = True):
-        import copy
-
-        default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
-        if name not in ("default", "auto") and family_of(pipe).flow:
-            raise ValueError(f"--scheduler {name} is a DDPM sampler; {family_of(pipe).label} renders with its own "
-                             f"{FLOW_SCHEDULER}: use --scheduler default")
-        scheduler = copy.deepcopy(default) if name in ("default", "auto") else _build_scheduler(name, default.config)
+        scheduler = choose_scheduler(pipe, family_of(pipe), name, auto=None, fresh=True)
         if differentiable and type(scheduler).__name__ not in DIFFERENTIABLE:
             raise ValueError(f"the noise backend cannot differentiate through {type(scheduler).__name__} (it keeps a "
                              f"history between steps); use --scheduler ddim, euler or euler_a")
         return scheduler
 
     def _prepare_models(self, pipe) -> None:
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.requires_grad_(False).eval()
+        prepare_models(pipe, family_of(pipe), self.dtype)
         for module in (pipe.vae, *family_of(pipe).compute_modules()):
-            _to_dtype(module, torch.float32 if module is pipe.vae else self.dtype)
             module.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-
-    def _size(self) -> tuple[int, int]:
-        s = self.settings
-        native, scale = self.family.native_size(), self.family.size_multiple()
-        sizes = []
-        for name, value in (("width", s.width), ("height", s.height)):
-            value = value or native
-            if value % scale:
-                raise ValueError(f"{name} {value} is not a multiple of {scale}; use {value // scale * scale or scale}")
-            sizes.append(value)
-        return sizes[0], sizes[1]
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         """The optimised tensor: the starting noise, with ``--step-noises`` followed along the channel axis by
@@ -250,10 +226,7 @@ class NoiseGenerator(Generator):
 
         def model(x, t):
             out = family.predict(torch.cat([x, x]) if cfg else x, t, conditioning.both)
-            if cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + s.cfg_scale * (cond - uncond)
-            return out
+            return cfg_combine(out, s.cfg_scale) if cfg else out
 
         own_noises = s.step_noises and pipe is self.pipe     # DNO: the step noises are part of z
 
@@ -280,10 +253,7 @@ class NoiseGenerator(Generator):
                 else:
                     out = model(x_in, t)
                 latents = scheduler.step(out, t, latents, **extra, return_dict=False)[0]
-            with autocast(latents.device, decoder_dtype(vae, self.dtype)):
-                image = vae.decode(family.vae_latents(latents, height=self.height, width=self.width),
-                                   return_dict=False)[0]
-            return image.float() / 2 + 0.5
+            return vae_decode(vae, family, latents, dtype=self.dtype, height=self.height, width=self.width)
 
         return render
 

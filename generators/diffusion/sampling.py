@@ -33,57 +33,42 @@ default of dps, freedom, ugd and tfg, as their reference SD samplers) backpropag
 
 Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
 arithmetic, the VAE weights and the guidance gradient stay float32. In half precision the guidance decode
-runs under autocast (:func:`decoder_dtype`: not in fp16 for a VAE that asks for float32), the final
+runs under autocast (:func:`~generators.diffusion.pipeline.decoder_dtype`: not in fp16 for a VAE that asks for float32), the final
 decode in float32. When a CLIP encoder is fp16 the loss is scaled by 2**10 for its backward and unscaled
 afterwards (non-finite entries are zeroed), so small gradients do not underflow.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..base import GenerationResult, Generator, StepCallback, StepInfo
-from guidance.errors import first_line, load_error, looks_like_path, readable_weights
-
 from ..base import option, seed_generator
 from .guiders.defaults import PROFILES, fill_guider_defaults, profile_summary
-from .guiders import (GUIDERS, PREDICTIONS, SCHEDULES, SMOOTHING_SCHEDULES, STEP_RULES, CLIPGuider,
-                      guided_scheduler_step, setup_guider)
-from .families import family_class, family_of, pipeline_class_of
+from .guiders import (GUIDERS, CLIPGuider, GuiderSettings, check_guider, guided_scheduler_step, guider_from_settings,
+                      guider_names, setup_guider, with_guider_options)
+from .families import family_of
+from .pipeline import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, cached_pipeline, cfg_combine,
+                       check_model_path, check_scheduler_name, choose_scheduler, image_size,
+                       load_pipeline, load_tiny_vae, prepare_models, vae_decode)
 from .tables import check_scheduler, flow_tables, noise_tables, renoise
 
-# name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 GRADIENT_MODES = CLIPGuider.MODES
 # Schedulers whose step may be repeated after re-noising (self-recurrence): their step depends only on
 # the timestep (DDIM) or on a step index the loop restores (Euler, Euler ancestral). PNDM, LMS,
 # DPM-Solver++ and UniPC keep a history of model outputs that a repeated step would corrupt.
 RECURRENT_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
                         "euler_a": "EulerAncestralDiscreteScheduler"}
-# The rectified-flow models' own sampler: its step depends only on the step index, which the loop restores.
-FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
-# --scheduler values: a DDPM sampler by name, "default" (the checkpoint's own), "auto" (dpm++ for the DDPM
-# families SD 1.x/2.x and SDXL, the model's own flow-matching Euler for SD3 and FLUX)
-SCHEDULER_CHOICES = [*SCHEDULERS, "default", "auto"]
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass
-class Settings:
-    """Options of the ``sd`` backend (CLI flags and config keys come from these fields)."""
+class Settings(GuiderSettings):
+    """Options of the ``sd`` backend (CLI flags and config keys come from these fields), with the built-in guiders'
+    own options (:class:`~generators.diffusion.guiders.GuiderSettings`; a guider registered later adds its own
+    through :meth:`StableDiffusionGenerator.settings_class`)."""
 
     sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusion model (SD 1.x/2.x, SDXL, SD3/3.5 "
                            "or FLUX.1, found from the model): Hub id, local diffusers folder, or one "
@@ -95,15 +80,12 @@ class Settings:
     scheduler: str = option("auto", "sampler ('default': the checkpoint's own; 'auto': dpm++ for SD 1.x/2.x and "
                                     "SDXL, the model's own flow-matching Euler for SD3/FLUX)", flag="--scheduler",
                             choices=SCHEDULER_CHOICES)
-    guider: str = option("clip", "how the objective corrects each guided step: " + ", ".join(sorted(GUIDERS)),
-                         flag="--guider", choices=sorted(GUIDERS))
+    guider: str = option("clip", "how the objective corrects each guided step", flag="--guider",
+                         choices=guider_names)
     guider_defaults: str = option("clipsteer", "where the guider's unset settings come from: clipsteer (the "
                                                "project's own choices), toy (--preset toy's) or paper (each guider's "
                                                "reference code, docs/guiders.md: " + profile_summary("paper") + ")",
                                   choices=PROFILES)
-    clip_guidance_scale: float | None = option(None, "strength of the guider's correction at each guided step (0: "
-                                                     "off; default: the guider's own under --guider-defaults)",
-                                               flag="--clip-guidance-scale")
     cfg_scale: float = option(7.5, "classifier-free guidance scale (1 or less: no CFG; FLUX: not used)",
                               flag="--cfg-scale")
     flux_guidance: float = option(3.5, "FLUX.1-dev (guidance-distilled): the guidance value the transformer takes "
@@ -119,36 +101,6 @@ class Settings:
     strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image (0-1]", above=0,
                              maximum=1, requires="init_image")
     num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
-    guidance_start: float = option(0.0, "first fraction of the schedule that gets guidance (0-1)", minimum=0,
-                                   maximum=1)
-    guidance_end: float = option(1.0, "fraction of the schedule where guidance stops (0-1)", minimum=0, maximum=1)
-    guidance_every: int = option(1, "guide every k-th step inside the window", minimum=1)
-    guidance_gradient: str | None = option(None, "clip/ugd: x0: gradient through the clean-latent estimate with the "
-                                                 "UNet output held fixed (fast); full: backprop through the UNet "
-                                                 "too; community: the community pipeline's rule exactly (blend, "
-                                                 "sigma^2 moves on LMS/Euler)", choices=GRADIENT_MODES)
-    guidance_prediction: str | None = option(None, "guiders that backprop through the UNet: cfg (the CFG-combined "
-                                                   "output, as TFG's, FreeDoM's and UGD's SD samplers) or "
-                                                   "conditional (the text-conditional pass only: cheaper; the "
-                                                   "community pipeline's)", choices=PREDICTIONS)
-    step_rule: str | None = option(None, "dps/freedom step size: scale, loss (scale/|L|: DPS paper), relative (to the "
-                                         "sampler's update: clipsteer's freedom) or cfg (FreeDoM's code: by the CFG "
-                                         "update)", choices=STEP_RULES)
-    guidance_schedule: str | None = option(None, "guidance strength over the guided steps: constant, increasing "
-                                                 "(alpha_t) or decreasing (1 - alpha_t), mean 1 (TFG's schedules)",
-                                           choices=SCHEDULES)
-    recurrence: int = option(1, "self-recurrence: run each guided step K times, re-noising back in between "
-                                "(any guider; schedulers ddim, euler, euler_a)", minimum=1)
-    backward_steps: int | None = option(None, "ugd: backward-guidance steps on the clean estimate; tfg: its mu "
-                                              "iterations (0: none)", minimum=0)
-    backward_lr: float | None = option(None, "ugd/tfg: step size of the clean-estimate optimisation (tfg: mu)")
-    backward_schedule: str | None = option(None, "ugd/tfg: schedule of --backward-lr over the guided steps",
-                                           choices=SCHEDULES)
-    smoothing: float | None = option(None, "tfg: std sigma of the Monte-Carlo smoothing noise on the clean estimate "
-                                           "(0: none)", minimum=0)
-    smoothing_schedule: str | None = option(None, "tfg: constant or decreasing (sigma * sqrt(1 - ab_t))",
-                                            choices=SMOOTHING_SCHEDULES)
-    smoothing_samples: int | None = option(None, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1)
     ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
                                           "the guider's, 1 for the TFG-family papers)", minimum=0)
     vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
@@ -204,6 +156,10 @@ class StableDiffusionGenerator(Generator):
     presets = {"toy": toy_preset}
 
     @classmethod
+    def settings_class(cls) -> type:
+        return with_guider_options(cls.Settings)
+
+    @classmethod
     def check(cls, settings: Settings, device=None) -> None:
         from guidance import resolve_device
 
@@ -226,15 +182,12 @@ class StableDiffusionGenerator(Generator):
         if s.init_image and self.family.name != "sd":
             raise ValueError(f"--init-image (img2img) supports SD 1.x/2.x models; {self.family.label} samples from "
                              "noise only: drop --init-image")
-        pipe.set_progress_bar_config(disable=True)
-        # A cached pipeline remembers the scheduler it was loaded with; each run starts from that one.
-        default = pipe.__dict__.get("_clipsteer_default_scheduler", pipe.scheduler)
-        pipe.scheduler = self._scheduler(default)
+        pipe.scheduler = choose_scheduler(pipe, self.family, s.scheduler, auto="dpm++")
         if not self.family.flow:
             check_scheduler(pipe.scheduler)
         check_recurrence(s.recurrence, pipe.scheduler)
         self.vae_scale = int(pipe.vae_scale_factor)
-        self.width, self.height = self._size()
+        self.width, self.height = image_size(self.family, s.width, s.height)
         self.tiny_vae = load_tiny_vae(s.tiny_vae, pipe) if s.tiny_vae else None
         self._place_models()
         # Fail now, not mid-run, if the schedule has no readable noise level.
@@ -242,53 +195,21 @@ class StableDiffusionGenerator(Generator):
         self._tables(timesteps, begin, "cpu")
 
     # -- set-up --------------------------------------------------------------------------------
-    def _scheduler(self, default):
-        """The run's scheduler: a DDPM sampler by name (SD, SDXL), or the model's own (``default``; flow models)."""
-        name, family = self.settings.scheduler, self.family
-        if family.flow:
-            if name not in ("auto", "default"):
-                raise ValueError(f"--scheduler {name} is a DDPM sampler; {family.label} is a rectified-flow model "
-                                 f"sampled with its own {FLOW_SCHEDULER}: use --scheduler auto or default")
-            return default
-        if name == "default":
-            return default
-        return _build_scheduler("dpm++" if name == "auto" else name, default.config)
-
     def _tables(self, timesteps, begin: int, device):
         """The run's noise tables (:func:`~generators.diffusion.tables.noise_tables`; rectified flow: ``flow_tables``)."""
         if self.family.flow:
             return flow_tables(self.pipe.scheduler, timesteps, device)
         return noise_tables(self.pipe.scheduler, timesteps, device, begin_index=begin)
 
-    def _size(self) -> tuple[int, int]:
-        s = self.settings
-        native = self.family.native_size()
-        multiple = self.family.size_multiple()
-        sizes = []
-        for name, value in (("width", s.width), ("height", s.height)):
-            value = value or native
-            if value <= 0 or value % multiple:
-                lower = max(multiple, value // multiple * multiple)
-                raise ValueError(f"{name} {value} is not a positive multiple of {multiple} (the VAE works in "
-                                 f"{multiple}-pixel blocks); use --{name} {lower} or {lower + multiple}")
-            sizes.append(value)
-        return sizes[0], sizes[1]
-
     def _place_models(self) -> None:
         s, pipe = self.settings, self.pipe
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.requires_grad_(False).eval()
-        # The VAE decodes (and carries the guidance gradient) in float32, as diffusers' force_upcast.
-        _to_dtype(pipe.vae, torch.float32)
+        prepare_models(pipe, self.family, self.dtype)
         # Set both ways: a cached pipeline may carry the previous run's choices.
         pipe.enable_attention_slicing() if s.attention_slicing else pipe.disable_attention_slicing()
         for name, on in (("slicing", s.vae_slicing), ("tiling", s.vae_tiling)):
             switch = getattr(pipe.vae, f"{'enable' if on else 'disable'}_{name}", None)
             if switch is not None:
                 switch()
-        for module in self.family.compute_modules():
-            _to_dtype(module, self.dtype)
         if s.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:
@@ -346,36 +267,17 @@ class StableDiffusionGenerator(Generator):
 
     def _guidance_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Differentiable decode of the clean estimate for the objective (tiny VAE if set), under autocast in
-        half precision (see :func:`decoder_dtype`)."""
-        from guidance.runtime import autocast
-
+        half precision (see :func:`~generators.diffusion.pipeline.decoder_dtype`)."""
         vae = self.tiny_vae if self.tiny_vae is not None else self.pipe.vae
-        with autocast(latents.device, decoder_dtype(vae, self.dtype)):
-            image = vae.decode(self.family.vae_latents(latents, height=self.height, width=self.width, vae=vae),
-                               return_dict=False)[0]
-        return image.float() / 2 + 0.5     # unclamped: objectives clamp; --range-weight sees the overshoot
+        return vae_decode(vae, self.family, latents, dtype=self.dtype, height=self.height, width=self.width)
 
     def compile_targets(self) -> list[torch.nn.Module]:
         return [vae.decoder for vae in (self.pipe.vae, self.tiny_vae) if vae is not None]
 
     # -- sampling ------------------------------------------------------------------------------
     def make_guider(self, objective):
-        """The guider of ``settings.guider`` with this backend's window and strength settings."""
-
-        from .guiders import GUIDERS, make_guider
-
-        s = self.settings
-        base = dict(scale=s.clip_guidance_scale, start=s.guidance_start, end=s.guidance_end, every=s.guidance_every)
-        # passed only when set, so a user's guider with the older base signature still works
-        base.update({k: v for k, v in (("recurrence", s.recurrence), ("schedule", s.guidance_schedule))
-                     if v != {"recurrence": 1, "schedule": "constant"}[k]})
-        own = dict(gradient=s.guidance_gradient, prediction=s.guidance_prediction, step_rule=s.step_rule,
-                   backward_steps=s.backward_steps, backward_lr=s.backward_lr,
-                   backward_schedule=s.backward_schedule, smoothing=s.smoothing,
-                   smoothing_schedule=s.smoothing_schedule, smoothing_samples=s.smoothing_samples)
-        accepted = {name for klass in getattr(GUIDERS.get(s.guider), "__mro__", ())     # subclasses pass **kwargs on
-                    for name in inspect.signature(klass.__init__).parameters} if s.guider in GUIDERS else set()
-        return make_guider(s.guider, objective, **base, **{k: v for k, v in own.items() if k in accepted})
+        """The guider of ``settings.guider`` with its options read from this backend's settings."""
+        return guider_from_settings(self.settings.guider, objective, self.settings)
 
     def _denoiser(self, t, conditioning, scale: torch.Tensor | None = None, sigma: torch.Tensor | None = None):
         """The model at timestep *t* as the guiders see it (float32 outputs, on the VP latent ``z``).
@@ -390,8 +292,7 @@ class StableDiffusionGenerator(Generator):
             x = z if scale is None else z * scale
             out = family.predict(torch.cat([x] * batch) if batch > 1 else x, t, kwargs)
             if batch > 1:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + cfg_scale * (out_cond - out_uncond)
+                out = cfg_combine(out, cfg_scale)
             return out if sigma is None else x - sigma * out
 
         def guided(z):
@@ -507,25 +408,10 @@ class StableDiffusionGenerator(Generator):
                                 interrupted=interrupted, steps_done=done, stopped_at=stopped_at)
 
 
-def decoder_dtype(vae, dtype: torch.dtype) -> torch.dtype:
-    """The autocast dtype of a VAE decode in the hot loop: the run's half dtype, except fp16 for a VAE whose
-    config asks for float32 (``force_upcast``: the SD 1.x/2.x VAE overflows fp16); bf16 has fp32's range."""
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        return torch.float32
-    return dtype
-
-
-def _to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype)
-
-
 # -- loading -----------------------------------------------------------------------------------------
 def _check_settings(s: Settings, device: torch.device) -> None:
-    if s.guider not in GUIDERS:
-        raise ValueError(f"unknown guider {s.guider!r}; choose from {', '.join(sorted(GUIDERS))}")
-    if s.scheduler not in SCHEDULER_CHOICES:
-        raise ValueError(f"unknown scheduler {s.scheduler!r}; choose from {', '.join(SCHEDULERS)}, default or auto")
+    guider = check_guider(s.guider)
+    check_scheduler_name(s.scheduler)
     if s.guidance_gradient not in GRADIENT_MODES:
         raise ValueError(f"unknown guidance_gradient {s.guidance_gradient!r}; choose {', '.join(GRADIENT_MODES)}")
     if s.guider_defaults not in PROFILES:
@@ -537,13 +423,7 @@ def _check_settings(s: Settings, device: torch.device) -> None:
         raise ValueError(f"steps is {s.steps}; use at least 1")
     if s.num_images < 1:
         raise ValueError(f"num_images is {s.num_images}; use at least 1")
-    if not 0.0 <= s.guidance_start < s.guidance_end <= 1.0:
-        raise ValueError(f"guidance window [{s.guidance_start}, {s.guidance_end}) is empty or outside [0, 1]; "
-                         "use 0 <= --guidance-start < --guidance-end <= 1")
-    if s.guidance_every < 1:
-        raise ValueError(f"guidance_every is {s.guidance_every}; use 1 (every step) or more")
-    if s.recurrence < 1:
-        raise ValueError(f"recurrence is {s.recurrence}; use 1 (no self-recurrence) or more")
+    guider.from_settings(None, s)     # the guider checks its own options (window, strength, its rule's)
     if s.recurrence > 1 and s.scheduler not in ("default", "auto"):
         check_recurrence(s.recurrence, s.scheduler)
     if s.init_image:
@@ -566,135 +446,3 @@ def check_recurrence(recurrence: int, scheduler) -> None:
         raise ValueError(f"--recurrence {recurrence} cannot repeat a step of scheduler {name} (its step keeps a "
                          f"history of model outputs); use --scheduler {', '.join(RECURRENT_SCHEDULERS)} or "
                          "--recurrence 1")
-
-
-def _build_scheduler(name: str, config):
-    import diffusers
-
-    cls = getattr(diffusers, SCHEDULERS[name])
-    try:
-        return cls.from_config(config)
-    except ImportError as err:   # LMS needs scipy
-        raise ImportError(f"--scheduler {name} needs an extra package: {str(err).strip().splitlines()[-1]}") from None
-
-
-def _looks_like_path(name: str) -> bool:
-    return looks_like_path(name, SINGLE_FILE_SUFFIXES)
-
-
-def _load_error(kind: str, name: str, err: Exception) -> OSError:
-    return load_error(kind, name, err)
-
-
-def check_model_path(spec: str) -> Path:
-    """One-line errors, before anything loads, for a local --sd model that is missing, not a pipeline, or of a
-    family clipsteer does not support."""
-    path = Path(spec).expanduser()
-    if spec.endswith(SINGLE_FILE_SUFFIXES):
-        if not path.is_file():
-            raise FileNotFoundError(f"Stable Diffusion checkpoint file {spec!r} does not exist; give an existing "
-                                    ".safetensors/.ckpt file, a diffusers folder or a Hub id")
-    elif path.exists():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{spec!r} is not a diffusers pipeline folder (no model_index.json); "
-                                    "point --sd at the folder that `save_pretrained` or `hf download` wrote")
-        family_class(pipeline_class_of(spec, path, False), spec)     # an unsupported family: one line, now
-    elif _looks_like_path(spec):
-        raise FileNotFoundError(f"Stable Diffusion model folder {spec!r} does not exist; give a Hub id such as "
-                                "'stable-diffusion-v1-5/stable-diffusion-v1-5' or an existing local folder")
-    return path
-
-
-def load_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None,
-                  vae: str | None = None):
-    """The diffusers pipeline of a Hub id, a diffusers folder or a single checkpoint file, its class (SD 1.x/2.x,
-    SDXL, SD3, FLUX) found from the model (:func:`~generators.diffusion.families.pipeline_class_of`); safety checker never
-    loaded; ``.ckpt`` files are read with ``weights_only=True`` (a pickle holding more is refused in one line);
-    *vae*: a replacement ``AutoencoderKL``."""
-    with readable_weights("Stable Diffusion model", spec):
-        return _load_pipeline(spec, dtype=dtype, config=config, vae=vae)
-
-
-def _load_pipeline(spec: str, *, dtype: torch.dtype, config: str | None, vae: str | None):
-    import diffusers
-
-    path = check_model_path(spec)
-    single = spec.endswith(SINGLE_FILE_SUFFIXES)
-    try:
-        name = pipeline_class_of(spec, path, single)
-    except (OSError, ValueError) as err:
-        raise _load_error("Stable Diffusion model", spec, err) from None
-    family = family_class(name, spec)
-    cls = getattr(diffusers, family.pipeline_class)
-    common = dict(dtype=dtype, **(family.single_file_kwargs if single else family.load_kwargs))
-    if vae:
-        common["vae"] = load_vae(vae)
-    if single:
-        extra = {"config": config} if config else {}
-        try:
-            return cls.from_single_file(str(path), **common, **extra)
-        except (OSError, ValueError) as err:
-            raise OSError(f"could not load single-file checkpoint {spec!r}: {first_line(err)}; offline, also "
-                          "pass --sd-config "
-                          "with a local diffusers folder of the same model type (it supplies the configs)") from None
-    try:
-        return cls.from_pretrained(str(path) if path.exists() else spec, **common)
-    except (OSError, ValueError) as err:
-        raise _load_error("Stable Diffusion model", spec, err) from None
-
-
-def load_vae(spec: str):
-    """A replacement ``AutoencoderKL`` (e.g. ``madebyollin/sdxl-vae-fp16-fix``) from a Hub id or folder."""
-    from diffusers import AutoencoderKL
-
-    path = Path(spec).expanduser()
-    if not path.exists() and _looks_like_path(spec):
-        raise FileNotFoundError(f"VAE folder {spec!r} does not exist; give a Hub id such as "
-                                "'madebyollin/sdxl-vae-fp16-fix' or an existing local folder")
-    try:
-        return AutoencoderKL.from_pretrained(str(path) if path.exists() else spec, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise _load_error("VAE", spec, err) from None
-
-
-def cached_pipeline(spec: str, *, dtype: torch.dtype = torch.float32, config: str | None = None,
-                    vae: str | None = None):
-    """:func:`load_pipeline`, kept in the model cache across runs for the same (model, dtype, config)."""
-    from guidance.cache import cached
-
-    path = Path(spec).expanduser()
-    marker = path / "model_index.json" if path.is_dir() else path
-    stamp = (marker.stat().st_mtime_ns, marker.stat().st_size) if marker.exists() else None
-    key = (str(path.resolve()) if path.exists() else spec, stamp, str(dtype), config, vae)
-
-    def load():
-        pipe = load_pipeline(spec, dtype=dtype, config=config, vae=vae)
-        pipe.__dict__["_clipsteer_default_scheduler"] = pipe.scheduler
-        return pipe
-
-    return cached("pipeline", key, load)
-
-
-def load_tiny_vae(spec: str, pipe):
-    """An ``AutoencoderTiny`` (e.g. ``madebyollin/taesd``) checked against the pipeline's latent space."""
-    from diffusers import AutoencoderTiny
-
-    path = Path(spec).expanduser()
-    if not path.exists() and _looks_like_path(spec):
-        raise FileNotFoundError(f"tiny VAE folder {spec!r} does not exist; give a Hub id such as "
-                                "'madebyollin/taesd' or an existing local folder")
-    try:
-        vae = AutoencoderTiny.from_pretrained(str(path) if path.exists() else spec, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise _load_error("tiny VAE", spec, err) from None
-    check_tiny_vae(vae, pipe)
-    return vae
-
-
-def check_tiny_vae(vae, pipe) -> None:
-    cfg = vae.config
-    factor = cfg.upsampling_scaling_factor ** (len(cfg.decoder_block_out_channels) - 1)
-    if cfg.latent_channels != pipe.vae.config.latent_channels or factor != pipe.vae_scale_factor:
-        raise ValueError(f"tiny VAE has {cfg.latent_channels} latent channels and {factor}x upsampling, the "
-                         f"pipeline {pipe.vae.config.latent_channels} and {pipe.vae_scale_factor}x; use the tiny "
-                         "VAE made for this model family (taesd for SD 1.x/2.x, taesdxl, taesd3, taef1)")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from guidance.errors import first_line
 
 from .. import DEFAULT_BACKEND, backend_names, get_generator_class
-from ..base import field_default
+from ..base import field_choices, field_default
 from .settings import GROUPS, RUN_NAMES, RunSettings
 
 
@@ -81,6 +81,10 @@ class OptionSpec:
         return field_default(self.per_owner.get(owner, self.field))
 
     @property
+    def choices(self) -> list | None:
+        return field_choices(self.field)
+
+    @property
     def flag(self) -> str:
         return self.field.metadata.get("flag") or "--" + self.name.replace("_", "-")
 
@@ -119,7 +123,7 @@ def option_specs(backends: list[str] | None = None, *, errors: dict[str, str] | 
                 errors[name] = f"{err.__class__.__name__}: {first_line(err)}"
             continue
         if is_dataclass(getattr(cls, "Settings", None)):
-            _specs_of(cls.Settings, name, specs)
+            _specs_of(cls.settings_class(), name, specs)
     return specs
 
 
