@@ -261,34 +261,34 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
     from .. import get_generator_class
     from .options import resolve_options
     from .outputs import SIDECAR
-    from .record import read_back
+    from .record import RunRecord, read_back
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--resume {str(folder)!r}: no such run folder; give a folder that generate.py wrote")
     try:
-        meta = json.loads((folder / SIDECAR).read_text(encoding="utf-8"))
+        record = RunRecord.read(folder)
     except FileNotFoundError:
         raise ValueError(f"--resume {str(folder)!r} is not a run folder (it has no {SIDECAR}); give a folder "
                          "that generate.py wrote") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"--resume {str(folder)!r}: its {SIDECAR} is not readable JSON; it cannot be resumed") \
+    except ValueError as err:
+        readable = "JSON" in str(err)
+        raise ValueError(f"--resume {str(folder)!r}: its {SIDECAR} is "
+                         + ("not readable JSON; it cannot be resumed" if readable else "not a clipsteer run record")) \
             from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict) or "backend" not in meta:
-        raise ValueError(f"--resume {str(folder)!r}: its {SIDECAR} is not a clipsteer run record")
-    backend = meta["backend"]
+    backend = record.backend
     if not getattr(get_generator_class(backend), "resumable", False):
         raise ValueError(f"--resume: the {backend} backend cannot resume a run (diffusion sampling keeps no "
                          "checkpoint); run it again with the same --seed, which gives the same image")
     done = load_state(folder).step            # the whole checkpoint is read once now, before any model loads
-    _check_identity(folder, backend, meta)
+    _check_identity(folder, backend, record.settings)
     extra = sorted(k for k, v in given.items() if v is not None and k not in RESUME_OPTIONS)
     if extra:
         raise ValueError(f"--resume continues a run with its own options; {', '.join(extra)} cannot be changed "
                          f"(allowed: {', '.join(RESUME_OPTIONS)})")
-    sources = meta.get("option_sources") if isinstance(meta.get("option_sources"), dict) else {}
-    back = read_back(meta["settings"], sources, folder)
-    preset = meta.get("preset") if set(back) != set(meta["settings"]) else None   # it gives its models again
+    sources = record.option_sources if isinstance(record.option_sources, dict) else {}
+    back = read_back(record.settings, sources, folder)
+    preset = record.preset if set(back) != set(record.settings) else None   # it gives its models again
     recorded = {k: v for k, v in back.items() if v is not None}
     prompt = recorded.pop("prompt", None)
     changes = {k: v for k, v in given.items() if v is not None}
@@ -305,7 +305,7 @@ def resume_options(folder: str | Path, given: Mapping[str, Any]) -> tuple[str, d
     return backend, opts, provenance
 
 
-def _check_identity(folder: Path, backend: str, meta: Mapping[str, Any]) -> None:
+def _check_identity(folder: Path, backend: str, settings: Mapping[str, Any]) -> None:
     """The checkpoint in *folder* must be the one its run wrote: the digest stored with it is the digest of
     the run.json beside it (a checkpoint copied from another run, or a run.json edited, is refused)."""
     import warnings
@@ -317,7 +317,7 @@ def _check_identity(folder: Path, backend: str, meta: Mapping[str, Any]) -> None
         warnings.warn(f"the checkpoint in {str(folder)!r} predates run digests, so whether it belongs to this "
                       "run cannot be checked; resuming it as it is", stacklevel=3)
         return
-    if stored != run_identity(backend, meta["settings"]):
+    if stored != run_identity(backend, settings):
         raise ValueError(f"--resume {str(folder)!r}: its checkpoint belongs to another run (it was written for other "
                          "options or another prompt than this folder's run.json); resume the run folder that wrote "
                          "it, or start this run again")

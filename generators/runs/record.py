@@ -1,5 +1,5 @@
-"""How a run's options are written down (run.json and each PNG) and read back (``--resume``, the web UI's
-Reuse), and the digest that ties a checkpoint to its run.
+"""run.json as a type (:class:`RunRecord`); how a run's options are written down (run.json and each PNG) and
+read back (``--resume``, the web UI's Reuse); and the digest that ties a checkpoint to its run.
 
 Paths are recorded relative to the run folder (``../../models/clip``), so a shared PNG shows none of the
 user's folders and a moved clone still resumes; a model from a preset is recorded as the preset's
@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from .checkpoint import RESUME_OPTIONS
+from .outputs import SIDECAR
 from .paths import map_local_paths, path_options
 
 RECORD_MODES = ("relative", "absolute")
@@ -117,5 +119,87 @@ def run_identity(backend: str, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-__all__ = ["NOT_IDENTITY", "RECORD_MODES", "read_back", "record_path", "recorded_options", "recorded_value",
-           "resolved_settings", "run_identity"]
+
+
+#: the keys run.json has only when they are set
+OPTIONAL_KEYS = ("resumed_from", "checkpoint", "rewards", "steered_by", "reward_scores", "animations", "timings")
+
+
+@dataclass
+class RunRecord:
+    """A run's ``run.json`` (and the JSON in each of its PNGs): what it made and what made it.
+
+    :meth:`to_dict` is the file's content, :meth:`write` writes it, :meth:`read` / :meth:`from_dict` take it
+    back (keys this version does not know are kept in ``extra`` and written again)."""
+
+    prompt: str
+    seed: int
+    backend: str
+    clip_score: float | None
+    image: str
+    images: list[str]
+    interrupted: bool
+    stopped_at: int | None
+    eval_model: str | None
+    clip_scores: dict[str, Any]
+    prompts: dict[str, Any]
+    settings: dict[str, Any]                  # the run's options as recorded (:func:`recorded_options`)
+    backend_settings: dict[str, Any]
+    option_sources: dict[str, str]            # where each option not left at its default came from
+    preset: str | None
+    config: str | None
+    device: str
+    precision: str
+    precision_choice: dict[str, Any] | None
+    steps_done: int
+    info: dict[str, Any]                      # the backend's own account of the run
+    versions: dict[str, str]
+    created: str
+    losses: list[float | None]
+    resumed_from: str | None = None
+    checkpoint: str | None = None
+    rewards: list[dict[str, Any]] | None = None
+    steered_by: list[str] | None = None       # the models that steered (evaluate.py --held-out leaves them out)
+    reward_scores: Any = None
+    animations: list[str] | None = None
+    timings: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {k: v for k, v in out.items() if not (k in OPTIONAL_KEYS and v is None)}
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunRecord":
+        """A record from run.json's content; ``ValueError`` for JSON that is not a clipsteer run record."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("settings"), dict) or "backend" not in data:
+            raise ValueError(f"not a clipsteer run record (no backend and settings in its {SIDECAR})")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        missing = {f.name: None for f in fields(cls) if f.name not in known and f.name != "extra"
+                   and f.default is MISSING}
+        return cls(**missing, **known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunRecord":
+        """The record of a run folder (or of its ``run.json``): ``FileNotFoundError`` without one, ``ValueError``
+        for a file that is not readable JSON or not a run record."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SIDECAR
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"its {SIDECAR} is not readable JSON") from None
+        return cls.from_dict(data)
+
+    def write(self, folder: str | Path) -> Path:
+        """``folder/run.json`` (written last in a run: its presence marks a finished run folder)."""
+        from .outputs import write_json
+
+        return write_json(Path(folder) / SIDECAR, self.to_dict())
+
+
+__all__ = ["NOT_IDENTITY", "RECORD_MODES", "RunRecord", "read_back", "record_path", "recorded_options",
+           "recorded_value", "resolved_settings", "run_identity"]

@@ -34,6 +34,7 @@ from ..base import GenerationResult, StepInfo, check_seed
 from .logs import quiet_libraries
 from .memory import check_fits
 from .options import backend_settings, resolve_options
+from .record import RunRecord
 
 
 @dataclass
@@ -46,12 +47,17 @@ class Run:
     """
 
     images: torch.Tensor | list
-    metadata: dict[str, Any]
+    record: RunRecord
     path: Path | None = None
     image_paths: list[Path] = field(default_factory=list)
     clip_score: float | None = None
     interrupted: bool = False
     frames: list = field(default_factory=list, repr=False)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The run's record as run.json has it."""
+        return self.record.to_dict()
 
     @property
     def pil_images(self) -> list:
@@ -70,11 +76,11 @@ class Run:
 
     @property
     def seed(self) -> int:
-        return self.metadata["seed"]
+        return self.record.seed
 
     @property
     def losses(self) -> list[float]:
-        return self.metadata.get("losses", [])
+        return self.record.losses
 
 
 def _versions() -> dict[str, str]:
@@ -389,62 +395,46 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
     names = ["image.png"] if images.shape[0] == 1 else [f"image-{i}.png" for i in range(images.shape[0])]
     settings = prep.settings
     mode, sources = str(prep.opts.get("record_paths") or "relative"), prep.provenance["sources"]
-    metadata: dict[str, Any] = {
-        "prompt": prep.label,
-        "seed": prep.seed,
-        "backend": prep.backend,
-        "clip_score": score.get("clip_score"),
-        "image": names[0],
-        "images": names,
-        "interrupted": bool(result.interrupted),
-        "stopped_at": result.stopped_at,
-        "eval_model": recorded_options({"eval_model": prep.eval_model}, sources, folder, mode)["eval_model"],
-        "clip_scores": score,
-        "prompts": {str(k): v for k, v in prep.schedule.as_dict().items()},
-        "settings": _recorded(prep, folder),
-        "backend_settings": recorded_options(asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
-                                             sources, folder, mode),
-        "option_sources": {k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
-        "preset": prep.provenance["preset"],
-        "config": prep.provenance["config"],
-        "device": str(prep.device),
-        "precision": str(prep.generator.dtype).replace("torch.", ""),
-        "precision_choice": prep.precision.as_dict() if prep.precision is not None else None,
-        "steps_done": steps_done,
-        "info": result.info,
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "losses": [float(x) if math.isfinite(float(x)) else None for x in result.losses],
-    }
-    if prep.provenance.get("resumed_from"):
-        metadata["resumed_from"] = prep.provenance["resumed_from"]
+    record = RunRecord(
+        prompt=prep.label, seed=prep.seed, backend=prep.backend, clip_score=score.get("clip_score"),
+        image=names[0], images=names, interrupted=bool(result.interrupted), stopped_at=result.stopped_at,
+        eval_model=recorded_options({"eval_model": prep.eval_model}, sources, folder, mode)["eval_model"],
+        clip_scores=score, prompts={str(k): v for k, v in prep.schedule.as_dict().items()},
+        settings=_recorded(prep, folder),
+        backend_settings=recorded_options(asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
+                                          sources, folder, mode),
+        option_sources={k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
+        preset=prep.provenance["preset"], config=prep.provenance["config"], device=str(prep.device),
+        precision=str(prep.generator.dtype).replace("torch.", ""),
+        precision_choice=prep.precision.as_dict() if prep.precision is not None else None,
+        steps_done=steps_done, info=result.info, versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        losses=[float(x) if math.isfinite(float(x)) else None for x in result.losses],
+        resumed_from=prep.provenance.get("resumed_from") or None)
     if getattr(prep.generator.checkpoint, "saved", None) is not None:
-        metadata["checkpoint"] = prep.generator.checkpoint.saved.name
+        record.checkpoint = prep.generator.checkpoint.saved.name
     rewards = reward_specs(prep.opts)
     if rewards:   # which rewards steered (for evaluate.py --held-out) and their score at every step
-        metadata["rewards"] = [{k: r[k] for k in ("label", "name", "model", "weight", "spec")} for r in rewards]
+        record.rewards = [{k: r[k] for k in ("label", "name", "model", "weight", "spec")} for r in rewards]
         from guidance.rewards import CLIPReward
 
-        metadata["steered_by"] = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
-                                  for r in rewards if r["weight"] != 0]
-        metadata["reward_scores"] = progress.reward_log()
+        record.steered_by = [(f"clip:{r['model'] or CLIPReward.default_model}" if r["name"] == "clip" else r["name"])
+                             for r in rewards if r["weight"] != 0]
+        record.reward_scores = progress.reward_log()
     # the config file, resumed_from, models in info...; the settings as the checkpoint's digest has them
-    metadata = recorded_value(metadata, folder, mode, keep=("settings",))
-    run = Run(images=images, metadata=metadata, path=folder, clip_score=score.get("clip_score"),
+    record = RunRecord.from_dict(recorded_value(record.to_dict(), folder, mode, keep=("settings",)))
+    run = Run(images=images, record=record, path=folder, clip_score=score.get("clip_score"),
               interrupted=bool(result.interrupted), frames=progress.frames)
     if folder is not None:
         _save(run, folder, names, prep.formats, float(prep.opts.get("fps") or 10.0), images)
     t_saved = time.perf_counter()
-    metadata["timings"] = {
+    record.timings = {
         "load_s": round(prep.t_loaded - prep.t_start, 3), "generate_s": round(t_generated - prep.t_loaded, 3),
         "score_s": round(t_scored - t_generated, 3), "save_s": round(t_saved - t_scored, 3),
         "total_s": round(t_saved - prep.t_start, 3),
         "seconds_per_step": round((t_generated - prep.t_loaded) / steps_done, 4) if steps_done else None,
     }
     if folder is not None:
-        from .outputs import SIDECAR, write_json
-
-        write_json(folder / SIDECAR, metadata)
+        record.write(folder)
     return run
 
 
@@ -534,10 +524,7 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
         run.image_paths.append(save_png(im, folder / name, text=text))
     if formats:
         frames = list(run.frames) + [pils[0]]
-        meta["animations"] = []
-        for fmt in formats:
-            path = save_animation(frames, folder / f"animation.{fmt}", fps=fps)
-            meta["animations"].append(path.name)
+        run.record.animations = [save_animation(frames, folder / f"animation.{fmt}", fps=fps).name for fmt in formats]
 
 
 def _remove_if_empty(folder: Path) -> None:
