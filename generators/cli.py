@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from guidance.errors import USER_ERRORS
+
 from . import DEFAULT_BACKEND, backend_names
 from .runs.options import option_groups
 from .runs import OptionSpec, generate, option_specs
@@ -169,7 +171,7 @@ def _add_diffusers_names(parser: argparse.ArgumentParser, specs) -> None:
 
 def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     """--prompts-file and its companions (:mod:`generators.runs.batch`)."""
-    from .runs.batch import LAYOUTS
+    from .runs.export import LAYOUTS
 
     group = parser.add_argument_group("batch", "many prompts x seeds, one run folder each and an index "
                                                "(runs.jsonl); run again to skip finished runs; shards over "
@@ -281,7 +283,7 @@ def _main(args: dict[str, Any]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted before the first step; nothing saved", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     score = f"{run.clip_score:.2f}" if run.clip_score is not None else "not scored"

@@ -28,8 +28,6 @@ OPTIMIZERS = {
 OPTIMIZER_NAMES = ("Adam", "AdamW", "Adagrad", "Adamax", "RAdam", "RMSprop", "SGD")
 LR_SCHEDULES = ("constant", "cosine", "step", "linear")
 
-Latents = "torch.Tensor | list[torch.Tensor]"
-
 
 @dataclass
 class OptimiseSettings:

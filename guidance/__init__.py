@@ -18,7 +18,7 @@ from .encoders import Encoder, HFCLIPEncoder, OpenCLIPEncoder, load_encoder, par
 from .losses import (clamp_with_grad, cosine_distance, range_loss, saturation_loss, spherical_distance, symmetry_loss,
                      tv_loss)
 from .prompts import Prompt, PromptSchedule, image_prompts, parse_prompt, parse_prompts, parse_schedule
-from .runtime import resolve_device, resolve_dtype, seeded_generator
+from .runtime import resolve_device, resolve_dtype
 from .score import CLIPScore, ScoreModel, clip_score, get_score_model, image_similarity
 
 __all__ = [
@@ -28,6 +28,6 @@ __all__ = [
     "Encoder", "HFCLIPEncoder", "OpenCLIPEncoder", "load_encoder", "parse_encoder_spec",
     "clamp_with_grad", "spherical_distance", "cosine_distance", "tv_loss", "range_loss", "saturation_loss", "symmetry_loss",
     "Prompt", "PromptSchedule", "parse_prompt", "parse_prompts", "parse_schedule", "image_prompts",
-    "resolve_device", "resolve_dtype", "seeded_generator",
+    "resolve_device", "resolve_dtype",
     "clip_score", "image_similarity", "CLIPScore", "ScoreModel", "get_score_model",
 ]

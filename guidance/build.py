@@ -12,8 +12,10 @@ from typing import Any, Mapping
 
 import torch
 
+from .encoders import CLIP_VIT_L14
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_EVAL = "openai/clip-vit-large-patch14"
+DEFAULT_EVAL = CLIP_VIT_L14
 DEFAULT_EVAL_ALT = "openai/clip-vit-base-patch16"  # when the large one guided
 NONE_WORDS = ("none", "off", "no", "false", "")
 

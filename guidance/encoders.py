@@ -22,6 +22,9 @@ from .errors import load_error, looks_like_path, readable_weights
 from .patch_embedding import use_matmul_patch_embedding
 from .runtime import autocast, resolve_device, resolve_dtype
 
+#: OpenAI's CLIP ViT-L/14: the default judge (CLIP score), and the backbone of PickScore and the aesthetic head
+CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

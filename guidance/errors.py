@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+#: what a user's input can raise (a bad option, a missing or unreadable file or model, a missing package): the
+#: command line and the web UI show these as one-line errors; anything else is a bug and keeps its traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError)
+
 
 def first_line(err: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its class name when empty), cut to *limit* characters."""

@@ -178,12 +178,6 @@ def resolve_dtype(precision: str | torch.dtype | None, device: torch.device) -> 
     return choose_precision(precision, device).dtype
 
 
-def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on *device* seeded with *seed* (CPU by default, so a seed means
-    the same numbers on every machine)."""
-    return torch.Generator(device=device).manual_seed(int(seed))
-
-
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """*tensor* (made on the host) on *device*, without making the host wait for the device's queued work:
     a host-to-CUDA copy is non-blocking (CUDA stages the pageable source before returning)."""

@@ -31,11 +31,11 @@ from typing import Sequence
 
 import torch
 
-from .encoders import Encoder, HFCLIPEncoder, features as _pooled, load_encoder
+from .encoders import CLIP_VIT_L14, Encoder, HFCLIPEncoder, features as _pooled, load_encoder
 from .images import pil_to_tensor, read_image
 from .runtime import resolve_device
 
-DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_MODEL = CLIP_VIT_L14
 DEFINITIONS = ("torchmetrics", "per_pair", "hessel")
 HESSEL_PREFIX = "A photo depicts "
 HESSEL_WEIGHT = 2.5

@@ -16,11 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from webui.policy import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, ServerPolicy, check_host, read_auth  # noqa: E402
+from webui.policy import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, ServerPolicy, check_host, read_auth
 
 
 def main(argv=None) -> int:

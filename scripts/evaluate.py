@@ -24,16 +24,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from guidance.evaluation.metrics import METRIC_BASE_COLUMNS  # noqa: E402
-from guidance.evaluation.pairs import collect_items  # noqa: E402
-from guidance.evaluation.report import (COLUMNS, DEFINITION_TEXT, check_group_by, check_writable,  # noqa: E402
+from guidance.errors import USER_ERRORS
+from guidance.evaluation.metrics import METRIC_BASE_COLUMNS
+from guidance.evaluation.pairs import collect_items
+from guidance.evaluation.report import (COLUMNS, DEFINITION_TEXT, check_group_by, check_writable,
                                         format_summary, load_table, summarize, write_table)
-from guidance.evaluation.scoring import evaluate, merge_rows, process_state  # noqa: E402
-from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS  # noqa: E402
+from guidance.evaluation.scoring import evaluate, merge_rows, process_state
+from guidance.score import DEFAULT_MODEL, DEFINITIONS, IMAGE_BACKENDS
 
 EPILOG = ("definitions: " + "; ".join(f"{k} = {v}" for k, v in DEFINITION_TEXT.items())
           + ".  Exit status: 0 scored (unreadable images are listed, not fatal; with --strict they give 1), "
@@ -98,7 +95,7 @@ def main(argv=None) -> int:
         rows = evaluate(items, models, definition=args.definition, prefix=args.prefix, batch_size=args.batch_size,
                         device=args.device, precision=args.precision, image_backend=args.image_backend,
                         done=old, show_progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
+    except USER_ERRORS as err:
         if main_proc:
             print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
@@ -173,7 +170,7 @@ def _main_metrics(args, main_proc: bool) -> int:
         items, json_path, csv_path = _items_and_tables(args, "metrics")
         rows = evaluate_metrics(items, metrics, batch_size=args.batch_size, device=args.device,
                                 precision=args.precision, show_progress=not args.no_progress and main_proc)
-    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
+    except USER_ERRORS as err:
         if main_proc:
             print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2

@@ -8,13 +8,8 @@ A thin wrapper over :func:`generators.runs.generate`; ``--help`` lists every opt
 """
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
-from generators.cli import main  # noqa: E402
+from generators.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

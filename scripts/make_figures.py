@@ -27,10 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
+ROOT = Path(__file__).resolve().parent.parent   # the checkout: docs/images is written there
 OUT_DIR = ROOT / "docs" / "images"
 SEED = 0
 PROMPTS = (

@@ -22,19 +22,14 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from toyworld.paths import CLIPS, WEIGHTS_DIR  # noqa: E402
-from toyworld.prompts import CATEGORIES  # noqa: E402
+from toyworld.paths import CLIPS, WEIGHTS_DIR
+from toyworld.prompts import CATEGORIES
 
 GROUPS = ("clip", "vqgan", "sd", "sd_turbo", "itm", "guided")
 # the model folders each group reads from --out (trained earlier in the same run, or already there)

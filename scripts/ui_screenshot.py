@@ -15,9 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent   # the checkout: docs/images is written there
 
 
 def main(argv=None) -> int:

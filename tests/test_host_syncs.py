@@ -24,7 +24,7 @@ from collections import Counter
 import pytest
 import torch
 
-from generators.runs.session import _Progress
+from generators.runs.progress import Progress as _Progress
 from generators.diffusion.sampling import Settings, StableDiffusionGenerator
 from generators.vqgan.taming import TamingConfig, build_first_stage
 from generators.vqgan.backend import VQGANGenerator, VQGANSettings

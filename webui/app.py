@@ -15,6 +15,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: 
 import gradio as gr
 
 from generators import DEFAULT_BACKEND
+from guidance.errors import USER_ERRORS
 from generators.runs.outputs import read_metadata
 
 from .form import (
@@ -27,7 +28,7 @@ from .form import (
     values_from_run,
 )
 from .gallery import RunEntry, list_runs
-from .jobs import USER_ERRORS, Job, Step, eta
+from .jobs import Job, Step, eta
 from .policy import ServerPolicy
 
 CSS = """

@@ -15,8 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from guidance.errors import USER_ERRORS
+
 #: the errors ``scripts/generate.py`` reports as one line ("error: ..."), exit code 2
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError)
 
 
 @dataclass
@@ -142,4 +143,4 @@ def eta(steps: list[Step]) -> tuple[float | None, float | None]:
     return per_step, per_step * max(0, last.total - last.step - 1)
 
 
-__all__ = ["USER_ERRORS", "Job", "Step", "eta"]
+__all__ = ["Job", "Step", "eta"]

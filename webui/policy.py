@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from generators.runs.outputs import SIDECAR
 from generators.runs.paths import FILE, local_path, path_options, references, values
 
 #: options that count steps, capped by --max-steps
@@ -170,7 +171,7 @@ class ServerPolicy:
     def run_folder(self, folder: Any) -> Path:
         """A gallery folder: a run folder directly under the output folder, else a one-line error."""
         path = _resolved(str(folder or ""))
-        if not folder or path.parent != self.out or not (path / "run.json").is_file():
+        if not folder or path.parent != self.out or not (path / SIDECAR).is_file():
             raise ValueError("not a run of this server's gallery; select a run in the gallery")
         return path
 

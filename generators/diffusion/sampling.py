@@ -9,7 +9,7 @@ corrected clean estimate goes back to ``FlowMatchEulerDiscreteScheduler`` as a v
 
 At a guided step the clean latent is predicted from the current latent and the (CFG) model
 output at the scheduler's own noise level, decoded by the VAE (or a tiny ``AutoencoderTiny``)
-with gradients, scored by the ``CLIPLoss``, and the gradient is turned into a correction of the
+with gradients, scored by the objective (``guidance.Objective``), and the gradient is turned into a correction of the
 model output that the scheduler's ``step`` consumes (see :mod:`generators.diffusion.tables`). So the
 same code serves DDIM, PNDM, DPM-Solver++, Euler, Euler ancestral, LMS and UniPC, for eps-,
 v- and x0-prediction checkpoints, and with ``clip_guidance_scale=0`` the loop is exactly
@@ -125,10 +125,8 @@ def toy_preset() -> dict:
     """This backend's part of ``--preset toy``: the toy Stable Diffusion pipeline."""
     from ..runs.presets import toyworld_weights
 
-    # every guider's strength comes from the "toy" guider defaults (generators.diffusion.guiders.defaults): the clip rule's
-    # 500 chosen on the toy tuning prompts (quality.py --prompt-seed 7 --seed-base 10 --prompts 12 --seeds 2, 24
-    # images), all three right: scale 100 54.2%, 200 62.5%, 300 70.8%, 500 75.0%, 1000 58.3%; unguided 45.8%;
-    # the other guiders' from benchmarks/tune_guiders.py --grid toy-v2
+    # every guider's strength comes from the "toy" guider defaults (generators.diffusion.guiders.defaults), chosen
+    # on the toy tuning prompts (docs/benchmarks.md, "How the toy settings were chosen")
     return {"sd_model": str(toyworld_weights("sd", check=True)), "guider_defaults": "toy"}
 
 
@@ -141,14 +139,14 @@ class StableDiffusionGenerator(Generator):
     ``StableDiffusion3Pipeline`` or ``FluxPipeline`` to use instead of loading ``sd_model`` (its scheduler
     is replaced per ``settings.scheduler`` and its weights are frozen).
 
-    ``generate(clip_loss, seed=, callback=)``: ``clip_loss=None`` or ``clip_guidance_scale=0`` is
+    ``generate(objective, seed=, callback=)``: ``objective=None`` or ``clip_guidance_scale=0`` is
     plain diffusers sampling. The UNet is conditioned on ``settings.prompt``, or, when that is empty,
-    on the CLIPLoss's positive text prompts at step 0 joined with ", ". The step callback's
+    on the objective's positive text prompts at step 0 joined with ", ". The step callback's
     ``StepInfo.decode()`` renders the current clean-image estimate (the final latents after the last
     step); stopping early (callback returns ``False``, or Ctrl-C) returns that estimate.
     ``result.info`` records ``guided_steps`` (step indices), ``num_steps``, ``steps_done``,
     ``timesteps`` and the settings that shaped the run; ``result.losses`` the mean per-image CLIP
-    loss of each guided step.
+    loss of each guided step. :meth:`generate` reads as numbered steps, as diffusers' pipelines do.
     """
 
     name = "sd"
@@ -336,19 +334,23 @@ class StableDiffusionGenerator(Generator):
         scheduler = pipe.scheduler
         device = self.execution_device
         started = time.perf_counter()
+        # 1. Random streams and the prediction the guiders see;
         # rectified flow: guiders get the clean estimate ("sample") in the VP frame, the scheduler the velocity
         prediction = "sample" if family.flow else scheduler.config.prediction_type
         noise_gen = seed_generator(seed, "init")            # the starting noise and the sampler's own noise
         objective_gen = seed_generator(seed, "objective")   # cutouts and augmentations
 
+        # 2. Encode the conditioning prompt (and the negative one for classifier-free guidance)
         prompt = self.conditioning_prompt(objective)
         cfg = family.uses_cfg(s.cfg_scale)
         conditioning = family.encode(prompt, s.negative_prompt, s.num_images, cfg, device, height=self.height,
                                      width=self.width)
 
+        # 3. Timesteps, starting latents and the run's noise tables
         timesteps, begin = self._timesteps()
         latents = self._start_latents(timesteps, s.num_images, noise_gen)
         tables = self._tables(timesteps, begin, device)
+        # 4. The scheduler's extra step arguments (eta) and the guider, set up for this schedule
         step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, s.ddim_eta) if not family.flow else {}
         guider = self.make_guider(objective)
         n = len(timesteps)
@@ -359,6 +361,7 @@ class StableDiffusionGenerator(Generator):
         # The scheduler gets each timestep as a Python number: its `prev_t >= 0` tests on a device tensor would
         # make the host wait for the device at every step.
         host_timesteps = timesteps.tolist()
+        # 5. Denoising loop: guided model output -> scheduler step -> the guider's sample correction
         try:
             for i, t in enumerate(timesteps):
                 flow = (tables.sample_scales[i], tables.sigmas[i]) if family.flow else (None, None)
@@ -393,8 +396,10 @@ class StableDiffusionGenerator(Generator):
                         break
         except KeyboardInterrupt:     # Ctrl-C: keep the latest clean estimate as the result
             interrupted = True
+        # 6. Decode the final latents (or the latest clean estimate when stopped early)
         images = self.decode(x0).float().cpu()
         pipe.maybe_free_model_hooks()
+        # 7. What shaped the run
         info = {
             "backend": self.name, "seed": int(seed), "prompt": prompt, "negative_prompt": s.negative_prompt,
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,

@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -37,11 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guidance.errors import USER_ERRORS
+
 from ..base import check_seed
+from .export import LAYOUTS, export_runs
 
 INDEX = "runs.jsonl"
 SHARD_GLOB = "runs.rank-*.jsonl"
-LAYOUTS = ("geneval", "flat")
 PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
 # generate() arguments a row may give besides run and backend options
 ROW_ARGUMENTS = ("backend", "preset", "config")
@@ -438,54 +439,6 @@ def _check_options(common: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exports
-# ---------------------------------------------------------------------------------------------
-
-def export_runs(entries: list[dict], rows: list[Row], out: Path, destination: Path, layout: str) -> Path:
-    """Copy the finished runs' images into *layout* (``geneval`` or ``flat``) under *destination*. Exporting
-    again adds what is new: an image already there is left alone when identical, and refused (before
-    anything is copied) when different; the listing files (``metadata.jsonl``, ``captions.csv``) are
-    rewritten from the index."""
-    from guidance.evaluation.pairs import caption_of
-
-    by_row: dict[int, list[dict]] = {}
-    for entry in entries:
-        if entry.get("status") == "ok":
-            by_row.setdefault(int(entry["row"]), []).append(entry)
-    copies: list[tuple[Path, Path]] = []
-    listings: dict[Path, str] = {}
-    captions = io.StringIO(newline="")
-    writer = csv.DictWriter(captions, fieldnames=["image", "prompt"], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        images = [out / p for e in sorted(by_row.get(row.index, []), key=lambda e: e.get("order", 0))
-                  for p in e["images"]]
-        if images and layout == "geneval":
-            folder = destination / f"{row.index:05d}"
-            listings[folder / "metadata.jsonl"] = json.dumps(row.record, ensure_ascii=False) + "\n"
-            copies += [(image, folder / "samples" / f"{n:04d}.png") for n, image in enumerate(images)]
-        elif images:
-            for n, image in enumerate(images):
-                name = f"{row.index:05d}-{n:04d}.png"
-                copies.append((image, destination / name))
-                writer.writerow({"image": name, "prompt": caption_of(row.prompt)})
-    if layout == "flat":
-        listings[destination / "captions.csv"] = captions.getvalue()
-    for source, target in copies:
-        if target.exists() and target.read_bytes() != source.read_bytes():
-            raise FileExistsError(f"export: {str(target)!r} exists with a different image; nothing overwritten; "
-                                  "give a new folder with --export-dir")
-    for source, target in copies:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-    for path, text in listings.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return destination
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line (called by generators.cli for --prompts-file)
 # ---------------------------------------------------------------------------------------------
 
@@ -498,7 +451,7 @@ def main(args: dict[str, Any]) -> int:
     seeds, export, export_dir = args.pop("seeds", None), args.pop("export", None), args.pop("export_dir", None)
     try:
         result = run_batch(prompts_file, seeds=seeds, export=export, export_dir=export_dir, **args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as err:
+    except USER_ERRORS as err:
         if int(os.environ.get("RANK", "0") or 0) == 0:        # said once, not by every process
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -515,4 +468,4 @@ def main(args: dict[str, Any]) -> int:
 
 
 __all__ = ["Row", "BatchResult", "Job", "parse_seeds", "read_prompts", "read_index", "merge_index", "plan",
-           "fingerprint", "run_batch", "export_runs", "main", "INDEX", "LAYOUTS", "MAX_SEEDS"]
+           "fingerprint", "run_batch", "main", "INDEX", "MAX_SEEDS"]

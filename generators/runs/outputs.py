@@ -18,7 +18,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-SIDECAR = "run.json"
+from guidance.evaluation.pairs import SIDECAR  # run.json: the evaluation reads run folders too
+
 PNG_KEY = "clipsteer"  # PNG text chunk holding the whole metadata as JSON
 
 

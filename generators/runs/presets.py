@@ -56,8 +56,8 @@ def _toy() -> dict[str, Any]:
         "overview": 2,
         "augmentations": ["Af:0.5", "Pe:0.3", "Ji:0.5"],
         "threads": 1,  # tiny models: one thread is as fast, and much faster on a busy machine
-        # tiny models: bf16's casts and slower elementwise work outweigh its faster matrix products (a toy
-        # VQGAN step ran 1.4-1.6x slower in bf16 than fp32 on a CPU with AMX), and the toy figures are fp32's
+        # tiny models: bf16's casts and slower elementwise work outweigh its faster matrix products
+        # (docs/benchmarks.md, "How the toy settings were chosen"), and the toy figures are fp32's
         "precision": "fp32",
     }
 

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from guidance.errors import first_line
+from guidance.errors import USER_ERRORS, first_line
 
 FIRST_STAGE_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 _DDCONFIG_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels",
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             info = inspect_checkpoint(args.checkpoint)
             print("keys:", ", ".join(info["keys"]) or "(none)")
             print("globals not imported:", ", ".join(info["skipped_globals"]) or "(none)")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -49,12 +49,13 @@ def metric_name(spec: str) -> tuple[str, str | None]:
 
 def is_steered(spec: str, item: Item) -> bool:
     """Whether the run *item* comes from was steered by metric *spec* (read from its run.json)."""
+    from ..rewards import CLIPReward
     from ..score import DEFAULT_MODEL
 
     name, model = metric_name(spec)
     steered = item.extra.get("steered_by") or []
     if name in ("clip_score", "clip"):
-        target = model or (DEFAULT_MODEL if name == "clip_score" else "openai/clip-vit-large-patch14")
+        target = model or (DEFAULT_MODEL if name == "clip_score" else CLIPReward.default_model)
         return any(s.startswith("clip:") and _same_model(s[5:], target) for s in steered)
     return name in steered
 

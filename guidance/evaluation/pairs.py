@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: the record of a run folder written by scripts/generate.py (generators.runs.record.RunRecord)
 SIDECAR = "run.json"
+
+
 @dataclass
 class Item:
     """One image-caption pair to score (or a problem found while collecting pairs)."""

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..encoders import features
+from ..encoders import CLIP_VIT_L14, features
 from .base import Reward, ScoreHead, RewardLoadError, check_local, hub_file, load_state_dict, set_precision
 
 HUB_REPO = "camenduru/improved-aesthetic-predictor"
 MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-CLIP = "openai/clip-vit-large-patch14"
+CLIP = CLIP_VIT_L14
 
 
 AestheticMLP = ScoreHead   # the released head; one class for both rewards

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..encoders import features
+from ..encoders import CLIP_VIT_L14, features
 from ..errors import first_line
 from .base import Reward, RewardLoadError, check_local, set_precision
 
@@ -23,7 +23,7 @@ class CLIPReward(Reward):
     """``100 * cos`` of a transformers CLIP's image and text embeddings (higher is better)."""
 
     name = "clip"
-    default_model = "openai/clip-vit-large-patch14"
+    default_model = CLIP_VIT_L14
     default_processor: str | None = None
     logit_scale_from_model = False
 

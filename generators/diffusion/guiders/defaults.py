@@ -30,9 +30,8 @@ BASE: dict[str, Any] = {
     "smoothing": 0.0, "smoothing_schedule": "constant", "smoothing_samples": 1, "ddim_eta": 0.0,
 }
 
-# clipsteer's own defaults; strengths from README's quality table (benchmarks/quality.py VARIANTS), chosen by
-# `python benchmarks/tune_guiders.py --grid toy-v2` on the toy tuning set: dps 1, mpgd 50, freedom 0.5, ugd 2
-# backward steps at lr 1, tfg rho 5 with mu 10 decreasing over 2 iterations (68.8% all-three on the benchmark set).
+# clipsteer's own defaults; strengths chosen by `python benchmarks/tune_guiders.py --grid toy-v2` on the toy tuning
+# set (docs/benchmarks.md, "How the toy settings were chosen").
 _CLIPSTEER: dict[str, dict[str, Any]] = {
     "none": {"clip_guidance_scale": 0.0},
     # the clip rule's fast mode (gradient stopped at the clean estimate); the community pipeline scores the
