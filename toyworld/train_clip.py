@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from guidance.encoders import OPENAI_MEAN, OPENAI_STD
+
 from . import world
 from .negatives import hard_negatives
 from .prompts import Prompt
@@ -52,8 +54,7 @@ from .scenes import Scene, sample_scenes, template_mask
 from .tokenizer import write_clip_tokenizer
 from .train_state import Checkpointer
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = OPENAI_MEAN, OPENAI_STD      # the toy CLIPs normalise images as OpenAI's do
 
 
 @dataclass(frozen=True)
@@ -380,19 +381,10 @@ def save_clip_folder(model, folder: Path, image_size: int) -> None:
     cfg["dtype"] = "float32"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     write_clip_tokenizer(folder)
-    CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": image_size},
-        resample=3,
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    ).save_pretrained(str(folder))
+    CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
+                       crop_size={"height": image_size, "width": image_size}, do_rescale=True, rescale_factor=1 / 255,
+                       do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                       do_convert_rgb=True).save_pretrained(str(folder))
 
 
 def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: int | None = None,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..encoders import OPENAI_MEAN, OPENAI_STD
 from ..errors import first_line, looks_like_path
 from ..objective import LossOutput, Objective, check_image_values, check_images
 from ..losses import clamp_with_grad
@@ -197,8 +198,8 @@ class Reward(Objective):
     uses_text = True
     raw_parts = ("score",)          # logged unweighted by WeightedObjectives
     input_size = 224
-    mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)
-    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: Sequence[float] = OPENAI_MEAN
+    std: Sequence[float] = OPENAI_STD
     resize_mode = "bicubic"
 
     def __init__(self, *, prompts=None, model_name: str = "", gradient_checkpointing: bool = False,
