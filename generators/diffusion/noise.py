@@ -35,7 +35,8 @@ from ..base import GenerationResult, Generator, StepCallback, StepInfo, option, 
 from ..optimise import OptimiseSettings, check_settings, optimise
 from .families import family_of
 from .pipeline import (FLOW_SCHEDULER, SCHEDULER_CHOICES, cached_pipeline, cfg_combine, check_model_path,
-                       check_scheduler_name, choose_scheduler, image_size, prepare_models, vae_decode)
+                       check_scheduler_name, choose_scheduler, image_size, prepare_models, sd_config_option,
+                       vae_decode)
 
 METHODS = ("gradient", "best-of-n", "zero-order")
 # Schedulers the renderer differentiates through: single-step updates whose state set_timesteps resets.
@@ -58,9 +59,7 @@ class NoiseSettings(OptimiseSettings):
     sd_model: str = option("stabilityai/sd-turbo", "diffusion model rendering the noise (SD 1.x/2.x, SDXL e.g. "
                            "SDXL-Turbo, SD3, FLUX.1 e.g. schnell): Hub id, local diffusers folder, or one "
                            ".safetensors/.ckpt file", flag="--sd", path="model")
-    sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
-                                         "holding its configs (needed offline)", flag="--sd-config",
-                                         path="model")
+    sd_config: str | None = sd_config_option()
     render_steps: int = option(1, "sampling steps from the noise to the image (1 for turbo models)", minimum=1)
     scheduler: str = option("default", "sampler of the renderer ('default' or 'auto': the checkpoint's own)",
                             flag="--scheduler", choices=SCHEDULER_CHOICES)

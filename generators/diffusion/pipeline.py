@@ -12,6 +12,7 @@ import torch
 
 from guidance.errors import first_line, load_error, looks_like_path, readable_weights
 
+from ..base import option
 from .families import family_class, pipeline_class_of
 
 # name -> diffusers scheduler class name; each is built with ``from_config(pipe.scheduler.config)``.
@@ -175,6 +176,12 @@ def check_tiny_vae(vae, pipe) -> None:
         raise ValueError(f"tiny VAE has {cfg.latent_channels} latent channels and {factor}x upsampling, the "
                          f"pipeline {pipe.vae.config.latent_channels} and {pipe.vae_scale_factor}x; use the tiny "
                          "VAE made for this model family (taesd for SD 1.x/2.x, taesdxl, taesd3, taef1)")
+
+
+def sd_config_option():
+    """The ``--sd-config`` option of both diffusion backends (a fresh field for each ``Settings``)."""
+    return option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id holding its configs "
+                        "(needed offline)", flag="--sd-config", path="model")
 
 
 def default_scheduler(pipe):

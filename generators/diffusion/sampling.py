@@ -53,7 +53,7 @@ from .guiders import (GUIDERS, CLIPGuider, GuiderSettings, check_guider, guided_
 from .families import family_of
 from .pipeline import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, cached_pipeline, cfg_combine,
                        check_model_path, check_scheduler_name, choose_scheduler, image_size,
-                       load_pipeline, load_tiny_vae, prepare_models, vae_decode)
+                       load_pipeline, load_tiny_vae, prepare_models, sd_config_option, vae_decode)
 from .tables import check_scheduler, flow_tables, noise_tables, renoise
 
 GRADIENT_MODES = CLIPGuider.MODES
@@ -73,9 +73,7 @@ class Settings(GuiderSettings):
     sd_model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", "diffusion model (SD 1.x/2.x, SDXL, SD3/3.5 "
                            "or FLUX.1, found from the model): Hub id, local diffusers folder, or one "
                            ".safetensors/.ckpt file", flag="--sd", path="model")
-    sd_config: str | None = option(None, "for a single-file --sd checkpoint: a local diffusers folder or Hub id "
-                                         "holding its configs (needed offline)", flag="--sd-config",
-                                         path="model")
+    sd_config: str | None = sd_config_option()
     steps: int = option(30, "denoising steps", flag="--steps", minimum=1)
     scheduler: str = option("auto", "sampler ('default': the checkpoint's own; 'auto': dpm++ for SD 1.x/2.x and "
                                     "SDXL, the model's own flow-matching Euler for SD3/FLUX)", flag="--scheduler",
