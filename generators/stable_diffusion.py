@@ -52,6 +52,7 @@ from guidance.errors import first_line, load_error, looks_like_path, readable_we
 
 from .base import option, seed_generator
 from .guider_defaults import PROFILES, fill_guider_defaults, profile_summary
+from . import attend_excite, layout_guidance  # noqa: F401  (they register their attention steering)
 from .guiders import (GUIDERS, PREDICTIONS, SCHEDULES, SMOOTHING_SCHEDULES, STEP_RULES, CLIPGuider,
                       guided_scheduler_step, setup_guider)
 from .families import family_class, family_of, pipeline_class_of
@@ -151,6 +152,25 @@ class Settings:
     smoothing_samples: int | None = option(None, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1)
     ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
                                           "the guider's, 1 for the TFG-family papers)", minimum=0)
+    attend_excite: bool = option(False, "Attend-and-Excite (Chefer et al. 2023): before the first steps, move the "
+                                        "latents until every subject token has a strong attention peak "
+                                        "(UNet models; combines with any --guider)")
+    subject_tokens: str = option("", "attend-excite/layout: the subject words (or token positions), comma-separated "
+                                     "(default: the last word of each part of the prompt between 'and', commas "
+                                     "and relations)")
+    excite_scale: float = option(20.0, "attend-excite: step size factor (diffusers' scale_factor)", above=0)
+    excite_steps: int = option(25, "attend-excite: the first steps that get its gradient step (diffusers' "
+                                   "max_iter_to_alter)", minimum=0)
+    excite_thresholds: str = option("0:0.05,10:0.5,20:0.8", "attend-excite: STEP:PEAK pairs: at these steps, refine "
+                                                             "until every subject's attention peak reaches PEAK")
+    layout: str = option("", "layout guidance (Chen et al. 2024): boxes per subject, 'circle:0,0,0.5,1;square:"
+                             "0.5,0,1,1' (x0,y0,x1,y1 fractions), or auto (from the prompt's relation)")
+    layout_scale: float = option(30.0, "layout: step size (the reference's loss_scale)", above=0)
+    layout_steps: int = option(10, "layout: the first steps that are steered", minimum=0)
+    layout_iterations: int = option(5, "layout: gradient steps per steered step, at most", minimum=1)
+    layout_threshold: float = option(0.2, "layout: stop a step's iterations once the loss is below this", minimum=0)
+    attention_res: int = option(0, "attend-excite/layout: side of the cross-attention maps they read (0: 16, or "
+                                   "the UNet's nearest)", minimum=0)
     vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
                                    "for SDXL", path="model")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
@@ -377,6 +397,17 @@ class StableDiffusionGenerator(Generator):
                     for name in inspect.signature(klass.__init__).parameters} if s.guider in GUIDERS else set()
         return make_guider(s.guider, objective, **base, **{k: v for k, v in own.items() if k in accepted})
 
+    def _attention_steering(self, prompt: str, num_steps: int, tables) -> list:
+        """The attention-steering methods the settings turn on (Attend-and-Excite, layout guidance)."""
+        from .attention_steering import SteeringContext, build_steering
+
+        if self.family.flow:
+            return []
+        shape = self.family.latent_shape(1, self.height, self.width)
+        return build_steering(self.settings, lambda: SteeringContext(
+            unet=self.family.denoiser, tokenizer=self.pipe.tokenizer, prompt=prompt, latent_size=tuple(shape[-2:]),
+            num_steps=num_steps, alpha_bars=tables.alpha_bar))
+
     def _denoiser(self, t, conditioning, scale: torch.Tensor | None = None, sigma: torch.Tensor | None = None):
         """The model at timestep *t* as the guiders see it (float32 outputs, on the VP latent ``z``).
 
@@ -452,6 +483,7 @@ class StableDiffusionGenerator(Generator):
         guider = self.make_guider(objective)
         n = len(timesteps)
         setup_guider(guider, n, tables)
+        steering = self._attention_steering(prompt, n, tables)
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted, stopped_at = latents, 0, False, None
@@ -462,6 +494,9 @@ class StableDiffusionGenerator(Generator):
             for i, t in enumerate(timesteps):
                 flow = (tables.sample_scales[i], tables.sigmas[i]) if family.flow else (None, None)
                 model = self._denoiser(t, conditioning, *flow)
+                if steering:
+                    c_in = scheduler.scale_model_input(torch.ones((), device=latents.device), t)
+                    latents = steer_latents(steering, i, latents, c_in, model.conditional)
                 repeats, state = guider.repeats(i), None
                 for r in range(repeats):
                     if r:   # self-recurrence: undo the step's scheduler state, re-noise x_{t-1} back to x_t
@@ -498,6 +533,7 @@ class StableDiffusionGenerator(Generator):
             "backend": self.name, "seed": int(seed), "prompt": prompt, "negative_prompt": s.negative_prompt,
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,
             "timesteps": [float(t) for t in timesteps], **guider.describe(),
+            **{k: v for method in steering for k, v in method.describe().items()},
             "clip_guidance_scale": guider.scale if guider.enabled else 0.0, "cfg_scale": s.cfg_scale,
             "width": self.width, "height": self.height, "sd_model": s.sd_model, "family": family.name,
             **({"flux_guidance": family.guidance} if getattr(family, "distilled_guidance", False) else {}),
@@ -505,6 +541,16 @@ class StableDiffusionGenerator(Generator):
         }
         return GenerationResult(images=images, losses=[float(v) for v in step_losses], info=info,
                                 interrupted=interrupted, steps_done=done, stopped_at=stopped_at)
+
+
+def steer_latents(methods, index: int, latents: torch.Tensor, c_in: torch.Tensor, conditional) -> torch.Tensor:
+    """The sampler's latents after the attention-steering *methods* moved their model input ``z = c_in *
+    latents`` (``c_in``: the scheduler's ``scale_model_input`` factor, 1 on VP schedulers)."""
+    start = latents * c_in
+    z = start
+    for method in methods:
+        z = method.correct(index, z, conditional)
+    return latents if z is start else z / c_in
 
 
 def decoder_dtype(vae, dtype: torch.dtype) -> torch.dtype:
@@ -552,6 +598,11 @@ def _check_settings(s: Settings, device: torch.device) -> None:
         check_image_file(s.init_image, what="init image")
         if not 0.0 < s.strength <= 1.0:
             raise ValueError(f"strength is {s.strength}; use a value in (0, 1] (1 re-noises the init image fully)")
+    from .attention_steering import STEERING
+
+    for method in STEERING.values():
+        if method.enabled(s):
+            method.check(s)
     if s.cpu_offload and device.type != "cuda":
         raise ValueError(f"--cpu-offload needs a CUDA device, but the device is {device.type}; drop --cpu-offload")
 
