@@ -43,6 +43,17 @@ class Conditioning:
     cond: dict[str, Any]
     uncond: dict[str, Any] | None
     cfg: bool
+    weights: tuple[float, ...] = ()     # composable prompts: ``cond`` holds one batch per part, these weights
+
+
+def compose(parts: list[Conditioning], weights: list[float]) -> Conditioning:
+    """Composable prompts: the first part's unconditional batch, then every part's conditional batch."""
+    cond = parts[0].cond
+    for part in parts[1:]:
+        cond = _cat(cond, part.cond)
+    uncond = parts[0].uncond
+    return Conditioning(both=_cat(uncond, cond) if uncond is not None else cond, cond=cond, uncond=uncond,
+                        cfg=uncond is not None, weights=tuple(float(w) for w in weights))
 
 
 class Family:

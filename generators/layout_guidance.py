@@ -42,14 +42,14 @@ def side_by_side(n: int) -> list[Box]:
 
 
 def auto_layout(prompt: str) -> list[tuple[str, Box]]:
-    """Boxes for the subjects of *prompt*: from its spatial relation, else side by side (one subject: none)."""
+    """Boxes for the subjects of *prompt*: from its spatial relation, else side by side (one subject: no boxes,
+    and layout guidance leaves the run unchanged)."""
     subjects = subject_words(prompt)
     for relation, boxes in RELATION_BOXES.items():
         if re.search(rf"\b{relation}\b", prompt.lower()) and len(subjects) == 2:
             return list(zip(subjects, boxes))
     if len(subjects) < 2:
-        raise ValueError(f"--layout auto finds one subject in {prompt!r}; give boxes "
-                         "(--layout 'circle:0,0,0.5,1;square:0.5,0,1,1')")
+        return []       # one subject: nothing to lay out (a batch of mixed prompts runs on unchanged)
     return list(zip(subjects, side_by_side(len(subjects))))
 
 
@@ -129,7 +129,7 @@ class LayoutGuidance(AttentionSteering):
         return layout_loss(store.layer_maps(), self.subjects)
 
     def correct(self, index, z, conditional):
-        if index >= self.steps:
+        if index >= self.steps or not self.subjects:
             return z
         move = self.scale * (1 - self.context.alpha_bars(index))
         for _ in range(self.iterations):

@@ -152,6 +152,9 @@ class Settings:
     smoothing_samples: int | None = option(None, "tfg: noise draws per Monte-Carlo smoothed objective", minimum=1)
     ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
                                           "the guider's, 1 for the TFG-family papers)", minimum=0)
+    composable: bool = option(False, "composable prompts (Liu et al. 2022): condition on each '|' part of the "
+                                     "prompt separately and add their CFG directions, weighted by the parts' "
+                                     "weights (negative: NOT)")
     attend_excite: bool = option(False, "Attend-and-Excite (Chefer et al. 2023): before the first steps, move the "
                                         "latents until every subject token has a strong attention peak "
                                         "(UNet models; combines with any --guider)")
@@ -397,12 +400,33 @@ class StableDiffusionGenerator(Generator):
                     for name in inspect.signature(klass.__init__).parameters} if s.guider in GUIDERS else set()
         return make_guider(s.guider, objective, **base, **{k: v for k, v in own.items() if k in accepted})
 
+    def _encode(self, prompt: str, objective, cfg: bool, device):
+        """The conditioning of *prompt*; with ``composable``, one conditional batch per part of the prompt
+        (``--sd-prompt 'a red circle|a blue square:0.5'``, else the objective's text prompts, with their weights;
+        one part with `` AND `` in it is split there, A1111's syntax)."""
+        from .families import compose
+        from guidance.prompts import parse_prompts
+
+        s, family = self.settings, self.family
+        encode = lambda text: family.encode(text, s.negative_prompt, s.num_images, cfg, device, height=self.height,
+                                            width=self.width)
+        if not s.composable:
+            return encode(prompt)
+        schedule = getattr(objective, "schedule", None) if not s.prompt else None
+        parts = ([(p.value, p.weight) for p in schedule.at(0) if p.kind == "text"] if schedule is not None
+                 else [(p.value, p.weight) for p in parse_prompts(prompt)])
+        if len(parts) == 1 and " AND " in parts[0][0]:      # A1111's composable syntax: "a cat AND a dog"
+            parts = [(text.strip(), parts[0][1]) for text in parts[0][0].split(" AND ") if text.strip()]
+        check_composable([w for _, w in parts], cfg)
+        return compose([encode(text) for text, _ in parts], [w for _, w in parts])
+
     def _attention_steering(self, prompt: str, num_steps: int, tables) -> list:
         """The attention-steering methods the settings turn on (Attend-and-Excite, layout guidance)."""
-        from .attention_steering import SteeringContext, build_steering
+        from .attention_steering import SteeringContext, build_steering, uses_attention_steering
 
-        if self.family.flow:
-            return []
+        if self.family.flow and uses_attention_steering(self.settings):
+            raise ValueError(f"Attend-and-Excite and layout guidance read a UNet's cross-attention; {self.family.label} "
+                             "attends over text and image tokens jointly; drop --attend-excite/--layout for it")
         shape = self.family.latent_shape(1, self.height, self.width)
         return build_steering(self.settings, lambda: SteeringContext(
             unet=self.family.denoiser, tokenizer=self.pipe.tokenizer, prompt=prompt, latent_size=tuple(shape[-2:]),
@@ -415,14 +439,27 @@ class StableDiffusionGenerator(Generator):
         ``x_t = scale * z`` and its velocity ``v`` is handed on as the clean estimate ``x_t - sigma * v``."""
         from .guiders import Denoiser
 
-        family, cfg_scale, c = self.family, self.settings.cfg_scale, conditioning
+        family, c = self.family, conditioning
+        # composable prompts (Liu et al. 2022): eps_u + cfg * sum_i w_i (eps_i - eps_u) is CFG at scale cfg * W
+        # (W = sum_i w_i) over the conditional output sum_i (w_i / W) eps_i
+        parts = len(c.weights)
+        cfg_scale = self.settings.cfg_scale * (sum(c.weights) if parts else 1.0)
+        shares = [w / sum(c.weights) for w in c.weights]
+
+        def mix(out):
+            if parts < 2:
+                return out
+            return sum(w * o for w, o in zip(shares, out.chunk(parts)))
 
         def run(z, kwargs, batch: int = 1):
             x = z if scale is None else z * scale
-            out = family.predict(torch.cat([x] * batch) if batch > 1 else x, t, kwargs)
+            copies = 1 if kwargs is c.uncond else max(parts, 1) + (batch > 1)
+            out = family.predict(torch.cat([x] * copies) if copies > 1 else x, t, kwargs)
             if batch > 1:
-                out_uncond, out_cond = out.chunk(2)
+                out_uncond, out_cond = out[:len(x)], mix(out[len(x):])
                 out = out_uncond + cfg_scale * (out_cond - out_uncond)
+            elif kwargs is not c.uncond:
+                out = mix(out)
             return out if sigma is None else x - sigma * out
 
         def guided(z):
@@ -473,8 +510,7 @@ class StableDiffusionGenerator(Generator):
 
         prompt = self.conditioning_prompt(objective)
         cfg = family.uses_cfg(s.cfg_scale)
-        conditioning = family.encode(prompt, s.negative_prompt, s.num_images, cfg, device, height=self.height,
-                                     width=self.width)
+        conditioning = self._encode(prompt, objective, cfg, device)
 
         timesteps, begin = self._timesteps()
         latents = self._start_latents(timesteps, s.num_images, noise_gen)
@@ -543,6 +579,16 @@ class StableDiffusionGenerator(Generator):
                                 interrupted=interrupted, steps_done=done, stopped_at=stopped_at)
 
 
+def check_composable(weights: list[float], cfg: bool) -> None:
+    """One line for composable prompts that cannot be combined."""
+    if not cfg:
+        raise ValueError("--composable combines classifier-free guidance directions, but this run has no CFG; "
+                         "use --cfg-scale above 1 (or drop --composable)")
+    if sum(weights) <= 0:
+        raise ValueError(f"--composable prompt weights {weights} sum to {sum(weights):g}; the positive parts must "
+                         "outweigh the negative ones (e.g. 'a red circle:1|a blue square:1|blurry:-0.5')")
+
+
 def steer_latents(methods, index: int, latents: torch.Tensor, c_in: torch.Tensor, conditional) -> torch.Tensor:
     """The sampler's latents after the attention-steering *methods* moved their model input ``z = c_in *
     latents`` (``c_in``: the scheduler's ``scale_model_input`` factor, 1 on VP schedulers)."""
@@ -603,6 +649,9 @@ def _check_settings(s: Settings, device: torch.device) -> None:
     for method in STEERING.values():
         if method.enabled(s):
             method.check(s)
+            if s.composable:
+                raise ValueError(f"--composable does not combine with {method.name} (its subject tokens are read "
+                                 "from one prompt); drop one of them")
     if s.cpu_offload and device.type != "cuda":
         raise ValueError(f"--cpu-offload needs a CUDA device, but the device is {device.type}; drop --cpu-offload")
 

@@ -106,5 +106,38 @@ def test_layouts_parse_and_bad_ones_fail_in_one_line():
     for bad in ("cat:0,0,0.5", "cat:0.5,0,0.2,1", ":0,0,1,1"):
         with pytest.raises(ValueError, match="WORD:x0,y0,x1,y1"):
             parse_layout(bad, "a cat")
-    with pytest.raises(ValueError, match="one subject"):
-        auto_layout("a red circle on a blue background")
+    assert auto_layout("a red circle on a blue background") == []
+
+
+# -- composable prompts ------------------------------------------------------------------------------------
+def test_composable_step_equals_the_community_rule():
+    """One step: eps_u + sum_i w_i (eps_i - eps_u), each part a batch-1 UNet pass as in the community
+    pipeline (``composable_stable_diffusion.py``, its part weights = cfg * clipsteer's part weights)."""
+    pipe = tiny_sd_pipeline()
+    gen = make(pipe, prompt="a red circle | a blue square:0.5", composable=True, cfg_scale=7.5)
+    conditioning = gen._encode(gen.settings.prompt, None, True, torch.device("cpu"))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = gen._denoiser(torch.tensor(501), conditioning)(z)
+
+    def embed(text):
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return pipe.text_encoder(ids)[0]
+
+    with torch.no_grad():
+        eps = {text: pipe.unet(z, torch.tensor(501), encoder_hidden_states=embed(text)).sample
+               for text in ("", "a red circle", "a blue square")}
+    ref = eps[""] + 7.5 * (eps["a red circle"] - eps[""]) + 3.75 * (eps["a blue square"] - eps[""])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_one_part_composable_is_plain_cfg_and_bad_weights_fail():
+    pipe = tiny_sd_pipeline()
+    plain = make(pipe, steps=4).generate(None, seed=2).images
+    one = make(pipe, steps=4, composable=True).generate(None, seed=2).images
+    torch.testing.assert_close(one, plain, rtol=0, atol=1e-6)
+    two = make(pipe, steps=4, composable=True, prompt="a red circle|a blue square").generate(None, seed=2).images
+    assert (two - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sum to"):
+        make(pipe, steps=4, composable=True, prompt="a red circle:1|a blue square:-1").generate(None, seed=2)
+    with pytest.raises(ValueError, match="no CFG"):
+        make(pipe, steps=4, composable=True, cfg_scale=1.0).generate(None, seed=2)
