@@ -57,6 +57,7 @@ class Variant:
     backend: str
     options: dict = field(default_factory=dict)
     models: tuple[str, ...] = ()  # toy model folders it needs (toyworld/weights/<name>)
+    composed_prompt: bool = False  # the prompt's objects as separate parts (composable prompts)
 
 
 # The variants compared. Add a row here for a new backend or configuration.
@@ -81,7 +82,32 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("best-of-n+clip", "best-of-N noises, same renderer calls", "noise", {"method": "best-of-n"},
             ("clip_a", "clip_c", "clip_d", "sd")),
 )
+_SD = ("clip_a", "clip_c", "clip_d", "sd")
+VARIANTS += (
+    Variant("sd+ae", "SD + Attend-and-Excite", "sd", {"clip_guidance_scale": 0.0, "attend_excite": True}, _SD),
+    Variant("sd+layout", "SD + layout guidance (boxes from the prompt)", "sd",
+            {"clip_guidance_scale": 0.0, "layout": "auto"}, _SD),
+    Variant("sd+ae+layout", "SD + Attend-and-Excite + layout guidance", "sd",
+            {"clip_guidance_scale": 0.0, "attend_excite": True, "layout": "auto"}, _SD),
+    Variant("sd+composable", "SD, composable prompts (a part per object)", "sd",
+            {"clip_guidance_scale": 0.0, "composable": True}, _SD, composed_prompt=True),
+    Variant("noise+itm", "noise optimisation + toy ITM reward (ReNO)", "noise", {"rewards": ["itm:toy=1"]},
+            _SD + ("itm",)),
+    Variant("best-of-n+itm", "best-of-N noises, toy ITM verifier", "noise",
+            {"method": "best-of-n", "rewards": ["itm:toy=1"]}, _SD + ("itm",)),
+)
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+
+def composed_text(prompt) -> str:
+    """A two-object world prompt as one part per object, each on the background, joined by `` AND ``
+    (A1111's composable syntax); other prompts unchanged."""
+    from toyworld.prompts import articles
+
+    if prompt.category not in ("two_object", "colour_attr"):
+        return prompt.text
+    return " AND ".join(articles(f"a {colour + ' ' if colour else ''}{shape} on a {prompt.background} background")
+                        for colour, shape in prompt.objects)
 
 QUICK = {"per_category": 1, "seeds": 1, "iterations": 30, "steps": 10}
 DEFAULT_PER_CATEGORY, DEFAULT_SEEDS = 16, 1      # the benchmark set: 80 images per variant
@@ -214,7 +240,8 @@ def run_benchmark(prompts: Sequence, seeds: Sequence[int], variants: Sequence[Va
         for p in prompts:
             for seed in seeds:
                 t0 = time.perf_counter()
-                run = generate(p.text, backend=variant.backend, preset=preset, seed=int(seed), save=False,
+                text = composed_text(p) if variant.composed_prompt else p.text
+                run = generate(text, backend=variant.backend, preset=preset, seed=int(seed), save=False,
                                progress=False, eval_model="none", threads=threads, device=device, **opts)
                 wall = time.perf_counter() - t0
                 images = run.images

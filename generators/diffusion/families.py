@@ -43,6 +43,17 @@ class Conditioning:
     cond: dict[str, Any]
     uncond: dict[str, Any] | None
     cfg: bool
+    weights: tuple[float, ...] = ()     # composable prompts: ``cond`` holds one batch per part, these weights
+
+
+def compose(parts: list[Conditioning], weights: list[float]) -> Conditioning:
+    """Composable prompts: the first part's unconditional batch, then every part's conditional batch."""
+    cond = parts[0].cond
+    for part in parts[1:]:
+        cond = _cat(cond, part.cond)
+    uncond = parts[0].uncond
+    return Conditioning(both=_cat(uncond, cond) if uncond is not None else cond, cond=cond, uncond=uncond,
+                        cfg=uncond is not None, weights=tuple(float(w) for w in weights))
 
 
 class Family:
@@ -407,7 +418,29 @@ class _LazyCheckpoint:
             return f.get_tensor(key)
 
 
-__all__ = [
+
+def composable_parts(prompt: str, schedule=None) -> list[tuple[str, float]]:
+    """(text, weight) of each part of a composable prompt: the prompt schedule's text prompts at step 0 (else
+    *prompt*'s '|' parts); one part with `` AND `` in it is split there (A1111's syntax: "a cat AND a dog")."""
+    from guidance.prompts import parse_prompts
+
+    parts = ([(p.value, p.weight) for p in schedule.at(0) if p.kind == "text"] if schedule is not None
+             else [(p.value, p.weight) for p in parse_prompts(prompt)])
+    if len(parts) == 1 and " AND " in parts[0][0]:
+        parts = [(text.strip(), parts[0][1]) for text in parts[0][0].split(" AND ") if text.strip()]
+    return parts
+
+
+def check_composable(weights: list[float], cfg: bool) -> None:
+    """One line for composable prompts that cannot be combined."""
+    if not cfg:
+        raise ValueError("--composable combines classifier-free guidance directions, but this run has no CFG; "
+                         "use --cfg-scale above 1 (or drop --composable)")
+    if sum(weights) <= 0:
+        raise ValueError(f"--composable prompt weights {weights} sum to {sum(weights):g}; the positive parts must "
+                         "outweigh the negative ones (e.g. 'a red circle:1|a blue square:1|blurry:-0.5')")
+
+__all__ = ["check_composable", "composable_parts", 
     "FAMILIES",
     "FLOW_MIN_ALPHA_BAR",
     "Conditioning",

@@ -23,19 +23,8 @@ restores the scheduler's step state, re-noises the sample back to the step's noi
 runs the step again, K times in all (DDIM, Euler, Euler ancestral; schedulers that keep a history of
 model outputs are refused).
 
-Speed: every weight is frozen, the CFG UNet output is reused, and by default
-(``guidance_gradient="x0"``) the gradient stops at the clean estimate, so a guided step costs
-one UNet forward plus a VAE-decoder forward/backward and the CLIP passes. ``"full"`` and
-``"community"`` backpropagate through the UNet as the diffusers community CLIP-guided pipeline does, but
-run the text-conditional UNet pass once (with gradients) and reuse it for CFG, where that pipeline
-runs it twice. Guiders that differentiate the CFG-combined output (``--guidance-prediction cfg``, the
-default of dps, freedom, ugd and tfg, as their reference SD samplers) backpropagate through both CFG passes.
-
-Precision: the UNet and text encoder run in the requested dtype; the latents, the scheduler
-arithmetic, the VAE weights and the guidance gradient stay float32. In half precision the guidance decode
-runs under autocast (:func:`~generators.diffusion.pipeline.decoder_dtype`: not in fp16 for a VAE that asks for float32), the final
-decode in float32. When a CLIP encoder is fp16 the loss is scaled by 2**10 for its backward and unscaled
-afterwards (non-finite entries are zeroed), so small gradients do not underflow.
+Its cost per guided step and its precision rules are in docs/methods.md ("The sd backend: speed and
+precision").
 """
 
 from __future__ import annotations
@@ -45,13 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import GenerationResult, Generator, StepCallback, StepInfo
-from ..base import option, seed_generator
+from ..base import GenerationResult, Generator, StepCallback, StepInfo, option, seed_generator
 from .guiders.defaults import PROFILES, fill_guider_defaults, profile_summary
 from .guiders import (GUIDERS, CLIPGuider, GuiderSettings, check_guider, guided_scheduler_step, guider_from_settings,
                       guider_names, setup_guider, with_guider_options)
-from .families import family_of
-from .pipeline import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, cached_pipeline, cfg_combine,
+from . import attend_excite, layout_guidance  # noqa: F401  (they register their attention steering)
+from .attention_steering import SteeringOptions, steer_latents
+from .families import check_composable, family_of
+from .pipeline import (FLOW_SCHEDULER, SCHEDULER_CHOICES, SCHEDULERS, cached_pipeline,
                        check_model_path, check_scheduler_name, choose_scheduler, image_size,
                        load_pipeline, load_tiny_vae, prepare_models, sd_config_option, vae_decode)
 from .tables import check_scheduler, flow_tables, noise_tables, renoise
@@ -65,7 +55,7 @@ RECURRENT_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteSchedule
 
 
 @dataclass
-class Settings(GuiderSettings):
+class Settings(SteeringOptions, GuiderSettings):
     """Options of the ``sd`` backend (CLI flags and config keys come from these fields), with the built-in guiders'
     own options (:class:`~generators.diffusion.guiders.GuiderSettings`; a guider registered later adds its own
     through :meth:`StableDiffusionGenerator.settings_class`)."""
@@ -101,6 +91,9 @@ class Settings(GuiderSettings):
     num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
     ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
                                           "the guider's, 1 for the TFG-family papers)", minimum=0)
+    composable: bool = option(False, "composable prompts (Liu et al. 2022): condition on each '|' part of the "
+                                     "prompt separately and add their CFG directions, weighted by the parts' "
+                                     "weights (negative: NOT)")
     vae: str | None = option(None, "replace the model's VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix "
                                    "for SDXL", path="model")
     tiny_vae: str | None = option(None, "AutoencoderTiny (Hub id or folder, e.g. madebyollin/taesd) that decodes the "
@@ -275,6 +268,33 @@ class StableDiffusionGenerator(Generator):
         """The guider of ``settings.guider`` with its options read from this backend's settings."""
         return guider_from_settings(self.settings.guider, objective, self.settings)
 
+    def _encode(self, prompt: str, objective, cfg: bool, device):
+        """The conditioning of *prompt*; with ``composable``, one conditional batch per part of the prompt
+        (``--sd-prompt 'a red circle|a blue square:0.5'``, else the objective's text prompts, with their weights;
+        one part with `` AND `` in it is split there, A1111's syntax)."""
+        from .families import compose, composable_parts
+
+        s, family = self.settings, self.family
+        encode = lambda text: family.encode(text, s.negative_prompt, s.num_images, cfg, device, height=self.height,
+                                            width=self.width)
+        if not s.composable:
+            return encode(prompt)
+        parts = composable_parts(prompt, getattr(objective, "schedule", None) if not s.prompt else None)
+        check_composable([w for _, w in parts], cfg)
+        return compose([encode(text) for text, _ in parts], [w for _, w in parts])
+
+    def _attention_steering(self, prompt: str, num_steps: int, tables) -> list:
+        """The attention-steering methods the settings turn on (Attend-and-Excite, layout guidance)."""
+        from .attention_steering import SteeringContext, build_steering, uses_attention_steering
+
+        if self.family.flow and uses_attention_steering(self.settings):
+            raise ValueError(f"Attend-and-Excite and layout guidance read a UNet's cross-attention; {self.family.label} "
+                             "attends over text and image tokens jointly; drop --attend-excite/--layout for it")
+        shape = self.family.latent_shape(1, self.height, self.width)
+        return build_steering(self.settings, lambda: SteeringContext(
+            unet=self.family.denoiser, tokenizer=self.pipe.tokenizer, prompt=prompt, latent_size=tuple(shape[-2:]),
+            num_steps=num_steps, alpha_bars=tables.alpha_bar))
+
     def _denoiser(self, t, conditioning, scale: torch.Tensor | None = None, sigma: torch.Tensor | None = None):
         """The model at timestep *t* as the guiders see it (float32 outputs, on the VP latent ``z``).
 
@@ -282,13 +302,27 @@ class StableDiffusionGenerator(Generator):
         ``x_t = scale * z`` and its velocity ``v`` is handed on as the clean estimate ``x_t - sigma * v``."""
         from .guiders import Denoiser
 
-        family, cfg_scale, c = self.family, self.settings.cfg_scale, conditioning
+        family, c = self.family, conditioning
+        # composable prompts (Liu et al. 2022): eps_u + cfg * sum_i w_i (eps_i - eps_u) is CFG at scale cfg * W
+        # (W = sum_i w_i) over the conditional output sum_i (w_i / W) eps_i
+        parts = len(c.weights)
+        cfg_scale = self.settings.cfg_scale * (sum(c.weights) if parts else 1.0)
+        shares = [w / sum(c.weights) for w in c.weights]
+
+        def mix(out):
+            if parts < 2:
+                return out
+            return sum(w * o for w, o in zip(shares, out.chunk(parts)))
 
         def run(z, kwargs, batch: int = 1):
             x = z if scale is None else z * scale
-            out = family.predict(torch.cat([x] * batch) if batch > 1 else x, t, kwargs)
+            copies = 1 if kwargs is c.uncond else max(parts, 1) + (batch > 1)
+            out = family.predict(torch.cat([x] * copies) if copies > 1 else x, t, kwargs)
             if batch > 1:
-                out = cfg_combine(out, cfg_scale)
+                out_uncond, out_cond = out[:len(x)], mix(out[len(x):])
+                out = out_uncond + cfg_scale * (out_cond - out_uncond)
+            elif kwargs is not c.uncond:
+                out = mix(out)
             return out if sigma is None else x - sigma * out
 
         def guided(z):
@@ -341,8 +375,7 @@ class StableDiffusionGenerator(Generator):
         # 2. Encode the conditioning prompt (and the negative one for classifier-free guidance)
         prompt = self.conditioning_prompt(objective)
         cfg = family.uses_cfg(s.cfg_scale)
-        conditioning = family.encode(prompt, s.negative_prompt, s.num_images, cfg, device, height=self.height,
-                                     width=self.width)
+        conditioning = self._encode(prompt, objective, cfg, device)
 
         # 3. Timesteps, starting latents and the run's noise tables
         timesteps, begin = self._timesteps()
@@ -353,6 +386,7 @@ class StableDiffusionGenerator(Generator):
         guider = self.make_guider(objective)
         n = len(timesteps)
         setup_guider(guider, n, tables)
+        steering = self._attention_steering(prompt, n, tables)
 
         step_losses: list[torch.Tensor] = []
         x0, done, interrupted, stopped_at = latents, 0, False, None
@@ -364,6 +398,9 @@ class StableDiffusionGenerator(Generator):
             for i, t in enumerate(timesteps):
                 flow = (tables.sample_scales[i], tables.sigmas[i]) if family.flow else (None, None)
                 model = self._denoiser(t, conditioning, *flow)
+                if steering:
+                    c_in = scheduler.scale_model_input(torch.ones((), device=latents.device), t)
+                    latents = steer_latents(steering, i, latents, c_in, model.conditional)
                 repeats, state = guider.repeats(i), None
                 for r in range(repeats):
                     if r:   # self-recurrence: undo the step's scheduler state, re-noise x_{t-1} back to x_t
@@ -402,6 +439,7 @@ class StableDiffusionGenerator(Generator):
             "backend": self.name, "seed": int(seed), "prompt": prompt, "negative_prompt": s.negative_prompt,
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,
             "timesteps": [float(t) for t in timesteps], **guider.describe(),
+            **{k: v for method in steering for k, v in method.describe().items()},
             "clip_guidance_scale": guider.scale if guider.enabled else 0.0, "cfg_scale": s.cfg_scale,
             "width": self.width, "height": self.height, "sd_model": s.sd_model, "family": family.name,
             **({"flux_guidance": family.guidance} if getattr(family, "distilled_guidance", False) else {}),
@@ -435,6 +473,14 @@ def _check_settings(s: Settings, device: torch.device) -> None:
         check_image_file(s.init_image, what="init image")
         if not 0.0 < s.strength <= 1.0:
             raise ValueError(f"strength is {s.strength}; use a value in (0, 1] (1 re-noises the init image fully)")
+    from .attention_steering import STEERING
+
+    for method in STEERING.values():
+        if method.enabled(s):
+            method.check(s)
+            if s.composable:
+                raise ValueError(f"--composable does not combine with {method.name} (its subject tokens are read "
+                                 "from one prompt); drop one of them")
     if s.cpu_offload and device.type != "cuda":
         raise ValueError(f"--cpu-offload needs a CUDA device, but the device is {device.type}; drop --cpu-offload")
 
