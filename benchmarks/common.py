@@ -25,8 +25,6 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Published architecture hyper-parameters (OpenAI CLIP; taming imagenet f16 16384; SD 1.5).
 CLIP_ARCHS = {

@@ -272,7 +272,6 @@ def compare_sd(args) -> dict:
 
 
 def main(argv=None) -> None:
-    sys.path.insert(0, str(ROOT))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="case", required=True)
