@@ -19,7 +19,6 @@ resumes: images already in the table for the same model, definition and prefix a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -113,20 +112,18 @@ def main(argv=None) -> int:
 def _resolve_steered_by(items) -> None:
     """What steered each run, with the models its run.json records relative to its folder (or by its
     preset's name) resolved, so --held-out compares them with the metrics' models."""
-    from generators.runs.outputs import SIDECAR
-    from generators.runs.record import resolved_settings
-    from guidance.evaluation.pairs import steered_by
+    from generators.runs.record import RunRecord
+    from guidance.evaluation.pairs import SIDECAR, steered_by
 
     for item in items:
         sidecar = item.path.parent / SIDECAR if item.path is not None else None
         if "steered_by" not in item.extra or sidecar is None or not sidecar.is_file():
             continue
         try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = RunRecord.read(sidecar)
+        except (OSError, ValueError):
             continue
-        if isinstance(meta, dict):
-            item.extra["steered_by"] = steered_by(meta, resolved_settings(meta, sidecar.parent))
+        item.extra["steered_by"] = steered_by(record.to_dict(), record.resolved_settings(sidecar.parent))
 
 
 def _items_and_tables(args, stem: str):

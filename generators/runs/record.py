@@ -91,24 +91,6 @@ def read_back(settings: Mapping[str, Any], sources: Mapping[str, str], folder: P
     return map_local_paths(out, {k: v for k, v in kinds.items() if k in out}, absolute)
 
 
-def resolved_settings(meta: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """A run.json's settings with every path usable again: :func:`read_back`, and the options it left out
-    to the preset taken from the preset (for readers that need the models, e.g. evaluate.py --held-out)."""
-    settings = meta.get("settings") if isinstance(meta.get("settings"), Mapping) else {}
-    sources = meta.get("option_sources") if isinstance(meta.get("option_sources"), Mapping) else {}
-    back = read_back(settings, sources, folder)
-    missing = set(settings) - set(back)
-    if missing and meta.get("preset"):
-        from .presets import get_preset
-
-        try:
-            preset = get_preset(str(meta["preset"]), backend=meta.get("backend"))
-        except (OSError, ValueError):      # the preset (or its models) is gone: its models stay unknown
-            preset = {}
-        back.update({k: preset[k] for k in missing if k in preset})
-    return back
-
-
 def run_identity(backend: str, settings: Mapping[str, Any]) -> str:
     """A digest of what makes a run this run (its backend and recorded settings, less :data:`NOT_IDENTITY`),
     stored with its checkpoint so that ``--resume`` continues only the run the checkpoint belongs to."""
@@ -194,6 +176,23 @@ class RunRecord:
             raise ValueError(f"its {SIDECAR} is not readable JSON") from None
         return cls.from_dict(data)
 
+    def resolved_settings(self, folder: Path) -> dict[str, Any]:
+        """The recorded settings with every path usable again: :func:`read_back`, and the options it left out
+        to the preset taken from the preset (for readers that need the models, e.g. evaluate.py --held-out)."""
+        settings = self.settings if isinstance(self.settings, Mapping) else {}
+        sources = self.option_sources if isinstance(self.option_sources, Mapping) else {}
+        back = read_back(settings, sources, folder)
+        missing = set(settings) - set(back)
+        if missing and self.preset:
+            from .presets import get_preset
+
+            try:
+                preset = get_preset(str(self.preset), backend=self.backend)
+            except (OSError, ValueError):      # the preset (or its models) is gone: its models stay unknown
+                preset = {}
+            back.update({k: preset[k] for k in missing if k in preset})
+        return back
+
     def write(self, folder: str | Path) -> Path:
         """``folder/run.json`` (written last in a run: its presence marks a finished run folder)."""
         from .outputs import write_json
@@ -202,4 +201,4 @@ class RunRecord:
 
 
 __all__ = ["NOT_IDENTITY", "RECORD_MODES", "RunRecord", "read_back", "record_path", "recorded_options",
-           "recorded_value", "resolved_settings", "run_identity"]
+           "recorded_value", "run_identity"]
