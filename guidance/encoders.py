@@ -224,9 +224,8 @@ def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
 
 def _attention(device, dtype: torch.dtype) -> dict:
     """transformers' attention for a CLIP in *dtype* on *device*: eager (two matrix products and a float32
-    softmax) for half precision on the CPU, where torch's fused attention backward is 5x slower than eager
-    in bf16 (ViT-B/32's attention over 32 cutouts, one thread: 0.33 s vs 0.065 s; float32: 0.095 s vs 0.10 s);
-    transformers' default (SDPA) elsewhere."""
+    softmax) for half precision on the CPU, where torch's fused attention backward is much slower than eager
+    in bf16 (docs/benchmarks.md, "Measurements behind code choices"); transformers' default (SDPA) elsewhere."""
     cpu = torch.device(device).type == "cpu" if device is not None else True
     return {"attn_implementation": "eager"} if cpu and dtype != torch.float32 else {}
 

@@ -2,8 +2,7 @@
 
 The convolution and the product are the same sum, but on the CPU oneDNN's backward of a 32x32-stride-32
 convolution (the input gradient that every CLIP-guided step needs) is an order of magnitude slower than the
-product's: measured for ViT-B/32's patch embedding over 32 cutouts of 224², forward + input gradient, one
-thread, 3.79 s -> 0.40 s in float32 and 4.22 s -> 0.14 s in bf16 (a loaded machine, interleaved). So the CLIP
+product's (docs/benchmarks.md, "Measurements behind code choices"). So the CLIP
 image towers swap it in (:func:`use_matmul_patch_embedding`): the module keeps the convolution's own weight
 and bias parameters, so state-dict keys, ``--compile`` and dtype changes are untouched.
 """
