@@ -86,7 +86,7 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         page.click(f"#gallery button.thumbnail-item:has-text('{PROMPT}')")
         _wait(lambda: PROMPT in page.inner_text("#run-details"), 30, "the run's details")
         assert f"seed {meta['seed']}" in page.inner_text("#run-details")
-        _wait(lambda: page.locator('#run-files a[download="image.png"]').count() == 1, 30, "the PNG to download")
+        _wait(lambda: page.locator(f'#run-files a[download="{meta["image"]}"]').count() == 1, 30, "the PNG to download")
 
         page.fill("#opt-prompt textarea", "something else")
         page.fill("#opt-iterations input", "7")
