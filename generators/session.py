@@ -163,7 +163,7 @@ class _Progress:
 def generate(prompt: str | None = None, *, backend: str | None = None, preset: str | None = None,
              config: str | Path | Mapping | None = None, save: bool = True, callback: Callable | None = None,
              resume: str | Path | None = None, stop=None, from_: str | Path | None = None,
-             seeds: Any = None, **options) -> Run:
+             seeds: Any = None, keep_inputs: bool = False, **options) -> Run:
     """Generate image(s) for *prompt* and (with ``save=True``) write a new run folder.
 
     Args:
@@ -182,6 +182,8 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
             again (:mod:`generators.replay`); keyword options override its own.
         seeds: the seed of each image (``[3, 7]`` or ``"0-3"``): one run of ``len(seeds)`` images. Without it,
             image *i* of ``num_images`` uses ``seed + i``; ``seed=-1`` draws a random seed (recorded).
+        keep_inputs: copy the input files (init image, image prompts) into the run folder's ``inputs/`` and
+            record them there (:mod:`generators.inputs`).
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
             (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...), or diffusers' name of one
             (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``num_images_per_prompt``,
@@ -226,7 +228,8 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         torch.set_num_threads(int(threads))
     try:
         with quiet_libraries(bars=not opts.get("progress", True)):   # progress=False hides theirs too
-            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start,
+                            keep_inputs=keep_inputs)
         if output_type == "pil":
             run.images = run.pil_images
         return run
@@ -506,7 +509,7 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "losses": [float(x) if math.isfinite(float(x)) else None for x in result.losses],
     }
-    for key in ("resumed_from", "replayed_from"):
+    for key in ("resumed_from", "replayed_from", "inputs"):
         if prep.provenance.get(key):
             metadata[key] = prep.provenance[key]
     if getattr(prep.generator.checkpoint, "saved", None) is not None:
@@ -577,7 +580,8 @@ class _CtrlC:
         return False
 
 
-def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
+def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float,
+              keep_inputs: bool = False) -> Run:
     prep = prepare(backend, opts, provenance, t_start=t_start)
     folder = None
     with _CtrlC() as ctrl_c:
@@ -586,6 +590,10 @@ def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: boo
 
             folder = new_run_dir(opts.get("out") or "outputs", prep.label)
         try:
+            if folder is not None and keep_inputs:
+                from .inputs import keep_inputs as copy_inputs
+
+                prep.provenance["inputs"] = copy_inputs(prep.opts, prep.settings, folder, prep.backend)
             result, progress = execute(prep, folder=folder, callback=callback)
         except BaseException:
             if folder is not None:

@@ -183,6 +183,19 @@ def values_from_run(metadata: Mapping[str, Any], folder: str | None = None) -> d
     return form_values(metadata.get("backend"), metadata.get("preset"), None, settings)
 
 
+def values_from_file(path: str | Path) -> dict[str, Any]:
+    """Widget values from a PNG (clipsteer's or AUTOMATIC1111's) or a run.json, as ``--from`` reads it
+    (:func:`generators.replay.replay_config`): its backend, preset and the settings it records."""
+    from generators.options import resolve_options
+    from generators.replay import replay_config
+
+    config = replay_config(path)
+    config.pop("seeds", None)
+    backend, opts, provenance = resolve_options(config=config)
+    settings = {k: v for k, v in opts.items() if provenance["sources"].get(k) == "config"}
+    return form_values(backend, provenance["preset"], None, settings)
+
+
 def run_options(values: Mapping[str, Any]) -> dict[str, Any]:
     """``generate()`` keyword arguments from widget values: backend, preset, config and every option
     of the run or of the chosen backend whose value differs from the merged defaults."""
