@@ -476,7 +476,7 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
     from .outputs import image_name
     from .record import recorded_options, recorded_value
 
-    seeds = prep.seeds[:images.shape[0]]
+    seeds = [prep.seeds[i] if i < len(prep.seeds) else prep.seed + i for i in range(images.shape[0])]
     names = [image_name(i, seed) for i, seed in enumerate(seeds)]
     settings = prep.settings
     mode, sources = str(prep.opts.get("record_paths") or "relative"), prep.provenance["sources"]
@@ -597,7 +597,7 @@ def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: boo
             result, progress = execute(prep, folder=folder, callback=callback)
         except BaseException:
             if folder is not None:
-                _remove_if_empty(folder)
+                _remove_if_empty(folder, inputs=prep.provenance.get("inputs") or ())
             raise
         ctrl_c.pressed = True        # from here on Ctrl-C is only remembered: the run is written whole
         return record(prep, result, progress, folder)
@@ -643,8 +643,13 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
             meta["animations"].append(path.name)
 
 
-def _remove_if_empty(folder: Path) -> None:
+def _remove_if_empty(folder: Path, inputs=()) -> None:
+    """Remove a failed run's folder when nothing but the copies of its inputs (and no frame) was written."""
     try:
+        for name in inputs:
+            (folder / name).unlink(missing_ok=True)
+        if inputs and not any((folder / "inputs").iterdir()):
+            (folder / "inputs").rmdir()
         frames = folder / "frames"
         if frames.is_dir() and not any(frames.iterdir()):
             frames.rmdir()

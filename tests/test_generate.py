@@ -191,7 +191,7 @@ def test_cli_end_to_end_in_a_subprocess(models, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     (folder,) = tmp_path.iterdir()
-    assert (folder / "image.png").is_file() and read_metadata(folder)["seed"] == 5
+    assert (folder / "00000-5.png").is_file() and read_metadata(folder)["seed"] == 5
 
 
 def test_cli_errors_are_one_line(models, tmp_path, capsys):

@@ -187,3 +187,37 @@ def test_seeds_for_one_prompt_and_seed_minus_one(models, tmp_path):
     run = generate("a red circle", seed=-1, **_pixels_opts(models, tmp_path / "r"))
     assert 0 <= run.seed < 2**32 and run.metadata["settings"]["seed"] == run.seed
     assert run.image_path.name == f"00000-{run.seed}.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs kept in the run folder (the web UI's uploads)
+# ---------------------------------------------------------------------------------------------
+
+def test_keep_inputs_copies_the_init_image_into_the_run_and_replay_uses_the_copy(models, tmp_path):
+    start = tmp_path / "start.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(start)
+    run = generate("a red circle", seed=1, init_image=str(start), image_prompts=[f"{start}:0.5"], keep_inputs=True,
+                   **_pixels_opts(models, tmp_path / "a"))
+    meta = json.loads((run.path / "run.json").read_text())
+    assert meta["settings"]["init_image"] == "inputs/start.png" and meta["inputs"] == ["inputs/start.png"]
+    assert meta["settings"]["image_prompts"] == ["inputs/start.png:0.5"]
+    assert (run.path / "inputs" / "start.png").read_bytes() == start.read_bytes()
+    start.unlink()                                       # the run folder holds what it was made from
+    again = generate(from_=run.path / "run.json", out=str(tmp_path / "b"), progress=False)
+    assert np.array_equal(np.asarray(again.image), np.asarray(run.image))
+
+
+def test_upload_policy_caps_the_size_and_lets_a_run_read_only_its_own_uploads(tmp_path):
+    from webui.policy import MAX_UPLOAD_BYTES, ServerPolicy
+
+    policy = ServerPolicy(tmp_path / "out")
+    upload = tmp_path / "upload.png"
+    Image.new("RGB", (8, 8)).save(upload)
+    options = {"prompt": "a red circle", "backend": "pixels", "init_image": str(upload)}
+    with pytest.raises(ValueError, match="reads files only from"):
+        policy.check_run(options)
+    assert policy.check_run(options, (policy.check_upload(upload, "init image"),))["init_image"] == str(upload)
+    with open(upload, "r+b") as fh:
+        fh.truncate(MAX_UPLOAD_BYTES + 1)
+    with pytest.raises(ValueError, match="larger than the web UI takes"):
+        policy.check_upload(upload, "init image")

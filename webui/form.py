@@ -33,7 +33,7 @@ RUN_GROUP = ("run", "backend, preset and config file")
 #: command-line options with no form field: a batch (--prompts-file and its companions) is a command-line
 #: workflow, and --resume is the gallery's Resume button; -q/-v are the terminal's, and diffusers' names
 #: (--num-inference-steps...) are spellings of fields the form has
-CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume", "quiet", "verbose",
+CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume", "from_", "quiet", "verbose",
             *(name for name, targets in DIFFUSERS_NAMES.items() if name not in targets))
 #: option fields whose value a change of backend or preset keeps (what to draw, not how)
 KEPT_ON_SWITCH = frozenset({"prompt", "story", "image_prompts", "noise_prompts", "seed", "out"})
