@@ -78,8 +78,10 @@ def main_model(backend: str, opts: Mapping[str, Any]) -> str | None:
     name = MODEL_OPTION.get(backend)
     if name and opts.get(name):
         return str(opts[name])
+    from .paths import reference
+
     clips = [c for c in (opts.get("clip") or []) if str(c).lower() not in ("none", "off")]
-    return str(clips[0]).rpartition("=")[0] or str(clips[0]) if clips else None
+    return reference("clip", str(clips[0])) if clips else None      # its weight dropped
 
 
 def model_record(backend: str, opts: Mapping[str, Any]) -> dict[str, Any]:

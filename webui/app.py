@@ -233,7 +233,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                 options["image_prompts"] = list(options.get("image_prompts") or []) + [str(uploads[-1])]
             return options, tuple(uploads)
 
-        def reuse_file(path: str | None, chosen_backend: str):
+        def reuse_file(path: str | None):
             """A dropped PNG or run.json: its settings fill the form."""
             if not path:
                 return [gr.skip()] * len(form_outputs) + [gr.skip()]
@@ -297,7 +297,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
         stop.click(stop_run, None, None, concurrency_limit=None, concurrency_id="stop", show_progress="hidden")
         gallery.select(select_run, listed, [details, files, selected], concurrency_limit=None)
         reuse.click(reuse_run, selected, form_outputs + [status], concurrency_limit=None)
-        settings_drop.upload(reuse_file, [settings_drop, fields["backend"]], form_outputs + [status],
+        settings_drop.upload(reuse_file, settings_drop, form_outputs + [status],
                              concurrency_limit=None)
         refresh.click(gallery_update, None, [gallery, listed], concurrency_limit=None)
         demo.load(gallery_update, None, [gallery, listed], concurrency_limit=None)
