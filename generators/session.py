@@ -111,6 +111,7 @@ class _Progress:
         self.frames: list = []
         self.last: StepInfo | None = None
         self.reward_steps: list[dict] = []
+        self.runs, self.image = 1, 0          # images run one after another (a seed each), and which one this is
 
     def reward_log(self) -> dict[str, list[float | None]]:
         """``{reward label: [mean score at each step]}`` for the rewards of the objective."""
@@ -130,7 +131,7 @@ class _Progress:
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=info.total, initial=info.step, unit="step", dynamic_ncols=True, leave=None,
+                self.bar = tqdm(total=info.total * self.runs, initial=info.step, unit="step", dynamic_ncols=True, leave=None,
                                 file=sys.stderr)
             self.bar.update(1)
             done = info.step + 1
@@ -139,7 +140,7 @@ class _Progress:
                 shown.update({k: f"{float(v):.4g}" for k, v in (self.reward_steps[-1] if self.reward_steps
                                                                  and self.reward_steps[-1] is not None else {}).items()})
                 self.bar.set_postfix(shown, refresh=False)
-        if self.save_every and (info.step + 1) % self.save_every == 0:
+        if self.save_every and (info.step + 1) % self.save_every == 0 and self.image == 0:   # the first image's
             self.keep_frame(info.decode(), info.step + 1)
         if self.user is not None:
             return self.user(info)
@@ -161,7 +162,8 @@ class _Progress:
 
 def generate(prompt: str | None = None, *, backend: str | None = None, preset: str | None = None,
              config: str | Path | Mapping | None = None, save: bool = True, callback: Callable | None = None,
-             resume: str | Path | None = None, stop=None, **options) -> Run:
+             resume: str | Path | None = None, stop=None, from_: str | Path | None = None,
+             seeds: Any = None, keep_inputs: bool = False, **options) -> Run:
     """Generate image(s) for *prompt* and (with ``save=True``) write a new run folder.
 
     Args:
@@ -176,6 +178,12 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
             ``out``, ``progress``, ``threads``, ``device`` and ``checkpoint_every`` may be given.
         stop: a ``threading.Event`` (anything with ``is_set()``); once it is set, the run ends at its
             next step exactly as Ctrl-C ends it: the current image is kept and saved, marked ``interrupted``.
+        from_: a clipsteer PNG, run.json or run folder (or an AUTOMATIC1111 PNG): generate that image or run
+            again (:mod:`generators.replay`); keyword options override its own.
+        seeds: the seed of each image (``[3, 7]`` or ``"0-3"``): one run of ``len(seeds)`` images. Without it,
+            image *i* of ``num_images`` uses ``seed + i``; ``seed=-1`` draws a random seed (recorded).
+        keep_inputs: copy the input files (init image, image prompts) into the run folder's ``inputs/`` and
+            record them there (:mod:`generators.inputs`).
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
             (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...), or diffusers' name of one
             (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``num_images_per_prompt``,
@@ -189,6 +197,18 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
                          "or 'pil' (a list of PIL images)")
     if stop is not None:
         callback = _stop_when_set(stop, callback)
+    replayed = None
+    if from_ is not None:
+        from .replay import replay_config
+
+        if config is not None or resume is not None:
+            raise ValueError("--from replays a PNG or run.json as the options' base; give --from or "
+                             "--config/--resume, not both")
+        config = replay_config(from_)
+        replayed, own_seeds = str(Path(from_).expanduser().absolute()), config.pop("seeds", None)
+        if seeds is None and all(options.get(k) is None for k in ("seed", "num_images", "num_images_per_prompt",
+                                                                  "generator")):
+            seeds = own_seeds
     if resume is not None:
         from .checkpoint import resume_options
 
@@ -198,18 +218,42 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         backend, opts, provenance = resume_options(resume, options)
     else:
         backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
+    if replayed is not None:
+        provenance["replayed_from"] = replayed
+    if seeds is not None:
+        _use_seeds(seeds, opts, provenance)
     threads = opts.get("threads")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         with quiet_libraries(bars=not opts.get("progress", True)):   # progress=False hides theirs too
-            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start,
+                            keep_inputs=keep_inputs)
         if output_type == "pil":
             run.images = run.pil_images
         return run
     finally:
         torch.set_num_threads(before)
+
+
+def _use_seeds(seeds: Any, opts: dict[str, Any], provenance: dict) -> None:
+    """``seeds=``: one image per seed (``opts`` seed and num_images set to match; each image's seed recorded)."""
+    from .batch import parse_seeds
+
+    sources = provenance["sources"]
+    seed_list = parse_seeds(seeds)
+    if sources.get("seed") == "arguments":
+        raise ValueError("give --seeds (a seed per image) or --seed, not both")
+    if "num_images" not in opts and len(seed_list) > 1:
+        raise ValueError("this backend makes one image a run; give one seed with --seed")
+    if sources.get("num_images") == "arguments" and opts["num_images"] != len(seed_list):
+        raise ValueError(f"--num-images {opts['num_images']} and --seeds ({len(seed_list)} seeds) disagree; "
+                         "give --seeds alone")
+    opts["seed"], sources["seed"] = seed_list[0], "arguments"
+    if "num_images" in opts:
+        opts["num_images"], sources["num_images"] = len(seed_list), "arguments"
+    provenance["seeds"] = seed_list
 
 
 def _stop_when_set(stop, callback: Callable | None) -> Callable:
@@ -243,6 +287,7 @@ class _Prepared:
     t_loaded: float = 0.0
     recorded: dict | None = None        # the options as run.json records them (generators.record)
     precision: Any = None      # guidance.runtime.PrecisionChoice
+    seeds: list[int] = field(default_factory=list)   # each image's seed: seed + i, or --seeds
 
 
 def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: float | None = None) -> _Prepared:
@@ -252,12 +297,15 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
 
     t_start = time.perf_counter() if t_start is None else t_start
     seed = opts.get("seed")
-    opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed)
+    # no seed, or A1111's -1: a fresh one, recorded
+    opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None or seed == -1 else check_seed(seed)
     device = resolve_device(opts.get("device"))
     choice = choose_precision(opts.get("precision") or "auto", device)     # one choice for every model of the run
     precision = choice.precision
     cls = get_generator_class(backend)
     settings = backend_settings(backend, opts)
+    seeds = list(provenance.get("seeds") or [seed + i for i in range(int(getattr(settings, "num_images", 1) or 1))])
+    check_seed(seeds[-1], f"seed {seed} + {len(seeds) - 1} (the last image's)")
     schedule = build_schedule(opts)
     own = getattr(settings, "prompt", None)
     if schedule is None and isinstance(own, str) and own.strip():
@@ -277,7 +325,7 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     prepared = _Prepared(backend=backend, opts=opts, provenance=provenance, seed=seed, device=device,
                          schedule=schedule, label=_prompt_label(opts, schedule), eval_model=eval_model_for(opts),
                          formats=formats, save_every=save_every, settings=settings, objective=None, generator=None,
-                         t_start=t_start, precision=choice)
+                         t_start=t_start, precision=choice, seeds=seeds)
     _announce(choice)
     # Models load here: the objective first (its encoders are cached across runs), then the backend.
     objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
@@ -336,6 +384,11 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     progress = _Progress(enabled=bool(prep.opts.get("progress", True)), save_every=prep.save_every,
                          frames_dir=(folder / "frames") if folder is not None else None, user=callback)
     resumed = prep.provenance.get("resumed_from")
+    if len(prep.seeds) > 1:                    # one image per seed, one after another (no checkpoint)
+        try:
+            return _each_seed(prep, progress), progress
+        finally:
+            progress.close()
     if prep.generator.resumable and (folder is not None or resumed):
         from .checkpoint import Checkpointer, load_state
 
@@ -356,6 +409,41 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     finally:
         progress.close()
     return result, progress
+
+
+def _each_seed(prep: _Prepared, progress: "_Progress") -> GenerationResult:
+    """Image *i* generated alone from ``prep.seeds[i]``, so that it equals a one-image run of that seed; the
+    results joined (losses: the mean over images at each step). Ctrl-C or a callback stop ends the batch with
+    the images made so far."""
+    from dataclasses import replace
+
+    whole = prep.generator.settings
+    prep.generator.settings = replace(whole, num_images=1)
+    progress.runs = len(prep.seeds)
+    parts: list[GenerationResult] = []
+    try:
+        for i, seed in enumerate(prep.seeds):
+            progress.image, progress.last = i, None
+            try:
+                part = prep.generator.generate(prep.objective, seed=seed, callback=progress)
+            except KeyboardInterrupt:
+                if progress.last is None and not parts:
+                    raise
+                if progress.last is not None:
+                    parts.append(GenerationResult(images=progress.last.decode().float().cpu(), interrupted=True,
+                                                  steps_done=progress.last.step + 1))
+                else:
+                    parts[-1].interrupted = True
+                break
+            parts.append(part)
+            if part.interrupted or part.stopped_at is not None:
+                break
+    finally:
+        prep.generator.settings = whole
+    losses = [sum(step) / len(step) for step in zip(*(p.losses for p in parts))]
+    return GenerationResult(images=torch.cat([p.images for p in parts]), losses=losses, info=dict(parts[0].info),
+                            interrupted=any(p.interrupted for p in parts), steps_done=min(p.steps_done for p in parts),
+                            stopped_at=next((p.stopped_at for p in parts if p.stopped_at is not None), None))
 
 
 def _recorded(prep: _Prepared, folder: Path | None) -> dict[str, Any]:
@@ -384,14 +472,18 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
             score = {"clip_score": None, "error": f"{err.__class__.__name__}: {err}"}
     t_scored = time.perf_counter()
 
+    from .infotext import model_record
+    from .outputs import image_name
     from .record import recorded_options, recorded_value
 
-    names = ["image.png"] if images.shape[0] == 1 else [f"image-{i}.png" for i in range(images.shape[0])]
+    seeds = [prep.seeds[i] if i < len(prep.seeds) else prep.seed + i for i in range(images.shape[0])]
+    names = [image_name(i, seed) for i, seed in enumerate(seeds)]
     settings = prep.settings
     mode, sources = str(prep.opts.get("record_paths") or "relative"), prep.provenance["sources"]
     metadata: dict[str, Any] = {
         "prompt": prep.label,
         "seed": prep.seed,
+        "seeds": seeds,
         "backend": prep.backend,
         "clip_score": score.get("clip_score"),
         "image": names[0],
@@ -407,6 +499,7 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "option_sources": {k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
         "preset": prep.provenance["preset"],
         "config": prep.provenance["config"],
+        "model": model_record(prep.backend, prep.opts),
         "device": str(prep.device),
         "precision": str(prep.generator.dtype).replace("torch.", ""),
         "precision_choice": prep.precision.as_dict() if prep.precision is not None else None,
@@ -416,8 +509,9 @@ def record(prep: _Prepared, result: GenerationResult, progress: "_Progress", fol
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "losses": [float(x) if math.isfinite(float(x)) else None for x in result.losses],
     }
-    if prep.provenance.get("resumed_from"):
-        metadata["resumed_from"] = prep.provenance["resumed_from"]
+    for key in ("resumed_from", "replayed_from", "inputs"):
+        if prep.provenance.get(key):
+            metadata[key] = prep.provenance[key]
     if getattr(prep.generator.checkpoint, "saved", None) is not None:
         metadata["checkpoint"] = prep.generator.checkpoint.saved.name
     rewards = reward_specs(prep.opts)
@@ -486,7 +580,8 @@ class _CtrlC:
         return False
 
 
-def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
+def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float,
+              keep_inputs: bool = False) -> Run:
     prep = prepare(backend, opts, provenance, t_start=t_start)
     folder = None
     with _CtrlC() as ctrl_c:
@@ -495,10 +590,14 @@ def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: boo
 
             folder = new_run_dir(opts.get("out") or "outputs", prep.label)
         try:
+            if folder is not None and keep_inputs:
+                from .inputs import keep_inputs as copy_inputs
+
+                prep.provenance["inputs"] = copy_inputs(prep.opts, prep.settings, folder, prep.backend)
             result, progress = execute(prep, folder=folder, callback=callback)
         except BaseException:
             if folder is not None:
-                _remove_if_empty(folder)
+                _remove_if_empty(folder, inputs=prep.provenance.get("inputs") or ())
             raise
         ctrl_c.pressed = True        # from here on Ctrl-C is only remembered: the run is written whole
         return record(prep, result, progress, folder)
@@ -521,13 +620,17 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
     """Final PNG(s) with metadata and the animation(s); the sidecar is written by the caller, last."""
     import json
 
+    from .infotext import PARAMETERS_KEY, format_parameters
     from .outputs import PNG_KEY, save_animation, save_png, to_jsonable, to_pil
 
     pils = to_pil(images)
     meta = run.metadata
     for i, (name, im) in enumerate(zip(names, pils)):
-        text = {"prompt": meta["prompt"], "seed": str(meta["seed"]), "backend": meta["backend"],
-                "Software": "clipsteer", PNG_KEY: json.dumps(to_jsonable({**meta, "image": name, "index": i}))}
+        seed = meta["seeds"][i]
+        # no "prompt" chunk: ComfyUI reads one as its own JSON workflow; A1111's "parameters" instead
+        text = {PARAMETERS_KEY: format_parameters(meta, seed=seed, size=im.size), "seed": str(seed),
+                "backend": meta["backend"], "Software": "clipsteer",
+                PNG_KEY: json.dumps(to_jsonable({**meta, "image": name, "index": i, "seed": seed}))}
         per_image = (meta.get("clip_scores") or {}).get("per_image") or []
         if i < len(per_image) and per_image[i] is not None:     # each PNG carries its own score
             text["clip_score"] = f"{per_image[i]:.4f}"
@@ -540,8 +643,13 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
             meta["animations"].append(path.name)
 
 
-def _remove_if_empty(folder: Path) -> None:
+def _remove_if_empty(folder: Path, inputs=()) -> None:
+    """Remove a failed run's folder when nothing but the copies of its inputs (and no frame) was written."""
     try:
+        for name in inputs:
+            (folder / name).unlink(missing_ok=True)
+        if inputs and not any((folder / "inputs").iterdir()):
+            (folder / "inputs").rmdir()
         frames = folder / "frames"
         if frames.is_dir() and not any(frames.iterdir()):
             frames.rmdir()
