@@ -24,6 +24,8 @@ examples:
   generate.py "a forest" --story "150=a city at night" --save-every 10 --animation gif
   generate.py "a castle" --clip openai/clip-vit-base-patch32=1 --clip openai/clip-vit-base-patch16=0.5
   generate.py --config run.yaml --seed 3          (the command line overrides the file)
+  generate.py --from outputs/20260101-120000-a-forest/00000-7.png --iterations 500   (that image, longer)
+  generate.py "a red fox" --preset toy --seeds 0-3          (one run, four images: seeds 0, 1, 2, 3)
   generate.py --resume outputs/20260101-120000-a-forest --iterations 500   (continue a stopped run)
   generate.py --prompts-file prompts.txt --seeds 0-3 --preset toy --out outputs/bench   (a batch; rerun to resume)
   accelerate launch --multi_gpu --num_processes 4 scripts/generate.py --prompts-file geneval.jsonl --seeds 0-3 \
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"named option defaults ({presets})")
     main.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                       help="YAML, TOML or JSON file of options (keys are option names, e.g. iterations: 200)")
+    main.add_argument("--from", dest="from_", metavar="PNG_OR_RUN_JSON", default=argparse.SUPPRESS,
+                      help="generate an earlier image or run again: a clipsteer PNG (that image), a run.json or run "
+                           "folder (that run), or an AUTOMATIC1111 PNG (its prompt, negative prompt, steps, CFG "
+                           "scale, seed, size, sampler); any other option given overrides its own")
     main.add_argument("--resume", metavar="RUN_FOLDER", default=argparse.SUPPRESS,
                       help="continue a run from its checkpoint (vqgan, pixels, noise), with its own options, in a "
                            "new run folder (under --out, default beside it); only --iterations, --out, "
@@ -181,7 +187,8 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
                             "\"prompt\" key; other columns named like options (seed, backend, iterations...) "
                             "apply to their row")
     group.add_argument("--seeds", metavar="SEEDS", default=argparse.SUPPRESS,
-                       help="seeds of every prompt, one token: a range 0-3 or a list 0,2,5 (default: --seed, or 0)")
+                       help="seeds of every prompt, one token: a range 0-3 or a list 0,2,5 (default: --seed, or 0); "
+                            "with one prompt: one run, an image per seed")
     group.add_argument("--export", choices=LAYOUTS, default=argparse.SUPPRESS,
                        help="also copy the finished images into a benchmark layout: geneval (<row>/metadata.jsonl "
                             "+ samples/NNNN.png) or flat (images + captions.csv for evaluate.py --pairs)")
@@ -274,9 +281,10 @@ def _main(args: dict[str, Any]) -> int:
         from .runs.batch import main as batch_main
 
         return batch_main(args)
-    stray = [f"--{k.replace('_', '-')}" for k in ("seeds", "export", "export_dir") if k in args]
+    stray = [f"--{k.replace('_', '-')}" for k in ("export", "export_dir") if k in args]
     if stray:
-        print(f"error: {', '.join(stray)} go(es) with --prompts-file; for one run use --seed N", file=sys.stderr)
+        print(f"error: {', '.join(stray)} go(es) with --prompts-file; one run is written to its run folder",
+              file=sys.stderr)
         return 2
     try:
         run = generate(**args)

@@ -86,7 +86,7 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         page.click(f"#gallery button.thumbnail-item:has-text('{PROMPT}')")
         _wait(lambda: PROMPT in page.inner_text("#run-details"), 30, "the run's details")
         assert f"seed {meta['seed']}" in page.inner_text("#run-details")
-        _wait(lambda: page.locator('#run-files a[download="image.png"]').count() == 1, 30, "the PNG to download")
+        _wait(lambda: page.locator(f'#run-files a[download="{meta["image"]}"]').count() == 1, 30, "the PNG to download")
 
         page.fill("#opt-prompt textarea", "something else")
         page.fill("#opt-iterations input", "7")
@@ -105,3 +105,31 @@ def test_start_preview_stop_gallery_reuse(tmp_path):
         assert [m["resumed_from"]["folder"] for m in resumed] == [f"../{runs[0].name}"]   # relative to the run
         assert resumed[0]["prompt"] == PROMPT and resumed[0]["steps_done"] > meta["steps_done"]
         assert outside == []                                              # the page fetched nothing from elsewhere
+
+
+def test_upload_an_init_image_and_drop_a_png_to_reuse_its_settings(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "runs"
+    init = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(init)
+    with ui_browser.serve(out, log=tmp_path / "app.log") as url, ui_browser.browser() as page:
+        page.goto(url)
+        page.wait_for_selector("#start")
+        page.fill("#opt-prompt textarea", PROMPT)
+        page.click("#group-shared-backend-options > button")
+        page.fill("#opt-iterations input", "3")
+        page.set_input_files("#upload-init-image input[type=file]", str(init))
+        _wait(lambda: "start.png" in page.inner_text("#upload-init-image"), 30, "the upload")
+        page.click("#start")
+        _wait(lambda: "seed " in page.inner_text("#status"), 120, "the run to be saved")
+        (folder,) = [p for p in out.iterdir() if (p / "run.json").is_file()]
+        meta = json.loads((folder / "run.json").read_text())
+        assert meta["settings"]["init_image"] == "inputs/start.png" and meta["inputs"] == ["inputs/start.png"]
+        assert (folder / "inputs" / "start.png").read_bytes() == init.read_bytes()     # a copy, in the run folder
+
+        page.fill("#opt-prompt textarea", "something else")
+        page.fill("#opt-iterations input", "9")
+        page.set_input_files("#settings-drop input[type=file]", str(folder / meta["image"]))
+        _wait(lambda: page.input_value("#opt-prompt textarea") == PROMPT, 30, "the dropped PNG to fill the form")
+        assert page.input_value("#opt-iterations input") == "3"

@@ -85,7 +85,7 @@ def test_batch_skips_finished_runs_and_records_a_failing_row(tmp_path, capsys):
         (0, 0, "ok"), (0, 1, "ok"), (1, 0, "ok"), (1, 1, "ok"), (2, 0, "error"), (2, 1, "error"), (3, 0, "ok"),
         (3, 1, "ok")]
     folders = [p for p in out.iterdir() if p.is_dir()]
-    assert len(folders) == 6 and all((p / "image.png").is_file() and (p / "run.json").is_file() for p in folders)
+    assert len(folders) == 6 and all(len(list(p.glob("00000-*.png"))) == 1 and (p / "run.json").is_file() for p in folders)
     for e in entries:
         if e["status"] == "ok":
             meta = json.loads((out / e["folder"] / "run.json").read_text())
@@ -121,7 +121,7 @@ def test_unfinished_jobs_are_redone_and_interrupted_ones_resume(tmp_path, capsys
     stopped = generate("a blue square", preset="toy", iterations=4, seed=3, out=str(out), progress=False,
                        callback=lambda info: info.step < 1)
     entry = {**first[(1, 3)], "status": "interrupted", "folder": stopped.path.name,
-             "images": [f"{stopped.path.name}/image.png"], "time": first[(1, 3)]["time"] + 0.001}
+             "images": [f"{stopped.path.name}/{stopped.image_path.name}"], "time": first[(1, 3)]["time"] + 0.001}
     (out / "runs.rank-1.jsonl").write_text(json.dumps(entry) + "\n")     # a shard a dead process left behind
     code, stdout, err = _cli(capsys, "--prompts-file", prompts, "--seeds", "3", "--out", out, *TOY,
                              "--iterations", "4")
@@ -180,7 +180,7 @@ def test_bad_batch_input_is_a_one_line_error_before_anything_is_written(tmp_path
              (("--prompts-file", text, "--seeds", "1", "--seed", "2"), "not both"),
              (("--prompts-file", text, "a dog"), "not both"),
              (("--prompts-file", text, "--iterations", "-3"), "iterations"),
-             (("--seeds", "0-3", "a dog"), "go(es) with --prompts-file")]
+             (("--export", "flat", "a dog"), "go(es) with --prompts-file")]
     for argv, message in cases:
         code, _, err = _cli(capsys, *argv, "--out", out, "--preset", "toy")
         lines = [line for line in err.splitlines() if line.startswith("error:")]

@@ -40,7 +40,7 @@ def opts(models, tmp_path):
 def test_run_folder_png_metadata_and_sidecar(opts):
     run = generate("a red circle:1|blurry:-0.5", seed=7, **opts)
     assert run.path.parent == Path(opts["out"]) and run.path.name.endswith("-a-red-circle-blurry")
-    assert run.image_path == run.path / "image.png" and run.image_path.is_file()
+    assert run.image_path == run.path / "00000-7.png" and run.image_path.is_file()
     assert run.image.size == (32, 32) and run.images.shape == (1, 3, 32, 32)
     from guidance import clip_score
 
@@ -51,7 +51,7 @@ def test_run_folder_png_metadata_and_sidecar(opts):
     for key in ("prompt", "seed", "backend", "clip_score", "image", "settings", "versions", "timings", "losses"):
         assert key in sidecar, key
     assert sidecar["prompt"] == "a red circle:1|blurry:-0.5" and sidecar["seed"] == 7
-    assert sidecar["backend"] == "vqgan" and sidecar["image"] == "image.png"
+    assert sidecar["backend"] == "vqgan" and sidecar["image"] == "00000-7.png"
     assert sidecar["clip_score"] == pytest.approx(run.clip_score)
     # models are recorded relative to the run folder (and read back by --resume, the UI and evaluate.py)
     assert sidecar["eval_model"] == os.path.relpath(opts["eval_model"], run.path)
@@ -61,7 +61,8 @@ def test_run_folder_png_metadata_and_sidecar(opts):
     assert sidecar["timings"]["total_s"] > 0
     assert sidecar["prompts"]["0"][1] == {"kind": "text", "value": "blurry", "weight": -0.5, "stop": None}
     text = read_png_text(run.image_path)
-    assert text["prompt"] == "a red circle:1|blurry:-0.5" and text["seed"] == "7" and text["backend"] == "vqgan"
+    assert text["parameters"].startswith("a red circle:1|blurry:-0.5\n") and "prompt" not in text
+    assert text["seed"] == "7" and text["backend"] == "vqgan"
     embedded = read_metadata(run.image_path)
     assert embedded["settings"] == sidecar["settings"] and embedded["seed"] == 7
     assert run.metadata["settings"]["clip"] == [os.path.relpath(opts["clip"][0], run.path)]
@@ -191,7 +192,7 @@ def test_cli_end_to_end_in_a_subprocess(models, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     (folder,) = tmp_path.iterdir()
-    assert (folder / "image.png").is_file() and read_metadata(folder)["seed"] == 5
+    assert (folder / "00000-5.png").is_file() and read_metadata(folder)["seed"] == 5
 
 
 def test_cli_errors_are_one_line(models, tmp_path, capsys):

@@ -59,7 +59,7 @@ def test_sigterm_saves_the_run_as_ctrl_c_does(models, tmp_path):
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     meta = json.loads((folder / "run.json").read_text())
     assert meta["interrupted"] is True and 1 <= meta["steps_done"] < 100000
-    assert (folder / "image.png").is_file() and (folder / "checkpoint.json").is_file()
+    assert (folder / meta["image"]).is_file() and (folder / "checkpoint.json").is_file()
     assert f"--resume {folder}" in stdout.decode()
     assert {k: v for k, v in _snapshot(out).items() if k in before} == before
 

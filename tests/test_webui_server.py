@@ -90,10 +90,10 @@ def server(tmp_path_factory):
 
 
 def _form(**changes) -> list:
-    """The Start event's inputs, in the page's order: every form field, then 'preview every'."""
+    """The Start event's inputs, in the page's order: every form field, 'preview every', the two uploads."""
     values = form_values("pixels", "toy")
     values.update(prompt=PROMPT, progress=False, **changes)
-    return [values[f.name] for f in form_fields()] + [0]
+    return [values[f.name] for f in form_fields()] + [0, None, None]
 
 
 def test_the_http_api_refuses_what_the_server_does_not_allow(server):
@@ -125,13 +125,18 @@ def test_the_http_api_refuses_what_the_server_does_not_allow(server):
         assert expected in stream, (what, stream)
         assert SECRET not in stream and "api_token" not in stream, what
     # the form's config box (filled on blur) reads no file outside the allowed folders either
-    stream = api.call("switch", _form(config=str(private / "secret.yaml"))[:-1])
+    stream = api.call("switch", _form(config=str(private / "secret.yaml"))[:-3])
     assert "error: config: the web UI reads files only" in stream and "api_token" not in stream
+    # an "upload" naming a file of the server's disk instead of an uploaded one is refused too
+    forged = _form()
+    forged[-2] = {"path": str(private / "secret.png"), "meta": {"_type": "gradio.FileData"}}
+    stream = api.call("start_run", forged)
+    assert "saved" not in stream and SECRET not in stream
     assert not (root / "elsewhere").exists()
     assert _snapshot(root) == server["before"]                        # nothing written, nothing changed
 
     # the same call with what the server allows runs, and writes under its folder only
-    stream = api.call("switch", _form(config=str(server["allowed"] / "short.yaml"))[:-1])
+    stream = api.call("switch", _form(config=str(server["allowed"] / "short.yaml"))[:-3])
     assert "error" not in stream
     stream = api.call("start_run", _form(config=str(server["allowed"] / "short.yaml"), iterations=2,   # as filled
                                          init_image=str(server["allowed"] / "start.png"), eval_model="none"))

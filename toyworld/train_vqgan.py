@@ -48,7 +48,7 @@ VQGAN_CONFIG = {
                 "out_ch": 3,
                 "ch": 32,
                 "ch_mult": [1, 1, 2],
-                "num_res_blocks": 0,
+                "num_res_blocks": 1,  # v3: one per level, for crisp small shapes
                 "attn_resolutions": [],
                 "dropout": 0.0,
             },
@@ -158,7 +158,7 @@ def evaluate(model: ToyVQModel, n: int = 256, seed: int = 888_888) -> dict:
     }
 
 
-def train_vqgan(out_dir: str | Path, steps: int = 2500, batch_size: int = 8, lr: float = 2e-3, log=print,
+def train_vqgan(out_dir: str | Path, steps: int = 3000, batch_size: int = 8, lr: float = 2e-3, log=print,
                 resume: bool = False) -> dict:
     """Train the toy VQGAN from its fixed seed and save it to ``out_dir``. Returns metrics. With ``resume``
     a stopped run continues from its last checkpoint in ``out_dir`` (same final weights)."""

@@ -15,8 +15,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: 
 import gradio as gr
 
 from generators import DEFAULT_BACKEND
-from guidance.errors import USER_ERRORS
 from generators.runs.outputs import read_metadata
+from guidance.errors import USER_ERRORS
 
 from .form import (
     KEPT_ON_SWITCH,
@@ -25,11 +25,12 @@ from .form import (
     form_values,
     run_options,
     shown,
+    values_from_file,
     values_from_run,
 )
 from .gallery import RunEntry, list_runs
 from .jobs import Job, Step, eta
-from .policy import ServerPolicy
+from .policy import MAX_UPLOAD_BYTES, ServerPolicy
 
 CSS = """
 #preview img, #gallery img { image-rendering: pixelated; }
@@ -127,6 +128,13 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                             fields[field.name] = _component(field, initial[field.name], field.name in names)
                     accordions[title] = accordion
                 fields["out"].interactive = False         # the gallery's folder: set by --out
+                with gr.Row():            # uploads: copied into the run folder that uses them
+                    init_upload = gr.File(label="init image (upload)", file_types=["image"], type="filepath",
+                                          elem_id="upload-init-image")
+                    prompt_uploads = gr.File(label="image prompts (upload)", file_types=["image"], type="filepath",
+                                             file_count="multiple", elem_id="upload-image-prompts")
+                    settings_drop = gr.File(label="reuse settings: drop a PNG or run.json", type="filepath",
+                                            file_types=[".png", ".json"], elem_id="settings-drop")
                 preview_every = gr.Number(value=0, precision=0, elem_id="preview-every",
                                           label="preview every N steps (0: about 25 previews per run)")
                 with gr.Row():
@@ -203,15 +211,39 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                    gallery: pictures, listed: folders}
 
         def start_run(request: gr.Request, *args):
-            values = dict(zip(order, args[:-1]))
+            values = dict(zip(order, args[:-3]))
             try:
                 policy.check_config(str(values.get("config") or "").strip())   # before the file is read
-                options = policy.check_run(run_options(values))
-                every = int(args[-1] or 0)
+                options, uploads = with_uploads(run_options(values), args[-2], args[-1])
+                options = policy.check_run(options, uploads)
+                options["keep_inputs"] = True
+                every = int(args[-3] or 0)
             except (*USER_ERRORS, TypeError) as err:
                 yield {status: f"error: {err}"}
                 return
             yield from stream(Job(options, preview_every=every), request.session_hash)
+
+        def with_uploads(options: dict[str, Any], init: str | None, prompts: list[str] | None):
+            """The uploaded init image and image prompts in the run's options, and the uploads' paths."""
+            uploads = []
+            if init:
+                uploads.append(policy.check_upload(init, "init image"))
+                options["init_image"] = str(uploads[-1])
+            for path in prompts or []:
+                uploads.append(policy.check_upload(path, "image prompt"))
+                options["image_prompts"] = list(options.get("image_prompts") or []) + [str(uploads[-1])]
+            return options, tuple(uploads)
+
+        def reuse_file(path: str | None):
+            """A dropped PNG or run.json: its settings fill the form."""
+            if not path:
+                return [gr.skip()] * len(form_outputs) + [gr.skip()]
+            try:
+                values = values_from_file(policy.check_upload(path, "reuse settings"))
+            except USER_ERRORS as err:
+                return [gr.skip()] * len(form_outputs) + [f"error: {err}"]
+            values["out"] = out
+            return fill(values, values["backend"]) + [f"settings of `{Path(path).name}` in the form"]
 
         def resume_run(request: gr.Request, folder: str | None, every):
             """Continue the selected run from its checkpoint, in a new run folder under --out."""
@@ -259,13 +291,15 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
         for event in (fields["config"].submit, fields["config"].blur):     # its options fill the form
             event(switch, form_inputs, form_outputs + [status], concurrency_limit=None)
         run_outputs = [status, progress, preview, plot, gallery, listed]
-        start.click(start_run, form_inputs + [preview_every], run_outputs, concurrency_limit=1, concurrency_id="run",
+        start.click(start_run, form_inputs + [preview_every, init_upload, prompt_uploads], run_outputs, concurrency_limit=1, concurrency_id="run",
                     show_progress_on=[status])
         resume.click(resume_run, [selected, preview_every], run_outputs, concurrency_limit=1, concurrency_id="run",
                      show_progress_on=[status])
         stop.click(stop_run, None, None, concurrency_limit=None, concurrency_id="stop", show_progress="hidden")
         gallery.select(select_run, listed, [details, files, selected], concurrency_limit=None)
         reuse.click(reuse_run, selected, form_outputs + [status], concurrency_limit=None)
+        settings_drop.upload(reuse_file, settings_drop, form_outputs + [status],
+                             concurrency_limit=None)
         refresh.click(gallery_update, None, [gallery, listed], concurrency_limit=None)
         demo.load(gallery_update, None, [gallery, listed], concurrency_limit=None)
     demo.queue(default_concurrency_limit=1)
@@ -279,7 +313,7 @@ def launch(demo: gr.Blocks, *, out: str | Path, host: str = "127.0.0.1", port: i
     Path(out).mkdir(parents=True, exist_ok=True)
     return demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(Path(out).resolve())],
                        ssr_mode=False, mcp_server=False, show_error=True, prevent_thread_lock=not block, css=CSS,
-                       quiet=not block, auth=auth)
+                       quiet=not block, auth=auth, max_file_size=MAX_UPLOAD_BYTES)
 
 
 __all__ = ["CSS", "build_app", "launch"]

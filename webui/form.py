@@ -33,7 +33,7 @@ RUN_GROUP = ("run", "backend, preset and config file")
 #: command-line options with no form field: a batch (--prompts-file and its companions) is a command-line
 #: workflow, and --resume is the gallery's Resume button; -q/-v are the terminal's, and diffusers' names
 #: (--num-inference-steps...) are spellings of fields the form has
-CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume", "quiet", "verbose",
+CLI_ONLY = ("prompts_file", "seeds", "export", "export_dir", "resume", "from_", "quiet", "verbose",
             *(name for name, targets in DIFFUSERS_NAMES.items() if name not in targets))
 #: option fields whose value a change of backend or preset keeps (what to draw, not how)
 KEPT_ON_SWITCH = frozenset({"prompt", "story", "image_prompts", "noise_prompts", "seed", "out"})
@@ -180,6 +180,19 @@ def values_from_run(metadata: Mapping[str, Any], folder: str | None = None) -> d
     sources = metadata.get("option_sources") if isinstance(metadata.get("option_sources"), Mapping) else {}
     settings = read_back(metadata.get("settings") or {}, sources, folder)
     return form_values(metadata.get("backend"), metadata.get("preset"), None, settings)
+
+
+def values_from_file(path: str | Path) -> dict[str, Any]:
+    """Widget values from a PNG (clipsteer's or AUTOMATIC1111's) or a run.json, as ``--from`` reads it
+    (:func:`generators.runs.replay.replay_config`): its backend, preset and the settings it records."""
+    from generators.runs.options import resolve_options
+    from generators.runs.replay import replay_config
+
+    config = replay_config(path)
+    config.pop("seeds", None)
+    backend, opts, provenance = resolve_options(config=config)
+    settings = {k: v for k, v in opts.items() if provenance["sources"].get(k) == "config"}
+    return form_values(backend, provenance["preset"], None, settings)
 
 
 def run_options(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,11 @@ the server before anything is read or loaded:
 - models come only from the defaults, the presets and ``--allow-models`` (Hub ids, names or folders);
 - sizes and step counts are capped (``--max-size``, ``--max-steps``), and cutouts and images per run
   (:data:`BATCH_CAPS`);
-- the gallery's Resume / Reuse act only on run folders directly under the output folder.
+- the gallery's Resume / Reuse act only on run folders directly under the output folder;
+- uploads (init image, image prompts, a PNG or run.json to reuse settings from) are at most
+  :data:`MAX_UPLOAD_BYTES` each (gradio refuses larger ones first, :meth:`ServerPolicy.check_upload` again);
+  an uploaded input is copied into the run folder it is used by (``generate(keep_inputs=True)``), and only
+  the files uploaded for a run are readable by it besides the ``--allow-files`` folders.
 
 Also the server's start-up checks: :func:`check_host` (an address of this machine; a warning when it
 is not the loopback address) and :func:`read_auth` (``--auth USER:PASS`` or ``--auth-file``).
@@ -37,6 +41,8 @@ DEFAULT_MAX_SIZE = 1024
 DEFAULT_MAX_STEPS = 1000
 #: batch-like options and the most a caller may ask for (each multiplies a step's memory)
 BATCH_CAPS = {"cutouts": 128, "num_images": 8}
+#: the largest upload the web UI takes
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
 def _resolved(path: str | Path) -> Path:
@@ -121,14 +127,25 @@ class ServerPolicy:
             raise ValueError(f"{what}: the web UI reads files only from {where}; put the file there or ask "
                              "whoever runs the server")
 
+    def check_upload(self, path: Any, what: str) -> Path:
+        """An uploaded file (a path gradio gave the server), at most :data:`MAX_UPLOAD_BYTES`."""
+        upload = _resolved(str(path))
+        if not upload.is_file():
+            raise ValueError(f"{what}: the upload is gone; upload the file again")
+        if upload.stat().st_size > MAX_UPLOAD_BYTES:
+            raise ValueError(f"{what}: the file is larger than the web UI takes ({MAX_UPLOAD_BYTES // 2**20} MiB); "
+                             "upload a smaller one")
+        return upload
+
     def check_config(self, config: Any) -> None:
         if config:
             self.check_file(str(config), "config")
 
     # -- run options -----------------------------------------------------------------------------
-    def check_run(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    def check_run(self, options: Mapping[str, Any], uploads: tuple[Path, ...] = ()) -> dict[str, Any]:
         """*options* (``generate()`` keywords from the form) checked; returned with ``out`` set to the
-        server's folder. One-line ``ValueError`` for anything the server does not allow."""
+        server's folder. One-line ``ValueError`` for anything the server does not allow. *uploads* (checked
+        with :meth:`check_upload`) are files this run may read besides the ``--allow-files`` folders."""
         from generators.runs.options import resolve_options
 
         options = dict(options)
@@ -149,7 +166,8 @@ class ServerPolicy:
                              "cannot change it")
         for name, kind, ref, path in references(merged, path_options(backend)):
             if kind == FILE:
-                self.check_file(path, name.replace("_", "-").rstrip("s"))
+                if _resolved(path) not in uploads:
+                    self.check_file(path, name.replace("_", "-").rstrip("s"))
             elif ref not in self.model_ids and (path is None or not _inside(_resolved(path), self.model_folders)):
                 raise ValueError(f"{name.replace('_', '-')}: {ref!r} is not a model this server offers (its presets "
                                  "and the models given with --allow-models); choose one of those")
@@ -224,4 +242,4 @@ def read_auth(auth: str | None = None, auth_file: str | None = None) -> list[tup
     return entries or None
 
 
-__all__ = ["DEFAULT_MAX_SIZE", "DEFAULT_MAX_STEPS", "ServerPolicy", "check_host", "read_auth"]
+__all__ = ["DEFAULT_MAX_SIZE", "DEFAULT_MAX_STEPS", "MAX_UPLOAD_BYTES", "ServerPolicy", "check_host", "read_auth"]

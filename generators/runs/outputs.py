@@ -135,6 +135,11 @@ def write_json(path: str | Path, data: Any, *, overwrite: bool = False) -> Path:
     return path
 
 
+def image_name(index: int, seed: int) -> str:
+    """A run's image file: its index in the run (5 digits) and its seed, A1111's way (``00001-6.png``)."""
+    return f"{index:05d}-{seed}.png"
+
+
 def frame_name(step: int) -> str:
     return f"step-{step:06d}.png"
 
@@ -224,5 +229,5 @@ def animation_formats(spec: str | Iterable[str] | None) -> list[str]:
 
 
 __all__ = ["SIDECAR", "PNG_KEY", "slugify", "new_run_dir", "to_pil", "to_jsonable", "save_png", "read_png_text",
-           "read_metadata", "write_json", "frame_name", "save_gif", "save_mp4", "save_animation",
+           "read_metadata", "write_json", "image_name", "frame_name", "save_gif", "save_mp4", "save_animation",
            "animation_formats"]

@@ -24,6 +24,7 @@ class Progress:
         self.frames: list = []
         self.last: StepInfo | None = None
         self.reward_steps: list[dict] = []
+        self.runs, self.image = 1, 0          # images run one after another (a seed each), and which one this is
 
     def reward_log(self) -> dict[str, list[float | None]]:
         """``{reward label: [mean score at each step]}`` for the rewards of the objective."""
@@ -43,8 +44,8 @@ class Progress:
             if self.bar is None:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=info.total, initial=info.step, unit="step", dynamic_ncols=True, leave=None,
-                                file=sys.stderr)
+                self.bar = tqdm(total=info.total * self.runs, initial=info.step, unit="step", dynamic_ncols=True,
+                                leave=None, file=sys.stderr)
             self.bar.update(1)
             done = info.step + 1
             if info.loss is not None and (done % self.refresh == 0 or done == info.total):
@@ -52,7 +53,7 @@ class Progress:
                 shown.update({k: f"{float(v):.4g}" for k, v in (self.reward_steps[-1] if self.reward_steps
                                                                  and self.reward_steps[-1] is not None else {}).items()})
                 self.bar.set_postfix(shown, refresh=False)
-        if self.save_every and (info.step + 1) % self.save_every == 0:
+        if self.save_every and (info.step + 1) % self.save_every == 0 and self.image == 0:   # the first image's
             self.keep_frame(info.decode(), info.step + 1)
         if self.user is not None:
             return self.user(info)

@@ -104,7 +104,7 @@ def run_identity(backend: str, settings: Mapping[str, Any]) -> str:
 
 
 #: the keys run.json has only when they are set
-OPTIONAL_KEYS = ("resumed_from", "checkpoint", "rewards", "steered_by", "reward_scores", "animations", "timings")
+OPTIONAL_KEYS = ("resumed_from", "replayed_from", "inputs", "checkpoint", "rewards", "steered_by", "reward_scores", "animations", "timings")
 
 
 @dataclass
@@ -116,6 +116,7 @@ class RunRecord:
 
     prompt: str
     seed: int
+    seeds: list[int]                          # each image's seed (seed + i, or --seeds)
     backend: str
     clip_score: float | None
     image: str
@@ -130,6 +131,7 @@ class RunRecord:
     option_sources: dict[str, str]            # where each option not left at its default came from
     preset: str | None
     config: str | None
+    model: dict[str, Any] | None              # the model and its hash, as A1111's parameters give them
     device: str
     precision: str
     precision_choice: dict[str, Any] | None
@@ -138,7 +140,9 @@ class RunRecord:
     versions: dict[str, str]
     created: str
     losses: list[float | None]
-    resumed_from: str | None = None
+    resumed_from: Any = None
+    replayed_from: str | None = None          # --from: the PNG or run.json made again
+    inputs: Any = None                        # keep_inputs: the copies of the input files in the run folder
     checkpoint: str | None = None
     rewards: list[dict[str, Any]] | None = None
     steered_by: list[str] | None = None       # the models that steered (evaluate.py --held-out leaves them out)

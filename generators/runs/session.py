@@ -36,6 +36,7 @@ from .memory import check_fits
 from .options import backend_settings, resolve_options
 from .progress import CtrlC, Progress
 from .record import RunRecord
+from .seeds import each_seed, use_seeds
 
 
 @dataclass
@@ -109,7 +110,8 @@ def _prompt_label(opts: Mapping[str, Any], schedule) -> str:
 
 def generate(prompt: str | None = None, *, backend: str | None = None, preset: str | None = None,
              config: str | Path | Mapping | None = None, save: bool = True, callback: Callable | None = None,
-             resume: str | Path | None = None, stop=None, **options) -> Run:
+             resume: str | Path | None = None, stop=None, from_: str | Path | None = None,
+             seeds: Any = None, keep_inputs: bool = False, **options) -> Run:
     """Generate image(s) for *prompt* and (with ``save=True``) write a new run folder.
 
     Args:
@@ -124,6 +126,12 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
             ``out``, ``progress``, ``threads``, ``device`` and ``checkpoint_every`` may be given.
         stop: a ``threading.Event`` (anything with ``is_set()``); once it is set, the run ends at its
             next step exactly as Ctrl-C ends it: the current image is kept and saved, marked ``interrupted``.
+        from_: a clipsteer PNG, run.json or run folder (or an AUTOMATIC1111 PNG): generate that image or run
+            again (:mod:`generators.runs.replay`); keyword options override its own.
+        seeds: the seed of each image (``[3, 7]`` or ``"0-3"``): one run of ``len(seeds)`` images. Without it,
+            image *i* of ``num_images`` uses ``seed + i``; ``seed=-1`` draws a random seed (recorded).
+        keep_inputs: copy the input files (init image, image prompts) into the run folder's ``inputs/`` and
+            record them there (:mod:`generators.runs.inputs`).
         **options: any option of :class:`RunSettings` or of the backend's ``Settings``
             (``iterations=``, ``seed=``, ``size=(W, H)``, ``clip=[...]``...), or diffusers' name of one
             (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``num_images_per_prompt``,
@@ -137,6 +145,18 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
                          "or 'pil' (a list of PIL images)")
     if stop is not None:
         callback = _stop_when_set(stop, callback)
+    replayed = None
+    if from_ is not None:
+        from .replay import replay_config
+
+        if config is not None or resume is not None:
+            raise ValueError("--from replays a PNG or run.json as the options' base; give --from or "
+                             "--config/--resume, not both")
+        config = replay_config(from_)
+        replayed, own_seeds = str(Path(from_).expanduser().absolute()), config.pop("seeds", None)
+        if seeds is None and all(options.get(k) is None for k in ("seed", "num_images", "num_images_per_prompt",
+                                                                  "generator")):
+            seeds = own_seeds
     if resume is not None:
         from .checkpoint import resume_options
 
@@ -146,13 +166,18 @@ def generate(prompt: str | None = None, *, backend: str | None = None, preset: s
         backend, opts, provenance = resume_options(resume, options)
     else:
         backend, opts, provenance = resolve_options(prompt, backend=backend, preset=preset, config=config, **options)
+    if replayed is not None:
+        provenance["replayed_from"] = replayed
+    if seeds is not None:
+        use_seeds(seeds, opts, provenance)
     threads = opts.get("threads")
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         with quiet_libraries(bars=not opts.get("progress", True)):   # progress=False hides theirs too
-            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start)
+            run = _generate(backend, opts, provenance, save=save, callback=callback, t_start=t_start,
+                            keep_inputs=keep_inputs)
         if output_type == "pil":
             run.images = run.pil_images
         return run
@@ -191,6 +216,7 @@ class _Prepared:
     t_loaded: float = 0.0
     recorded: dict | None = None        # the options as run.json records them (generators.runs.record)
     precision: Any = None      # guidance.runtime.PrecisionChoice
+    seeds: list[int] = field(default_factory=list)   # each image's seed: seed + i, or --seeds
 
 
 def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: float | None = None) -> _Prepared:
@@ -200,12 +226,15 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
 
     t_start = time.perf_counter() if t_start is None else t_start
     seed = opts.get("seed")
-    opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None else check_seed(seed)
+    # no seed, or A1111's -1: a fresh one, recorded
+    opts["seed"] = seed = secrets.randbelow(2**31 - 1) if seed is None or seed == -1 else check_seed(seed)
     device = resolve_device(opts.get("device"))
     choice = choose_precision(opts.get("precision") or "auto", device)     # one choice for every model of the run
     precision = choice.precision
     cls = get_generator_class(backend)
     settings = backend_settings(backend, opts)
+    seeds = list(provenance.get("seeds") or [seed + i for i in range(int(getattr(settings, "num_images", 1) or 1))])
+    check_seed(seeds[-1], f"seed {seed} + {len(seeds) - 1} (the last image's)")
     schedule = build_schedule(opts)
     own = getattr(settings, "prompt", None)
     if schedule is None and isinstance(own, str) and own.strip():
@@ -225,7 +254,7 @@ def prepare(backend: str, opts: dict[str, Any], provenance: dict, *, t_start: fl
     prepared = _Prepared(backend=backend, opts=opts, provenance=provenance, seed=seed, device=device,
                          schedule=schedule, label=_prompt_label(opts, schedule), eval_model=eval_model_for(opts),
                          formats=formats, save_every=save_every, settings=settings, objective=None, generator=None,
-                         t_start=t_start, precision=choice)
+                         t_start=t_start, precision=choice, seeds=seeds)
     _announce(choice)
     # Models load here: the objective first (its encoders are cached across runs), then the backend.
     objective = build_objective(opts, schedule, seed=seed, device=device, precision=precision)
@@ -284,6 +313,11 @@ def execute(prep: _Prepared, *, folder: Path | None, callback: Callable | None) 
     progress = Progress(enabled=bool(prep.opts.get("progress", True)), save_every=prep.save_every,
                          frames_dir=(folder / "frames") if folder is not None else None, user=callback)
     resumed = prep.provenance.get("resumed_from")
+    if len(prep.seeds) > 1:                    # one image per seed, one after another (no checkpoint)
+        try:
+            return each_seed(prep, progress), progress
+        finally:
+            progress.close()
     if prep.generator.resumable and (folder is not None or resumed):
         from .checkpoint import Checkpointer, load_state
 
@@ -332,13 +366,16 @@ def record(prep: _Prepared, result: GenerationResult, progress: "Progress", fold
             score = {"clip_score": None, "error": f"{err.__class__.__name__}: {err}"}
     t_scored = time.perf_counter()
 
+    from .infotext import model_record
+    from .outputs import image_name
     from .record import recorded_options, recorded_value
 
-    names = ["image.png"] if images.shape[0] == 1 else [f"image-{i}.png" for i in range(images.shape[0])]
+    seeds = [prep.seeds[i] if i < len(prep.seeds) else prep.seed + i for i in range(images.shape[0])]
+    names = [image_name(i, seed) for i, seed in enumerate(seeds)]
     settings = prep.settings
     mode, sources = str(prep.opts.get("record_paths") or "relative"), prep.provenance["sources"]
     record = RunRecord(
-        prompt=prep.label, seed=prep.seed, backend=prep.backend, clip_score=score.get("clip_score"),
+        prompt=prep.label, seed=prep.seed, seeds=seeds, backend=prep.backend, clip_score=score.get("clip_score"),
         image=names[0], images=names, interrupted=bool(result.interrupted), stopped_at=result.stopped_at,
         eval_model=recorded_options({"eval_model": prep.eval_model}, sources, folder, mode)["eval_model"],
         clip_scores=score, prompts={str(k): v for k, v in prep.schedule.as_dict().items()},
@@ -346,12 +383,13 @@ def record(prep: _Prepared, result: GenerationResult, progress: "Progress", fold
         backend_settings=recorded_options(asdict(settings) if is_dataclass(settings) else dict(vars(settings)),
                                           sources, folder, mode),
         option_sources={k: v for k, v in sorted(prep.provenance["sources"].items()) if v != "default"},
-        preset=prep.provenance["preset"], config=prep.provenance["config"], device=str(prep.device),
+        preset=prep.provenance["preset"], config=prep.provenance["config"],
+        model=model_record(prep.backend, prep.opts), device=str(prep.device),
         precision=str(prep.generator.dtype).replace("torch.", ""),
         precision_choice=prep.precision.as_dict() if prep.precision is not None else None,
         steps_done=steps_done, info=result.info, versions=_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         losses=[float(x) if math.isfinite(float(x)) else None for x in result.losses],
-        resumed_from=prep.provenance.get("resumed_from") or None)
+        **{key: prep.provenance[key] for key in ("resumed_from", "replayed_from", "inputs") if prep.provenance.get(key)})
     if getattr(prep.generator.checkpoint, "saved", None) is not None:
         record.checkpoint = prep.generator.checkpoint.saved.name
     rewards = reward_specs(prep.opts)
@@ -380,7 +418,8 @@ def record(prep: _Prepared, result: GenerationResult, progress: "Progress", fold
     return run
 
 
-def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float) -> Run:
+def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: bool, callback, t_start: float,
+              keep_inputs: bool = False) -> Run:
     prep = prepare(backend, opts, provenance, t_start=t_start)
     folder = None
     with CtrlC() as ctrl_c:
@@ -389,10 +428,14 @@ def _generate(backend: str, opts: dict[str, Any], provenance: dict, *, save: boo
 
             folder = new_run_dir(opts.get("out") or "outputs", prep.label)
         try:
+            if folder is not None and keep_inputs:
+                from .inputs import keep_inputs as copy_inputs
+
+                prep.provenance["inputs"] = copy_inputs(prep.opts, prep.settings, folder, prep.backend)
             result, progress = execute(prep, folder=folder, callback=callback)
         except BaseException:
             if folder is not None:
-                _remove_if_empty(folder)
+                _remove_if_empty(folder, inputs=prep.provenance.get("inputs") or ())
             raise
         ctrl_c.pressed = True        # from here on Ctrl-C is only remembered: the run is written whole
         return record(prep, result, progress, folder)
@@ -415,13 +458,17 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
     """Final PNG(s) with metadata and the animation(s); the sidecar is written by the caller, last."""
     import json
 
+    from .infotext import PARAMETERS_KEY, format_parameters
     from .outputs import PNG_KEY, save_animation, save_png, to_jsonable, to_pil
 
     pils = to_pil(images)
     meta = run.metadata
     for i, (name, im) in enumerate(zip(names, pils)):
-        text = {"prompt": meta["prompt"], "seed": str(meta["seed"]), "backend": meta["backend"],
-                "Software": "clipsteer", PNG_KEY: json.dumps(to_jsonable({**meta, "image": name, "index": i}))}
+        seed = meta["seeds"][i]
+        # no "prompt" chunk: ComfyUI reads one as its own JSON workflow; A1111's "parameters" instead
+        text = {PARAMETERS_KEY: format_parameters(meta, seed=seed, size=im.size), "seed": str(seed),
+                "backend": meta["backend"], "Software": "clipsteer",
+                PNG_KEY: json.dumps(to_jsonable({**meta, "image": name, "index": i, "seed": seed}))}
         per_image = (meta.get("clip_scores") or {}).get("per_image") or []
         if i < len(per_image) and per_image[i] is not None:     # each PNG carries its own score
             text["clip_score"] = f"{per_image[i]:.4f}"
@@ -431,8 +478,13 @@ def _save(run: Run, folder: Path, names: list[str], formats: list[str], fps: flo
         run.record.animations = [save_animation(frames, folder / f"animation.{fmt}", fps=fps).name for fmt in formats]
 
 
-def _remove_if_empty(folder: Path) -> None:
+def _remove_if_empty(folder: Path, inputs=()) -> None:
+    """Remove a failed run's folder when nothing but the copies of its inputs (and no frame) was written."""
     try:
+        for name in inputs:
+            (folder / name).unlink(missing_ok=True)
+        if inputs and not any((folder / "inputs").iterdir()):
+            (folder / "inputs").rmdir()
         frames = folder / "frames"
         if frames.is_dir() and not any(frames.iterdir()):
             frames.rmdir()
