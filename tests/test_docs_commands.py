@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-EXTERNAL = {"pip"}          # other tools' commands, not clipsteer's: not checked here
+EXTERNAL = {"pip", "-c"}    # other tools' commands and Python one-liners, not clipsteer's: not checked here
 #: ``clipsteer COMMAND`` -> the script that is the same command
 CLIPSTEER = {"generate": "scripts/generate.py", "evaluate": "scripts/evaluate.py", "ui": "scripts/app.py",
              "train-toy": "scripts/train_toy.py"}

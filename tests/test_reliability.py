@@ -17,7 +17,7 @@ from generators import cli
 from generators.runs.outputs import read_metadata, read_png_text
 from generators.runs import generate
 from guidance import CLIPLoss, clip_score, parse_prompts, read_image
-from test_evaluate import evaluate_script  # scripts/evaluate.py loaded as a module
+from generators import evaluate as evaluate_script  # the evaluate command (scripts/evaluate.py wraps it)
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan, tiny_encoder
 
 ROOT = Path(__file__).resolve().parent.parent
