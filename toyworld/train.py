@@ -318,8 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="weights folder (default: toyworld/weights)")
     ap.add_argument("--steps-scale", type=float, default=1.0,
                     help="multiply every step count (for quick experiments only; the committed weights use 1.0)")
-    ap.add_argument("--sd-unet-steps", type=int, default=5000, metavar="N",
-                    help="training steps of the toy SD's UNet (default 5000, the committed weights)")
+    ap.add_argument("--sd-unet-steps", type=int, default=8000, metavar="N",
+                    help="training steps of the toy SD's UNet (default 8000, the committed weights)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads per training process (default 1: with --jobs processes side by side one "
                          "thread each is fastest; the thread count is recorded)")
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
                     help="retrain nothing; rewrite TRAINING.md from the recorded training_metrics.json")
     args = ap.parse_args(argv)
     if args.sd_unet_steps < 1:
-        ap.error(f"--sd-unet-steps is {args.sd_unet_steps}; give at least 1 (the committed weights use 5000)")
+        ap.error(f"--sd-unet-steps is {args.sd_unet_steps}; give at least 1 (the committed weights use 8000)")
     if args.jobs < 1:
         ap.error(f"--jobs is {args.jobs}; give at least 1")
     torch.set_num_threads(args.threads)

@@ -67,9 +67,9 @@ UNET_CONFIG = dict(
     out_channels=4,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(48, 96, 96),  # v3: wider than v2 (32, 64, 64) for scenes of 1-3 objects
     layers_per_block=1,
-    attention_head_dim=2,  # diffusers' legacy name: the number of heads (head dim 16-32)
+    attention_head_dim=2,  # diffusers' legacy name: the number of heads (head dim 24-48)
     norm_num_groups=16,
 )
 
@@ -351,7 +351,7 @@ def vae_stage(out_dir: str | Path, vae_steps: int = 3000, log=print, resume: boo
     return vae, seconds
 
 
-def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000, unet_steps: int = 5000,
+def train_sd(out_dir: str | Path, clip_folder: str | Path, vae_steps: int = 3000, unet_steps: int = 8000,
              log=print, resume: bool = False, vae_ready: bool = False, n_data: int = 20000) -> dict:
     """Train the VAE, then the UNet on CLIP A's frozen text tower; save the pipeline; evaluate. With
     ``resume`` a stopped run continues where it stopped (a finished VAE is kept in ``out_dir/.training``);
