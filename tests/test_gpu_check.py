@@ -52,7 +52,7 @@ def test_summary_reports_a_failed_and_a_missing_figure(tmp_path):
     assert "vqgan_nerdyrodent.json" not in done.stderr, "the competitors' rows are optional"
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_dry_run_produces_every_figure(tmp_path):
     out = tmp_path / "gpu"
     done = run(out, env={"CLIPSTEER_GPU_CHECK_DRY_RUN": "1"}, timeout=1500)

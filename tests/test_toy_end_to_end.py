@@ -45,6 +45,7 @@ def _arm(backend: str, seeds=(0,), **options) -> tuple[list[tuple[bool, bool, bo
     return right, sum(scores) / len(scores)
 
 
+@pytest.mark.slow
 def test_vqgan_clip_beats_its_own_starting_point():
     _needs("clip_a", "clip_b", "clip_c", "clip_d", "vqgan")
     guided, guided_score = _arm("vqgan")               # the preset's iterations

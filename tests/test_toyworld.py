@@ -308,6 +308,7 @@ def test_toy_stable_diffusion_runs_through_the_standard_pipeline():
     assert 0.6 < z.std().item() < 1.6
 
 
+@pytest.mark.slow
 def test_train_toy_only_one_clip_trains_and_records_just_that_clip(tmp_path):
     """``train_toy.py --only clip_d`` trains clip_d alone and records it as its own run."""
     root = Path(__file__).resolve().parent.parent
@@ -357,6 +358,7 @@ def test_toy_sd_turbo_makes_a_64px_image_in_one_step_through_the_standard_pipeli
     assert pil.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_train_toy_only_sd_turbo_distils_from_the_sd_folder_and_records_it(tmp_path):
     """``train_toy.py --only sd_turbo`` reads ``sd`` from the output folder as teacher and records just that run."""
     import shutil
