@@ -31,22 +31,27 @@ def test_subjects_are_read_from_the_prompt():
         subject_token_indices(tok, PROMPT, ["triangle"])
 
 
-@pytest.mark.parametrize("steps", [12])
-def test_attend_and_excite_equals_the_diffusers_pipeline(steps):
+@pytest.mark.parametrize("steps, ours_extra, theirs_extra", [
+    (12, {}, {"token_indices": [3, 7]}),
+    # every option reaches the rule: the subject, the excited steps, the refinement steps and the map resolution
+    (6, {"subject_tokens": "square", "excite_steps": 3, "excite_thresholds": "1:0.3", "attention_res": 4},
+     {"token_indices": [7], "max_iter_to_alter": 3, "thresholds": {1: 0.3}}),
+])
+def test_attend_and_excite_equals_the_diffusers_pipeline(steps, ours_extra, theirs_extra):
     """Same components, seed and settings: clipsteer's images equal StableDiffusionAttendAndExcitePipeline's."""
     from diffusers import StableDiffusionAttendAndExcitePipeline
 
     pipe = tiny_sd_pipeline()
     res = default_attention_res(pipe.unet, 8)
-    gen = make(pipe, steps=steps, attend_excite=True, excite_scale=200.0)
+    gen = make(pipe, steps=steps, attend_excite=True, excite_scale=200.0, **ours_extra)
     ours = gen.generate(None, seed=4)
-    assert ours.info["attend_excite"]["token_indices"] == [3, 7]
+    assert ours.info["attend_excite"]["token_indices"] == theirs_extra["token_indices"]
     keys = {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor"}
     ref = StableDiffusionAttendAndExcitePipeline(**{k: v for k, v in pipe.components.items() if k in keys},
                                                  requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    theirs = ref(PROMPT, token_indices=[3, 7], num_inference_steps=steps, output_type="pt", scale_factor=200,
-                 attn_res=(res, res), generator=torch.Generator().manual_seed(4)).images
+    theirs = ref(PROMPT, num_inference_steps=steps, output_type="pt", scale_factor=200, attn_res=(res, res),
+                 generator=torch.Generator().manual_seed(4), **theirs_extra).images
     plain = make(pipe, steps=steps).generate(None, seed=4).images
     assert (plain - theirs).abs().max() > 1e-3          # the method changes the image
     torch.testing.assert_close(ours.images, theirs, rtol=0, atol=1e-5)
@@ -141,3 +146,24 @@ def test_one_part_composable_is_plain_cfg_and_bad_weights_fail():
         make(pipe, steps=4, composable=True, prompt="a red circle:1|a blue square:-1").generate(None, seed=2)
     with pytest.raises(ValueError, match="no CFG"):
         make(pipe, steps=4, composable=True, cfg_scale=1.0).generate(None, seed=2)
+
+
+def test_layout_options_reach_the_method():
+    from generators.diffusion.attention_steering import SteeringContext
+    from generators.diffusion.layout_guidance import LayoutGuidance
+
+    pipe = tiny_sd_pipeline()
+    gen = make(pipe, layout="square:0.5,0,1,1", layout_scale=7.0, layout_steps=2, layout_iterations=3,
+               layout_threshold=0.05, attention_res=4)
+    context = SteeringContext(unet=pipe.unet, tokenizer=pipe.tokenizer, prompt=PROMPT, latent_size=(8, 8),
+                              num_steps=4, alpha_bars=lambda i: torch.tensor(0.5))
+    method = LayoutGuidance.from_settings(gen.settings, context)
+    assert (method.scale, method.steps, method.iterations, method.threshold, method.res) == (7.0, 2, 3, 0.05, 4)
+    assert [positions for positions, _ in method.subjects] == [[7]]
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer(PROMPT, padding="max_length", return_tensors="pt").input_ids
+    cond = pipe.text_encoder(ids)[0]
+    conditional = lambda zz: pipe.unet(zz, 901, encoder_hidden_states=cond).sample
+    assert torch.equal(method.correct(2, z, conditional), z)            # past --layout-steps: unchanged
+    method.correct(0, z, conditional)
+    assert 1 <= len(method.losses) <= 3                                  # at most --layout-iterations moves
