@@ -436,7 +436,9 @@ def toy_unguided():
 
 
 @pytest.mark.e2e
-# the clip rule's: test_toy_end_to_end.py (same claim, 3 seeds); mpgd's runs by default, the slower four in make test-all
-@pytest.mark.parametrize("guider", [g if g == "mpgd" else pytest.param(g, marks=pytest.mark.slow) for g in NEW_GUIDERS])
+# the clip rule's: test_toy_end_to_end.py (same claim, 3 seeds); minutes on CPU, so in make test-all (the tiny-model
+# tests of each guider run by default)
+@pytest.mark.slow
+@pytest.mark.parametrize("guider", NEW_GUIDERS)
 def test_every_guider_steers_the_toy_models(toy_unguided, guider):
     assert _toy_right(guider=guider, **TOY_STEERING[guider]) > toy_unguided

@@ -55,6 +55,7 @@ def test_vqgan_clip_beats_its_own_starting_point():
     assert sum(colour and background for colour, _, background in guided) >= 3
 
 
+@pytest.mark.slow
 def test_stable_diffusion_with_clip_guidance_beats_the_same_seeds_without():
     _needs("clip_a", "clip_b", "clip_c", "clip_d", "sd")
     guided, guided_score = _arm("sd", seeds=(0, 1, 2))
@@ -63,6 +64,7 @@ def test_stable_diffusion_with_clip_guidance_beats_the_same_seeds_without():
     assert sum(all(r) for r in guided) > sum(all(r) for r in plain)    # more images with all three right
 
 
+@pytest.mark.slow
 def test_pixels_backend_steers_the_colour():
     """No prior at all: the objective alone still moves raw Fourier pixels to the asked colour."""
     _needs("clip_a", "clip_b", "clip_c", "clip_d")
