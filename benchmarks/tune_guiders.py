@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run as ``python benchmarks/tune_guiders.py``: this file's folder is first on sys.path, so the quality
+# benchmark's package (benchmarks/toy_quality) imports as ``toy_quality``.
+from toy_quality import (SEED_BASES, _environment, _quiet_loading, _write_json, benchmark_prompts,
+                         missing_toy_models, run_benchmark, summarise)
+from toyworld.variants import Variant
 
-from benchmarks.quality import (SEED_BASES, Variant, _environment, _quiet_loading, _write_json,  # noqa: E402
-                                benchmark_prompts, run_benchmark, summarise)
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "tune_guiders.json"
 TUNING_SEEDS = (SEED_BASES["tuning"],)
@@ -164,8 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
-    from benchmarks.quality import missing_toy_models
-
     missing = missing_toy_models(MODELS)
     if missing:
         print(f"toy models missing: {', '.join(missing)}; train them first", file=sys.stderr)

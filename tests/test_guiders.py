@@ -87,8 +87,8 @@ def _resolved(**options) -> Settings:
 
 
 def _tuned_toy_settings() -> dict[str, dict]:
-    """Each guider's tuned setting: its row of the quality benchmark (benchmarks/quality.py VARIANTS, README's table)."""
-    from benchmarks.quality import VARIANTS
+    """Each guider's tuned setting: its row of the quality benchmark (toyworld.variants.VARIANTS, README's table)."""
+    from toyworld.variants import VARIANTS
 
     rows = {v.options["guider"]: dict(v.options) for v in VARIANTS if v.backend == "sd" and "guider" in v.options}
     return {"clip": {"clip_guidance_scale": 500.0}, **rows}

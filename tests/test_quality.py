@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: prompt sample, the benchmark loop on tiny models, targets, and the CLI on the toy models."""
+"""benchmarks/quality.py (the package benchmarks/toy_quality): prompt sample, the benchmark loop on tiny models, targets, and the CLI on the toy models."""
 
 import importlib.util
 import json
@@ -8,20 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import toy_quality as quality   # the package behind benchmarks/quality.py
 from tiny import save_tiny_clip, save_tiny_sd, save_tiny_vqgan
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_quality():
-    spec = importlib.util.spec_from_file_location("clipsteer_quality_bench", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_quality()
 
 
 def test_benchmark_prompts_are_the_world_prompt_sets():
