@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from toyworld.variants import Variant, variant
+
 ROOT = Path(__file__).resolve().parent.parent   # the checkout: docs/images is written there
 OUT_DIR = ROOT / "docs" / "images"
 SEED = 0
@@ -36,14 +38,9 @@ PROMPTS = (
     "a white square on a green background",
     "an orange cross on a black background",
 )
-# (row label, backend, options): the grid's rows, as the README describes them.
-ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("VQGAN+CLIP", "vqgan", {}),
-    ("SD, no CLIP guidance", "sd", {"clip_guidance_scale": 0.0}),
-    ("SD + CLIP guidance", "sd", {}),
-    ("pixels + CLIP (no prior)", "pixels", {}),
-    ("noise optimisation + CLIP", "noise", {}),
-)
+# The grid's rows, as the README describes them: rows of the quality benchmark's variants table
+# (label, backend and options defined once, in toyworld/variants.py).
+ROWS: tuple[Variant, ...] = tuple(variant(name) for name in ("vqgan+clip", "sd", "sd+clip", "pixels+clip", "noise+clip"))
 FIGURES = {"grid": "toy_grid.png", "loss": "loss_curve.png", "frames": "vqgan_frames.png"}
 FRAMES = 8  # frames in the strip before the final image
 SCALE = 2  # 64-pixel toy images are shown at 128 pixels (nearest neighbour)
@@ -284,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in missing:
             print(f"error: {missing[name]}", file=sys.stderr)
             return 2
-    rows = [r for r in ROWS if not (r[1] == "sd" and "sd" in missing)
-            and not (r[1] == "noise" and "sd" in missing)]
+    rows = [v for v in ROWS if "sd" not in v.models or "sd" not in missing]
     if len(rows) < len(ROWS):
         print(f"skipping the Stable Diffusion rows: {missing['sd']}", file=sys.stderr)
 
@@ -309,9 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells: dict[tuple[int, int], dict] = {}
         first_vqgan = None
         print("commands (each gives the same image as its grid cell):")
-        for i, (label, backend, options) in enumerate(rows):
+        for i, row in enumerate(rows):
+            label, backend = row.label, row.backend
             for j, prompt in enumerate(PROMPTS):
-                opts = {**options, **extra[backend]}
+                opts = {**row.options, **extra[backend]}
                 keep_frames = backend == "vqgan" and j == 0
                 run_opts = dict(opts)
                 if keep_frames:
@@ -331,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         note = (f"Toy preset (64x64; toy CLIPs clip_a, clip_c, clip_d guide), seed {args.seed}. Under each image: what the pixel "
                 "judge sees (colour shape / background; green = all three as asked) and the CLIP score under the "
                 "independent judging toy CLIP clip_b.")
-        grid = grid_figure(cells, [r[0] for r in rows], PROMPTS, note=note)
+        grid = grid_figure(cells, [r.label for r in rows], PROMPTS, note=note)
         grid.save(targets["grid"], optimize=True)
 
         prompt, every, run = first_vqgan
