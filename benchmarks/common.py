@@ -68,6 +68,27 @@ TINY_TAMING = {
 }
 
 
+def tests_module(name: str):
+    """The test suite's helper module ``tests/<name>.py`` (``tiny``: tiny models and the CLIP tokenizer built
+    in code; ``tiny_rewards``), imported from its file. ``tests/`` is no package and is not installed; the
+    module is registered under its plain name, as the tests import it, so the helpers' own imports of each
+    other (``from tiny import ...``) find it."""
+    import importlib.util
+
+    if name not in sys.modules:
+        if name == "tiny_rewards":
+            tests_module("tiny")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
 def clip_arch(arch: str) -> dict:
     """The hyper-parameters of CLIP *arch* (a tiny CLIP under ``CLIPSTEER_BENCH_TINY``)."""
     return TINY_CLIP if TINY else CLIP_ARCHS[arch]

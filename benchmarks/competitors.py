@@ -44,13 +44,15 @@ import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, clip_folder, sync, taming_config  # noqa: E402
+# benchmarks/common.py: run as ``python benchmarks/competitors.py``, this file's folder is first on sys.path
+from common import CACHE, clip_folder, sync, taming_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a lighthouse at dusk, oil painting"
 # Runs a Python script as ``python SCRIPT ARGS`` would, then reports the process's peak allocated CUDA memory on
-# stderr: both tools are launched through it on a GPU, so their peaks are measured alike.
+# stderr: both tools are launched through it on a GPU, so their peaks are measured alike. The script is
+# third-party reference code (nerdyrodent's generate.py, diffusers' community pipeline) that imports its own
+# sibling modules, so the launcher puts the script's folder first on sys.path as ``python SCRIPT`` does.
 CUDA_PEAK = ("import atexit, runpy, sys, torch\n"
              "atexit.register(lambda: print('CUDA_PEAK_MB', torch.cuda.max_memory_allocated() / 2**20, file=sys.stderr))\n"
              "sys.argv = sys.argv[1:]\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# benchmarks/common.py: run as ``python benchmarks/families_speed.py``, this file's folder is first on sys.path
 from common import ROOT, clip_folder, environment, run_isolated
 
 CACHE = ROOT / "benchmarks" / ".cache"

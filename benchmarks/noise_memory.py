@@ -18,12 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from common import TINY, tests_module   # benchmarks/common.py: run as a script, its folder is on sys.path
 
-from common import TINY  # noqa: E402
 
 
 def sd21_pipeline(size: int, device: str = "cpu"):
@@ -39,8 +35,7 @@ def sd21_pipeline(size: int, device: str = "cpu"):
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, timestep_spacing="trailing")
     if TINY:     # benchmarks/gpu_check.sh --dry-run
-        from tiny import tiny_sd_components
-
+        tiny_sd_components = tests_module("tiny").tiny_sd_components
         return StableDiffusionPipeline(**{**tiny_sd_components(sample_size=size // 8), "scheduler": scheduler})
     torch.manual_seed(0)
     with torch.device(device):     # random weights made where they run (fast on a GPU)

@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+import torch
 
-import torch  # noqa: E402
+# benchmarks/common.py: run as ``python benchmarks/rewards_speed.py``, this file's folder is first on sys.path
+from common import tests_module
+
 
 SIZES = {"B/32": "ViT-B-32", "L/14": "ViT-L-14", "H/14": "ViT-H-14"}
 REWARDS = ("clip", "hps", "aesthetic", "imagereward")
@@ -57,7 +56,8 @@ def build(name: str, arch: str):
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     from guidance.rewards import AestheticPredictor, CLIPReward, HPSv2, ImageReward
-    from tiny import clip_tokenizer_dir
+
+    clip_tokenizer_dir = tests_module("tiny").clip_tokenizer_dir
 
     proc = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     if name == "clip":
@@ -81,8 +81,9 @@ def build(name: str, arch: str):
 
         import open_clip
         from guidance.rewards.imagereward import RewardHead, image_reward_tokenizer, text_config_from_med
-        from tiny_rewards import med_config, write_bert_vocab
 
+        tiny_rewards = tests_module("tiny_rewards")
+        med_config, write_bert_vocab = tiny_rewards.med_config, tiny_rewards.write_bert_vocab
         v = open_clip.get_model_config(arch)["vision_cfg"]
         vision = BlipVisionModel(BlipVisionConfig(hidden_size=v["width"], intermediate_size=4 * v["width"],
                                                   num_hidden_layers=v["layers"],

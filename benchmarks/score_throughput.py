@@ -26,13 +26,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+# benchmarks/common.py: run as ``python benchmarks/score_throughput.py``, this file's folder is first on sys.path
+from common import CLIP_ARCHS as ARCHS  # published OpenAI CLIP hyper-parameters
+from common import clip_arch, tests_module
 
-from common import CLIP_ARCHS as ARCHS  # noqa: E402  (published OpenAI CLIP hyper-parameters)
-from common import clip_arch  # noqa: E402
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 PLACES = ["on a grey background", "in a forest", "at night", "on a beach", "in the snow", "under water"]
@@ -92,9 +89,8 @@ def main(argv=None) -> int:
 
     from guidance.encoders import HFCLIPEncoder
     from guidance.score import CLIPScore, ScoreModel, TorchmetricsCLIP, clip_score
-    from tiny import clip_tokenizer_dir
 
-    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
+    tokenizer = CLIPTokenizer.from_pretrained(tests_module("tiny").clip_tokenizer_dir())
     from guidance import resolve_device
 
     device = resolve_device(args.device)

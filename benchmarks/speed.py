@@ -47,10 +47,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))     # tiny.py (CLIPSTEER_BENCH_TINY)
-from common import (CACHE, TINY, clip_folder, environment, peak_memory_mb, run_isolated, summary,  # noqa: E402
-                    taming_config, time_calls)
+# run as ``python benchmarks/speed.py``: its folder is first on sys.path, so its sibling common.py imports
+from common import (CACHE, TINY, clip_folder, environment, peak_memory_mb, run_isolated, summary, taming_config,
+                    tests_module, time_calls)
 
 PROMPT = "a lighthouse at dusk, oil painting"
 AUGS = ["affine", "perspective", "jitter", "erasing"]
@@ -225,9 +224,7 @@ def _sd15_models():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if TINY:
-        from tiny import tiny_sd_components
-
-        parts = tiny_sd_components()
+        parts = tests_module("tiny").tiny_sd_components()
         return parts["unet"], parts["vae"], parts["text_encoder"]
 
     unet = UNet2DConditionModel(
@@ -253,9 +250,7 @@ def _taesd_folder() -> Path:
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         if TINY:
-            from tiny import tiny_taesd
-
-            tiny_taesd().save_pretrained(folder)
+            tests_module("tiny").tiny_taesd().save_pretrained(folder)
         else:
             AutoencoderTiny().save_pretrained(folder)     # TAESD's published layout, random weights
     return folder
