@@ -15,7 +15,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"   # before gradio is imported: 
 import gradio as gr
 
 from generators import DEFAULT_BACKEND
-from generators.runs.outputs import read_metadata
+from generators.runs.record import RunRecord
 from guidance.errors import USER_ERRORS
 
 from .form import (
@@ -269,7 +269,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                 return gr.skip(), gr.skip(), None
             try:
                 folder = policy.run_folder(folders[evt.index])
-                entry = RunEntry(folder, read_metadata(folder))
+                entry = RunEntry.read(folder)
             except USER_ERRORS as err:
                 return f"error: {err}", None, None
             return entry.describe(), [str(p) for p in entry.files], str(folder)
@@ -279,7 +279,7 @@ def build_app(out: str | Path = "outputs", *, backend: str | None = None, preset
                 return [gr.skip()] * len(form_outputs) + ["select a run in the gallery first"]
             try:
                 folder = policy.run_folder(folder)
-                values = values_from_run(read_metadata(folder), folder)
+                values = values_from_run(RunRecord.read(folder), folder)
             except USER_ERRORS as err:
                 return [gr.skip()] * len(form_outputs) + [f"error: {err}"]
             values["out"] = out

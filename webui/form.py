@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from generators import DEFAULT_BACKEND, backend_names
@@ -27,6 +28,7 @@ from generators.runs.options import (
     resolve_options,
 )
 from generators.runs.presets import DESCRIPTIONS, preset_names
+from generators.runs.record import RunRecord, read_back
 
 NONE = NO_PRESET = "none"
 RUN_GROUP = ("run", "backend, preset and config file")
@@ -171,15 +173,16 @@ def form_values(backend: str | None = None, preset: str | None = None, config: s
     return values
 
 
-def values_from_run(metadata: Mapping[str, Any], folder: str | None = None) -> dict[str, Any]:
-    """Widget values that start the run recorded in *metadata* (a ``run.json``, of run *folder*) again: its
-    backend, preset and every setting it ran with (those that came from a config file included; paths
-    recorded relative to the run folder resolved against *folder*; a preset's models from the preset)."""
-    from generators.runs.record import read_back
-
-    sources = metadata.get("option_sources") if isinstance(metadata.get("option_sources"), Mapping) else {}
-    settings = read_back(metadata.get("settings") or {}, sources, folder)
-    return form_values(metadata.get("backend"), metadata.get("preset"), None, settings)
+def values_from_run(record: RunRecord | Mapping[str, Any], folder: str | Path | None = None) -> dict[str, Any]:
+    """Widget values that start the run recorded in *record* (its ``run.json``, :meth:`RunRecord.read`, of run
+    *folder*; its content as a mapping is read with :meth:`RunRecord.from_dict`) again: its backend, preset
+    and every setting it ran with (those that came from a config file included; paths recorded relative to
+    the run folder resolved against *folder*; a preset's models from the preset)."""
+    if not isinstance(record, RunRecord):
+        record = RunRecord.from_dict(record)
+    sources = record.option_sources if isinstance(record.option_sources, Mapping) else {}
+    settings = read_back(record.settings or {}, sources, folder)
+    return form_values(record.backend, record.preset, None, settings)
 
 
 def values_from_file(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The run folders in an output folder, newest first, as the web UI's gallery lists them.
 
-A run folder is one with a ``run.json`` (:mod:`generators.runs.outputs`); a folder whose ``run.json`` cannot
-be read is left out, never changed. Nothing here imports gradio.
+A run folder is one with a ``run.json`` (:mod:`generators.runs.outputs`), read as a typed
+:class:`generators.runs.record.RunRecord`; a folder whose ``run.json`` cannot be read, or is not a run
+record, is left out, never changed. Nothing here imports gradio.
 """
 
 from __future__ import annotations
@@ -9,50 +10,55 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from generators.runs.outputs import SIDECAR
+from generators.runs.record import RunRecord
 
 
 @dataclass
 class RunEntry:
-    """One run folder and its ``run.json``."""
+    """One run folder and its ``run.json``, read as a :class:`RunRecord`."""
 
     folder: Path
-    metadata: dict[str, Any]
+    record: RunRecord
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "RunEntry":
+        """The entry of run *folder*: ``FileNotFoundError`` without a ``run.json``, ``ValueError`` for one that
+        is not a run record."""
+        return cls(Path(folder), RunRecord.read(folder))
 
     @property
     def image(self) -> Path | None:
-        path = self.folder / str(self.metadata.get("image") or "image.png")
+        path = self.folder / str(self.record.image or "image.png")
         return path if path.is_file() else None
 
     @property
     def files(self) -> list[Path]:
         """The PNG(s) and animation(s) to download."""
-        names = list(self.metadata.get("images") or []) + list(self.metadata.get("animations") or [])
+        names = list(self.record.images or []) + list(self.record.animations or [])
         return [self.folder / n for n in names if (self.folder / n).is_file()]
 
     @property
     def caption(self) -> str:
-        m = self.metadata
-        score = f"{m['clip_score']:.2f}" if isinstance(m.get("clip_score"), (int, float)) else "-"
-        flag = " (interrupted)" if m.get("interrupted") else ""
-        return f"{m.get('prompt', '')} · seed {m.get('seed')} · {m.get('backend')} · score {score}{flag}"
+        r = self.record
+        score = f"{r.clip_score:.2f}" if isinstance(r.clip_score, (int, float)) else "-"
+        flag = " (interrupted)" if r.interrupted else ""
+        return f"{r.prompt or ''} · seed {r.seed} · {r.backend} · score {score}{flag}"
 
     def describe(self) -> str:
         """Markdown: prompt, seed, backend, score, steps, then every setting of the run."""
-        m = self.metadata
-        score = m.get("clip_score")
-        lines = [f"**{m.get('prompt', '')}**", "",
+        r = self.record
+        score = r.clip_score
+        lines = [f"**{r.prompt or ''}**", "",
                  f"- folder: `{self.folder}`",
-                 f"- seed {m.get('seed')} · backend {m.get('backend')} · preset {m.get('preset') or 'none'}",
-                 f"- CLIP score {score:.4f} ({m.get('eval_model')})" if isinstance(score, (int, float))
+                 f"- seed {r.seed} · backend {r.backend} · preset {r.preset or 'none'}",
+                 f"- CLIP score {score:.4f} ({r.eval_model})" if isinstance(score, (int, float))
                  else "- CLIP score: not scored",
-                 f"- {m.get('steps_done')} steps" + (" · **interrupted**" if m.get("interrupted") else "")
-                 + (f" · {m['timings']['total_s']} s" if isinstance(m.get("timings"), dict) else ""),
+                 f"- {r.steps_done} steps" + (" · **interrupted**" if r.interrupted else "")
+                 + (f" · {r.timings['total_s']} s" if isinstance(r.timings, dict) else ""),
                  "", "| setting | value |", "| --- | --- |"]
-        settings = {**(m.get("settings") or {}), **{f"{m.get('backend')}.{k}": v
-                                                     for k, v in (m.get("backend_settings") or {}).items()}}
+        settings = {**(r.settings or {}), **{f"{r.backend}.{k}": v for k, v in (r.backend_settings or {}).items()}}
         for key, value in settings.items():
             shown = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
             lines.append(f"| {key} | {shown.replace('|', '&#124;')} |")
@@ -67,12 +73,11 @@ def list_runs(out: str | Path, limit: int = 200) -> list[RunEntry]:
     found = []
     for sidecar in root.glob(f"*/{SIDECAR}"):
         try:
-            metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+            record = RunRecord.read(sidecar)
             when = sidecar.stat().st_mtime
         except (OSError, ValueError):
             continue
-        if isinstance(metadata, dict):
-            found.append((when, sidecar.parent.name, RunEntry(sidecar.parent, metadata)))
+        found.append((when, sidecar.parent.name, RunEntry(sidecar.parent, record)))
     found.sort(key=lambda item: (item[0], item[1]), reverse=True)
     return [entry for _, _, entry in found[:limit]]
 
