@@ -64,7 +64,7 @@ def test_benchmark_loop_on_tiny_models(tmp_path):
     clip = save_tiny_clip(tmp_path / "clip", seed=0, image_size=32)
     options = dict(clip=[str(clip)], vqgan=str(save_tiny_vqgan(tmp_path / "vqgan", fmt="safetensors")),
                    sd_model=str(save_tiny_sd(tmp_path / "sd")), size=(32, 32), cutouts=2, min_fraction=0.6,
-                   augmentations=["none"], scheduler="ddim")
+                   augmentations=["none"], scheduler="ddim", precision="fp32")   # fp32, as the toy preset
     judge_clip = quality.load_judge_clip(save_tiny_clip(tmp_path / "judge", seed=1, image_size=32), device="cpu")
     prompts = quality.benchmark_prompts("tuning", 1, ["position"])
     seen = []
@@ -88,6 +88,15 @@ def test_benchmark_loop_on_tiny_models(tmp_path):
     assert rows[1]["settings"]["clip_guidance_scale"] == 0.0 and rows[1]["settings"]["steps"] == 2
     assert rows[2]["settings"]["clip_guidance_scale"] == 50.0
     assert rows[2]["first_loss"] is not None  # guided steps record the CLIP loss
+    # the @bf16 rows (issue 35) are their fp32 rows run in bf16, and each row records the precision it ran in
+    precision = {r["variant"]: r["precision"] for r in rows}
+    assert {n for n, p in precision.items() if p == "bfloat16"} == {f"{n}@bf16" for n in quality.BF16_OF}
+    assert {p for n, p in precision.items() if not n.endswith("@bf16")} == {"float32"}
+    by_name = {v.name: v for v in quality.VARIANTS}
+    for name in quality.BF16_OF:
+        fp32, bf16 = by_name[name], by_name[f"{name}@bf16"]
+        assert bf16.options == {**fp32.options, "precision": "bf16"} and (bf16.backend, bf16.models) == (fp32.backend, fp32.models)
+        assert quality.variant_options(bf16, iterations=3, steps=2, clip_guidance_scale=None)["precision"] == "bf16"
     # Same seed, same image: the row (reading and score) repeats exactly.
     again = quality.run_benchmark(prompts, [5], quality.VARIANTS[:1], preset=None, options=options,
                                   judge_clip=judge_clip, iterations=3, device="cpu", log=lambda s: None)["rows"][0]

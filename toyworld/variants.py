@@ -59,6 +59,12 @@ VARIANTS += (
     Variant("best-of-n+itm", "best-of-N noises, toy ITM verifier", "noise",
             {"method": "best-of-n", "rewards": ["itm:toy=1"]}, _SD + ("itm",)),
 )
+# Issue 35: what half precision costs in quality. The toy preset keeps fp32 even under ``--precision auto``
+# (tiny models run no faster in bf16), so these rows force bf16: what ``auto`` picks for real models on GPUs
+# and on CPUs with AMX or AVX-512 BF16. Each is its fp32 row with the run option precision="bf16".
+BF16_OF = ("vqgan+clip", "sd+clip", "noise+clip")
+VARIANTS += tuple(Variant(f"{v.name}@bf16", f"{v.label}, bf16", v.backend, {**v.options, "precision": "bf16"},
+                          v.models, v.composed_prompt) for name in BF16_OF for v in VARIANTS if v.name == name)
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
 
@@ -81,4 +87,4 @@ def composed_text(prompt) -> str:
                         for colour, shape in prompt.objects)
 
 
-__all__ = ["Variant", "VARIANTS", "VARIANT_NAMES", "variant", "composed_text"]
+__all__ = ["Variant", "VARIANTS", "VARIANT_NAMES", "BF16_OF", "variant", "composed_text"]

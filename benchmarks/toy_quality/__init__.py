@@ -10,7 +10,7 @@ Imported as ``benchmarks.toy_quality`` from the checkout's root (the tests), or 
 scripts in ``benchmarks/`` (their own folder is first on ``sys.path`` when run as ``python benchmarks/X.py``).
 """
 
-from toyworld.variants import VARIANT_NAMES, VARIANTS, Variant, composed_text, variant
+from toyworld.variants import BF16_OF, VARIANT_NAMES, VARIANTS, Variant, composed_text, variant
 
 from .cli import (DEFAULT_BARS, DEFAULT_FIGURE, DEFAULT_JSON, QUICK, main, merge_reports, parse_args)
 from .figures import PLOT_COLOURS, category_bars_figure, quality_vs_time_figure, save_figures
@@ -21,7 +21,7 @@ from .summary import (CATEGORY_FLOOR, OVERALL_TARGET, check_targets, format_tabl
                       overall_interval, summarise, wilson_interval)
 
 __all__ = [
-    "Variant", "VARIANTS", "VARIANT_NAMES", "variant", "composed_text",
+    "Variant", "VARIANTS", "VARIANT_NAMES", "BF16_OF", "variant", "composed_text",
     "DEFAULT_BARS", "DEFAULT_FIGURE", "DEFAULT_JSON", "QUICK", "main", "merge_reports", "parse_args",
     "PLOT_COLOURS", "category_bars_figure", "quality_vs_time_figure", "save_figures",
     "DEFAULT_PER_CATEGORY", "DEFAULT_SEEDS", "SEED_BASES", "_environment", "_quiet_loading", "_round",

@@ -144,6 +144,7 @@ def run_benchmark(prompts: Sequence, seeds: Sequence[int], variants: Sequence[Va
                     "clip_score": _round(score), "seconds": round(wall, 3),
                     "load_s": timings.get("load_s"), "generate_s": timings.get("generate_s"),
                     "steps_done": run.metadata.get("steps_done"),
+                    "precision": run.metadata.get("precision"),     # the dtype the models ran in
                     "first_loss": _round(losses[0]) if losses else None,
                     "final_loss": _round(losses[-1]) if losses else None,
                     "interrupted": bool(run.interrupted),
