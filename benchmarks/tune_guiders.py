@@ -88,6 +88,23 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         *[("tfg", {"clip_guidance_scale": rho, "backward_steps": 2, "backward_lr": mu, "backward_schedule": "decreasing"})
           for rho, mu in ((1.0, 10.0), (5.0, 10.0), (5.0, 50.0))],
     ],
+    # toy world v3 (a retrained toy SD, compositional prompts): every guider's strength searched again around its
+    # toy-v2 setting, the clip rule from 50 to 500 (the v2 preset's scale)
+    "toy-v3": [
+        ("clip", {"clip_guidance_scale": 0.0}),
+        *[("clip", {"clip_guidance_scale": s}) for s in (50.0, 150.0, 500.0)],
+        *[("dps", {"clip_guidance_scale": s}) for s in (0.3, 1.0, 3.0)],
+        *[("mpgd", {"clip_guidance_scale": s}) for s in (10.0, 50.0, 250.0)],
+        *[("freedom", {"clip_guidance_scale": s}) for s in (0.2, 0.5, 2.0)],
+        *[("ugd", {"clip_guidance_scale": s, "backward_steps": 2, "backward_lr": lr}) for s, lr in ((150.0, 1.0), (500.0, 5.0))],
+        *[("tfg", {"clip_guidance_scale": rho, "backward_steps": 2, "backward_lr": mu, "backward_schedule": "decreasing"})
+          for rho, mu in ((1.0, 10.0), (5.0, 10.0), (5.0, 50.0))],
+    ],
+    # the attention-steering methods (no CLIP guidance) at their step sizes around the references' defaults
+    "composition-v3": [
+        *[("none", {"attend_excite": True, "excite_scale": s}) for s in (10.0, 20.0, 40.0)],
+        *[("none", {"layout": "auto", "layout_scale": s}) for s in (10.0, 30.0, 100.0)],
+    ],
     # TFG's own search space (Ye et al. 2024 search rho, mu, sigma and recurrence; here a grid): hours on a CPU
     "tfg": [
         ("clip", {"clip_guidance_scale": 0.0}),
