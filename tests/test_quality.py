@@ -207,20 +207,23 @@ def test_category_bars_show_each_variant_per_category():
 
 
 def test_merge_combines_runs_of_one_prompt_set_and_refuses_others(tmp_path, capsys):
-    def report(name, variant, prompts, correct):
-        rows = [dict(r, correct=c) for r, c in zip(_rows(variant, [4] * 5), correct)]
+    def report(name, variant, prompts, correct, prompt_set="benchmark"):
+        rows = [dict(r, correct=c, prompt=prompts[0], seed=i) for i, (r, c) in enumerate(zip(_rows(variant, [4] * 5), correct))]
         path = tmp_path / name
-        path.write_text(json.dumps({"command": name, "complete": True, "prompt_set": "benchmark", "prompts": prompts,
+        path.write_text(json.dumps({"command": name, "complete": True, "prompt_set": prompt_set, "prompts": prompts,
                                     "seeds": [0, 1], "reference": None, "rows": rows}))
         return str(path)
 
     a = report("a.json", "sd", ["p"], [True, False])
     b = report("b.json", "sd+clip", ["p"], [True, True])
+    again = report("a2.json", "sd", ["p"], [True, True])       # the same images measured again: counted once
     out = tmp_path / "all.json"
-    assert quality.main(["--merge", a, b, "--json", str(out), "--figure", str(tmp_path / "f.png"), "--bars", "none"]) == 0
+    assert quality.main(["--merge", a, b, again, "--json", str(out), "--figure", str(tmp_path / "f.png"),
+                         "--bars", "none"]) == 0
     merged = json.loads(out.read_text())
     assert merged["summary"]["sd"]["overall"] == 0.5 and merged["summary"]["sd+clip"]["overall"] == 1.0
+    assert merged["summary"]["sd"]["n"] == 2
     assert (tmp_path / "f.png").is_file()
-    other = report("c.json", "sd", ["q"], [True])
+    other = report("c.json", "sd", ["q"], [True], prompt_set="tuning")
     assert quality.main(["--merge", a, other, "--json", str(tmp_path / "x.json"), "--figure", "none"]) == 2
     assert "other prompts or seeds" in capsys.readouterr().err

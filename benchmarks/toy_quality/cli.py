@@ -126,17 +126,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
-    """One report from several runs' JSON files; they must share the prompt set and seeds."""
+    """One report from several runs' JSON files. They must share the prompt set and seeds; each may cover a part
+    of it (``--categories``, ``--per-category``, a run stopped early). An image (variant, prompt, seed) measured
+    by several runs counts once, as the first file has it; each variant's ``n`` says how many images it has."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     first = reports[0]
     for path, r in zip(paths, reports):
-        if r["prompts"] != first["prompts"] or r["seeds"] != first["seeds"]:
-            raise ValueError(f"{path} was run on other prompts or seeds than {paths[0]}; merge only runs of one set")
-    rows = [row for r in reports for row in r["rows"]]
+        if r.get("prompt_set") != first.get("prompt_set") or r["seeds"] != first["seeds"]:
+            raise ValueError(f"{path} was run on other prompts or seeds than {paths[0]} ({r.get('prompt_set')} set, "
+                             f"seeds {r['seeds']}); merge only runs of one set")
+    rows, seen = [], set()
+    for r in reports:
+        for row in r["rows"]:
+            key = (row["variant"], row["prompt"], row["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    prompts = list(dict.fromkeys(p for r in reports for p in r["prompts"]))
     summary = summarise(rows)
     return {"merged_from": [str(p) for p in paths], "commands": [r.get("command") for r in reports],
             "complete": all(r.get("complete") for r in reports), "prompt_set": first.get("prompt_set"),
-            "prompts": first["prompts"], "seeds": first["seeds"], "reference": first.get("reference"), "rows": rows,
+            "prompts": prompts, "seeds": first["seeds"], "reference": first.get("reference"), "rows": rows,
             "summary": summary, "lifts_over_unguided_sd": lifts(summary), "targets": check_targets(summary)}
 
 
