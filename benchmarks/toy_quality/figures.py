@@ -89,13 +89,13 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
     return image
 
 
-def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1100, 460)):
+def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1400, 480)):
     """Per-category accuracy of each variant as grouped bars (one group per category, then overall), with
     the 95% intervals as whiskers. PIL only."""
     from toyworld.prompts import CATEGORIES
 
     width, height = size
-    left, right, top, bottom = 60, 330, 40, 50
+    left, right, top, bottom = 60, 430, 40, 50
     image, draw, font = _canvas(size)
     groups = [*CATEGORIES, "overall"]
     names = list(summary)
