@@ -162,9 +162,7 @@ def test_judge_reports_no_shape_on_a_blank_image():
 # ---------------------------------------------------------------------------------------------
 # Committed weights through the public APIs
 # ---------------------------------------------------------------------------------------------
-# the toy ITM model (issue 33's compositional reward) comes with the toy world v3 retrain; until its weights are
-# committed, `itm:toy` fails with ToyWeightsMissing naming `train_toy.py --only itm`
-COMMITTED = [name for name in MODELS if name != "itm"]
+COMMITTED = list(MODELS)
 
 
 def test_weight_folders_exist_and_missing_ones_explain_how_to_retrain(tmp_path, monkeypatch):

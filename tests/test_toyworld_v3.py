@@ -332,13 +332,16 @@ def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_p
     from guidance.rewards import load_reward
     from toyworld.paths import MODELS
 
+    import shutil
+
     root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "toyworld" / "weights" / "clip_a", tmp_path / "clip_a")   # its vision tower starts from clip_a's
     proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--only", "itm", "--steps-scale",
                            "0.001", "--out", str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all((tmp_path / "itm" / f).is_file() for f in MODELS["itm"])
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
-    assert metrics["itm"]["steps"] == 3 and set(metrics["itm"]["hard_negatives"]["clean"]) == set(CATEGORIES)
+    assert metrics["itm"]["steps"] == 6 and set(metrics["itm"]["hard_negatives"]["clean"]) == set(CATEGORIES)
     assert "## Toy image-text matching model (`itm`" in (tmp_path / "TRAINING.md").read_text()
     reward = load_reward(f"itm:{tmp_path / 'itm'}")
     p = prompt_set("tuning", 1)[4]
@@ -353,6 +356,31 @@ def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_p
 
     with pytest.raises(RewardLoadError, match="could not load the ITM model"):
         load_reward(f"itm:{tmp_path}")
+
+
+def test_itm_vision_tower_starts_as_clip_a():
+    """``vision_from_clip``: the BLIP tower made from clip_a's weights gives clip_a's patch states (after its
+    post-layernorm) on held-out scenes, up to the pre-layernorm that BLIP lacks (folded in approximately), and
+    an untouched tower does not."""
+    from transformers import BlipForImageTextRetrieval, CLIPModel
+
+    from toyworld.evaluation import held_out_scenes
+    from toyworld.paths import weights_dir
+    from toyworld.scenes import sample_scenes
+    from toyworld.train_clip import normalise
+    from toyworld.train_itm import RECIPE, make_config, vision_from_clip
+
+    clip = CLIPModel.from_pretrained(str(weights_dir("clip_a")), use_safetensors=True).float().eval()
+    torch.manual_seed(0)
+    blip = BlipForImageTextRetrieval(make_config(64, RECIPE)).eval()
+    _, x = held_out_scenes(4)
+    x = normalise(x)
+    with torch.no_grad():
+        want = clip.vision_model.post_layernorm(clip.vision_model(pixel_values=x).last_hidden_state)
+        before = F.cosine_similarity(blip.vision_model(pixel_values=x).last_hidden_state, want, dim=-1).mean()
+        vision_from_clip(blip.vision_model, clip.vision_model, normalise(sample_scenes(64, np.random.default_rng(1)).tensors()))
+        after = F.cosine_similarity(blip.vision_model(pixel_values=x).last_hidden_state, want, dim=-1)
+    assert after.mean() > 0.97 and after.min() > 0.7 and before < 0.5
 
 
 def test_resume_keeps_finished_models_and_reruns_the_rest(tmp_path):
@@ -379,3 +407,38 @@ def test_resume_keeps_finished_models_and_reruns_the_rest(tmp_path):
     tasks = ["clip_a", "clip_c", "clip_d", "sd_vae", "sd", "guided", "itm"]
     assert train_toy.finished_tasks(tasks, tmp_path, metrics) == {"clip_c", "sd_vae", "sd", "guided"}
     assert train_toy.finished_tasks(tasks, tmp_path, {"clip_c": {}}) == {"clip_c"}  # sd not measured: retrained
+
+
+def test_committed_itm_reward_is_blips_itm_head_and_ranks_two_object_captions():
+    """``--reward itm:toy`` loads the committed weights; its score is transformers' own
+    ``BlipForImageTextRetrieval(use_itm_head=True)`` log-odds on the processor's pixels, and it puts a
+    two-object scene's caption above the caption with one of the objects replaced by another shape on most
+    held-out scenes. (Swapped colours it does not tell apart yet: docs/composition.md.)"""
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    from guidance.rewards import load_reward
+    from toyworld.paths import weights_dir
+
+    reward = load_reward("itm:toy")
+    rng = np.random.default_rng(3)
+    prompts = [random_prompt("two_object", rng) for _ in range(16)]
+    scenes = [scene_for(p, rng) for p in prompts]
+    images = torch.stack([torch.from_numpy(draw_scene(sc)).permute(2, 0, 1) for sc in scenes])
+    swapped = [next(q for q in hard_negatives(p, sc) if q.background == p.background and q.category == p.category)
+               for p, sc in zip(prompts, scenes)]
+
+    folder = str(weights_dir("itm"))
+    model = BlipForImageTextRetrieval.from_pretrained(folder).float().eval()
+    processor = BlipProcessor.from_pretrained(folder)
+    from PIL import Image
+
+    pils = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images[:4]]
+    batch = processor(images=pils, text=[p.text for p in prompts[:4]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch, use_itm_head=True).itm_score
+    ours = reward.score_reference(images[:4], [p.text for p in prompts[:4]])
+    assert ours.double() == pytest.approx((logits[:, 1] - logits[:, 0]).double(), abs=1e-4)
+
+    true = reward.score(images.float() / 255, [p.text for p in prompts])
+    false = reward.score(images.float() / 255, [q.text for q in swapped])
+    assert (true > false).float().mean() >= 0.75

@@ -162,7 +162,10 @@ def write_report(out: Path, metrics: dict) -> str:
                   f"- transformers `BlipForImageTextRetrieval`: ViT {r['image_size']}px / patch {r['patch_size']}, hidden "
                   f"{r['hidden']}, {r['layers']} layers; text encoder {r['text_layers']} layers cross-attending to the "
                   f"patches; {m['params'] / 1e6:.2f} M parameters (stored fp16); seed {m['seed']}, {m['steps']} steps x "
-                  f"batch {m['batch_size']}, {m['negatives']} hard negatives per image; {m['train_seconds']:.0f} s", "",
+                  f"batch {m['batch_size']}, {m['negatives']} hard negatives per image; {m['train_seconds']:.0f} s",
+                  *([f"- vision tower started from `{m['vision_init']}`'s; losses: match / no match, the caption ranked "
+                     "first among its negatives, and (training only) each patch's colours and shapes"]
+                    if m.get("vision_init") else []), "",
                   "Ranking accuracy among hard negatives (as for the CLIPs above):", ""]
         lines += _category_header("images")
         lines += [_category_row(split, acc) for split, acc in m["hard_negatives"].items()]
@@ -232,12 +235,12 @@ def write_report(out: Path, metrics: dict) -> str:
 # One task per model (the sd group is two: its VAE needs no text encoder, so it trains while CLIP A does).
 # Tasks run side by side on --jobs processes (one torch thread each), the first ready task of PRIORITY first:
 # the chain clip_a -> sd -> sd_turbo -> guided is the longest, so its links start as soon as they can.
-TASK_DEPS = {"clip_a": (), "clip_b": (), "clip_c": (), "clip_d": (), "vqgan": (), "sd_vae": (), "itm": (),
+TASK_DEPS = {"clip_a": (), "clip_b": (), "clip_c": (), "clip_d": (), "vqgan": (), "sd_vae": (), "itm": ("clip_a",),
              "sd": ("clip_a", "sd_vae"), "sd_turbo": ("sd",), "guided": ("sd", "clip_a", "clip_c", "clip_d")}
 PRIORITY = ("clip_a", "sd_vae", "sd", "sd_turbo", "clip_b", "clip_c", "clip_d", "itm", "vqgan", "guided")
 GROUP_TASKS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd_vae", "sd"), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
                "guided": ("guided",)}
-STEPS = {"vqgan": 3000, "sd_vae": 3000, "itm": 3000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
+STEPS = {"vqgan": 3000, "sd_vae": 3000, "itm": 6000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
          "sd_data": 20000}  # sd_data: scenes encoded once for the UNet's training set
 
 

@@ -2,13 +2,23 @@
 transformers ``BlipForImageTextRetrieval`` folder with its ``BlipProcessor``.
 
 A tiny BLIP: a ViT over 8-pixel patches of the 64x64 image and a BERT-style text encoder whose layers
-cross-attend to the patches; the ITM head reads the [CLS] state. It is trained as a binary classifier
-on (image, caption) pairs: each scene's own caption is a match, and ``NEGATIVES`` of its hard negatives
-(``toyworld.negatives``: swapped colours, the opposite or reversed relation, another count, ...) are
-not. Images are made imperfect and lightly augmented (never flipped) as the CLIPs' are, so the model
-also scores images being generated. It is the toy counterpart of ImageReward / VQAScore: an objective
-(``--reward itm:toy``), a verifier for best-of-N search and a metric; it never judges the benchmark
-(the rule does).
+cross-attend to the patches; the ITM head reads the [CLS] state. Each training image comes with its own
+caption and ``NEGATIVES`` of its hard negatives (``toyworld.negatives``: swapped colours, the opposite or
+reversed relation, another count, ...). Three losses train it:
+
+- the match head as a binary classifier (caption = match, negatives = no match);
+- a ranking loss: the softmax over one image's candidates puts the caption first (what the reward is
+  used for: ranking images or captions by match);
+- while training only, a linear head reads every patch state and predicts the share of each palette colour
+  and each shape (or none) in that patch of the clean scene. It gives the vision tower a dense signal from
+  the first step, so it learns what is where long before the match head alone would teach it; it is
+  not saved.
+
+Images are made imperfect as the CLIPs' are (noise blends, cut shapes, impure colours, blur) and
+photometrically augmented, never cropped, flipped or warped: a crop can remove an object or move it,
+and the caption would then be wrong. It is the toy counterpart of ImageReward / VQAScore: an objective
+(``--reward itm:toy``), a verifier for best-of-N search and a metric; it never judges the benchmark (the
+rule does).
 """
 
 from __future__ import annotations
@@ -22,15 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .scenes import object_mask, sample_scenes
+from .scenes import object_mask, sample_scenes, template_mask
 from .tokenizer import write_bert_tokenizer
-from .train_clip import CLIP_MEAN, CLIP_STD, _imperfect, guidance_augment, normalise
+from .train_clip import CLIP_MEAN, CLIP_STD, _imperfect, normalise
 from .train_state import Checkpointer
+from .world import COLOURS, PALETTE, SHAPES
 
 ITM_SEED = 7007
-NEGATIVES = 3
-RECIPE = dict(steps=3000, batch_size=48, lr=1e-3, image_size=64, patch_size=8, hidden=96, layers=4, heads=4,
-              text_layers=4, imperfect_prob=0.3, curriculum=0.3)
+NEGATIVES = 7
+# The vision tower has clip_a's shape (ViT 64px / patch 8, hidden 64, 4 layers, 4 heads) and starts from its
+# weights (``vision_from_clip``): a ViT learns shapes slowly from scratch, and clip_a already tells them apart.
+RECIPE = dict(steps=6000, batch_size=24, lr=1e-3, image_size=64, patch_size=8, hidden=64, layers=4, heads=4,
+              text_layers=4, imperfect_prob=0.3, curriculum=0.3, patch_weight=1.0, vision_init="clip_a")
 
 
 def make_config(vocab_size: int, r: dict = RECIPE):
@@ -38,11 +51,43 @@ def make_config(vocab_size: int, r: dict = RECIPE):
 
     h = r["hidden"]
     vision = dict(image_size=r["image_size"], patch_size=r["patch_size"], hidden_size=h, intermediate_size=4 * h,
-                  num_hidden_layers=r["layers"], num_attention_heads=r["heads"], layer_norm_eps=1e-6)
+                  num_hidden_layers=r["layers"], num_attention_heads=r["heads"], layer_norm_eps=1e-5,
+                  hidden_act="quick_gelu")   # as the toy CLIPs' towers
     text = dict(vocab_size=vocab_size, hidden_size=h, intermediate_size=4 * h, num_hidden_layers=r["text_layers"],
                 num_attention_heads=r["heads"], encoder_hidden_size=h, max_position_embeddings=40, pad_token_id=0,
                 bos_token_id=2, eos_token_id=3, sep_token_id=3)
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=h)
+
+
+@torch.no_grad()
+def vision_from_clip(vision, clip_vision, images: torch.Tensor) -> None:
+    """Copy a transformers CLIP vision tower (``CLIPVisionTransformer``) of the same shape into a BLIP one.
+
+    The layers map one to one (q, k and v stacked into BLIP's fused ``qkv``). CLIP layer-normalises the
+    embeddings before the first layer and BLIP does not; that norm is folded into the patch and position
+    embeddings, exactly for the class token and for the patches up to the spread of their norms, measured
+    on ``images`` (normalised pixels). Training starts from there."""
+    ce, be = clip_vision.embeddings, vision.embeddings
+    pre = clip_vision.pre_layrnorm
+    d = ce.class_embedding.numel()
+    centre = torch.eye(d) - 1.0 / d
+    patches = ce.patch_embedding(images).flatten(2).transpose(1, 2) + ce.position_embedding.weight[1:]
+    spread = (patches - patches.mean(-1, keepdim=True)).pow(2).mean(-1).add(pre.eps).sqrt().mean()
+    scale = pre.weight / spread
+    be.patch_embedding.weight.copy_(torch.einsum("o,oi,ichw->ochw", scale, centre, ce.patch_embedding.weight))
+    be.patch_embedding.bias.copy_(pre.bias)
+    pos = ce.position_embedding.weight
+    be.position_embedding[0, 1:].copy_((pos[1:] @ centre.T) * scale)
+    be.position_embedding[0, 0].zero_()
+    be.class_embedding[0, 0].copy_(pre(ce.class_embedding + pos[0]))
+    for bl, cl in zip(vision.encoder.layers, clip_vision.encoder.layers):
+        a = cl.self_attn
+        bl.self_attn.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        bl.self_attn.qkv.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        bl.self_attn.projection.load_state_dict(a.out_proj.state_dict())
+        for name in ("layer_norm1", "layer_norm2", "mlp"):
+            getattr(bl, name).load_state_dict(getattr(cl, name).state_dict())
+    vision.post_layernorm.load_state_dict(clip_vision.post_layernorm.state_dict())
 
 
 def processor_for(folder: Path, image_size: int):
@@ -54,21 +99,59 @@ def processor_for(folder: Path, image_size: int):
     return BlipProcessor(image_processor=images, tokenizer=tokenizer)
 
 
-def _pairs(batch, rng: np.random.Generator) -> tuple[list[int], list[str], list[float]]:
-    """(image index, caption, label) of every training pair of a batch: the caption, then NEGATIVES
-    hard negatives of the scene's prompt."""
+def _candidates(batch, rng: np.random.Generator) -> tuple[list[int], list[str], list[int]]:
+    """The training pairs of a batch: (image index, text) of each image's caption followed by up to
+    NEGATIVES hard negatives of its prompt, and where each image's candidates start."""
     from .negatives import hard_negatives
 
-    owners, texts, labels = [], [], []
+    owners, texts, starts = [], [], []
     for i, (caption, prompt, scene) in enumerate(zip(batch.captions, batch.prompts, batch.scenes)):
-        owners.append(i)
-        texts.append(caption)
-        labels.append(1.0)
-        for q in hard_negatives(prompt, scene, k=NEGATIVES, generator=rng):
-            owners.append(i)
-            texts.append(q.text)
-            labels.append(0.0)
-    return owners, texts, labels
+        starts.append(len(texts))
+        negatives = [q.text for q in hard_negatives(prompt, scene, k=NEGATIVES, generator=rng)]
+        owners += [i] * (1 + len(negatives))
+        texts += [caption, *negatives]
+    return owners, texts, starts
+
+
+def _patch_targets(batch, patch: int) -> torch.Tensor:
+    """``[N, P, C + 1 + S]``: per patch of each clean scene, the share of its pixels in each palette colour,
+    then the share that is background (no shape) or each shape."""
+    x = batch.tensors()
+    palette = torch.tensor([PALETTE[c] for c in COLOURS], dtype=torch.float32) / 255
+    nearest = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2).argmin(1)
+    colours = F.one_hot(nearest, len(COLOURS)).permute(0, 3, 1, 2).float()
+    size = x.shape[-1]
+    shapes = np.zeros((len(batch), 1 + len(SHAPES), size, size), np.float32)
+    shapes[:, 0] = 1
+    for i, scene in enumerate(batch.scenes):
+        for o in scene.objects:
+            m = template_mask(o.shape, o.box, size)
+            shapes[i, 0][m] = 0
+            shapes[i, 1 + SHAPES.index(o.shape)][m] = 1
+    maps = torch.cat([colours, torch.from_numpy(shapes)], 1)
+    return F.avg_pool2d(maps, patch).flatten(2).transpose(1, 2)
+
+
+def _patch_loss(head: torch.nn.Linear, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy of the patch head's colour and shape predictions against ``_patch_targets``."""
+    out = head(states[:, 1:])      # the patches, not the class token
+    c = len(COLOURS)
+    colour = -(targets[..., :c] * out[..., :c].log_softmax(-1)).sum(-1).mean()
+    shape = -(targets[..., c:] * out[..., c:].log_softmax(-1)).sum(-1).mean()
+    return colour + shape
+
+
+def photometric_augment():
+    """Brightness / contrast jitter, blur and noise: what changes in a rendered image without moving,
+    removing or adding an object."""
+    import kornia.augmentation as K
+
+    return K.AugmentationSequential(
+        K.ColorJiggle(brightness=0.1, contrast=0.1, p=0.5),
+        K.RandomGaussianBlur((5, 5), sigma=(0.1, 1.5), p=0.3),
+        K.RandomGaussianNoise(std=0.06, p=0.3),
+        data_keys=["input"],
+    )
 
 
 @torch.no_grad()
@@ -92,8 +175,11 @@ def evaluate(model, tokenizer, per_category: int = 64, noise: float = 0.0) -> di
     return ranking_accuracy(score, per_category, noise=noise)
 
 
-def train_itm(out_dir: str | Path, steps: int | None = None, log=print, resume: bool = False) -> dict:
-    """Train the toy ITM model from its seed, save it to ``out_dir`` and measure it. Returns metrics."""
+def train_itm(out_dir: str | Path, steps: int | None = None, log=print, resume: bool = False,
+              clip_folder: str | Path | None = None) -> dict:
+    """Train the toy ITM model from its seed, save it to ``out_dir`` and measure it. Returns metrics.
+    ``clip_folder``: the CLIP whose vision tower it starts from (default: ``RECIPE["vision_init"]`` next to
+    ``out_dir``)."""
     from transformers import BlipForImageTextRetrieval
 
     from guidance.rewards.itm import match_logodds
@@ -109,32 +195,47 @@ def train_itm(out_dir: str | Path, steps: int | None = None, log=print, resume: 
     processor = processor_for(out_dir, r["image_size"])
     tokenizer = processor.tokenizer
     model = BlipForImageTextRetrieval(make_config(len(tokenizer), r)).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=0.05, betas=(0.9, 0.98))
+    clip_folder = Path(clip_folder) if clip_folder else out_dir.parent / r["vision_init"]
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(clip_folder), use_safetensors=True).float()   # a resumed run overwrites it
+    sample = sample_scenes(64, np.random.default_rng(ITM_SEED + 1))
+    vision_from_clip(model.vision_model, clip.vision_model, normalise(sample.tensors()))
+    del clip
+    patch_head = torch.nn.Linear(r["hidden"], len(COLOURS) + 1 + len(SHAPES))   # training only, not saved
+    params = list(model.parameters()) + list(patch_head.parameters())
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.05, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    aug = guidance_augment(r["image_size"])
-    mild = guidance_augment(r["image_size"], mild=True)
+    aug = photometric_augment()
     ckpt = Checkpointer(out_dir / ".training", "itm", resume=resume, log=log,
-                        objects={"model": model, "opt": opt, "sched": sched}, np_rng=rng, generators={"gen": gen})
+                        objects={"model": model, "patch_head": patch_head, "opt": opt, "sched": sched}, np_rng=rng,
+                        generators={"gen": gen})
     first, extra = ckpt.start()
     running = extra.get("running")
     pos_weight = torch.tensor(float(NEGATIVES))  # as much weight on the one match as on its negatives
     for step in range(first, steps):
         early = step < int(r["curriculum"] * steps)
         batch = sample_scenes(r["batch_size"], rng, legacy_caption_prob=0.3, plain_article_prob=0.25)
-        x = batch.tensors()
-        union = torch.from_numpy(np.stack([object_mask(sc, x.shape[-1]) for sc in batch.scenes]))
-        x, _ = _imperfect(x, union, rng, 0.0 if early else r["imperfect_prob"], gen)
-        x = (mild if early else aug)(x).clamp(0, 1)
-        owners, texts, labels = _pairs(batch, rng)
+        clean = batch.tensors()
+        union = torch.from_numpy(np.stack([object_mask(sc, clean.shape[-1]) for sc in batch.scenes]))
+        x, _ = _imperfect(clean, union, rng, 0.0 if early else r["imperfect_prob"], gen)
+        x = x if early else aug(x).clamp(0, 1)
+        owners, texts, starts = _candidates(batch, rng)
         tok = tokenizer(texts, padding=True, return_tensors="pt")
-        embeds = model.vision_model(pixel_values=normalise(x)).last_hidden_state
-        logits = match_logodds(model, embeds[torch.tensor(owners)], tok["input_ids"], tok["attention_mask"])
-        loss = F.binary_cross_entropy_with_logits(logits, torch.tensor(labels), pos_weight=pos_weight)
+        states = model.vision_model(pixel_values=normalise(torch.cat([x, clean]))).last_hidden_state
+        logits = match_logodds(model, states[torch.tensor(owners)], tok["input_ids"], tok["attention_mask"])
+        labels = torch.zeros(len(texts))
+        labels[starts] = 1.0
+        ends = starts[1:] + [len(texts)]
+        ranking = torch.stack([F.cross_entropy(logits[a:b][None], torch.zeros(1, dtype=torch.long))
+                               for a, b in zip(starts, ends)]).mean()
+        loss = (F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight) + ranking
+                + r["patch_weight"] * _patch_loss(patch_head, states[len(x):], _patch_targets(batch, r["patch_size"])))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -155,5 +256,5 @@ def train_itm(out_dir: str | Path, steps: int | None = None, log=print, resume: 
     ckpt.finish()
     loaded = BlipForImageTextRetrieval.from_pretrained(str(out_dir)).float()
     return {"name": "itm", "seed": ITM_SEED, "steps": steps, "batch_size": r["batch_size"], "negatives": NEGATIVES,
-            "params": sum(p.numel() for p in model.parameters()), "train_seconds": train_time, "recipe": dict(r),
+            "params": sum(p.numel() for p in model.parameters()), "vision_init": clip_folder.name, "train_seconds": train_time, "recipe": dict(r),
             "hard_negatives": {"clean": evaluate(loaded, tokenizer), "noisy": evaluate(loaded, tokenizer, noise=0.1)}}
