@@ -203,7 +203,24 @@ def test_category_bars_show_each_variant_per_category():
     s = quality.summarise(_rows("sd", [4, 0, 0, 0, 0]) + _rows("sd+clip", [4, 4, 4, 4, 4]))
     pixels = np.asarray(quality.category_bars_figure(s, title="t"))
     blue, red = (pixels == (31, 119, 180)).all(-1), (pixels == (214, 39, 40)).all(-1)
-    assert red.sum() > 3 * blue.sum() > 0  # sd+clip's bars are full in every group, sd's only for single
+    # ranked best overall first, so sd+clip has the first colour (blue): its bars are full in every group, sd's
+    # (red) only for single
+    assert blue.sum() > 3 * red.sum() > 0
+
+
+def test_pictures_grow_to_fit_a_legend_of_many_variants():
+    """With more variants than the default height holds (20 px a legend entry), both pictures grow; the last
+    legend entry (the worst variant) is drawn inside the image."""
+    import numpy as np
+
+    rows = [r for k in range(30) for r in _rows(f"v{k}", [k % 5] * 5)]
+    s = quality.summarise(rows)
+    for make in (quality.category_bars_figure, quality.quality_vs_time_figure):
+        small = make(quality.summarise(_rows("sd", [4] * 5)))
+        big = np.asarray(make(s))
+        assert big.shape[0] >= 40 + 20 * 30 > small.size[1]
+        legend = big[-60:-20, big.shape[1] - 400:]           # the last entries' rows, the legend's column
+        assert (legend < 128).any()                          # text drawn there
 
 
 def test_merge_combines_runs_of_one_prompt_set_and_refuses_others(tmp_path, capsys):

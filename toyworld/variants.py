@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .paths import WEIGHTS_DIR
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -42,7 +44,7 @@ VARIANTS: tuple[Variant, ...] = (
                                           "backward_lr": 10.0, "backward_schedule": "decreasing"},
             ("clip_a", "clip_c", "clip_d", "sd")),
     Variant("noise+clip", "noise optimisation + CLIP (ReNO)", "noise", {}, ("clip_a", "clip_c", "clip_d", "sd")),
-    Variant("best-of-n+clip", "best-of-N noises, same renderer calls", "noise", {"method": "best-of-n"},
+    Variant("best-of-n+clip", "few-step model, best of 30 by CLIP", "noise", {"method": "best-of-n"},
             ("clip_a", "clip_c", "clip_d", "sd")),
 )
 _SD = ("clip_a", "clip_c", "clip_d", "sd")
@@ -54,10 +56,33 @@ VARIANTS += (
             {"clip_guidance_scale": 0.0, "attend_excite": True, "layout": "auto"}, _SD),
     Variant("sd+composable", "SD, composable prompts (a part per object)", "sd",
             {"clip_guidance_scale": 0.0, "composable": True}, _SD, composed_prompt=True),
-    Variant("noise+itm", "noise optimisation + toy ITM reward (ReNO)", "noise", {"rewards": ["itm:toy=1"]},
+    # the noise rows' own baseline: their renderer (the few-step model) on the seed's noise, nothing steered
+    Variant("turbo", "few-step model, one noise (no steering)", "noise",
+            {"method": "best-of-n", "budget": 1}, _SD),
+    Variant("noise+itm", "noise optimisation + CLIP + ITM (ReNO)", "noise", {"rewards": ["itm:toy=1"]},
             _SD + ("itm",)),
-    Variant("best-of-n+itm", "best-of-N noises, toy ITM verifier", "noise",
+    Variant("best-of-n+itm", "few-step model, best of 30 by CLIP + ITM", "noise",
             {"method": "best-of-n", "rewards": ["itm:toy=1"]}, _SD + ("itm",)),
+)
+# Search through the toy SD itself rather than its few-step student (the noise backend with the SD as renderer):
+# each noise rendered with 4 DDIM steps and CFG 5 (the backend's renderer when no few-step model exists), the best
+# of 30 kept; or with 10 steps, the best of 10 (as many sampler steps as three 30-step images) or of 30
+_SD4 = {"sd_model": str(WEIGHTS_DIR / "sd"), "render_steps": 4, "scheduler": "ddim", "cfg_scale": 5.0}
+VARIANTS += (
+    Variant("sd4", "SD 4 steps, one noise (no steering)", "noise",
+            {**_SD4, "method": "best-of-n", "budget": 1}, _SD),
+    Variant("sd4+best-of-n+itm", "SD 4 steps, best of 30 by CLIP + ITM", "noise",
+            {**_SD4, "method": "best-of-n", "rewards": ["itm:toy=1"]}, _SD + ("itm",)),
+    Variant("sd10", "SD 10 steps, one noise (no steering)", "noise",
+            {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 1}, _SD),
+    Variant("sd10+best-of-10+clip", "SD 10 steps, best of 10 by CLIP", "noise",
+            {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 10}, _SD),
+    Variant("sd10+best-of-10+itm", "SD 10 steps, best of 10 by CLIP + ITM",
+            "noise", {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 10, "rewards": ["itm:toy=1"]},
+            _SD + ("itm",)),
+    Variant("sd10+best-of-30+itm", "SD 10 steps, best of 30 by CLIP + ITM",
+            "noise", {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 30, "rewards": ["itm:toy=1"]},
+            _SD + ("itm",)),
 )
 # Issue 35: what half precision costs in quality. The toy preset keeps fp32 even under ``--precision auto``
 # (tiny models run no faster in bf16), so these rows force bf16: what ``auto`` picks for real models on GPUs

@@ -15,6 +15,22 @@ PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (
                (230, 171, 2), (102, 0, 51), (255, 187, 120), (120, 200, 110)]
 
 
+def _colour(k: int) -> tuple[int, int, int]:
+    """The k-th plot colour: the palette, then the palette darkened (for more variants than colours)."""
+    base = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+    return base if (k // len(PLOT_COLOURS)) % 2 == 0 else tuple(int(c * 0.5) for c in base)
+
+
+def _ranked(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Variant names, best overall first (the legends' order)."""
+    return sorted(summary, key=lambda name: -summary[name]["overall"])
+
+
+def _legend_height(size, top: int, n: int) -> tuple[int, int]:
+    """*size* made tall enough for a legend of *n* entries, 20 px apart, below *top*."""
+    return size[0], max(size[1], top + 20 * n + 20)
+
+
 def _canvas(size):
     """A white PIL image of *size*, its drawing context and the default font at 13 px."""
     from PIL import Image, ImageDraw, ImageFont
@@ -30,10 +46,11 @@ def _canvas(size):
 def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1000, 500)):
     """Overall accuracy (the mean of the five categories) against seconds per image (log scale), one point
     per variant with its 95% interval as a vertical bar. PIL only."""
-    width, height = size
     left, right, top, bottom = 70, 400, 40, 60
+    points = [(name, summary[name]) for name in _ranked(summary) if summary[name].get("seconds_per_image")]
+    size = _legend_height(size, top, len(points))
+    width, height = size
     image, draw, font = _canvas(size)
-    points = [(name, s) for name, s in summary.items() if s.get("seconds_per_image")]
     secs = [s["seconds_per_image"] for _, s in points] or [1.0]
     lo_t, hi_t = math.log10(min(secs) / 1.5), math.log10(max(secs) * 1.5)
     if hi_t - lo_t < 1:
@@ -73,7 +90,7 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
 
     labels = {v.name: v.label for v in VARIANTS}
     for k, (name, s) in enumerate(points):
-        colour = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+        colour = _colour(k)
         x, y = xy(s["seconds_per_image"], s["overall"])
         low, high = s.get("overall_ci95") or (s["overall"],) * 2
         _, y_low = xy(s["seconds_per_image"], low)
@@ -94,11 +111,12 @@ def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "",
     the 95% intervals as whiskers. PIL only."""
     from toyworld.prompts import CATEGORIES
 
-    width, height = size
     left, right, top, bottom = 60, 430, 40, 50
+    names = _ranked(summary)
+    size = _legend_height(size, top, len(names))
+    width, height = size
     image, draw, font = _canvas(size)
     groups = [*CATEGORIES, "overall"]
-    names = list(summary)
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def y_of(share: float) -> float:
@@ -123,7 +141,7 @@ def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "",
                 value, (low, high) = c["accuracy"], c["ci95"]
             else:
                 continue
-            colour = PLOT_COLOURS[k % len(PLOT_COLOURS)]
+            colour = _colour(k)
             xa = x0 + k * bar_w
             draw.rectangle([xa, y_of(value), xa + bar_w - 1, y_of(0)], fill=colour)
             xm = xa + bar_w / 2
@@ -131,7 +149,7 @@ def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "",
     labels = {v.name: v.label for v in VARIANTS}
     for k, name in enumerate(names):
         ly = top + 10 + 20 * k
-        draw.rectangle([width - right + 14, ly - 5, width - right + 24, ly + 5], fill=PLOT_COLOURS[k % len(PLOT_COLOURS)])
+        draw.rectangle([width - right + 14, ly - 5, width - right + 24, ly + 5], fill=_colour(k))
         draw.text((width - right + 30, ly), f"{labels.get(name, name)} ({summary[name]['overall']:.0%})",
                   fill=(30, 30, 30), font=font, anchor="lm")
     draw.text((12, top - 22), "accuracy per category (judged by the rule; whiskers: 95% intervals)", fill=(30, 30, 30), font=font)
