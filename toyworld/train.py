@@ -108,7 +108,7 @@ def write_report(out: Path, metrics: dict) -> str:
         "",
         "Written by `scripts/train_toy.py` from its own measurements -- do not edit by hand.",
         "Retrain everything with `nice -n 10 python scripts/train_toy.py` "
-        "(or `--only clip|vqgan|sd|sd_turbo|guided`, or one CLIP: `--only clip_c`; `--resume` continues a stopped run).",
+        "(or `--only clip|vqgan|sd|sd_turbo|itm|guided`, or one CLIP: `--only clip_c`; `--resume` continues a stopped run).",
         "The world, its five prompt categories and the judging rule are `shared/TOYWORLD.md`'s (toy world v3); "
         "accuracies below are by that rule, per category, overall = the mean of the five.",
         "",
