@@ -1,4 +1,4 @@
-"""The Python examples of the README (and of the guide and methods pages it was split into) run as written
+"""The Python examples of the README (and of the guide, methods and composition pages) run as written
 (offline, on the toy models)."""
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "guide.md", ROOT / "docs" / "methods.md"]   # the README's, moved or not
+DOCS = [ROOT / "README.md", *(ROOT / "docs" / f"{name}.md" for name in ("guide", "methods", "composition"))]
 BLOCKS = [block for doc in DOCS for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)]
 
 
