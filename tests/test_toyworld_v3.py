@@ -341,7 +341,7 @@ def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all((tmp_path / "itm" / f).is_file() for f in MODELS["itm"])
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
-    assert metrics["itm"]["steps"] == 6 and set(metrics["itm"]["hard_negatives"]["clean"]) == set(CATEGORIES)
+    assert metrics["itm"]["steps"] == 12 and set(metrics["itm"]["hard_negatives"]["clean"]) == set(CATEGORIES)
     assert "## Toy image-text matching model (`itm`" in (tmp_path / "TRAINING.md").read_text()
     reward = load_reward(f"itm:{tmp_path / 'itm'}")
     p = prompt_set("tuning", 1)[4]
@@ -412,8 +412,8 @@ def test_resume_keeps_finished_models_and_reruns_the_rest(tmp_path):
 def test_committed_itm_reward_is_blips_itm_head_and_ranks_two_object_captions():
     """``--reward itm:toy`` loads the committed weights; its score is transformers' own
     ``BlipForImageTextRetrieval(use_itm_head=True)`` log-odds on the processor's pixels, and it puts a
-    two-object scene's caption above the caption with one of the objects replaced by another shape on most
-    held-out scenes. (Swapped colours it does not tell apart yet: docs/composition.md.)"""
+    two-object scene's caption above the caption with one of the objects replaced by another shape, and a
+    colour_attr scene's caption above the one with the two colours swapped, on most held-out scenes."""
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
     from guidance.rewards import load_reward
@@ -441,4 +441,13 @@ def test_committed_itm_reward_is_blips_itm_head_and_ranks_two_object_captions():
 
     true = reward.score(images.float() / 255, [p.text for p in prompts])
     false = reward.score(images.float() / 255, [q.text for q in swapped])
+    assert (true > false).float().mean() >= 0.75
+
+    binding = [random_prompt("colour_attr", rng) for _ in range(16)]
+    scenes = [scene_for(p, rng) for p in binding]
+    images = torch.stack([torch.from_numpy(draw_scene(sc)).permute(2, 0, 1) for sc in scenes]).float() / 255
+    swapped = [Prompt("colour_attr", p.background, ((p.objects[1][0], p.objects[0][1]), (p.objects[0][0], p.objects[1][1])))
+               .text for p in binding]
+    true = reward.score(images, [p.text for p in binding])
+    false = reward.score(images, swapped)
     assert (true > false).float().mean() >= 0.75

@@ -240,7 +240,7 @@ TASK_DEPS = {"clip_a": (), "clip_b": (), "clip_c": (), "clip_d": (), "vqgan": ()
 PRIORITY = ("clip_a", "sd_vae", "sd", "sd_turbo", "clip_b", "clip_c", "clip_d", "itm", "vqgan", "guided")
 GROUP_TASKS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd_vae", "sd"), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
                "guided": ("guided",)}
-STEPS = {"vqgan": 3000, "sd_vae": 3000, "itm": 6000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
+STEPS = {"vqgan": 3000, "sd_vae": 3000, "itm": 12000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
          "sd_data": 20000}  # sd_data: scenes encoded once for the UNet's training set
 
 

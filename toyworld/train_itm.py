@@ -42,7 +42,7 @@ ITM_SEED = 7007
 NEGATIVES = 7
 # The vision tower has clip_a's shape (ViT 64px / patch 8, hidden 64, 4 layers, 4 heads) and starts from its
 # weights (``vision_from_clip``): a ViT learns shapes slowly from scratch, and clip_a already tells them apart.
-RECIPE = dict(steps=6000, batch_size=24, lr=1e-3, image_size=64, patch_size=8, hidden=64, layers=4, heads=4,
+RECIPE = dict(steps=12000, batch_size=24, lr=1e-3, image_size=64, patch_size=8, hidden=64, layers=4, heads=4,
               text_layers=4, imperfect_prob=0.3, curriculum=0.3, patch_weight=1.0, vision_init="clip_a")
 
 

@@ -80,14 +80,24 @@ class ITMReward(Reward):
         return reward
 
 
-def match_logodds(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` log-odds of a match from a ``BlipForImageTextRetrieval``'s text encoder and ITM head, for
-    image patch embeddings ``[B, P, D]`` and captions ``[B, L]`` (as that model's forward computes them)."""
+def match_states(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L, D]``: a ``BlipForImageTextRetrieval``'s text encoder states for captions ``[B, L]`` attending
+    to image patch embeddings ``[B, P, D]`` (the ITM head reads position 0)."""
     image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-    state = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                               encoder_attention_mask=image_mask).last_hidden_state[:, 0, :]
-    logits = model.itm_head(state).float()
+    return model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                              encoder_attention_mask=image_mask).last_hidden_state
+
+
+def logodds_from_states(model, states: torch.Tensor) -> torch.Tensor:
+    """``[B]`` log-odds of a match from ``match_states``' output (as the model's forward computes them)."""
+    logits = model.itm_head(states[:, 0, :]).float()
     return logits[:, 1] - logits[:, 0]
 
 
-__all__ = ["ITMReward", "match_logodds", "HUB_REPO"]
+def match_logodds(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` log-odds of a match from a ``BlipForImageTextRetrieval``'s text encoder and ITM head, for
+    image patch embeddings ``[B, P, D]`` and captions ``[B, L]`` (as that model's forward computes them)."""
+    return logodds_from_states(model, match_states(model, image_embeds, input_ids, attention_mask))
+
+
+__all__ = ["ITMReward", "match_logodds", "match_states", "logodds_from_states", "HUB_REPO"]
