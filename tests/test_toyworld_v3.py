@@ -358,6 +358,55 @@ def test_train_toy_only_itm_makes_a_blip_itm_folder_that_loads_as_a_reward(tmp_p
         load_reward(f"itm:{tmp_path}")
 
 
+def test_itm_training_mirrors_position_scenes_and_grounds_each_shape_word():
+    """The ITM's position signals: a mirrored scene makes its caption false and the opposite relation true (by
+    the judging rule); each shape word of a caption is paired with its own object's centre; each relation word
+    with how far its relation holds (positive in the scene, the negative in its mirror); the patch head's
+    place targets are the patches' centres in ViT order."""
+    from transformers import BertTokenizer
+
+    from toyworld.negatives import OPPOSITE
+    from toyworld.scenes import SceneBatch
+    from toyworld.train_itm import RELATION_WORDS, _grounding_targets, _patch_coordinates, _relation_targets, mirrored
+    from toyworld.paths import weights_dir
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        p = random_prompt("position", rng)
+        sc = scene_for(p, rng)
+        m = mirrored(sc, p.relation, 64)
+        assert rule.matches(p, sc.background, sc.objects) and not rule.matches(p, m.background, m.objects)
+        assert rule.matches(Prompt("position", p.background, p.objects, OPPOSITE[p.relation]), m.background, m.objects)
+
+    prompts = [random_prompt(c, rng) for c in ("position", "colour_attr", "two_object", "counting", "single")]
+    scenes = [scene_for(p, rng) for p in prompts]
+    batch = SceneBatch(np.stack([draw_scene(sc) for sc in scenes]), scenes, prompts, [p.text for p in prompts], prompts)
+    tok = BertTokenizer.from_pretrained(str(weights_dir("itm")))
+    ids = tok([p.text for p in prompts], padding=True, return_tensors="pt")["input_ids"]
+    rows, cols, centres = _grounding_targets(batch, ids, list(range(5)), tok.convert_tokens_to_ids(list(SHAPES)), 64)
+    assert rows == [0, 0, 1, 1, 2, 2, 4]      # counting's objects share their word: none
+    for row, col, centre in zip(rows, cols, centres):
+        word = tok.convert_ids_to_tokens(int(ids[row, col]))
+        obj = [o for o in scenes[row].objects if o.shape == word]
+        named = [c for c, s in prompts[row].objects if s == word][0]
+        obj = [o for o in obj if named is None or o.colour == named][0]
+        assert centre.tolist() == pytest.approx([(obj.box[0] + obj.box[2]) / 64 - 1, (obj.box[1] + obj.box[3]) / 64 - 1])
+
+    pos = [random_prompt("position", rng) for _ in range(8)]
+    scenes = [scene_for(p, rng) for p in pos]
+    batch = SceneBatch(np.stack([draw_scene(sc) for sc in scenes]), scenes, pos, [p.text for p in pos], pos)
+    ids = tok([p.text for p in pos], padding=True, return_tensors="pt")["input_ids"]
+    rows, cols, held = _relation_targets(batch, ids, list(range(8)), tok, 64)
+    assert rows == list(range(8)) and bool((held > 0).all())     # each caption's relation holds in its scene
+    assert [tok.convert_ids_to_tokens(int(ids[r, c])) for r, c in zip(rows, cols)] == [
+        RELATION_WORDS[p.relation][0] for p in pos]
+    flipped = SceneBatch(batch.images, [mirrored(sc, p.relation, 64) for sc, p in zip(scenes, pos)], pos, batch.captions, pos)
+    assert _relation_targets(flipped, ids, list(range(8)), tok, 64)[2].tolist() == pytest.approx((-held).tolist())
+
+    where = _patch_coordinates(64)
+    assert where[1].tolist() == pytest.approx([-0.625, -0.875]) and where[8].tolist() == pytest.approx([-0.875, -0.625])
+
+
 def test_itm_vision_tower_starts_as_clip_a():
     """``vision_from_clip``: the BLIP tower made from clip_a's weights gives clip_a's patch states (after its
     post-layernorm) on held-out scenes, up to the pre-layernorm that BLIP lacks (folded in approximately), and
@@ -412,8 +461,9 @@ def test_resume_keeps_finished_models_and_reruns_the_rest(tmp_path):
 def test_committed_itm_reward_is_blips_itm_head_and_ranks_two_object_captions():
     """``--reward itm:toy`` loads the committed weights; its score is transformers' own
     ``BlipForImageTextRetrieval(use_itm_head=True)`` log-odds on the processor's pixels, and it puts a
-    two-object scene's caption above the caption with one of the objects replaced by another shape, and a
-    colour_attr scene's caption above the one with the two colours swapped, on most held-out scenes."""
+    two-object scene's caption above the caption with one of the objects replaced by another shape, a
+    colour_attr scene's caption above the one with the two colours swapped, and a position caption's scene
+    above the same scene mirrored (the relation reversed), on most held-out scenes."""
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
     from guidance.rewards import load_reward
@@ -451,3 +501,13 @@ def test_committed_itm_reward_is_blips_itm_head_and_ranks_two_object_captions():
     true = reward.score(images, [p.text for p in binding])
     false = reward.score(images, swapped)
     assert (true > false).float().mean() >= 0.75
+
+    from toyworld.train_itm import mirrored
+
+    placed = [random_prompt("position", rng) for _ in range(16)]
+    scenes = [scene_for(p, rng) for p in placed]
+    as_said = torch.stack([torch.from_numpy(draw_scene(sc)).permute(2, 0, 1) for sc in scenes]).float() / 255
+    reversed_ = torch.stack([torch.from_numpy(draw_scene(mirrored(sc, p.relation, 64))).permute(2, 0, 1)
+                             for sc, p in zip(scenes, placed)]).float() / 255
+    texts = [p.text for p in placed]
+    assert (reward.score(as_said, texts) > reward.score(reversed_, texts)).float().mean() >= 0.75

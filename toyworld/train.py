@@ -164,7 +164,9 @@ def write_report(out: Path, metrics: dict) -> str:
                   f"patches; {m['params'] / 1e6:.2f} M parameters (stored fp16); seed {m['seed']}, {m['steps']} steps x "
                   f"batch {m['batch_size']}, {m['negatives']} hard negatives per image; {m['train_seconds']:.0f} s",
                   *([f"- vision tower started from `{m['vision_init']}`'s; losses: match / no match, the caption ranked "
-                     "first among its negatives, and (training only) each patch's colours and shapes"]
+                     "first among its negatives, and (training only) each patch's colours and shapes"
+                     + (", where each patch is, where each shape word's object is, how far each relation word holds; each "
+                        "position scene mirrored is a negative of its caption" if "ground_weight" in r else "")]
                     if m.get("vision_init") else []), "",
                   "Ranking accuracy among hard negatives (as for the CLIPs above):", ""]
         lines += _category_header("images")
