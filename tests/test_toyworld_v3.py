@@ -511,3 +511,34 @@ def test_committed_itm_reward_is_blips_itm_head_and_ranks_two_object_captions():
                              for sc, p in zip(scenes, placed)]).float() / 255
     texts = [p.text for p in placed]
     assert (reward.score(as_said, texts) > reward.score(reversed_, texts)).float().mean() >= 0.75
+
+
+def test_itm_views_reward_is_the_itm_mean_over_mirrored_and_shifted_views():
+    """``--reward itm_views:toy``: the mean of the ``itm`` reward's log-odds over the image, its left-right
+    mirror with "left"/"right" swapped in the caption, its upside-down view with "above"/"below" swapped,
+    both, and the image rolled by 1/16 of its size each way; differentiable in the pixels."""
+    from guidance.rewards import load_reward
+    from guidance.rewards.itm_views import mirror_caption
+
+    assert mirror_caption("a red square to the left of a cross, leftover right", "horizontal") == \
+        "a red square to the right of a cross, leftover left"
+    assert mirror_caption("a circle above a square below", "vertical") == "a circle below a square above"
+    assert mirror_caption("a circle above a square", "horizontal") == "a circle above a square"
+
+    single, views = load_reward("itm:toy"), load_reward("itm-views:toy")
+    rng = np.random.default_rng(5)
+    placed = [random_prompt("position", rng) for _ in range(3)]
+    images = torch.stack([torch.from_numpy(draw_scene(scene_for(p, rng))).permute(2, 0, 1) for p in placed]).float() / 255
+    texts = [p.text for p in placed]
+    lr = [t.replace("left", "@").replace("right", "left").replace("@", "right") for t in texts]
+    ab = [t.replace("above", "@").replace("below", "above").replace("@", "below") for t in texts]
+    both = [mirror_caption(t, "vertical") for t in lr]
+    with torch.no_grad():
+        by_hand = [single.score(images, texts), single.score(images.flip(-1), lr), single.score(images.flip(-2), ab),
+                   single.score(images.flip(-1).flip(-2), both)]
+        by_hand += [single.score(torch.roll(images, shift, dims=(-2, -1)), texts)
+                    for shift in ((0, 4), (4, 0), (0, -4), (-4, 0))]
+        assert views.score(images, texts) == pytest.approx(torch.stack(by_hand).mean(0), abs=1e-4)
+    pixels = images.clone().requires_grad_(True)
+    views.score(pixels, texts).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0

@@ -88,6 +88,12 @@ VARIANTS += (
             "noise", {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 60, "rewards": ["itm:toy=1"]},
             _SD + ("itm",)),
 )
+# The same searches with the ITM averaged over eight mirrored and shifted views of each candidate
+# (guidance/rewards/itm_views.py; chosen over the single view on the tuning set: docs/benchmarks.md)
+VARIANTS += tuple(
+    Variant(f"sd10+best-of-{n}+itm-views", f"SD 10 steps, best of {n} by CLIP + ITM over 8 views", "noise",
+            {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": n, "rewards": ["itm_views:toy=1"]},
+            _SD + ("itm",)) for n in (30, 60))
 # Issue 35: what half precision costs in quality. The toy preset keeps fp32 even under ``--precision auto``
 # (tiny models run no faster in bf16), so these rows force bf16: what ``auto`` picks for real models on GPUs
 # and on CPUs with AMX or AVX-512 BF16. Each is its fp32 row with the run option precision="bf16".

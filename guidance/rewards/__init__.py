@@ -23,16 +23,18 @@ from .base import Reward, RewardLoadError, SharedResize, load_state_dict, resize
 from .hps import HPSv2
 from .imagereward import ImageReward
 from .itm import ITMReward
+from .itm_views import ITMViews
 from .pickscore import CLIPReward, PickScore
 
 REWARDS: dict[str, type[Reward]] = {}
 ALIASES = {"hpsv2": "hps", "hpsv2.1": "hps", "image_reward": "imagereward", "image-reward": "imagereward",
-           "laion_aesthetic": "aesthetic", "aesthetics": "aesthetic", "pick": "pickscore"}
+           "laion_aesthetic": "aesthetic", "aesthetics": "aesthetic", "pick": "pickscore", "itm-views": "itm_views"}
 #: weight of each reward when ``=W`` is not given: ReNO's defaults (Eyring et al. 2024) for CLIP,
 #: PickScore, HPSv2.1 and ImageReward; the aesthetic weight is this project's choice (ReNO leaves
 #: it off by default): 0.1 makes one rating point weigh like 0.1 ImageReward standard deviations; the ITM
-#: log-odds (this project's addition) weigh 1.
-DEFAULT_WEIGHTS = {"clip": 0.01, "pickscore": 0.05, "hps": 5.0, "imagereward": 1.0, "aesthetic": 0.1, "itm": 1.0}
+#: log-odds (this project's addition) weigh 1, and so does their mean over views.
+DEFAULT_WEIGHTS = {"clip": 0.01, "pickscore": 0.05, "hps": 5.0, "imagereward": 1.0, "aesthetic": 0.1, "itm": 1.0,
+                   "itm_views": 1.0}
 
 
 def register_reward(name: str, cls: type[Reward], *, default_weight: float = 1.0) -> None:
@@ -45,7 +47,8 @@ def register_reward(name: str, cls: type[Reward], *, default_weight: float = 1.0
 
 
 for _name, _cls in (("clip", CLIPReward), ("pickscore", PickScore), ("hps", HPSv2), ("imagereward", ImageReward),
-                    ("aesthetic", AestheticPredictor), ("itm", ITMReward)):
+                    ("aesthetic", AestheticPredictor), ("itm", ITMReward),
+                    ("itm_views", ITMViews)):
     register_reward(_name, _cls)
 
 
@@ -103,5 +106,5 @@ def cached_reward(spec: str, *, device=None, precision=None) -> Reward:
 
 __all__ = ["Reward", "RewardLoadError", "SharedResize", "REWARDS", "DEFAULT_WEIGHTS", "register_reward",
            "reward_class", "parse_reward_spec", "load_reward", "cached_reward", "CLIPReward",
-           "PickScore", "HPSv2", "ImageReward", "AestheticPredictor", "ITMReward", "load_state_dict", "resize_crop"]
+           "PickScore", "HPSv2", "ImageReward", "AestheticPredictor", "ITMReward", "ITMViews", "load_state_dict", "resize_crop"]
 
