@@ -244,3 +244,47 @@ def test_merge_combines_runs_of_one_prompt_set_and_refuses_others(tmp_path, caps
     other = report("c.json", "sd", ["q"], [True], prompt_set="tuning")
     assert quality.main(["--merge", a, other, "--json", str(tmp_path / "x.json"), "--figure", "none"]) == 2
     assert "other prompts or seeds" in capsys.readouterr().err
+
+
+def test_search_headroom_judges_every_candidate_of_a_search(tmp_path):
+    """benchmarks/search_headroom.py: every candidate the search renders is judged by the rule; the share with a
+    right image among the first N and the kept image's verdict follow from those verdicts; the first candidate is
+    the seed's own noise (the unsteered image)."""
+    import subprocess
+
+    from toyworld.paths import weights_dir
+
+    try:
+        for name in ("sd", "itm", "clip_a"):
+            weights_dir(name, check=True)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "h.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "search_headroom.py"), "--prompt-set", "benchmark",
+           "--per-category", "1", "--categories", "single", "counting", "--variant", "sd10+best-of-10+itm",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [r["category"] for r in rows] == ["single", "counting"] and all(len(r["right"]) == 10 for r in rows)
+    s = report["summary"]
+    for r in rows:
+        assert s[r["category"]]["headroom"]["10"] == float(any(r["right"]))
+        assert s[r["category"]]["headroom"]["1"] == float(r["right"][0])
+        assert s[r["category"]]["right_share"] == sum(r["right"]) / 10
+        assert not r["kept_right"] or any(r["right"])     # the kept image is one of the candidates
+    assert s["overall"]["kept"] == sum(r["kept_right"] for r in rows) / 2
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    from toyworld.rule import matches, read_images
+    from generators.runs import generate
+    from toyworld.prompts import prompt_set
+    from toyworld.variants import variant
+
+    p = [q for q in prompt_set("benchmark", 1) if q.category == "single"][0]
+    run = generate(p.text, backend="noise", preset="toy", seed=0, save=False, progress=False, eval_model="none",
+                   threads=1, **{**variant("sd10").options})
+    reading = read_images(run.images)[0]
+    assert rows[0]["right"][0] == bool(matches(p, reading.background, reading.objects))
