@@ -165,7 +165,7 @@ def test_the_runs_warnings_are_the_clis(tmp_path):
     for _ in job.updates():
         pass
     assert job.error is None
-    assert job.warning_lines() == ["warning: --strength does nothing without --init-image (sd backend); it is ignored"]
+    assert job.warning_lines() == ["warning: --strength does nothing without --init-image or --layout-sketch (sd backend); it is ignored"]
 
 
 @pytest.mark.e2e

@@ -94,6 +94,19 @@ VARIANTS += tuple(
     Variant(f"sd10+best-of-{n}+itm-views", f"SD 10 steps, best of {n} by CLIP + ITM over 8 views", "noise",
             {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": n, "rewards": ["itm_views:toy=1"]},
             _SD + ("itm",)) for n in (30, 60))
+# Layout sketch (generators/diffusion/layout_sketch.py): start from the prompt's layout painted as colour blobs
+# (SDEdit), strength 0.7 (chosen on the tuning set: docs/benchmarks.md, "Layout sketch"); a prompt with one
+# subject (single, counting) has no layout and samples from noise as its row without the sketch
+_SKETCH = {"layout_sketch": "auto", "strength": 0.7}
+VARIANTS += (
+    Variant("sd+sketch", "SD + layout sketch (img2img from the prompt's layout)", "sd",
+            {"clip_guidance_scale": 0.0, **_SKETCH}, _SD),
+    Variant("sd10+sketch", "SD 10 steps from the layout sketch, one noise (no steering)", "noise",
+            {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 1, **_SKETCH}, _SD),
+    Variant("sd10+sketch+best-of-30+itm", "SD 10 steps from the layout sketch, best of 30 by CLIP + ITM", "noise",
+            {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 30, "rewards": ["itm:toy=1"], **_SKETCH},
+            _SD + ("itm",)),
+)
 # Issue 35: what half precision costs in quality. The toy preset keeps fp32 even under ``--precision auto``
 # (tiny models run no faster in bf16), so these rows force bf16: what ``auto`` picks for real models on GPUs
 # and on CPUs with AMX or AVX-512 BF16. Each is its fp32 row with the run option precision="bf16".

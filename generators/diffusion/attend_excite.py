@@ -34,15 +34,20 @@ RELATION_WORDS = ("to the left of", "to the right of", "on top of", "in front of
                   "under", "behind", "beside", "with", "and")
 
 
-def subject_words(prompt: str) -> list[str]:
-    """The subjects of a prompt, by a rule for the simple prompts of composition benchmarks: the text is cut at
-    commas, ``and``, ``with`` and the spatial relations, a trailing ``on a ... background`` is dropped, and
-    each part's last word is its subject (``"a red circle to the left of a blue square"`` -> circle, square)."""
+def subject_phrases(prompt: str) -> list[list[str]]:
+    """The words of each subject's phrase, by a rule for the simple prompts of composition benchmarks: the text
+    is cut at commas, ``and``, ``with`` and the spatial relations, and a trailing ``on a ... background`` is
+    dropped (``"a red circle to the left of a blue square"`` -> [a, red, circle], [a, blue, square])."""
     text = re.sub(r"\s+(on|against|in front of)\s+(a|an|the)?\s*\w+\s+(background|backdrop)\s*$", "",
                   prompt.strip().lower())
     parts = re.split(r",|\|" + "".join(rf"|\b{re.escape(w)}\b" for w in RELATION_WORDS), text)
-    words = [re.findall(r"[a-z][a-z'-]*", part) for part in parts]
-    return [w[-1] for w in words if w]
+    return [w for w in (re.findall(r"[a-z][a-z'-]*", part) for part in parts) if w]
+
+
+def subject_words(prompt: str) -> list[str]:
+    """The subjects of a prompt: the last word of each of :func:`subject_phrases`
+    (``"a red circle to the left of a blue square"`` -> circle, square)."""
+    return [words[-1] for words in subject_phrases(prompt)]
 
 
 def subject_token_indices(tokenizer, prompt: str, subjects: list[str] | None = None) -> list[int]:

@@ -91,6 +91,11 @@ class NoiseSettings(OptimiseSettings):
     height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
     num_images: int = option(1, "images optimised together, each from its own noise", flag="--num-images",
                              minimum=1)
+    layout_sketch: str = option("", "render from a sketch of the layout (SDEdit; SD 1.x/2.x): the background and a "
+                                    "blob per subject box in the prompt's colour words, noised by the optimised or "
+                                    "searched noise to --strength; boxes as 'circle:0,0,0.5,1;...', or auto")
+    strength: float = option(0.8, "--layout-sketch: how much of the render schedule re-noises the sketch (0-1]",
+                             above=0, maximum=1, requires="layout_sketch")
 
 
 def toy_preset() -> dict:
@@ -158,6 +163,16 @@ class NoiseGenerator(Generator):
         if s.step_noises and s.render_steps < 2:
             raise ValueError("--step-noises with 1 render step has no step noise to optimise; use --render-steps 2 "
                              "or more")
+        if s.layout_sketch:
+            from .layout_sketch import check_layout_sketch
+
+            check_layout_sketch(s.layout_sketch)
+            if s.step_noises:
+                raise ValueError("--layout-sketch skips the first render steps, whose noises --step-noises would "
+                                 "optimise; drop one of them")
+            if int(s.render_steps * s.strength) < 1:
+                raise ValueError(f"--strength {s.strength} with --render-steps {s.render_steps} leaves no render "
+                                 f"step; use a strength of at least {1 / s.render_steps:.3g} or more render steps")
         if s.step_noises and not s.eta > 0:
             raise ValueError("--step-noises with --eta 0 adds no noise at any step; use --eta 1 (DNO) or above 0")
 
@@ -169,6 +184,9 @@ class NoiseGenerator(Generator):
         self.pipe = pipeline if pipeline is not None else cached_pipeline(s.sd_model, dtype=self.dtype,
                                                                           config=s.sd_config)
         self.family = family_of(self.pipe)
+        if s.layout_sketch and self.family.name != "sd":
+            raise ValueError(f"--layout-sketch (img2img) supports SD 1.x/2.x renderers; {self.family.label} renders "
+                             "from noise only: drop --layout-sketch")
         self.scheduler = self._scheduler(self.pipe, s.scheduler)
         self._prepare_models(self.pipe)
         self.width, self.height = image_size(self.family, s.width, s.height)
@@ -218,8 +236,26 @@ class NoiseGenerator(Generator):
                                          height=self.height, width=self.width)
         return conditioning, prompt
 
-    def make_renderer(self, pipe, scheduler, conditioning, steps: int, seed: int):
-        """``render(z)``: starting noise -> images ``[B,3,H,W]`` (unclamped, differentiable in ``z``)."""
+    @torch.no_grad()
+    def sketch_latents(self, pipe, prompt: str) -> torch.Tensor | None:
+        """The ``--layout-sketch`` of *prompt* encoded by *pipe*'s VAE (the mode of its posterior, scaled), or
+        ``None`` (no sketch, or a layout with no box: render from noise)."""
+        s = self.settings
+        if not s.layout_sketch:
+            return None
+        from .layout_sketch import layout_sketch
+
+        picture = layout_sketch(s.layout_sketch, prompt, self.width, self.height)
+        if picture is None:
+            return None
+        pixels = pipe.image_processor.preprocess(picture).to(self.device, pipe.vae.dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+        return latents.float()
+
+    def make_renderer(self, pipe, scheduler, conditioning, steps: int, seed: int, start: torch.Tensor | None = None):
+        """``render(z)``: starting noise -> images ``[B,3,H,W]`` (unclamped, differentiable in ``z``). With
+        *start* (clean latents: the layout sketch) the render is img2img: *start* noised by ``z`` to the
+        ``strength`` of the schedule, then the remaining steps (the slice diffusers' img2img keeps)."""
         s, family = self.settings, family_of(pipe)
         vae, cfg = pipe.vae, conditioning.cfg
 
@@ -240,7 +276,14 @@ class NoiseGenerator(Generator):
                 extra = {"eta": s.eta}
             elif s.step_noises:
                 z = self.starting_noise(z)                          # another pipeline re-renders the start only
-            latents = z * family.noise_scale(scheduler)
+            if start is None:
+                latents = z * family.noise_scale(scheduler)
+            else:
+                first = steps - min(int(steps * s.strength), steps)
+                timesteps = timesteps[first * scheduler.order:]
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(first * scheduler.order)
+                latents = scheduler.add_noise(start.to(z.dtype), z, timesteps[:1])
             for i, t in enumerate(timesteps):
                 if step_noises:
                     extra["variance_noise"] = step_noises[i]
@@ -266,7 +309,8 @@ class NoiseGenerator(Generator):
         init_gen = seed_generator(seed, "init")
         z = torch.randn(self.latent_shape(), generator=init_gen).to(self.device)
         conditioning, prompt = self._embeddings(self.pipe, objective, s.num_images)
-        render = self.make_renderer(self.pipe, self.scheduler, conditioning, s.render_steps, seed)
+        sketch = self.sketch_latents(self.pipe, prompt)
+        render = self.make_renderer(self.pipe, self.scheduler, conditioning, s.render_steps, seed, sketch)
         decode = lambda latent: render(latent).detach().clamp(0, 1).float().cpu()  # noqa: E731
         if s.method == "gradient":
             out = self._search_then_optimise(z, render, objective, seed, callback, decode, init_gen)
@@ -277,13 +321,15 @@ class NoiseGenerator(Generator):
             images = decode(best)
             if self.reapply is not None:
                 conditioning2, _ = self._embeddings(self.reapply, objective, s.num_images)
-                again = self.make_renderer(self.reapply, self.reapply_scheduler, conditioning2, s.reapply_steps, seed)
+                again = self.make_renderer(self.reapply, self.reapply_scheduler, conditioning2, s.reapply_steps, seed,
+                                           self.sketch_latents(self.reapply, prompt) if sketch is not None else None)
                 images = again(best).clamp(0, 1).float().cpu()
                 info["reapplied_with"] = {"model": s.reapply_model or "(pipeline given)", "steps": s.reapply_steps}
         start = self.starting_noise(best)
         info.update({"method": s.method, "prompt": prompt, "render_steps": s.render_steps,
                      "scheduler": type(self.scheduler).__name__, "latent_shape": list(z.shape),
                      "step_noises": s.render_steps if s.step_noises else 0,
+                     **({"layout_sketch": s.layout_sketch, "strength": s.strength} if sketch is not None else {}),
                      "noise_norm": start.float().flatten(1).norm(dim=1).cpu().tolist(),
                      "noise_norm_typical": math.sqrt(start[0].numel()), "seconds": time.perf_counter() - started})
         return GenerationResult(images=images, losses=out["losses"], info=info, interrupted=out["interrupted"],

@@ -86,8 +86,11 @@ class Settings(SteeringOptions, GuiderSettings):
     height: int = option(0, "image height in pixels, a multiple of 8 (0: the model's native size)", minimum=0)
     init_image: str | None = option(None, "start from this image (img2img) instead of pure noise",
                                     path="file")
-    strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image (0-1]", above=0,
-                             maximum=1, requires="init_image")
+    layout_sketch: str = option("", "start from a sketch of the layout (SDEdit): the background and a blob per "
+                                    "subject box painted in the prompt's colour words, then img2img at --strength; "
+                                    "boxes as --layout, or auto (from the prompt's relation)")
+    strength: float = option(0.8, "img2img: how much of the schedule re-noises the init image or the layout "
+                                  "sketch (0-1]", above=0, maximum=1, requires=("init_image", "layout_sketch"))
     num_images: int = option(1, "images generated per prompt (one batch)", flag="--num-images", minimum=1)
     ddim_eta: float | None = option(None, "DDIM's eta (--scheduler ddim; 0: deterministic, 1: DDPM-like; default: "
                                           "the guider's, 1 for the TFG-family papers)", minimum=0)
@@ -168,9 +171,10 @@ class StableDiffusionGenerator(Generator):
         pipe = self.pipe
         self.family = family_of(pipe, guidance=s.flux_guidance)
         self.family.check(s.sd_model if pipeline is None else "the pipeline given")
-        if s.init_image and self.family.name != "sd":
-            raise ValueError(f"--init-image (img2img) supports SD 1.x/2.x models; {self.family.label} samples from "
-                             "noise only: drop --init-image")
+        if (s.init_image or s.layout_sketch) and self.family.name != "sd":
+            flag = "--init-image" if s.init_image else "--layout-sketch"
+            raise ValueError(f"{flag} (img2img) supports SD 1.x/2.x models; {self.family.label} samples from "
+                             f"noise only: drop {flag}")
         pipe.scheduler = choose_scheduler(pipe, self.family, s.scheduler, auto="dpm++")
         if not self.family.flow:
             check_scheduler(pipe.scheduler)
@@ -219,16 +223,17 @@ class StableDiffusionGenerator(Generator):
         if getattr(self, "_img2img_pipe", None) is None:
             from diffusers import StableDiffusionImg2ImgPipeline
 
-            self._img2img_pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img_pipe = StableDiffusionImg2ImgPipeline(**self.pipe.components,
+                                                                requires_safety_checker=False)
             self._img2img_pipe.set_progress_bar_config(disable=True)
         self._img2img_pipe.scheduler = self.pipe.scheduler
         return self._img2img_pipe
 
-    def _timesteps(self) -> tuple[torch.Tensor, int]:
-        """``set_timesteps`` then, for img2img, the slice the img2img pipeline's ``get_timesteps`` keeps;
-        returns (timesteps, index of the first one in the scheduler's tables)."""
+    def _timesteps(self, img2img: bool | None = None) -> tuple[torch.Tensor, int]:
+        """``set_timesteps`` then, for img2img (default: with ``--init-image``), the slice the img2img pipeline's
+        ``get_timesteps`` keeps; returns (timesteps, index of the first one in the scheduler's tables)."""
         s, scheduler = self.settings, self.pipe.scheduler
-        if not s.init_image:
+        if not (bool(s.init_image) if img2img is None else img2img):
             return self.family.set_timesteps(scheduler, s.steps, self.execution_device, height=self.height,
                                              width=self.width), 0
         scheduler.set_timesteps(s.steps, device=self.execution_device)
@@ -343,15 +348,25 @@ class StableDiffusionGenerator(Generator):
         return Denoiser(guided=guided, conditional=conditional, combine=combine,
                         unconditional=unconditional if c.cfg else None)
 
-    def _start_latents(self, timesteps, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Pure noise (``prepare_latents``) or, for img2img, the noised init image (the img2img pipeline's own)."""
+    def init_picture(self, prompt: str):
+        """The picture img2img starts from: ``--init-image``, or the ``--layout-sketch`` of *prompt* (``None``:
+        sample from noise; a sketch's layout with no box gives none)."""
         s = self.settings
-        device = self.execution_device
-        if not s.init_image:
-            return self.family.start_latents(batch, self.height, self.width, generator, device)
-        from guidance.images import load_image
+        if s.init_image:
+            from guidance.images import load_image
 
-        image = load_image(s.init_image, (self.width, self.height), what="init image")
+            return load_image(s.init_image, (self.width, self.height), what="init image")
+        if s.layout_sketch:
+            from .layout_sketch import layout_sketch
+
+            return layout_sketch(s.layout_sketch, prompt, self.width, self.height)
+        return None
+
+    def _start_latents(self, timesteps, batch: int, generator: torch.Generator, image=None) -> torch.Tensor:
+        """Pure noise (``prepare_latents``) or, for img2img, the noised *image* (the img2img pipeline's own)."""
+        device = self.execution_device
+        if image is None:
+            return self.family.start_latents(batch, self.height, self.width, generator, device)
         img2img = self._img2img()
         image = img2img.image_processor.preprocess(image).to(device, torch.float32)
         return img2img.prepare_latents(image, timesteps[:1].repeat(batch), batch, 1, torch.float32, device,
@@ -378,8 +393,9 @@ class StableDiffusionGenerator(Generator):
         conditioning = self._encode(prompt, objective, cfg, device)
 
         # 3. Timesteps, starting latents and the run's noise tables
-        timesteps, begin = self._timesteps()
-        latents = self._start_latents(timesteps, s.num_images, noise_gen)
+        picture = self.init_picture(prompt)
+        timesteps, begin = self._timesteps(img2img=picture is not None)
+        latents = self._start_latents(timesteps, s.num_images, noise_gen, picture)
         tables = self._tables(timesteps, begin, device)
         # 4. The scheduler's extra step arguments (eta) and the guider, set up for this schedule
         step_kwargs = pipe.prepare_extra_step_kwargs(noise_gen, s.ddim_eta) if not family.flow else {}
@@ -440,6 +456,8 @@ class StableDiffusionGenerator(Generator):
             "scheduler": type(scheduler).__name__, "prediction_type": prediction, "num_steps": n,
             "timesteps": [float(t) for t in timesteps], **guider.describe(),
             **{k: v for method in steering for k, v in method.describe().items()},
+            **({"layout_sketch": s.layout_sketch, "strength": s.strength}
+               if s.layout_sketch and picture is not None else {}),
             "clip_guidance_scale": guider.scale if guider.enabled else 0.0, "cfg_scale": s.cfg_scale,
             "width": self.width, "height": self.height, "sd_model": s.sd_model, "family": family.name,
             **({"flux_guidance": family.guidance} if getattr(family, "distilled_guidance", False) else {}),
@@ -467,10 +485,15 @@ def _check_settings(s: Settings, device: torch.device) -> None:
     guider.from_settings(None, s)     # the guider checks its own options (window, strength, its rule's)
     if s.recurrence > 1 and s.scheduler not in ("default", "auto"):
         check_recurrence(s.recurrence, s.scheduler)
+    if s.layout_sketch:
+        from .layout_sketch import check_layout_sketch
+
+        check_layout_sketch(s.layout_sketch, init_image=s.init_image)
     if s.init_image:
         from guidance.images import check_image_file
 
         check_image_file(s.init_image, what="init image")
+    if s.init_image or s.layout_sketch:
         if not 0.0 < s.strength <= 1.0:
             raise ValueError(f"strength is {s.strength}; use a value in (0, 1] (1 re-noises the init image fully)")
     from .attention_steering import STEERING

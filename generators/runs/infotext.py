@@ -139,6 +139,10 @@ def format_parameters(meta: Mapping[str, Any], *, seed: int, size: tuple[int, in
             pairs.append((name.replace("_", " ").capitalize().replace("Tv", "TV"), settings[name]))
     if settings.get("init_image"):
         pairs.append(("Init image", Path(str(settings["init_image"])).name))
+    if settings.get("layout_sketch"):
+        pairs.append(("Layout sketch", settings["layout_sketch"]))
+    if settings.get("init_image") or settings.get("layout_sketch"):
+        pairs.append(("Denoising strength", settings.get("strength")))     # A1111's name for img2img's strength
     if meta.get("clip_score") is not None:
         pairs.append(("CLIP score", round(float(meta["clip_score"]), 4)))
     version = (meta.get("versions") or {}).get("clipsteer")

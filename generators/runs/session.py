@@ -298,8 +298,11 @@ def _warn_about_unused_options(cls, backend: str, settings, schedule, provenance
     sources = provenance.get("sources", {})
     for f in fields(settings) if is_dataclass(settings) else ():
         needed = f.metadata.get("requires")
-        if needed and sources.get(f.name, "default") not in ("default",) and not getattr(settings, needed, None):
-            warnings.warn(f"--{f.name.replace('_', '-')} does nothing without --{needed.replace('_', '-')} "
+        needed = (needed,) if isinstance(needed, str) else tuple(needed or ())
+        if needed and sources.get(f.name, "default") not in ("default",) and not any(getattr(settings, n, None)
+                                                                                     for n in needed):
+            flags = " or ".join("--" + n.replace("_", "-") for n in needed)
+            warnings.warn(f"--{f.name.replace('_', '-')} does nothing without {flags} "
                           f"({backend} backend); it is ignored", stacklevel=3)
     length = cls.run_length(settings)
     late = [step for step in schedule.entries if length is not None and step >= length > 0]
