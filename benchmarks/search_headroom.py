@@ -14,6 +14,8 @@ part of it), and per category the JSON reports:
     python benchmarks/search_headroom.py --prompt-set tuning --per-category 16 --variant sd10+best-of-60+itm \\
         --json headroom.json
     python benchmarks/search_headroom.py --categories position --per-category 4 --json h.json   # a quick look
+    python benchmarks/search_headroom.py --variant sd10+sketch+best-of-30+itm --set strength=0.6 --set budget=10 \
+        --json s06.json        # a renderer setting, by the share of right candidates it draws (--set: any option)
 
 Costs one decoder pass more per candidate than the search itself (the callback renders what it keeps).
 """
@@ -43,7 +45,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", default="sd10+best-of-60+itm", choices=searches, help="the search to analyse")
     p.add_argument("--json", type=Path, required=True, help="where to write the results (not overwritten)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    return p.parse_args(argv)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
+                   help="change one option of the variant (repeatable), as quality.py's --set: e.g. "
+                        "--set strength=0.6 --set budget=10")
+    args = p.parse_args(argv)
+    extra = {}
+    for item in args.extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--set {item!r}: write KEY=VALUE, e.g. --set budget=10")
+        extra[key.strip().replace("-", "_")] = value
+    args.extra = extra
+    return args
 
 
 def main(argv=None) -> int:
@@ -60,11 +73,11 @@ def main(argv=None) -> int:
     _quiet_loading()
     torch.set_num_threads(args.threads)
     v = variant(args.variant)
-    opts = variant_options(v, iterations=None, steps=None, clip_guidance_scale=None)
+    opts = variant_options(v, iterations=None, steps=None, clip_guidance_scale=None, extra=args.extra)
     prompts = benchmark_prompts(args.prompt_set, args.per_category, args.categories)
     seed = SEED_BASES[args.prompt_set]
     report = {"command": shlex.join(["python", "benchmarks/search_headroom.py", *(sys.argv[1:] if argv is None else argv)]),
-              "variant": v.name, "options": v.options, "prompt_set": args.prompt_set, "seed": seed, "rows": []}
+              "variant": v.name, "options": {**v.options, **args.extra}, "prompt_set": args.prompt_set, "seed": seed, "rows": []}
     for k, p in enumerate(prompts):
         frames: list[torch.Tensor] = []
         t0 = time.perf_counter()
