@@ -14,7 +14,7 @@ part of it), and per category the JSON reports:
     python benchmarks/search_headroom.py --prompt-set tuning --per-category 16 --variant sd10+best-of-60+itm \\
         --json headroom.json
     python benchmarks/search_headroom.py --categories position --per-category 4 --json h.json   # a quick look
-    python benchmarks/search_headroom.py --variant sd10+sketch+best-of-30+itm --set strength=0.6 --set budget=10 \
+    python benchmarks/search_headroom.py --variant sd10+sketch+best-of-30+itm --set strength=0.6 --set budget=10 \\
         --json s06.json        # a renderer setting, by the share of right candidates it draws (--set: any option)
 
 Costs one decoder pass more per candidate than the search itself (the callback renders what it keeps).

@@ -288,3 +288,34 @@ def test_search_headroom_judges_every_candidate_of_a_search(tmp_path):
                    threads=1, **{**variant("sd10").options})
     reading = read_images(run.images)[0]
     assert rows[0]["right"][0] == bool(matches(p, reading.background, reading.objects))
+
+
+def test_layout_attention_reads_the_loss_and_where_the_objects_landed(tmp_path):
+    """benchmarks/layout_attention.py: with the loss only read, layout guidance's first loss is the guided run's
+    (the same start, read before any move); guidance lowers the loss at its last step; the summary follows from the
+    rows."""
+    import subprocess
+
+    from toyworld.paths import weights_dir
+
+    try:
+        for name in ("sd", "clip_a"):
+            weights_dir(name, check=True)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "l.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "layout_attention.py"), "--prompt-set", "benchmark",
+           "--per-category", "1", "--starts", "unguided", "guided", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    plain, guided = report["rows"]
+    assert plain["start"] == "unguided" and guided["start"] == "guided" and plain["prompt"] == guided["prompt"]
+    assert plain["loss_first"] == pytest.approx(guided["loss_first"], rel=1e-5)
+    assert guided["loss_last"] < plain["loss_last"]
+    for row in report["rows"]:
+        s = report["summary"][row["start"]]
+        assert len(row["in_box"]) == 2 and s["both_in_box"] == float(all(row["in_box"]))
+        assert s["right"] == float(row["right"]) and s["loss_last"] == row["loss_last"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -145,6 +145,9 @@ class LayoutGuidance(AttentionSteering):
         return z
 
     def describe(self):
+        # the loss (mean over subjects and maps of (1 - attention share inside the box)^2) at the first and at
+        # the last gradient step: how far the attention moved into the boxes
+        moved = {"loss_first": self.losses[0], "loss_last": self.losses[-1]} if self.losses else {}
         return {"layout": {"boxes": {w: list(b) for w, b in self.layout}, "scale": self.scale,
                            "steps": self.steps, "iterations": self.iterations, "threshold": self.threshold,
-                           "attention_res": self.res}}
+                           "attention_res": self.res, **moved}}
