@@ -20,14 +20,11 @@ the method, never part of it.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from toy_quality.runner import SEED_BASES, _quiet_loading, _write_json, benchmark_prompts  # noqa: E402
+from toy_quality.runner import SEED_BASES, _write_json, benchmark_prompts, start_analysis
 
 READ_ONLY = {"layout_scale": 1e-12, "layout_iterations": 1, "layout_threshold": 0.0}
 STARTS = {"unguided": READ_ONLY, "guided": {},
@@ -59,20 +56,15 @@ def objects_in_boxes(prompt, read, width: int, height: int) -> list[bool]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.json.exists():
-        print(f"error: {args.json} already exists; give a new --json file", file=sys.stderr)
+    report = start_analysis("layout_attention.py", args.json, args.threads, argv)
+    if report is None:
         return 2
-    import torch
-
     from generators.runs import generate
     from toyworld.rule import matches, read_images
 
-    _quiet_loading()
-    torch.set_num_threads(args.threads)
     prompts = benchmark_prompts(args.prompt_set, args.per_category, ["position"])
     seed = SEED_BASES[args.prompt_set]
-    report = {"command": shlex.join(["python", "benchmarks/layout_attention.py", *(sys.argv[1:] if argv is None else argv)]),
-              "prompt_set": args.prompt_set, "seed": seed, "rows": [], "summary": {}}
+    report.update({"prompt_set": args.prompt_set, "seed": seed, "rows": [], "summary": {}})
     for start in args.starts:
         rows = []
         for p in prompts:

@@ -23,13 +23,12 @@ Costs one decoder pass more per candidate than the search itself (the callback r
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from toy_quality.runner import SEED_BASES, _quiet_loading, _write_json, benchmark_prompts, variant_options
+from toy_quality.cli import parse_set_options
+from toy_quality.runner import SEED_BASES, _write_json, benchmark_prompts, start_analysis, variant_options
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,20 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="change one option of the variant (repeatable), as quality.py's --set: e.g. "
                         "--set strength=0.6 --set budget=10")
     args = p.parse_args(argv)
-    extra = {}
-    for item in args.extra:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            p.error(f"--set {item!r}: write KEY=VALUE, e.g. --set budget=10")
-        extra[key.strip().replace("-", "_")] = value
-    args.extra = extra
+    args.extra = parse_set_options(args.extra, p.error)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.json.exists():
-        print(f"error: {args.json} already exists; give a new --json file", file=sys.stderr)
+    report = start_analysis("search_headroom.py", args.json, args.threads, argv)
+    if report is None:
         return 2
     import torch
 
@@ -70,14 +63,12 @@ def main(argv=None) -> int:
     from toyworld.rule import matches, read_images
     from toyworld.variants import variant
 
-    _quiet_loading()
-    torch.set_num_threads(args.threads)
     v = variant(args.variant)
     opts = variant_options(v, iterations=None, steps=None, clip_guidance_scale=None, extra=args.extra)
     prompts = benchmark_prompts(args.prompt_set, args.per_category, args.categories)
     seed = SEED_BASES[args.prompt_set]
-    report = {"command": shlex.join(["python", "benchmarks/search_headroom.py", *(sys.argv[1:] if argv is None else argv)]),
-              "variant": v.name, "options": {**v.options, **args.extra}, "prompt_set": args.prompt_set, "seed": seed, "rows": []}
+    report.update({"variant": v.name, "options": {**v.options, **args.extra}, "prompt_set": args.prompt_set,
+                   "seed": seed, "rows": []})
     for k, p in enumerate(prompts):
         frames: list[torch.Tensor] = []
         t0 = time.perf_counter()

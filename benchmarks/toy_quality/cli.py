@@ -51,6 +51,18 @@ DEFAULT_FIGURE = ROOT / "benchmarks" / "results" / "quality_vs_time.png"
 DEFAULT_BARS = ROOT / "benchmarks" / "results" / "quality_by_category.png"
 
 
+def parse_set_options(items, error) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as ``{key: value}`` (dashes in keys become underscores); a malformed item goes to
+    *error* (an argparse parser's ``error``)."""
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            error(f"--set {item!r}: write KEY=VALUE, e.g. --set budget=10")
+        extra[key.strip().replace("-", "_")] = value
+    return extra
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from toyworld.prompts import CATEGORIES
 
@@ -101,13 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.per_category = DEFAULT_PER_CATEGORY if args.per_category is None else args.per_category
     args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     args.seed_base = SEED_BASES[args.prompt_set] if args.seed_base is None else args.seed_base
-    extra = {}
-    for item in args.extra:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            parser.error(f"--set {item!r}: write KEY=VALUE, e.g. --set learning_rate=0.1")
-        extra[key.strip().replace("-", "_")] = value
-    args.extra = extra
+    args.extra = parse_set_options(args.extra, parser.error)
     for key in ("per_category", "seeds", "iterations", "steps", "threads"):
         value = getattr(args, key)
         if value is not None and value < 1:

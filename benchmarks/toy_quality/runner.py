@@ -210,6 +210,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def start_analysis(script: str, json_path: Path, threads: int, argv=None) -> dict[str, Any] | None:
+    """The start of an analysis script of ``benchmarks/`` (``search_headroom.py``, ``layout_attention.py``): ``None``
+    (and a one-line error) when *json_path* exists, else quiet model loading, *threads* torch threads, and the
+    report's first key, the command that made it."""
+    import shlex
+    import sys
+
+    import torch
+
+    if json_path.exists():
+        print(f"error: {json_path} already exists; give a new --json file", file=sys.stderr)
+        return None
+    _quiet_loading()
+    torch.set_num_threads(threads)
+    return {"command": shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])}
+
+
 def _quiet_loading() -> None:
     """No per-model 'Loading weights' progress bars from transformers/diffusers (one line per image here)."""
     try:
