@@ -23,7 +23,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from toy_quality.runner import SEED_BASES, _write_json, benchmark_prompts, start_analysis
 
 READ_ONLY = {"layout_scale": 1e-12, "layout_iterations": 1, "layout_threshold": 0.0}
