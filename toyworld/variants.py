@@ -103,9 +103,9 @@ VARIANTS += (
             {"clip_guidance_scale": 0.0, **_SKETCH}, _SD),
     Variant("sd10+sketch", "SD 10 steps from the layout sketch, one noise (no steering)", "noise",
             {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 1, **_SKETCH}, _SD),
-    Variant("sd10+sketch+best-of-30+itm", "SD 10 steps from the layout sketch, best of 30 by CLIP + ITM", "noise",
-            {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": 30, "rewards": ["itm:toy=1"], **_SKETCH},
-            _SD + ("itm",)),
+    *(Variant(f"sd10+sketch+best-of-{n}+itm", f"SD 10 steps from the layout sketch, best of {n} by CLIP + ITM", "noise",
+              {**_SD4, "render_steps": 10, "method": "best-of-n", "budget": n, "rewards": ["itm:toy=1"], **_SKETCH},
+              _SD + ("itm",)) for n in (30, 10)),
 )
 # Issue 35: what half precision costs in quality. The toy preset keeps fp32 even under ``--precision auto``
 # (tiny models run no faster in bf16), so these rows force bf16: what ``auto`` picks for real models on GPUs
