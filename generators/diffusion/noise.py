@@ -195,6 +195,9 @@ class NoiseGenerator(Generator):
             self.reapply = reapply_pipeline if reapply_pipeline is not None else cached_pipeline(
                 s.reapply_model, dtype=self.dtype)
             self.reapply_scheduler = self._scheduler(self.reapply, "default", differentiable=False)
+            if s.layout_sketch and family_of(self.reapply).name != "sd":
+                raise ValueError(f"--layout-sketch (img2img) needs an SD 1.x/2.x --reapply-model too; "
+                                 f"{family_of(self.reapply).label} renders from noise only: drop one of them")
             self._prepare_models(self.reapply)
 
     # -- set-up ------------------------------------------------------------------------------------
