@@ -175,9 +175,13 @@ def write_report(out: Path, metrics: dict) -> str:
 
     recon = []
     if metrics.get("vqgan", {}).get("judge_by_category"):
+        from toyworld.train_vqgan import VQGAN_CONFIG
+
         m = metrics["vqgan"]
+        f = 2 ** (len(VQGAN_CONFIG["model"]["params"]["ddconfig"]["ch_mult"]) - 1)
         lines += ["## Toy VQGAN (`vqgan`)", "",
                   f"- taming `Encoder`/`Decoder` + `VectorQuantizer2` (VQModel layout), {m['params'] / 1e6:.2f} M parameters, "
+                  f"downsampling factor {f} (a 64-px image is {64 // f}x{64 // f} codes), "
                   f"{m['n_embed']} codes; seed {m['seed']}, {m['steps']} steps x batch {m['batch_size']}, lr {m['lr']}; "
                   f"{m['train_seconds']:.0f} s; held-out PSNR {m['psnr_db']:.2f} dB; {m['codes_used']}/{m['n_embed']} codes used.", ""]
         recon.append(("VQGAN (encode -> quantise -> decode)", m["judge_by_category"]))

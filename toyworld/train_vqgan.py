@@ -47,7 +47,7 @@ VQGAN_CONFIG = {
                 "in_channels": 3,
                 "out_ch": 3,
                 "ch": 32,
-                "ch_mult": [1, 1, 2],
+                "ch_mult": [1, 2],  # f=2: 32x32 codes for a 64-px scene (f=4's 16x16 lost the smallest shapes)
                 "num_res_blocks": 1,  # v3: one per level, for crisp small shapes
                 "attn_resolutions": [],
                 "dropout": 0.0,
