@@ -31,16 +31,29 @@ def _legend_height(size, top: int, n: int) -> tuple[int, int]:
     return size[0], max(size[1], top + 20 * n + 20)
 
 
+def _font():
+    """PIL's default font at 13 px."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _legend_room(size, right: int, legend: list[str]) -> tuple[tuple[int, int], int]:
+    """*size* and *right* widened so that the longest legend entry (drawn 30 px into the right margin) fits."""
+    need = 30 + int(max((_font().getlength(text) for text in legend), default=0)) + 12
+    grow = max(0, need - right)
+    return (size[0] + grow, size[1]), right + grow
+
+
 def _canvas(size):
     """A white PIL image of *size*, its drawing context and the default font at 13 px."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     image = Image.new("RGB", size, (255, 255, 255))
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    return image, ImageDraw.Draw(image), font
+    return image, ImageDraw.Draw(image), _font()
 
 
 def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "", size=(1000, 500)):
@@ -48,7 +61,9 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
     per variant with its 95% interval as a vertical bar. PIL only."""
     left, right, top, bottom = 70, 400, 40, 60
     points = [(name, summary[name]) for name in _ranked(summary) if summary[name].get("seconds_per_image")]
+    labels = {v.name: v.label for v in VARIANTS}
     size = _legend_height(size, top, len(points))
+    size, right = _legend_room(size, right, [f"{labels.get(n, n)} ({s['overall']:.0%})" for n, s in points])
     width, height = size
     image, draw, font = _canvas(size)
     secs = [s["seconds_per_image"] for _, s in points] or [1.0]
@@ -88,7 +103,6 @@ def quality_vs_time_figure(summary: dict[str, dict[str, Any]], *, title: str = "
         else:
             draw.polygon([(x, y - 6), (x + 6, y), (x, y + 6), (x - 6, y)], fill=colour)
 
-    labels = {v.name: v.label for v in VARIANTS}
     for k, (name, s) in enumerate(points):
         colour = _colour(k)
         x, y = xy(s["seconds_per_image"], s["overall"])
@@ -113,7 +127,9 @@ def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "",
 
     left, right, top, bottom = 60, 430, 40, 50
     names = _ranked(summary)
+    labels = {v.name: v.label for v in VARIANTS}
     size = _legend_height(size, top, len(names))
+    size, right = _legend_room(size, right, [f"{labels.get(n, n)} ({summary[n]['overall']:.0%})" for n in names])
     width, height = size
     image, draw, font = _canvas(size)
     groups = [*CATEGORIES, "overall"]
@@ -146,7 +162,6 @@ def category_bars_figure(summary: dict[str, dict[str, Any]], *, title: str = "",
             draw.rectangle([xa, y_of(value), xa + bar_w - 1, y_of(0)], fill=colour)
             xm = xa + bar_w / 2
             draw.line([xm, y_of(low), xm, y_of(high)], fill=(60, 60, 60), width=1)
-    labels = {v.name: v.label for v in VARIANTS}
     for k, name in enumerate(names):
         ly = top + 10 + 20 * k
         draw.rectangle([width - right + 14, ly - 5, width - right + 24, ly + 5], fill=_colour(k))
