@@ -53,6 +53,19 @@ def _type_number(page, selector: str, value: str) -> None:
     raise AssertionError(f"{selector} does not keep the value {value!r}")
 
 
+def _upload(page, selector: str, path, condition, what: str) -> None:
+    """Give *path* to the file input *selector* until *condition* holds: a file set while gradio is still
+    mounting the component can be dropped without a trace, so it is given again (three tries, 20 s each)."""
+    for attempt in range(3):
+        page.set_input_files(selector, str(path))
+        try:
+            _wait(condition, 20, what)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
+
+
 def test_start_preview_stop_gallery_reuse(tmp_path):
     out = tmp_path / "runs"
     with ui_browser.serve(out, log=tmp_path / "app.log", args=("--max-steps", str(LONG))) as url, \
@@ -142,8 +155,8 @@ def test_upload_an_init_image_and_drop_a_png_to_reuse_its_settings(tmp_path):
         page.fill("#opt-prompt textarea", PROMPT)
         _open_group(page, "group-shared-backend-options", "#opt-iterations input")
         _type_number(page, "#opt-iterations input", "3")
-        page.set_input_files("#upload-init-image input[type=file]", str(init))
-        _wait(lambda: "start.png" in page.inner_text("#upload-init-image"), 30, "the upload")
+        _upload(page, "#upload-init-image input[type=file]", init,
+                lambda: "start.png" in page.inner_text("#upload-init-image"), "the upload")
         page.click("#start")
         _wait(lambda: "seed " in page.inner_text("#status"), 120, "the run to be saved", page)
         (folder,) = [p for p in out.iterdir() if (p / "run.json").is_file()]
