@@ -253,6 +253,70 @@ def test_hard_negatives_are_false_for_the_scene_and_include_the_structural_ones(
     assert {"three red circles on a white background", "a red circle on a white background"} <= {q.text for q in hard_negatives(p)}
 
 
+def test_clip_structure_targets_say_what_scenes_show_and_captions_state():
+    """The training-only layout targets of the judging CLIP: an unwarped scene's targets hold its counts and each
+    colour's / shape's box centre; a relation caption and its opposite differ exactly in the sign of the named
+    axis; an object mostly cropped away is not counted."""
+    from toyworld.negatives import OPPOSITE
+    from toyworld.prompts import Prompt
+    from toyworld.scenes import scene_for
+    from toyworld.train_clip import _X0, caption_structure, scene_structure
+    from toyworld.world import COLOURS, SHAPES
+
+    p = Prompt("position", "white", (("red", "circle"), ("blue", "square")), "to the left of")
+    scene = scene_for(p, np.random.default_rng(4))
+    masks = torch.from_numpy(np.stack([template_mask(o.shape, o.box, 64) for o in scene.objects]).astype(np.float32))
+    t, m = scene_structure(scene, masks)
+    red, circle = _X0 + 2 * COLOURS.index("red"), _X0 + 2 * (len(COLOURS) + SHAPES.index("circle"))
+    box = next(o.box for o in scene.objects if o.colour == "red")
+    centre = [(box[0] + box[2]) / 64 - 1, (box[1] + box[3]) / 64 - 1]
+    assert t[red : red + 2].tolist() == pytest.approx(centre, abs=0.03) and t[circle : circle + 2].tolist() == pytest.approx(centre, abs=0.03)
+    assert t[COLOURS.index("red") * len(SHAPES) + SHAPES.index("circle")] == 1 and t[:_X0].sum() > 0 and m[red] == 1
+    assert m[_X0 + 2 * COLOURS.index("green")] == 0                       # absent colours have no centre
+    cropped = masks.clone()
+    cropped[[o.colour for o in scene.objects].index("red")] = 0
+    assert scene_structure(scene, cropped)[0][COLOURS.index("red") * len(SHAPES) + SHAPES.index("circle")] == 0
+
+    t1, m1 = caption_structure(p)
+    t2, m2 = caption_structure(Prompt(p.category, p.background, p.objects, OPPOSITE[p.relation]))
+    assert torch.equal(m1, m2) and torch.equal(t1[:_X0], t2[:_X0])
+    assert t1[red] == -1 and t2[red] == 1 and m1[red + 1] == 0            # left of: x named, y left open
+    assert torch.equal(t1[_X0:], -t2[_X0:])
+    legacy, lm = caption_structure({"colour": "red", "shape": None, "background": None})
+    assert lm[: len(COLOURS) * len(SHAPES)].sum() == 0 and legacy[len(COLOURS) * len(SHAPES) + COLOURS.index("red")] == 1
+
+
+def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_things_are(tmp_path):
+    """A short clip_b-like run with the layout heads and sine-cosine position codes: the image layout loss falls,
+    and the saved model's image embedding moves when one object moves far more than without them."""
+    import dataclasses
+
+    from transformers import CLIPModel
+
+    from toyworld.train_clip import RECIPES, normalise, train_clip
+
+    def run(name, **kw):
+        r = dataclasses.replace(RECIPES["clip_b"], steps=101, batch_size=16, vision_hidden=32, text_hidden=32,
+                                text_layers=1, vision_layers=2, **kw)
+        lines = []
+        train_clip(r, tmp_path / name, log=lines.append)
+        return CLIPModel.from_pretrained(str(tmp_path / name)).float().eval(), lines
+
+    plain, _ = run("plain")
+    laid, lines = run("layout", structure_weight=1.0, position_weight=5.0, sincos_init=3.0)
+    losses = [float(line.split("image layout ")[1].split()[0]) for line in lines if "image layout" in line]
+    assert len(losses) == 2 and losses[-1] < 0.7 * losses[0]
+    moved = [draw_scene(Scene("white", (SceneObject("red", "square", (x0, 24, x0 + 16, 40)),))) for x0 in (4, 44)]
+    x = normalise(torch.from_numpy(np.stack(moved)).permute(0, 3, 1, 2).float() / 255)
+    shift = []
+    with torch.no_grad():
+        for model in (plain, laid):
+            emb = model.get_image_features(pixel_values=x)
+            emb = getattr(emb, "pooler_output", emb)
+            shift.append(1 - F.cosine_similarity(emb[0], emb[1], dim=0).item())
+    assert shift[1] > 3 * shift[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resumable training
 # ---------------------------------------------------------------------------------------------

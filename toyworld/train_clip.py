@@ -30,6 +30,11 @@ categories (``scenes.sample_scenes``); single-object scenes are often captioned 
 cross-entropy over [true caption, negatives], so the model learns binding, relations and counts.
 No augmentation flips an image (a flip would swap "left" and "right"). Training checkpoints every
 ``CHECKPOINT_EVERY`` steps into the output folder and resumes from there with ``resume=True``.
+
+Layout supervision (recipe fields ``structure_weight`` ... ``scale_heads``; off in every committed recipe,
+measured in docs/toyworld.md "The toy CLIPs read objects, not relations"): training-only heads make the
+image embedding say what the scene holds and where, and the text embedding what the caption states
+(``scene_structure``, ``caption_structure``), and ``sincos_init`` starts the vision position codes loud.
 """
 
 from __future__ import annotations
@@ -80,6 +85,11 @@ class ClipRecipe:
     grad_clip: float = 1.0
     negatives: int = 6  # hard-negative captions per image (v3)
     legacy_caption_prob: float = 0.5  # share of single-object scenes captioned with a v2 template
+    structure_weight: float = 0.0  # auxiliary layout losses on both embeddings (``structure``; training only)
+    position_weight: float = 1.0  # weight of the x / y slots within them
+    sincos_init: float = 0.0  # start the vision position embeddings as 2D sine-cosine codes of this norm
+    tied_layout: bool = False  # the x / y slots are the embeddings' first dimensions themselves (no head)
+    scale_heads: bool = True  # the layout heads read the embeddings scaled by sqrt(projection_dim)
 
 
 RECIPES = {
@@ -109,6 +119,127 @@ RECIPES = {
         text_hidden=64, text_layers=3, text_heads=4, projection_dim=64,
     ),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure supervision: what a scene holds and where, and what a caption says, as vectors
+# ---------------------------------------------------------------------------------------------
+# A contrastive dual encoder starts with neither tower encoding where things are, and the hard
+# negatives alone give no gradient out of that state (text "left of" and "right of" stay equal
+# because the image side cannot tell them apart, and vice versa): probed by ridge regression,
+# clip_b's image embedding predicts no object's x or y (R^2 ~ 0). Two training-only linear heads
+# break the symmetry: the image embedding must predict the scene's layout (counts per colour-shape
+# type, per colour and per shape; their centroids; the background) and the text embedding what the
+# caption states (the same counts where it names them, and for a relation which colour / shape lies
+# towards which side). The contrastive losses then only have to align the two.
+_N_TYPES = len(world.COLOURS) * len(world.SHAPES)
+_NC, _NS = len(world.COLOURS), len(world.SHAPES)
+STRUCT_DIM = _N_TYPES + _NC + _NS + _NC + 2 * (_NC + _NS)  # counts (type, colour, shape), background, x/y
+_X0 = _N_TYPES + _NC + _NS + _NC  # first x/y slot: colour c -> _X0 + 2c, shape s -> _X0 + 2 (_NC + s)
+_REL = {"to the left of": (0, -1.0), "to the right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}
+
+
+def _slot_xy(colour: str | None, shape: str | None) -> list[int]:
+    out = []
+    if colour is not None:
+        out.append(_X0 + 2 * world.COLOURS.index(colour))
+    if shape is not None:
+        out.append(_X0 + 2 * (_NC + world.SHAPES.index(shape)))
+    return out
+
+
+def scene_structure(scene: Scene, object_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target and mask ``[STRUCT_DIM]`` of what an (augmented) image shows. ``object_masks`` ``[3, H, W]``:
+    each object's mask after the image's warps; an object counts where over half of it is still seen;
+    x / y slots hold the mean centre (in [-1, 1]) of the seen objects of that colour / shape."""
+    t, m = torch.zeros(STRUCT_DIM), torch.zeros(STRUCT_DIM)
+    m[:_X0] = 1
+    t[_N_TYPES + _NC + _NS + world.COLOURS.index(scene.background)] = 1
+    h, w = object_masks.shape[-2:]
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    sums: dict[int, list[torch.Tensor]] = {}
+    for k, o in enumerate(scene.objects):
+        area_drawn = float(template_mask(o.shape, o.box, h, w).sum())
+        mk = object_masks[k]
+        seen = float(mk.sum())
+        if area_drawn == 0 or seen < 0.5 * area_drawn:
+            continue
+        c, s = world.COLOURS.index(o.colour), world.SHAPES.index(o.shape)
+        t[c * _NS + s] += 1
+        t[_N_TYPES + c] += 1
+        t[_N_TYPES + _NC + s] += 1
+        centre = torch.stack([(mk.sum(0) * xs).sum() / seen, (mk.sum(1) * ys).sum() / seen])
+        for slot in _slot_xy(o.colour, o.shape):
+            sums.setdefault(slot, []).append(centre)
+    for slot, cs in sums.items():
+        t[slot : slot + 2] = torch.stack(cs).mean(0)
+        m[slot : slot + 2] = 1
+    return t, m
+
+
+def caption_structure(spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target and mask ``[STRUCT_DIM]`` of what a caption states: counts where it fixes them, the
+    background where it names one, and for a relation -1 / +1 on the axis it names for the colour and
+    shape of each side (left / above: -1), where the two sides differ in it."""
+    t, m = torch.zeros(STRUCT_DIM), torch.zeros(STRUCT_DIM)
+    bg_slot = _N_TYPES + _NC + _NS
+    if isinstance(spec, Prompt):
+        objs, bg = list(spec.objects), spec.background
+    else:  # a v2 attribute dict: one object, some attributes unnamed
+        objs, bg = [(spec.get("colour"), spec.get("shape"))], spec.get("background")
+    if bg is not None:
+        t[bg_slot + world.COLOURS.index(bg)] = 1
+        m[bg_slot : bg_slot + _NC] = 1
+    all_colours = all(c is not None for c, _ in objs)
+    all_shapes = all(s is not None for _, s in objs)
+    for c, s in objs:
+        if all_colours and all_shapes:
+            t[world.COLOURS.index(c) * _NS + world.SHAPES.index(s)] += 1
+        if all_colours:
+            t[_N_TYPES + world.COLOURS.index(c)] += 1
+        if all_shapes:
+            t[_N_TYPES + _NC + world.SHAPES.index(s)] += 1
+    if all_colours and all_shapes:
+        m[:_N_TYPES] = 1
+    if all_colours:
+        m[_N_TYPES : _N_TYPES + _NC] = 1
+    if all_shapes:
+        m[_N_TYPES + _NC : _N_TYPES + _NC + _NS] = 1
+    if isinstance(spec, Prompt) and spec.relation is not None:
+        axis, sign = _REL[spec.relation]
+        (c1, s1), (c2, s2) = spec.objects
+        pairs = []
+        if c1 != c2:
+            pairs += [(_slot_xy(c1, None)[0], sign), (_slot_xy(c2, None)[0], -sign)]
+        if s1 != s2:
+            pairs += [(_slot_xy(None, s1)[0], sign), (_slot_xy(None, s2)[0], -sign)]
+        for slot, v in pairs:
+            t[slot + axis] = v
+            m[slot + axis] = 1
+    return t, m
+
+
+def structure_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, position_weight: float) -> torch.Tensor:
+    """Masked squared error, averaged within the count / background slots and within the x / y slots apart
+    (the few x / y slots would otherwise drown among the many count slots), the latter weighted."""
+    err = (pred - target) ** 2 * mask
+    counts = err[:, :_X0].sum() / mask[:, :_X0].sum().clamp_min(1)
+    where = err[:, _X0:].sum() / mask[:, _X0:].sum().clamp_min(1)
+    return counts + position_weight * where
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """``[grid * grid, dim]`` 2D sine-cosine position codes (half the channels for x, half for y)."""
+    quarter = dim // 4
+    freqs = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter - 1)))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angle = coord[:, None] * freqs[None] * math.pi
+        parts += [torch.sin(angle), torch.cos(angle)]
+    out = torch.cat(parts, 1)
+    return F.pad(out, (0, dim - out.shape[1]))
 
 
 def make_config(r: ClipRecipe):
@@ -260,20 +391,20 @@ def describes(spec, scene: Scene) -> bool:
 
 
 def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only: bool = False):
-    """Scenes, their captions and caption specs, each image's hard negatives, and the per-shape masks
-    ``[N, len(SHAPES), H, W]`` (float) the patch head learns from."""
+    """Scenes, their captions and caption specs, each image's hard negatives (prompts), the per-shape masks
+    ``[N, len(SHAPES), H, W]`` (float) the patch head learns from and each object's mask ``[N, 3, H, W]``."""
     batch = sample_scenes(n, rng, mix=SINGLES if singles_only else None, legacy_caption_prob=r.legacy_caption_prob,
                           plain_article_prob=0.25)
     captions, specs = batch.captions, batch.specs
-    negatives = [[q.text for q in hard_negatives(p, sc, k=r.negatives, generator=rng)]
-                 for p, sc in zip(batch.prompts, batch.scenes)]
+    negatives = [hard_negatives(p, sc, k=r.negatives, generator=rng) for p, sc in zip(batch.prompts, batch.scenes)]
     size = batch.images.shape[1]
     masks = np.zeros((n, len(world.SHAPES), size, size), dtype=np.float32)
+    objects = np.zeros((n, 3, size, size), dtype=np.float32)
     for i, sc in enumerate(batch.scenes):
-        for o in sc.objects:
-            masks[i, world.SHAPES.index(o.shape)] = np.maximum(masks[i, world.SHAPES.index(o.shape)],
-                                                               template_mask(o.shape, o.box, size))
-    return batch, captions, specs, negatives, torch.from_numpy(masks)
+        for k, o in enumerate(sc.objects):
+            objects[i, k] = template_mask(o.shape, o.box, size)
+            masks[i, world.SHAPES.index(o.shape)] = np.maximum(masks[i, world.SHAPES.index(o.shape)], objects[i, k])
+    return batch, captions, specs, negatives, torch.from_numpy(masks), torch.from_numpy(objects)
 
 
 def match_matrix(specs: list, scenes: list[Scene]) -> torch.Tensor:
@@ -405,6 +536,11 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     write_clip_tokenizer(out_dir)  # the tokenizer is needed to tokenise captions
     tokens = _TokenCache(_tokenizer(out_dir))
     model = CLIPModel(make_config(r)).float()
+    if r.sincos_init:  # position codes as loud as the patches from the start, so layout is easy to read
+        with torch.no_grad():
+            pe = model.vision_model.embeddings.position_embedding.weight
+            codes = sincos_positions(r.image_size // r.patch_size, r.vision_hidden)
+            pe[1:] = codes * (r.sincos_init / codes.norm(dim=1, keepdim=True).clamp_min(1e-6))
     model.train()
     aug = guidance_augment(r.image_size, with_mask=True)
     mild_aug = guidance_augment(r.image_size, with_mask=True, mild=True)
@@ -418,10 +554,28 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     # supervision makes the ViT learn colour-independent edge/corner features far sooner than
     # the caption losses alone. It is not part of the saved model.
     patch_head = torch.nn.Linear(r.vision_hidden, len(world.SHAPES) + 1)
+    # training-only layout heads on the two embeddings (see ``scene_structure``); built only when used,
+    # so the recipes without them draw the same random numbers as before
+    heads = ([torch.nn.Linear(r.projection_dim, STRUCT_DIM), torch.nn.Linear(r.projection_dim, STRUCT_DIM)]
+             if r.structure_weight else [])
+    # the heads read the unit-length embeddings scaled to unit-size components: on the unit sphere a head
+    # needs weights of ~sqrt(dim) to give targets of 1, more than Adam's small steps reach in a run
+    head_scale = math.sqrt(r.projection_dim) if r.scale_heads else 1.0
+
+    def layout(k: int, emb: torch.Tensor) -> torch.Tensor:
+        pred = heads[k](emb * head_scale)
+        if r.tied_layout:  # the x / y slots read straight off the first dimensions: the dot product of an image
+            # and a caption then rewards each named colour / shape lying on the side the caption names
+            pred = torch.cat([pred[:, :_X0], emb[:, : STRUCT_DIM - _X0] * head_scale], 1)
+        return pred
+
+    def tied(mask: torch.Tensor) -> torch.Tensor:  # tied slots: every unnamed / absent slot is held at 0
+        return torch.cat([mask[:, :_X0], torch.ones_like(mask[:, _X0:])], 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
-        [{"params": decay + list(patch_head.parameters()), "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+        [{"params": decay + list(patch_head.parameters()) + [q for h in heads for q in h.parameters()],
+          "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
         lr=r.lr, betas=(0.9, 0.98),
     )
     grid = r.image_size // r.patch_size
@@ -430,7 +584,8 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
     ckpt = Checkpointer(out_dir / ".training", r.name, resume=resume, log=log,
-                        objects={"model": model, "patch_head": patch_head, "opt": opt, "sched": sched},
+                        objects={"model": model, "patch_head": patch_head, "opt": opt, "sched": sched,
+                                 **{f"structure_head_{i}": h for i, h in enumerate(heads)}},
                         np_rng=rng, generators={"gen": gen})
     first, extra = ckpt.start()
     running = extra.get("running")
@@ -438,14 +593,20 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     for step in range(first, steps):
         early = step < curriculum
         shape_phase = step < shape_only
-        batch, captions, specs, negatives, shape_masks = training_batch(r.batch_size, rng, r, singles_only=shape_phase)
+        batch, captions, specs, negatives, shape_masks, object_masks = training_batch(
+            r.batch_size, rng, r, singles_only=shape_phase)
         x = batch.tensors()
         union = shape_masks.amax(1) > 0
         x, union = _imperfect(x, union, rng, 0.0 if early else r.imperfect_prob, gen)
         shape_masks = shape_masks * union[:, None]
-        x, m = (mild_aug if early else aug)(x, shape_masks)
+        if heads:  # warp each object's mask along with the image (the random warps do not depend on channels)
+            x, m = (mild_aug if early else aug)(x, torch.cat([shape_masks, object_masks * union[:, None]], 1))
+            m, object_masks = m[:, : len(world.SHAPES)], m[:, len(world.SHAPES) :]
+        else:
+            x, m = (mild_aug if early else aug)(x, shape_masks)
         x = x.clamp(0, 1)
         n = len(batch)
+        parts: dict[str, torch.Tensor] = {}
         if shape_phase:
             ids, att = tokens(shape_captions)
             out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
@@ -453,8 +614,8 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             loss = F.cross_entropy(out.logits_per_image, target)
         else:
             k = r.negatives
-            flat = [t for negs in negatives for t in (negs + negs[:1] * (k - len(negs)))]  # pad short lists
-            ids, att = tokens(captions + [p.text for p in batch.prompts] + flat)
+            flat = [q for negs in negatives for q in (negs + negs[:1] * (k - len(negs)))]  # pad short lists
+            ids, att = tokens(captions + [p.text for p in batch.prompts] + [q.text for q in flat])
             out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
             logits = out.logits_per_image  # [N, N + N + N * k]
             # in-batch contrastive loss with soft targets (a caption may describe several images)
@@ -464,6 +625,16 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             true = logits[rows, n + rows][:, None]
             neg = logits[rows[:, None], 2 * n + rows[:, None] * k + torch.arange(k)[None]]
             loss = loss + F.cross_entropy(torch.cat([true, neg], 1), torch.zeros(n, dtype=torch.long))
+            if heads:  # what each caption states
+                txt_t, txt_m = map(torch.stack, zip(*(caption_structure(sp) for sp in list(specs) + list(batch.prompts) + flat)))
+                parts["text"] = structure_loss(layout(1, out.text_embeds), txt_t, txt_m if not r.tied_layout else tied(txt_m),
+                                               r.position_weight)
+                loss = loss + r.structure_weight * parts["text"]
+        if heads:  # what each image shows, from the shape phase on
+            img_t, img_m = map(torch.stack, zip(*(scene_structure(sc, om) for sc, om in zip(batch.scenes, object_masks))))
+            parts["image"] = structure_loss(layout(0, out.image_embeds), img_t, img_m if not r.tied_layout else tied(img_m),
+                                            r.position_weight)
+            loss = loss + r.structure_weight * parts["image"]
         # per-patch shape targets from the warped masks: the shape covering most of a patch, where any does
         frac = F.adaptive_avg_pool2d(m, grid).flatten(2)  # [N, shapes, grid*grid]
         best, cls = frac.max(1)
@@ -479,7 +650,9 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             model.logit_scale.clamp_(0, math.log(100))
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 100 == 0 or step == steps - 1:
-            log(f"[{r.name}] step {step}/{steps} loss {running:.3f} scale {model.logit_scale.exp().item():.1f} ({time.perf_counter() - t0:.0f}s)")
+            said = "".join(f" {k} layout {v.item():.3f}" for k, v in parts.items())
+            log(f"[{r.name}] step {step}/{steps} loss {running:.3f}{said} scale {model.logit_scale.exp().item():.1f} "
+                f"({time.perf_counter() - t0:.0f}s)")
         if eval_every and step % eval_every == eval_every - 1:
             acc = evaluate_compositional(model, tokens.tok, per_category=32)
             model.train()
