@@ -303,18 +303,55 @@ def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_
         return CLIPModel.from_pretrained(str(tmp_path / name)).float().eval(), lines
 
     plain, _ = run("plain")
-    laid, lines = run("layout", structure_weight=1.0, position_weight=5.0, sincos_init=3.0)
-    losses = [float(line.split("image layout ")[1].split()[0]) for line in lines if "image layout" in line]
-    assert len(losses) == 2 and losses[-1] < 0.7 * losses[0]
+    layout = dict(structure_weight=1.0, position_weight=5.0, sincos_init=3.0)
+    laid, lines = run("layout", **layout)
+    # the same with one head for both towers, the type counts weighted apart and mined negatives
+    shared, shared_lines = run("shared", **layout, shared_head=True, binding_weight=5.0, mine_temperature=0.1)
+    for log in (lines, shared_lines):
+        losses = [float(line.split("image layout ")[1].split()[0]) for line in log if "image layout" in line]
+        assert len(losses) == 2 and losses[-1] < 0.7 * losses[0]
+    assert "hard-negative acc" in shared_lines[-1]
     moved = [draw_scene(Scene("white", (SceneObject("red", "square", (x0, 24, x0 + 16, 40)),))) for x0 in (4, 44)]
     x = normalise(torch.from_numpy(np.stack(moved)).permute(0, 3, 1, 2).float() / 255)
     shift = []
     with torch.no_grad():
-        for model in (plain, laid):
+        for model in (plain, laid, shared):
             emb = model.get_image_features(pixel_values=x)
             emb = getattr(emb, "pooler_output", emb)
             shift.append(1 - F.cosine_similarity(emb[0], emb[1], dim=0).item())
-    assert shift[1] > 3 * shift[0]
+    assert shift[1] > 3 * shift[0] and shift[2] > 3 * shift[0]
+
+
+def test_mined_negatives_keep_the_structural_ones_and_draw_the_rest_by_the_models_cosine():
+    """``mine_temperature``: each image keeps its structural negatives; the other places go to candidates drawn by
+    the current model's cosine -- at a tiny temperature the best-scoring one, at a large one any of them."""
+    from transformers import CLIPModel
+
+    from toyworld.negatives import _structural
+    from toyworld.paths import weights_dir
+    from toyworld.train_clip import _mine, _tokenizer, _TokenCache, normalise
+
+    folder = weights_dir("clip_b")
+    model = CLIPModel.from_pretrained(str(folder), use_safetensors=True).float().eval()
+    tokens = _TokenCache(_tokenizer(folder))
+    p = Prompt("position", "white", (("red", "circle"), ("blue", "square")), "to the left of")
+    scene = scene_for(p, np.random.default_rng(4))
+    x = torch.from_numpy(draw_scene(scene)).permute(2, 0, 1)[None].float() / 255
+    cands = hard_negatives(p, scene)
+    key = [q for q in cands if _structural(p, q)]
+    rest = [q for q in cands if q not in key]
+    with torch.no_grad():
+        img = F.normalize(model.get_image_features(pixel_values=normalise(x)).pooler_output, dim=-1)[0]
+        ids, att = tokens([q.text for q in rest])
+        cos = F.normalize(model.get_text_features(input_ids=ids, attention_mask=att).pooler_output, dim=-1) @ img
+    best = rest[int(cos.argmax())]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        mined = _mine(model, tokens, x, [p], [cands], len(key) + 1, 1e-4, gen)[0]
+        assert mined[: len(key)] == key and mined[-1] == best
+    drawn = {_mine(model, tokens, x, [p], [cands], len(key) + 1, 100.0, gen)[0][-1].text for _ in range(40)}
+    assert len(drawn) > 10
+    assert len(_mine(model, tokens, x, [p], [cands], len(cands) + 5, 1e-4, gen)[0]) == len(cands)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,9 +87,13 @@ class ClipRecipe:
     legacy_caption_prob: float = 0.5  # share of single-object scenes captioned with a v2 template
     structure_weight: float = 0.0  # auxiliary layout losses on both embeddings (``structure``; training only)
     position_weight: float = 1.0  # weight of the x / y slots within them
+    binding_weight: float = 0.0  # if set, the colour-shape type counts are averaged apart, with this weight
     sincos_init: float = 0.0  # start the vision position embeddings as 2D sine-cosine codes of this norm
     tied_layout: bool = False  # the x / y slots are the embeddings' first dimensions themselves (no head)
     scale_heads: bool = True  # the layout heads read the embeddings scaled by sqrt(projection_dim)
+    shared_head: bool = False  # one layout head reads both embeddings (the layout in the same directions)
+    mine_temperature: float = 0.0  # after the curriculum, fill each image's ``negatives`` (after the structural
+    # ones) by drawing candidates with probability softmax(cosine / this) under the current model (0: at random)
 
 
 RECIPES = {
@@ -220,13 +224,19 @@ def caption_structure(spec) -> tuple[torch.Tensor, torch.Tensor]:
     return t, m
 
 
-def structure_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, position_weight: float) -> torch.Tensor:
+def structure_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, position_weight: float,
+                   binding_weight: float = 0.0) -> torch.Tensor:
     """Masked squared error, averaged within the count / background slots and within the x / y slots apart
-    (the few x / y slots would otherwise drown among the many count slots), the latter weighted."""
+    (the few x / y slots would otherwise drown among the many count slots), the latter weighted; with a
+    ``binding_weight`` the colour-shape type counts are a third group of their own."""
     err = (pred - target) ** 2 * mask
-    counts = err[:, :_X0].sum() / mask[:, :_X0].sum().clamp_min(1)
-    where = err[:, _X0:].sum() / mask[:, _X0:].sum().clamp_min(1)
-    return counts + position_weight * where
+
+    def mean(a: int, b: int | None) -> torch.Tensor:
+        return err[:, a:b].sum() / mask[:, a:b].sum().clamp_min(1)
+
+    if binding_weight:
+        return mean(_N_TYPES, _X0) + binding_weight * mean(0, _N_TYPES) + position_weight * mean(_X0, None)
+    return mean(0, _X0) + position_weight * mean(_X0, None)
 
 
 def sincos_positions(grid: int, dim: int) -> torch.Tensor:
@@ -390,13 +400,14 @@ def describes(spec, scene: Scene) -> bool:
     return all(v is None or actual[k] == v for k, v in spec.items())
 
 
-def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only: bool = False):
+def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only: bool = False, mine: bool = False):
     """Scenes, their captions and caption specs, each image's hard negatives (prompts), the per-shape masks
     ``[N, len(SHAPES), H, W]`` (float) the patch head learns from and each object's mask ``[N, 3, H, W]``."""
     batch = sample_scenes(n, rng, mix=SINGLES if singles_only else None, legacy_caption_prob=r.legacy_caption_prob,
                           plain_article_prob=0.25)
     captions, specs = batch.captions, batch.specs
-    negatives = [hard_negatives(p, sc, k=r.negatives, generator=rng) for p, sc in zip(batch.prompts, batch.scenes)]
+    k = None if mine else r.negatives  # mining: every candidate, chosen from in ``train_clip``
+    negatives = [hard_negatives(p, sc, k=k, generator=rng) for p, sc in zip(batch.prompts, batch.scenes)]
     size = batch.images.shape[1]
     masks = np.zeros((n, len(world.SHAPES), size, size), dtype=np.float32)
     objects = np.zeros((n, 3, size, size), dtype=np.float32)
@@ -405,6 +416,34 @@ def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only
             objects[i, k] = template_mask(o.shape, o.box, size)
             masks[i, world.SHAPES.index(o.shape)] = np.maximum(masks[i, world.SHAPES.index(o.shape)], objects[i, k])
     return batch, captions, specs, negatives, torch.from_numpy(masks), torch.from_numpy(objects)
+
+
+@torch.no_grad()
+def _mine(model, tokens, x: torch.Tensor, prompts: list, candidates: list[list], k: int, temperature: float,
+          gen: torch.Generator) -> list[list]:
+    """Each image's ``k`` hard negatives: its structural ones (``negatives._structural``) first, then other
+    candidates drawn without replacement, with probability softmax(cosine with the image / ``temperature``)."""
+    from .negatives import _structural
+
+    img = model.get_image_features(pixel_values=normalise(x))
+    img = F.normalize(getattr(img, "pooler_output", img), dim=-1)
+    texts = list(dict.fromkeys(q.text for cands in candidates for q in cands))
+    ids, att = tokens(texts)
+    txt = model.get_text_features(input_ids=ids, attention_mask=att)
+    txt = F.normalize(getattr(txt, "pooler_output", txt), dim=-1)
+    row = {t: i for i, t in enumerate(texts)}
+    out = []
+    for i, (p, cands) in enumerate(zip(prompts, candidates)):
+        key = [q for q in cands if q.category == p.category and _structural(p, q)][:k]
+        rest = [q for q in cands if q not in key]
+        take = min(k - len(key), len(rest))
+        if take <= 0:
+            out.append(key)
+            continue
+        # floored: sampling without replacement needs as many nonzero weights as draws
+        prob = torch.softmax(txt[[row[q.text] for q in rest]] @ img[i] / temperature, 0).clamp_min(1e-12)
+        out.append(key + [rest[j] for j in sorted(torch.multinomial(prob, take, generator=gen).tolist())])
+    return out
 
 
 def match_matrix(specs: list, scenes: list[Scene]) -> torch.Tensor:
@@ -556,14 +595,14 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     patch_head = torch.nn.Linear(r.vision_hidden, len(world.SHAPES) + 1)
     # training-only layout heads on the two embeddings (see ``scene_structure``); built only when used,
     # so the recipes without them draw the same random numbers as before
-    heads = ([torch.nn.Linear(r.projection_dim, STRUCT_DIM), torch.nn.Linear(r.projection_dim, STRUCT_DIM)]
+    heads = ([torch.nn.Linear(r.projection_dim, STRUCT_DIM) for _ in range(1 if r.shared_head else 2)]
              if r.structure_weight else [])
     # the heads read the unit-length embeddings scaled to unit-size components: on the unit sphere a head
     # needs weights of ~sqrt(dim) to give targets of 1, more than Adam's small steps reach in a run
     head_scale = math.sqrt(r.projection_dim) if r.scale_heads else 1.0
 
     def layout(k: int, emb: torch.Tensor) -> torch.Tensor:
-        pred = heads[k](emb * head_scale)
+        pred = heads[k % len(heads)](emb * head_scale)
         if r.tied_layout:  # the x / y slots read straight off the first dimensions: the dot product of an image
             # and a caption then rewards each named colour / shape lying on the side the caption names
             pred = torch.cat([pred[:, :_X0], emb[:, : STRUCT_DIM - _X0] * head_scale], 1)
@@ -593,8 +632,9 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     for step in range(first, steps):
         early = step < curriculum
         shape_phase = step < shape_only
+        mine = bool(r.mine_temperature) and not early
         batch, captions, specs, negatives, shape_masks, object_masks = training_batch(
-            r.batch_size, rng, r, singles_only=shape_phase)
+            r.batch_size, rng, r, singles_only=shape_phase, mine=mine)
         x = batch.tensors()
         union = shape_masks.amax(1) > 0
         x, union = _imperfect(x, union, rng, 0.0 if early else r.imperfect_prob, gen)
@@ -614,6 +654,8 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             loss = F.cross_entropy(out.logits_per_image, target)
         else:
             k = r.negatives
+            if mine:
+                negatives = _mine(model, tokens, x, batch.prompts, negatives, k, r.mine_temperature, gen)
             flat = [q for negs in negatives for q in (negs + negs[:1] * (k - len(negs)))]  # pad short lists
             ids, att = tokens(captions + [p.text for p in batch.prompts] + [q.text for q in flat])
             out = model(input_ids=ids, attention_mask=att, pixel_values=normalise(x))
@@ -625,15 +667,16 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             true = logits[rows, n + rows][:, None]
             neg = logits[rows[:, None], 2 * n + rows[:, None] * k + torch.arange(k)[None]]
             loss = loss + F.cross_entropy(torch.cat([true, neg], 1), torch.zeros(n, dtype=torch.long))
+            parts["hard-negative acc"] = (true[:, 0] > neg.max(1).values).float().mean()
             if heads:  # what each caption states
                 txt_t, txt_m = map(torch.stack, zip(*(caption_structure(sp) for sp in list(specs) + list(batch.prompts) + flat)))
                 parts["text"] = structure_loss(layout(1, out.text_embeds), txt_t, txt_m if not r.tied_layout else tied(txt_m),
-                                               r.position_weight)
+                                               r.position_weight, r.binding_weight)
                 loss = loss + r.structure_weight * parts["text"]
         if heads:  # what each image shows, from the shape phase on
             img_t, img_m = map(torch.stack, zip(*(scene_structure(sc, om) for sc, om in zip(batch.scenes, object_masks))))
             parts["image"] = structure_loss(layout(0, out.image_embeds), img_t, img_m if not r.tied_layout else tied(img_m),
-                                            r.position_weight)
+                                            r.position_weight, r.binding_weight)
             loss = loss + r.structure_weight * parts["image"]
         # per-patch shape targets from the warped masks: the shape covering most of a patch, where any does
         frac = F.adaptive_avg_pool2d(m, grid).flatten(2)  # [N, shapes, grid*grid]
@@ -650,7 +693,7 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             model.logit_scale.clamp_(0, math.log(100))
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 100 == 0 or step == steps - 1:
-            said = "".join(f" {k} layout {v.item():.3f}" for k, v in parts.items())
+            said = "".join(f" {k}{'' if k.endswith('acc') else ' layout'} {v.item():.3f}" for k, v in parts.items())
             log(f"[{r.name}] step {step}/{steps} loss {running:.3f}{said} scale {model.logit_scale.exp().item():.1f} "
                 f"({time.perf_counter() - t0:.0f}s)")
         if eval_every and step % eval_every == eval_every - 1:
