@@ -306,11 +306,12 @@ def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_
     layout = dict(structure_weight=1.0, position_weight=5.0, sincos_init=3.0)
     laid, lines = run("layout", **layout)
     # the same with one head for both towers, the type counts weighted apart and mined negatives
-    shared, shared_lines = run("shared", **layout, shared_head=True, binding_weight=5.0, mine_temperature=0.1)
+    shared, shared_lines = run("shared", **layout, shared_head=True, binding_weight=5.0, mine_temperature=0.1,
+                               negative_images=1.0)
     for log in (lines, shared_lines):
         losses = [float(line.split("image layout ")[1].split()[0]) for line in log if "image layout" in line]
         assert len(losses) == 2 and losses[-1] < 0.7 * losses[0]
-    assert "hard-negative acc" in shared_lines[-1]
+    assert "hard-negative acc" in shared_lines[-1] and "image-negative acc" in shared_lines[-1]
     moved = [draw_scene(Scene("white", (SceneObject("red", "square", (x0, 24, x0 + 16, 40)),))) for x0 in (4, 44)]
     x = normalise(torch.from_numpy(np.stack(moved)).permute(0, 3, 1, 2).float() / 255)
     shift = []
@@ -320,6 +321,32 @@ def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_
             emb = getattr(emb, "pooler_output", emb)
             shift.append(1 - F.cosine_similarity(emb[0], emb[1], dim=0).item())
     assert shift[1] > 3 * shift[0] and shift[2] > 3 * shift[0]
+
+
+def test_swapped_scenes_change_one_binding_or_place_so_that_the_caption_is_false():
+    """``negative_images``: the negative image of a caption is its scene with the colours rotated or two objects'
+    boxes exchanged -- same background, shapes, colours and boxes, and false for the caption by the rule."""
+    from toyworld.train_clip import describes, swapped_scene
+
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for category in ("two_object", "counting", "colour_attr", "position"):
+        for _ in range(40):
+            p = random_prompt(category, rng)
+            scene = scene_for(p, rng)
+            sw = swapped_scene(scene, p, rng)
+            if sw is None:  # nothing to swap that the caption would notice
+                assert category in ("two_object", "counting") or len({(o.colour, o.shape) for o in scene.objects}) == 1
+                continue
+            assert not describes(p, sw) and rule.matches(p, scene.background, scene.objects)
+            assert sw.background == scene.background and len(sw.objects) == len(scene.objects)
+            for attr in ("colour", "shape", "box"):
+                assert sorted(getattr(o, attr) for o in sw.objects) == sorted(getattr(o, attr) for o in scene.objects)
+            same_boxes = [o.box for o in sw.objects] == [o.box for o in scene.objects]
+            kinds.add(("colours rotated" if same_boxes else "places exchanged", category))
+    assert {("colours rotated", "colour_attr"), ("places exchanged", "position")} <= kinds
+    one = Scene("white", (SceneObject("red", "square", (4, 4, 20, 20)),))
+    assert swapped_scene(one, Prompt("single", "white", (("red", "square"),)), rng) is None
 
 
 def test_mined_negatives_keep_the_structural_ones_and_draw_the_rest_by_the_models_cosine():

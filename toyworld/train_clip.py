@@ -55,7 +55,7 @@ from . import world
 from .negatives import hard_negatives
 from .prompts import Prompt
 from .rule import matches
-from .scenes import Scene, sample_scenes, template_mask
+from .scenes import Scene, SceneObject, draw_scene, sample_scenes, template_mask
 from .tokenizer import write_clip_tokenizer
 from .train_state import Checkpointer
 
@@ -94,6 +94,8 @@ class ClipRecipe:
     shared_head: bool = False  # one layout head reads both embeddings (the layout in the same directions)
     mine_temperature: float = 0.0  # after the curriculum, fill each image's ``negatives`` (after the structural
     # ones) by drawing candidates with probability softmax(cosine / this) under the current model (0: at random)
+    negative_images: float = 0.0  # weight of a caption-side loss: each caption against its image and the same
+    # scene with the objects' colours rotated or two objects' places exchanged (``swapped_scene``), where false
 
 
 RECIPES = {
@@ -400,6 +402,22 @@ def describes(spec, scene: Scene) -> bool:
     return all(v is None or actual[k] == v for k, v in spec.items())
 
 
+def swapped_scene(scene: Scene, spec, rng: np.random.Generator) -> Scene | None:
+    """The scene with its objects' colours rotated (each object takes the next one's colour) or with two objects'
+    boxes exchanged, drawn at random among those that ``spec`` does not describe; ``None`` if neither changes
+    what the caption says (one object, or all alike)."""
+    objs = scene.objects
+    if len(objs) < 2:
+        return None
+    rotated = tuple(SceneObject(objs[(k + 1) % len(objs)].colour, o.shape, o.box) for k, o in enumerate(objs))
+    i, j = sorted(rng.choice(len(objs), size=2, replace=False).tolist())
+    moved = list(objs)
+    moved[i], moved[j] = SceneObject(objs[i].colour, objs[i].shape, objs[j].box), SceneObject(objs[j].colour, objs[j].shape, objs[i].box)
+    options = [Scene(scene.background, o) for o in (rotated, tuple(moved))]
+    options = [sc for sc in options if not describes(spec, sc)]
+    return options[int(rng.integers(len(options)))] if options else None
+
+
 def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only: bool = False, mine: bool = False):
     """Scenes, their captions and caption specs, each image's hard negatives (prompts), the per-shape masks
     ``[N, len(SHAPES), H, W]`` (float) the patch head learns from and each object's mask ``[N, 3, H, W]``."""
@@ -668,6 +686,19 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             neg = logits[rows[:, None], 2 * n + rows[:, None] * k + torch.arange(k)[None]]
             loss = loss + F.cross_entropy(torch.cat([true, neg], 1), torch.zeros(n, dtype=torch.long))
             parts["hard-negative acc"] = (true[:, 0] > neg.max(1).values).float().mean()
+            if r.negative_images:  # each caption against its image and the same scene changed in one binding / place
+                swaps = [swapped_scene(sc, sp, rng) for sc, sp in zip(batch.scenes, specs)]
+                keep = [i for i, sw in enumerate(swaps) if sw is not None]
+                if keep:
+                    xn = torch.from_numpy(np.stack([draw_scene(swaps[i]) for i in keep])).permute(0, 3, 1, 2).float() / 255
+                    xn = (mild_aug if early else aug)(xn, torch.zeros(len(keep), 1, *xn.shape[2:]))[0].clamp(0, 1)
+                    img_n = model.get_image_features(pixel_values=normalise(xn))
+                    img_n = F.normalize(getattr(img_n, "pooler_output", img_n), dim=-1)
+                    txt = out.text_embeds[keep]  # the images' own captions
+                    pair = torch.stack([(txt * out.image_embeds[keep]).sum(1), (txt * img_n).sum(1)], 1)
+                    parts["image-negative acc"] = (pair[:, 0] > pair[:, 1]).float().mean()
+                    loss = loss + r.negative_images * F.cross_entropy(model.logit_scale.exp() * pair,
+                                                                      torch.zeros(len(keep), dtype=torch.long))
             if heads:  # what each caption states
                 txt_t, txt_m = map(torch.stack, zip(*(caption_structure(sp) for sp in list(specs) + list(batch.prompts) + flat)))
                 parts["text"] = structure_loss(layout(1, out.text_embeds), txt_t, txt_m if not r.tied_layout else tied(txt_m),
