@@ -96,6 +96,8 @@ class ClipRecipe:
     # ones) by drawing candidates with probability softmax(cosine / this) under the current model (0: at random)
     negative_images: float = 0.0  # weight of a caption-side loss: each caption against its image and the same
     # scene with the objects' colours rotated or two objects' places exchanged (``swapped_scene``), where false
+    negative_scale: float = 0.0  # if set, the hard-negative losses (captions and images) use this fixed logit scale
+    # instead of the model's learnt one (~14 in these runs), so they weigh the nearest negatives most
 
 
 RECIPES = {
@@ -684,7 +686,10 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             rows = torch.arange(n)
             true = logits[rows, n + rows][:, None]
             neg = logits[rows[:, None], 2 * n + rows[:, None] * k + torch.arange(k)[None]]
-            loss = loss + F.cross_entropy(torch.cat([true, neg], 1), torch.zeros(n, dtype=torch.long))
+            hard = torch.cat([true, neg], 1)
+            if r.negative_scale:  # the same cosines, sharper
+                hard = hard * (r.negative_scale / model.logit_scale.exp())
+            loss = loss + F.cross_entropy(hard, torch.zeros(n, dtype=torch.long))
             parts["hard-negative acc"] = (true[:, 0] > neg.max(1).values).float().mean()
             if r.negative_images:  # each caption against its image and the same scene changed in one binding / place
                 swaps = [swapped_scene(sc, sp, rng) for sc, sp in zip(batch.scenes, specs)]
@@ -697,7 +702,8 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
                     txt = out.text_embeds[keep]  # the images' own captions
                     pair = torch.stack([(txt * out.image_embeds[keep]).sum(1), (txt * img_n).sum(1)], 1)
                     parts["image-negative acc"] = (pair[:, 0] > pair[:, 1]).float().mean()
-                    loss = loss + r.negative_images * F.cross_entropy(model.logit_scale.exp() * pair,
+                    scale = r.negative_scale or model.logit_scale.exp()
+                    loss = loss + r.negative_images * F.cross_entropy(scale * pair,
                                                                       torch.zeros(len(keep), dtype=torch.long))
             if heads:  # what each caption states
                 txt_t, txt_m = map(torch.stack, zip(*(caption_structure(sp) for sp in list(specs) + list(batch.prompts) + flat)))
