@@ -307,7 +307,7 @@ def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_
     laid, lines = run("layout", **layout)
     # the same with one head for both towers, the type counts weighted apart and mined negatives
     shared, shared_lines = run("shared", **layout, shared_head=True, binding_weight=5.0, mine_temperature=0.1,
-                               negative_images=1.0, negative_scale=40.0)
+                               negative_images=1.0, negative_scale=40.0, tied_types=4.0)
     for log in (lines, shared_lines):
         losses = [float(line.split("image layout ")[1].split()[0]) for line in log if "image layout" in line]
         assert len(losses) == 2 and losses[-1] < 0.7 * losses[0]

@@ -96,6 +96,8 @@ class ClipRecipe:
     # ones) by drawing candidates with probability softmax(cosine / this) under the current model (0: at random)
     negative_images: float = 0.0  # weight of a caption-side loss: each caption against its image and the same
     # scene with the objects' colours rotated or two objects' places exchanged (``swapped_scene``), where false
+    tied_types: float = 0.0  # if set, the colour-shape type count slots are the embeddings' first dimensions times
+    # this (no head; held at 0 where a caption does not state them): the cosine then counts matching types
     negative_scale: float = 0.0  # if set, the hard-negative losses (captions and images) use this fixed logit scale
     # instead of the model's learnt one (~14 in these runs), so they weigh the nearest negatives most
 
@@ -626,10 +628,17 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
         if r.tied_layout:  # the x / y slots read straight off the first dimensions: the dot product of an image
             # and a caption then rewards each named colour / shape lying on the side the caption names
             pred = torch.cat([pred[:, :_X0], emb[:, : STRUCT_DIM - _X0] * head_scale], 1)
+        if r.tied_types:  # the type counts read straight off the first dimensions: the dot product of an image and a
+            # caption then counts the colour-shape types they share, which swapped colours do not
+            pred = torch.cat([emb[:, :_N_TYPES] * r.tied_types, pred[:, _N_TYPES:]], 1)
         return pred
 
     def tied(mask: torch.Tensor) -> torch.Tensor:  # tied slots: every unnamed / absent slot is held at 0
-        return torch.cat([mask[:, :_X0], torch.ones_like(mask[:, _X0:])], 1)
+        if r.tied_layout:
+            mask = torch.cat([mask[:, :_X0], torch.ones_like(mask[:, _X0:])], 1)
+        if r.tied_types:
+            mask = torch.cat([torch.ones_like(mask[:, :_N_TYPES]), mask[:, _N_TYPES:]], 1)
+        return mask
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
@@ -707,12 +716,12 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
                                                                       torch.zeros(len(keep), dtype=torch.long))
             if heads:  # what each caption states
                 txt_t, txt_m = map(torch.stack, zip(*(caption_structure(sp) for sp in list(specs) + list(batch.prompts) + flat)))
-                parts["text"] = structure_loss(layout(1, out.text_embeds), txt_t, txt_m if not r.tied_layout else tied(txt_m),
+                parts["text"] = structure_loss(layout(1, out.text_embeds), txt_t, tied(txt_m),
                                                r.position_weight, r.binding_weight)
                 loss = loss + r.structure_weight * parts["text"]
         if heads:  # what each image shows, from the shape phase on
             img_t, img_m = map(torch.stack, zip(*(scene_structure(sc, om) for sc, om in zip(batch.scenes, object_masks))))
-            parts["image"] = structure_loss(layout(0, out.image_embeds), img_t, img_m if not r.tied_layout else tied(img_m),
+            parts["image"] = structure_loss(layout(0, out.image_embeds), img_t, tied(img_m),
                                             r.position_weight, r.binding_weight)
             loss = loss + r.structure_weight * parts["image"]
         # per-patch shape targets from the warped masks: the shape covering most of a patch, where any does
