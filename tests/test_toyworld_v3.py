@@ -305,9 +305,9 @@ def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_
     plain, _ = run("plain")
     layout = dict(structure_weight=1.0, position_weight=5.0, sincos_init=3.0)
     laid, lines = run("layout", **layout)
-    # the same with one head for both towers, the type counts weighted apart and mined negatives
+    # the same with one head for both towers, the type counts weighted apart, mined negatives and per-patch types
     shared, shared_lines = run("shared", **layout, shared_head=True, binding_weight=5.0, mine_temperature=0.1,
-                               negative_images=1.0, negative_scale=40.0, tied_types=4.0)
+                               negative_images=1.0, negative_scale=40.0, tied_types=4.0, patch_types=True)
     for log in (lines, shared_lines):
         losses = [float(line.split("image layout ")[1].split()[0]) for line in log if "image layout" in line]
         assert len(losses) == 2 and losses[-1] < 0.7 * losses[0]
@@ -347,6 +347,30 @@ def test_swapped_scenes_change_one_binding_or_place_so_that_the_caption_is_false
     assert {("colours rotated", "colour_attr"), ("places exchanged", "position")} <= kinds
     one = Scene("white", (SceneObject("red", "square", (4, 4, 20, 20)),))
     assert swapped_scene(one, Prompt("single", "white", (("red", "square"),)), rng) is None
+
+
+def test_patch_targets_name_the_shape_or_the_colour_shape_type_of_the_object_covering_each_patch():
+    """``patch_types``: the per-patch head learns each patch's colour-shape type (the conjunction colour binding needs)
+    instead of its shape alone; patches no object reaches are background (the last class) either way."""
+    from toyworld import world
+    from toyworld.scenes import template_mask
+    from toyworld.train_clip import patch_targets
+
+    scene = Scene("white", (SceneObject("red", "square", (0, 0, 24, 24)), SceneObject("blue", "circle", (40, 40, 64, 64))))
+    objects = torch.zeros(1, 3, 64, 64)
+    shapes = torch.zeros(1, len(world.SHAPES), 64, 64)
+    for k, o in enumerate(scene.objects):
+        objects[0, k] = torch.from_numpy(template_mask(o.shape, o.box, 64)).float()
+        shapes[0, world.SHAPES.index(o.shape)] += objects[0, k]
+    n_s, n_t = len(world.SHAPES), len(world.COLOURS) * len(world.SHAPES)
+    by_shape = patch_targets([scene], shapes, objects, 8).reshape(8, 8)
+    by_type = patch_targets([scene], shapes, objects, 8, types=True).reshape(8, 8)
+    red_square = world.COLOURS.index("red") * n_s + world.SHAPES.index("square")
+    blue_circle = world.COLOURS.index("blue") * n_s + world.SHAPES.index("circle")
+    assert by_shape[1, 1] == world.SHAPES.index("square") and by_shape[6, 6] == world.SHAPES.index("circle")
+    assert by_type[1, 1] == red_square and by_type[6, 6] == blue_circle
+    assert by_shape[0, 7] == n_s and by_type[0, 7] == n_t and by_type[4, 4] == n_t  # background
+    assert set(by_type.unique().tolist()) == {red_square, blue_circle, n_t}
 
 
 def test_mined_negatives_keep_the_structural_ones_and_draw_the_rest_by_the_models_cosine():

@@ -20,8 +20,8 @@ one attribute only. Schedule: the first ``shape_first`` share of the steps train
 recognition alone (image vs "a circle" / "a square" / ...) -- with every loss from the start
 the easy colour terms take the small model's features and shape accuracy stalls near chance;
 the first ``curriculum`` share uses clean images and mild augmentation. A training-only linear
-head classifies each patch token (background or the shape's class) as dense auxiliary
-supervision; it is not saved. Per-step loss terms and the reasons are in ``train_clip``.
+head classifies each patch token (background or the shape's class; with ``patch_types`` the
+object's colour-shape type) as dense auxiliary supervision; it is not saved. Per-step loss terms and the reasons are in ``train_clip``.
 
 Toy world v3 (``shared/TOYWORLD.md``): the images are scenes of 1-3 objects over the five prompt
 categories (``scenes.sample_scenes``); single-object scenes are often captioned with a v2 template
@@ -98,6 +98,8 @@ class ClipRecipe:
     # scene with the objects' colours rotated or two objects' places exchanged (``swapped_scene``), where false
     tied_types: float = 0.0  # if set, the colour-shape type count slots are the embeddings' first dimensions times
     # this (no head; held at 0 where a caption does not state them): the cosine then counts matching types
+    patch_types: bool = False  # the per-patch head names the colour-shape type covering each patch (not only the
+    # shape), so each patch state holds the conjunction the pooled embedding needs to bind colours to shapes
     negative_scale: float = 0.0  # if set, the hard-negative losses (captions and images) use this fixed logit scale
     # instead of the model's learnt one (~14 in these runs), so they weigh the nearest negatives most
 
@@ -440,6 +442,25 @@ def training_batch(n: int, rng: np.random.Generator, r: ClipRecipe, singles_only
     return batch, captions, specs, negatives, torch.from_numpy(masks), torch.from_numpy(objects)
 
 
+def patch_targets(scenes: list[Scene], shape_masks: torch.Tensor, object_masks: torch.Tensor, grid: int,
+                  types: bool = False) -> torch.Tensor:
+    """The class of every patch ``[N, grid * grid]`` the per-patch head learns: the shape covering most of it
+    (``shape_masks`` ``[N, len(SHAPES), H, W]``) or, with ``types``, the colour-shape type of the object covering
+    most of it (``object_masks`` ``[N, 3, H, W]``, index ``colour * len(SHAPES) + shape``); where nothing covers
+    over 5% of a patch, the last class (background)."""
+    n_shapes = len(world.SHAPES)
+    if types:
+        frac = F.adaptive_avg_pool2d(object_masks, grid).flatten(2)  # [N, 3, grid*grid]
+        best, k_obj = frac.max(1)
+        kinds = torch.tensor([[world.COLOURS.index(o.colour) * n_shapes + world.SHAPES.index(o.shape) for o in sc.objects]
+                              + [0] * (3 - len(sc.objects)) for sc in scenes])
+        cls, n_classes = kinds.gather(1, k_obj), _N_TYPES
+    else:
+        frac = F.adaptive_avg_pool2d(shape_masks, grid).flatten(2)  # [N, shapes, grid*grid]
+        (best, cls), n_classes = frac.max(1), n_shapes
+    return torch.where(best > 0.05, cls, torch.full_like(cls, n_classes))
+
+
 @torch.no_grad()
 def _mine(model, tokens, x: torch.Tensor, prompts: list, candidates: list[list], k: int, temperature: float,
           gen: torch.Generator) -> list[list]:
@@ -614,7 +635,7 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
     # training-only head: classifies every patch token as background or one of the shapes; dense
     # supervision makes the ViT learn colour-independent edge/corner features far sooner than
     # the caption losses alone. It is not part of the saved model.
-    patch_head = torch.nn.Linear(r.vision_hidden, len(world.SHAPES) + 1)
+    patch_head = torch.nn.Linear(r.vision_hidden, (_N_TYPES if r.patch_types else len(world.SHAPES)) + 1)
     # training-only layout heads on the two embeddings (see ``scene_structure``); built only when used,
     # so the recipes without them draw the same random numbers as before
     heads = ([torch.nn.Linear(r.projection_dim, STRUCT_DIM) for _ in range(1 if r.shared_head else 2)]
@@ -657,7 +678,6 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
                         np_rng=rng, generators={"gen": gen})
     first, extra = ckpt.start()
     running = extra.get("running")
-    n_shapes = len(world.SHAPES)
     for step in range(first, steps):
         early = step < curriculum
         shape_phase = step < shape_only
@@ -668,7 +688,7 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
         union = shape_masks.amax(1) > 0
         x, union = _imperfect(x, union, rng, 0.0 if early else r.imperfect_prob, gen)
         shape_masks = shape_masks * union[:, None]
-        if heads:  # warp each object's mask along with the image (the random warps do not depend on channels)
+        if heads or r.patch_types:  # warp each object's mask along with the image (the warps do not depend on channels)
             x, m = (mild_aug if early else aug)(x, torch.cat([shape_masks, object_masks * union[:, None]], 1))
             m, object_masks = m[:, : len(world.SHAPES)], m[:, len(world.SHAPES) :]
         else:
@@ -724,10 +744,7 @@ def train_clip(recipe: ClipRecipe | str, out_dir: str | Path, log=print, steps: 
             parts["image"] = structure_loss(layout(0, out.image_embeds), img_t, tied(img_m),
                                             r.position_weight, r.binding_weight)
             loss = loss + r.structure_weight * parts["image"]
-        # per-patch shape targets from the warped masks: the shape covering most of a patch, where any does
-        frac = F.adaptive_avg_pool2d(m, grid).flatten(2)  # [N, shapes, grid*grid]
-        best, cls = frac.max(1)
-        patch_t = torch.where(best > 0.05, cls, torch.full_like(cls, n_shapes))
+        patch_t = patch_targets(batch.scenes, m, object_masks, grid, r.patch_types)
         tokens_out = out.vision_model_output.last_hidden_state[:, 1:]
         loss = loss + r.patch_aux_weight * F.cross_entropy(patch_head(tokens_out).reshape(-1, patch_head.out_features), patch_t.reshape(-1))
         opt.zero_grad(set_to_none=True)
