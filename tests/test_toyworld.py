@@ -415,3 +415,20 @@ def test_train_toy_refuses_an_out_folder_without_the_models_a_group_reads(tmp_pa
                           capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode == 2 and "--only sd reads clip_a from" in proc.stderr
     assert len(proc.stderr.strip().splitlines()[-1]) > 0 and "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_training_report_counts_every_resumed_part_of_a_group(tmp_path):
+    """A group stopped and resumed records only its last process's wall time; the report and its sum use the
+    training time the checkpoints kept over every part, so a resumed retrain does not look shorter than it was."""
+    from toyworld.train import run_seconds, write_report
+
+    run = {"finished": "2026-12-06 15:43", "machine": "test", "steps_scale": 1.0}
+    metrics = {"runs": {"clip_b": {**run, "wall_seconds": 272.0}, "vqgan": {**run, "wall_seconds": 2239.0},
+                        "guided": {**run, "wall_seconds": 208.0}},
+               "clip_b": {"train_seconds": 6789.0}, "vqgan": {"train_seconds": 2199.0}}
+    assert run_seconds("clip_b", metrics["runs"]["clip_b"], metrics) == 6789.0  # resumed: every part
+    assert run_seconds("vqgan", metrics["runs"]["vqgan"], metrics) == 2239.0    # one process: its wall time
+    assert run_seconds("guided", metrics["runs"]["guided"], metrics) == 208.0
+    report = write_report(tmp_path, metrics)
+    assert "| clip_b | 2026-12-06 15:43 | 6789 s | test |" in report
+    assert f"| sum of the runs above | | {6789 + 2239 + 208} s" in report

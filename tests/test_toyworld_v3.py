@@ -293,11 +293,14 @@ def test_clip_layout_supervision_trains_and_makes_the_image_embedding_say_where_
 
     from transformers import CLIPModel
 
-    from toyworld.train_clip import RECIPES, normalise, train_clip
+    from toyworld.train_clip import RECIPES, ClipRecipe, normalise, train_clip
+
+    # clip_b's seed and patches with every training lever at its default (off): the plain contrastive recipe
+    levers = {f.name: f.default for f in dataclasses.fields(ClipRecipe) if f.default is not dataclasses.MISSING}
 
     def run(name, **kw):
-        r = dataclasses.replace(RECIPES["clip_b"], steps=101, batch_size=16, vision_hidden=32, text_hidden=32,
-                                text_layers=1, vision_layers=2, **kw)
+        r = dataclasses.replace(RECIPES["clip_b"], **{**levers, **kw}, steps=101, batch_size=16, vision_hidden=32,
+                                vision_heads=4, text_hidden=32, text_layers=1, vision_layers=2)
         lines = []
         train_clip(r, tmp_path / name, log=lines.append)
         return CLIPModel.from_pretrained(str(tmp_path / name)).float().eval(), lines
