@@ -405,6 +405,7 @@ def test_train_toy_sd_unet_steps_sets_the_toy_sd_unet_training_length(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "training_metrics.json").read_text())
     assert metrics["sd"]["unet"]["steps"] == 3 and metrics["sd"]["vae"]["steps"] == 3
+    assert metrics["sd"]["vae"]["decoder_finetune"]["steps"] == 3
 
 
 def test_train_toy_refuses_an_out_folder_without_the_models_a_group_reads(tmp_path):

@@ -440,6 +440,50 @@ def test_a_stopped_training_resumed_ends_with_the_same_weights(tmp_path, monkeyp
     assert not (tmp_path / "stopped" / ".training" / "vqgan.json").exists()  # cleared when done
 
 
+def test_the_sd_vae_stage_tunes_only_the_decoder_and_a_stopped_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The toy SD's VAE stage: a VAE from scratch, then its decoder alone (the encoder, so the latents a UNet
+    learned, bit for bit as they were; the reconstruction error goes down); stopped in the decoder part and
+    resumed, it ends with the weights of a run that never stopped."""
+    from toyworld import train_sd, train_state
+
+    monkeypatch.setattr(train_state, "CHECKPOINT_EVERY", 2)
+    quiet = lambda *a: None  # noqa: E731
+    base, _ = train_sd.train_vae(steps=3, log=quiet, **train_sd.VAE_RECIPE)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    x = train_sd.sample_scenes(8, np.random.default_rng(5)).tensors() * 2 - 1
+
+    def error(vae):
+        with torch.no_grad():
+            return float((vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean())
+
+    base_error = error(base)
+    straight, seconds = train_sd.vae_stage(tmp_path / "straight", 3, 20, log=quiet)
+    assert set(seconds) == {"vae", "decoder"}
+    after = straight.state_dict()
+    encoder = [k for k in after if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)
+    assert all(not torch.equal(after[k], before[k]) for k in after if k.startswith("decoder.conv_out"))
+    assert error(straight) < base_error
+
+    real, calls = train_sd.sample_scenes, []
+
+    def stop_in_the_decoder_part(n, rng, **kw):
+        calls.append(n)
+        if len(calls) == 3 + 7:
+            raise KeyboardInterrupt
+        return real(n, rng, **kw)
+
+    monkeypatch.setattr(train_sd, "sample_scenes", stop_in_the_decoder_part)
+    with pytest.raises(KeyboardInterrupt):
+        train_sd.vae_stage(tmp_path / "stopped", 3, 20, log=quiet)
+    training = tmp_path / "stopped" / ".training"
+    assert (training / "sd-vae-decoder.json").is_file() and (training / "vae-base" / "config.json").is_file()
+    monkeypatch.setattr(train_sd, "sample_scenes", real)
+    resumed, _ = train_sd.vae_stage(tmp_path / "stopped", 3, 20, log=quiet, resume=True)
+    assert all(torch.equal(after[k], v) for k, v in resumed.state_dict().items())
+    assert not (training / "vae-base").exists() and not (training / "sd-vae-decoder.json").exists()
+
+
 def test_evaluate_judges_a_folder_per_category_with_the_rule(tmp_path, capsys):
     import importlib.util
     import json

@@ -201,7 +201,10 @@ def write_report(out: Path, metrics: dict) -> str:
         v, u = sd["vae"], sd["unet"]
         lines += ["## Toy Stable Diffusion (`sd`)", "",
                   f"- vae: `AutoencoderKL` 64x64x3 -> {'x'.join(str(d) for d in v['latent_shape'][::-1])} latents, "
-                  f"{v['params'] / 1e6:.2f} M parameters, seed {v['seed']}, {v['steps']} steps, {v['train_seconds']:.0f} s; "
+                  f"{v['params'] / 1e6:.2f} M parameters, seed {v['seed']}, {v['steps']} steps"
+                  + (f", then its decoder alone (encoder frozen, so the latents do not change) {d['steps']} steps at lr "
+                     f"{d['lr']:g}, seed {d['seed']}" if (d := v.get("decoder_finetune", {})).get("steps") else "")
+                  + f", {v['train_seconds']:.0f} s in all; "
                   f"scaling_factor {v['scaling_factor']:.4f}; held-out PSNR {v['psnr_db']:.2f} dB",
                   f"- unet: `UNet2DConditionModel`, {u['params'] / 1e6:.2f} M parameters, seed {u['seed']}, {u['steps']} steps "
                   f"x batch {u['batch_size']}, lr {u['lr']}, {u['train_seconds']:.0f} s (frozen CLIP A text tower, 10% caption "
@@ -257,7 +260,7 @@ TASK_DEPS = {"clip_a": (), "clip_b": (), "clip_c": (), "clip_d": (), "vqgan": ()
 PRIORITY = ("clip_a", "sd_vae", "sd", "sd_turbo", "clip_b", "clip_c", "clip_d", "itm", "vqgan", "guided")
 GROUP_TASKS = {"clip": CLIPS, "vqgan": ("vqgan",), "sd": ("sd_vae", "sd"), "sd_turbo": ("sd_turbo",), "itm": ("itm",),
                "guided": ("guided",)}
-STEPS = {"vqgan": 3000, "sd_vae": 3000, "itm": 12000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
+STEPS = {"vqgan": 3000, "sd_vae": 3000, "sd_vae_decoder": 3000, "itm": 12000, "sd_turbo_pairs": 2048, "sd_turbo": 2400,
          "sd_data": 20000}  # sd_data: scenes encoded once for the UNet's training set
 
 
@@ -283,13 +286,14 @@ def run_task(name: str, out: str, scale: float, unet_steps: int, threads: int, r
     elif name == "sd_vae":
         from toyworld.train_sd import vae_stage
 
-        vae_stage(out / "sd", steps(STEPS["sd_vae"]), log=_log, resume=resume)
+        vae_stage(out / "sd", steps(STEPS["sd_vae"]), steps(STEPS["sd_vae_decoder"]), log=_log, resume=resume)
         m = {}
     elif name == "sd":
         from toyworld.train_sd import train_sd
 
         # the VAE task of this run left the VAE in sd/.training/vae: train_sd picks it up
         m = {"sd": train_sd(out / "sd", clip_folder=out / "clip_a", vae_steps=steps(STEPS["sd_vae"]),
+                            decoder_steps=steps(STEPS["sd_vae_decoder"]),
                             unet_steps=steps(unet_steps), log=_log, resume=resume, vae_ready=True,
                             n_data=max(256, steps(STEPS["sd_data"])))}
         _log(f"== sd: samples judged {json.dumps(m['sd']['samples']['judge_by_category'])}")
