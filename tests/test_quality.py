@@ -246,6 +246,37 @@ def test_merge_combines_runs_of_one_prompt_set_and_refuses_others(tmp_path, caps
     assert "other prompts or seeds" in capsys.readouterr().err
 
 
+def test_merge_takes_seconds_per_image_from_a_timing_run_and_names_what_it_lacks(tmp_path, capsys):
+    """--timing: each variant's seconds per image come from the timing run (its accuracy from the merged runs);
+    a merged variant the timing run lacks is a one-line error naming it; --timing without --merge is refused."""
+    def report(name, rows):
+        rows = [dict(r, prompt=f"p{i}", seed=0) for i, r in enumerate(rows)]
+        path = tmp_path / name
+        path.write_text(json.dumps({"command": name, "complete": True, "prompt_set": "benchmark", "prompts": ["p"],
+                                    "seeds": [0], "reference": None, "rows": rows}))
+        return str(path)
+
+    full = report("full.json", _rows("sd", [4, 4, 2, 0, 0]) + _rows("sd+clip", [4] * 5))
+    slow = [dict(r, seconds=9.0) for r in _rows("sd", [0] * 5)]
+    fast = [dict(r, seconds=0.5) for r in _rows("sd+clip", [0] * 5)][:3]
+    timing = report("timing.json", slow + fast)
+    out = tmp_path / "all.json"
+    assert quality.main(["--merge", full, "--timing", timing, "--json", str(out), "--figure", "none",
+                         "--bars", "none"]) == 0
+    s = json.loads(out.read_text())["summary"]
+    assert s["sd"]["overall"] == pytest.approx(0.5) and s["sd+clip"]["overall"] == 1.0     # accuracy: the full run
+    assert s["sd"]["seconds_per_image"] == 9.0 and s["sd+clip"]["seconds_per_image"] == 0.5
+    assert s["sd"]["seconds_per_image_merged"] == 2.0 and s["sd+clip"]["seconds_from"]["images"] == 3
+    only_sd = report("only_sd.json", slow)
+    assert quality.main(["--merge", full, "--timing", only_sd, "--json", str(tmp_path / "x.json"),
+                         "--figure", "none", "--bars", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "no timing for sd+clip" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--timing", timing])
+    assert "--timing goes with --merge" in capsys.readouterr().err
+
+
 def test_search_headroom_judges_every_candidate_of_a_search(tmp_path):
     """benchmarks/search_headroom.py: every candidate the search renders is judged by the rule; the share with a
     right image among the first N and the kept image's verdict follow from those verdicts; the first candidate is

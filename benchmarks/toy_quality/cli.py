@@ -100,6 +100,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="do not generate: combine the rows of earlier runs' JSON files (e.g. variants run as "
                              "parallel processes on the same prompt set) into one table, targets and pictures")
+    parser.add_argument("--timing", type=Path, metavar="JSON",
+                        help="with --merge: take each variant's seconds per image from this run instead (e.g. "
+                             "--per-category 2 run alone on the machine), so jobs that ran side by side do not "
+                             "inflate the time axis; accuracy still comes from the merged runs")
     parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, metavar="PNG",
                         help="the overall-accuracy-vs-time picture (default: %(default)s; the README's is "
                              "docs/images/quality_vs_time.png); 'none' for no picture")
@@ -114,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     args.seed_base = SEED_BASES[args.prompt_set] if args.seed_base is None else args.seed_base
     args.extra = parse_set_options(args.extra, parser.error)
+    if args.timing is not None and not args.merge:
+        parser.error("--timing goes with --merge (it replaces the merged runs' seconds per image)")
     for key in ("per_category", "seeds", "iterations", "steps", "threads"):
         value = getattr(args, key)
         if value is not None and value < 1:
@@ -131,10 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads_before)
 
 
-def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
+def merge_reports(paths: Sequence[Path], timing: Path | None = None) -> dict[str, Any]:
     """One report from several runs' JSON files. They must share the prompt set and seeds; each may cover a part
     of it (``--categories``, ``--per-category``, a run stopped early). An image (variant, prompt, seed) measured
-    by several runs counts once, as the first file has it; each variant's ``n`` says how many images it has."""
+    by several runs counts once, as the first file has it; each variant's ``n`` says how many images it has.
+
+    ``timing``: another run's JSON whose seconds per image replace the merged ones (each replaced variant records
+    ``seconds_from`` and keeps its own figure as ``seconds_per_image_merged``); every merged variant must be in it."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     first = reports[0]
     for path, r in zip(paths, reports):
@@ -150,7 +159,18 @@ def merge_reports(paths: Sequence[Path]) -> dict[str, Any]:
                 rows.append(row)
     prompts = list(dict.fromkeys(p for r in reports for p in r["prompts"]))
     summary = summarise(rows)
+    if timing is not None:
+        timed = summarise(json.loads(Path(timing).read_text())["rows"])
+        missing = [name for name in summary if name not in timed]
+        if missing:
+            raise ValueError(f"{timing} has no timing for {', '.join(missing)}; run them there too "
+                             f"(--variants {' '.join(missing)}) or merge without --timing")
+        for name, s in summary.items():
+            s["seconds_per_image_merged"] = s["seconds_per_image"]
+            s["seconds_per_image"] = timed[name]["seconds_per_image"]
+            s["seconds_from"] = {"file": str(timing), "images": timed[name]["n"]}
     return {"merged_from": [str(p) for p in paths], "commands": [r.get("command") for r in reports],
+            "timing_from": None if timing is None else str(timing),
             "complete": all(r.get("complete") for r in reports), "prompt_set": first.get("prompt_set"),
             "prompts": prompts, "seeds": first["seeds"], "reference": first.get("reference"), "rows": rows,
             "summary": summary, "lifts_over_unguided_sd": lifts(summary), "targets": check_targets(summary)}
@@ -183,7 +203,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     if args.merge:
         try:
-            report = merge_reports(args.merge)
+            report = merge_reports(args.merge, args.timing)
         except (OSError, ValueError, KeyError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -7,7 +7,7 @@ sits on the patch grid; the mean over views is a steadier verifier.
 
 Measured as the verifier of best-of-N search in the toy world (docs/benchmarks.md): on the 80 tuning
 prompts the eight-view mean picked a right image more often than the single view (best of 60: 92.5% against
-85.0%), on the benchmark set it did not (87.5% against 88.8%; best of 30: 85.0% against 88.8%) -- one or two
+85.0%), on the benchmark set it did not (92.5% against 93.8%; best of 30: 88.8% against 91.2%) -- one or two
 images a category either way. It costs eight ITM passes per image instead of one (the text side is cached).
 
     --reward itm_views:toy=1      # any ITM model the itm reward loads
