@@ -433,3 +433,35 @@ def test_training_report_counts_every_resumed_part_of_a_group(tmp_path):
     report = write_report(tmp_path, metrics)
     assert "| clip_b | 2026-12-06 15:43 | 6789 s | test |" in report
     assert f"| sum of the runs above | | {6789 + 2239 + 208} s" in report
+
+
+def test_bars_hold_for_the_committed_weights_and_a_retrain_is_told_each_miss(tmp_path):
+    """The committed training record meets every bar (VAE and VQGAN reconstructions >= 98%, the judge >= 95% per
+    category); a record that falls short -- as a retrain on another CPU did -- gets each miss in TRAINING.md and
+    one line per miss from ``train_toy.py``, and a model it does not hold is not checked."""
+    import copy
+
+    from toyworld import bars
+    from toyworld.prompts import CATEGORIES
+
+    committed = json.loads((weights_dir("clip_b").parent / "training_metrics.json").read_text())
+    found = bars.checks(committed)
+    assert len(found) == 3 * len(CATEGORIES) and all(c.met for c in found) and bars.misses(committed) == []
+    drawn = copy.deepcopy(committed)
+    drawn["clip_b"]["hard_negatives"]["clean"]["colour_attr"] = 0.53125
+    drawn["sd"]["vae"]["judge_by_category"]["counting"].update(right=60, accuracy=0.9375)
+    drawn["vqgan"]["judge_by_category"]["position"]["accuracy"] = 0.98  # at the bar is not a miss
+    del drawn["itm"]
+    assert bars.misses(drawn) == ["SD VAE reconstructions, counting: 93.8% < 98%",
+                                  "judging CLIP clip_b among hard negatives, colour_attr: 53.1% < 95%"]
+    assert len(bars.checks({k: v for k, v in drawn.items() if k != "vqgan"})) == 2 * len(CATEGORIES)
+    (tmp_path / "training_metrics.json").write_text(json.dumps(drawn))
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "train_toy.py"), "--report-only", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if line.startswith("below the bar: ")]
+    assert [line.split(" (")[0] for line in said] == [f"below the bar: {m}" for m in bars.misses(drawn)]
+    report = (tmp_path / "TRAINING.md").read_text()
+    assert "| judging CLIP clip_b among hard negatives | 100.0% | 100.0% | 98.4% | 53.1% (miss) | 95.3% | 95% |" in report
+    assert "2 of 15 checks miss their bar" in report
